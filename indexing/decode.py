@@ -1,0 +1,160 @@
+"""Decode samples into fixed-size uint8 pixel batches on CPU, recording every rejection with its reason.
+
+This is the CPU half of embedding: its output (``DecodedBatch``) is small and uniform, so it travels
+cheaply through Ray's object store to the (GPU) embedding actors. A bad image never raises: it becomes
+a rejection record ``{"key", "reason", "detail"}`` that ends up in the shard's stats.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from indexing.reader import Sample
+
+# Stable rejection codes (stats count them by code).
+MISSING_IMAGE = "missing_image"
+UNREADABLE = "unreadable_file"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+TOO_LARGE = "too_large"
+TOO_SMALL = "too_small"
+DECODE_ERROR = "decode_error"
+
+# (3, S, S) uint8 from a decoded RGB/RGBA/L image.
+Preprocess = Callable[[Image.Image], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Images outside these bounds are rejected before any pixel is decoded."""
+
+    max_pixels: int = 64_000_000
+    min_side: int = 8
+
+
+@dataclass
+class DecodedBatch:
+    """Up to ``batch_size`` decoded images of one source (shard or query chunk).
+
+    pixels: (n, 3, S, S) uint8, RGB.
+    records: n metadata dicts, aligned with ``pixels`` (key, url, caption, width, height, ...).
+    rejections: the samples of this stretch that could not be used, with reasons.
+    """
+
+    pixels: np.ndarray
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Decode ``data`` fully (so truncation is detected here, not later); raise Rejected with a reason."""
+    try:
+        with warnings.catch_warnings():
+            # Size is checked against our own limit below; PIL's bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise Rejected(TOO_LARGE, f"{width}x{height} exceeds max_pixels={limits.max_pixels}")
+            if min(width, height) < limits.min_side:
+                raise Rejected(TOO_SMALL, f"{width}x{height} is below min_side={limits.min_side}")
+            img.load()
+    except Rejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise Rejected(TOO_LARGE, str(exc)) from None
+    except UnidentifiedImageError:
+        raise Rejected(NOT_AN_IMAGE, f"{len(data)} bytes not recognised as an image") from None
+    except OSError as exc:
+        message = str(exc)
+        reason = TRUNCATED if "truncated" in message or "broken data stream" in message else DECODE_ERROR
+        raise Rejected(reason, message) from None
+    except Exception as exc:  # PIL raises a zoo of errors on malformed files (SyntaxError, ValueError, ...)
+        raise Rejected(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
+def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
+    meta = sample.meta
+    record: dict[str, Any] = {
+        "key": sample.key,
+        "url": sample.url,
+        "caption": sample.caption,
+        "width": img.size[0],
+        "height": img.size[1],
+    }
+    for name in ("original_width", "original_height", "sha256"):
+        if name in meta:
+            record[name] = meta[name]
+    # The image is indexed even when its JSON sidecar is broken; the problem is kept with the record.
+    record["metadata_error"] = sample.problem
+    return record
+
+
+def decode_samples(
+    samples: Iterable[Sample],
+    preprocess: Preprocess,
+    batch_size: int,
+    limits: DecodeLimits = DecodeLimits(),
+    image_size: int | None = None,
+) -> Iterator[DecodedBatch]:
+    """Group ``samples`` into DecodedBatch objects of at most ``batch_size`` accepted images.
+
+    Rejections are attached to the batch in which they occurred; a final batch may hold only rejections
+    (``pixels`` then has 0 rows), so no rejection is ever lost.
+    """
+    pixels: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
+
+    def flush() -> DecodedBatch:
+        nonlocal pixels, records, rejections
+        if pixels:
+            stacked = np.stack(pixels)
+        else:
+            stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
+        batch = DecodedBatch(stacked, records, rejections)
+        pixels, records, rejections = [], [], []
+        return batch
+
+    for sample in samples:
+        if sample.image is None:
+            if sample.problem is not None:
+                reason, _, detail = sample.problem.partition(": ")
+                rejections.append({"key": sample.key, "reason": reason, "detail": detail or sample.problem})
+            else:
+                rejections.append({"key": sample.key, "reason": MISSING_IMAGE, "detail": "no image member"})
+            continue
+        try:
+            img = decode_image(sample.image, limits)
+            array = preprocess(img)
+        except Rejected as rej:
+            rejections.append({"key": sample.key, "reason": rej.reason, "detail": rej.detail})
+            continue
+        except Exception as exc:  # a preprocessing failure on a legal but odd image (e.g. mode "I;16")
+            rejections.append({"key": sample.key, "reason": DECODE_ERROR, "detail": f"{type(exc).__name__}: {exc}"})
+            continue
+        if array.dtype != np.uint8 or array.ndim != 3:
+            raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")
+        shape = array.shape
+        pixels.append(array)
+        records.append(_record(sample, img))
+        if len(pixels) >= batch_size:
+            yield flush()
+    if pixels or rejections:
+        yield flush()

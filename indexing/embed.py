@@ -1,0 +1,169 @@
+"""The embedding stage of one shard: decoded batches → descriptors → per-shard outputs, marker last.
+
+Everything here is plain Python; ``embed_ray.py`` runs it on a Ray actor pool, and ``embed_shard`` runs
+it in-process (benchmarks, small jobs, tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from indexing import layout, storage
+from indexing.decode import DecodedBatch, DecodeLimits, decode_samples
+from indexing.embedders import Embedder
+from indexing.reader import iter_tar
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("row", pa.int32()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+        ("metadata_error", pa.string()),
+    ]
+)
+
+
+@dataclass
+class EmbeddedSource:
+    """All descriptors of one shard / query chunk.
+
+    xb: (n, d) float32, L2-normalised; records: n metadata dicts aligned with ``xb``;
+    rejections: samples that could not be embedded, each ``{"key", "reason", "detail"}``.
+    """
+
+    xb: np.ndarray
+    records: list[dict[str, Any]]
+    rejections: list[dict[str, Any]]
+    decode_seconds: float = 0.0
+    embed_seconds: float = 0.0
+
+
+def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> EmbeddedSource:
+    """Run ``embedder`` over decoded batches and concatenate the results in order."""
+    parts: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    embed_seconds = 0.0
+    wait_seconds = 0.0
+    t_wait = time.perf_counter()
+    for batch in batches:
+        wait_seconds += time.perf_counter() - t_wait
+        if len(batch.pixels):
+            t0 = time.perf_counter()
+            parts.append(embedder.embed(batch.pixels))
+            embed_seconds += time.perf_counter() - t0
+        records.extend(batch.records)
+        rejections.extend(batch.rejections)
+        t_wait = time.perf_counter()
+    xb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
+    return EmbeddedSource(xb, records, rejections, decode_seconds=wait_seconds, embed_seconds=embed_seconds)
+
+
+def metadata_table(records: list[dict[str, Any]]) -> pa.Table:
+    rows = [{name: rec.get(name) for name in METADATA_SCHEMA.names if name != "row"} for rec in records]
+    for i, row in enumerate(rows):
+        row["row"] = i
+        for name in ("original_width", "original_height"):
+            if row[name] is not None and not isinstance(row[name], int):
+                try:
+                    row[name] = int(row[name])
+                except (TypeError, ValueError):
+                    row[name] = None
+    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def rejection_counts(rejections: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rej in rejections:
+        counts[rej["reason"]] = counts.get(rej["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_shard_outputs(
+    out: str,
+    shard: int,
+    source_url: str,
+    result: EmbeddedSource,
+    embedder_fingerprint: str,
+    storage_options: storage.StorageOptions | None = None,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write vectors (float16), metadata, then the stats marker, and return the stats."""
+    n = len(result.records)
+    if result.xb.shape[0] != n:
+        raise ValueError(f"{result.xb.shape[0]} vectors for {n} records")
+    t0 = time.perf_counter()
+    storage.save_npy(layout.emb_url(out, shard), result.xb.astype(np.float16), storage_options)
+    storage.write_parquet(layout.metadata_url(out, shard), metadata_table(result.records), storage_options)
+    ids = layout.pack_ids(shard, np.array([0, max(n, 1) - 1]))
+    stats: dict[str, Any] = {
+        "shard": shard,
+        "source": source_url,
+        "count": n,
+        "dim": int(result.xb.shape[1]),
+        "dtype": "float16",
+        "embedder_fingerprint": embedder_fingerprint,
+        "samples": n + len(result.rejections),
+        "rejected": len(result.rejections),
+        "rejected_by_reason": rejection_counts(result.rejections),
+        "rejections": result.rejections,
+        "metadata_errors": sum(1 for r in result.records if r.get("metadata_error")),
+        "id_range": [int(ids[0]), int(ids[0]) + n],
+        "seconds": {
+            "decode_wait": round(result.decode_seconds, 3),
+            "embed": round(result.embed_seconds, 3),
+            "write": round(time.perf_counter() - t0, 3),
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra_stats:
+        stats.update(extra_stats)
+    # The marker goes last: its presence means every other output of the shard is complete.
+    storage.write_json(layout.stats_url(out, shard), stats, storage_options)
+    return stats
+
+
+def finished_shards(out: str, storage_options: storage.StorageOptions | None = None) -> dict[int, dict[str, Any]]:
+    """Stats of every shard whose marker exists, by shard id (one listing, then one read per marker)."""
+    done: dict[int, dict[str, Any]] = {}
+    for url in storage.list_files(layout.stats_dir(out), storage_options):
+        shard = layout.shard_of_stats_name(url)
+        if shard is not None and not url.rsplit("/", 1)[-1].startswith("."):
+            done[shard] = storage.read_json(url, storage_options)
+    return done
+
+
+def embed_shard(
+    url: str,
+    shard: int,
+    out: str,
+    embedder: Embedder,
+    batch_size: int = 64,
+    limits: DecodeLimits = DecodeLimits(),
+    storage_options: storage.StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Embed one tar shard in this process and write its outputs. Returns its stats."""
+    t0 = time.perf_counter()
+    batches = decode_samples(iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size)
+    result = embed_batches(batches, embedder)
+    return write_shard_outputs(
+        out,
+        shard,
+        url,
+        result,
+        embedder.fingerprint,
+        storage_options,
+        {"wall_seconds": round(time.perf_counter() - t0, 3)},
+    )

@@ -1,0 +1,128 @@
+"""Ray glue for embedding: CPU decode tasks stream batches to embedding actors (model loaded once each).
+
+One call of ``EmbedWorker.embed_shard`` handles one shard end to end: it starts a decode task (a Ray
+streaming generator scheduled on any CPU in the cluster), runs the model on each batch as it arrives,
+writes the shard's outputs and finally its stats marker. Several calls run concurrently per actor
+(``max_concurrency``) so decoding of one shard overlaps inference on another.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ray
+
+from indexing import storage
+from indexing.decode import DecodedBatch, DecodeLimits, decode_samples
+from indexing.embed import EmbeddedSource, embed_batches, write_shard_outputs
+from indexing.embedders import load_embedder, make_preprocess
+from indexing.reader import iter_image_files, iter_tar
+
+# Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
+PREFETCH_BATCHES = 4
+
+
+def _decode_source(
+    source: tuple[str, Any],
+    preprocess_spec: dict[str, Any],
+    batch_size: int,
+    limits: DecodeLimits,
+    storage_options: storage.StorageOptions | None,
+) -> Iterator[DecodedBatch]:
+    kind, payload = source
+    if kind == "tar":
+        samples = iter_tar(payload, storage_options)
+    elif kind == "images":
+        urls, keys = payload
+        samples = iter_image_files(urls, keys, storage_options)
+    else:
+        raise ValueError(f"unknown source kind {kind!r}")
+    yield from decode_samples(samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"])
+
+
+decode_task = ray.remote(_decode_source)
+
+
+class EmbedWorker:
+    """Actor body. Create with ``make_embed_actor``."""
+
+    def __init__(
+        self,
+        embedder: str,
+        weights: str | None,
+        options: dict[str, Any] | None,
+        device: str,
+        torch_threads: int,
+        decode_cpus: float,
+        storage_options: storage.StorageOptions | None,
+    ) -> None:
+        import torch
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.embedder = load_embedder(embedder, weights, device, options)
+        self.decode_cpus = decode_cpus
+        self.storage_options = storage_options
+
+    def spec(self) -> dict[str, Any]:
+        return self.embedder.spec
+
+    def _embed(self, source: tuple[str, Any], batch_size: int, limits: DecodeLimits) -> EmbeddedSource:
+        gen = decode_task.options(
+            num_cpus=self.decode_cpus, _generator_backpressure_num_objects=PREFETCH_BATCHES
+        ).remote(source, self.embedder.spec["preprocess"], batch_size, limits, self.storage_options)
+        return embed_batches((ray.get(ref) for ref in gen), self.embedder)
+
+    def embed_shard(self, shard: int, url: str, out: str, batch_size: int, limits: DecodeLimits) -> dict[str, Any]:
+        import time
+
+        t0 = time.perf_counter()
+        result = self._embed(("tar", url), batch_size, limits)
+        return write_shard_outputs(
+            out,
+            shard,
+            url,
+            result,
+            self.embedder.fingerprint,
+            self.storage_options,
+            {"wall_seconds": round(time.perf_counter() - t0, 3), "worker": f"{os.uname().nodename}:{os.getpid()}"},
+        )
+
+    def embed_images(
+        self, urls: Sequence[str], keys: Sequence[str], batch_size: int, limits: DecodeLimits
+    ) -> EmbeddedSource:
+        return self._embed(("images", (list(urls), list(keys))), batch_size, limits)
+
+    def embed_tar(self, url: str, batch_size: int, limits: DecodeLimits) -> EmbeddedSource:
+        return self._embed(("tar", url), batch_size, limits)
+
+
+def make_embed_actor(
+    *,
+    embedder: str,
+    weights: str | None,
+    options: dict[str, Any] | None,
+    num_cpus: float,
+    num_gpus: float,
+    concurrency: int,
+    torch_threads: int,
+    decode_cpus: float,
+    storage_options: storage.StorageOptions | None,
+):
+    """Start one embedding actor; ``num_gpus > 0`` puts it on a GPU and runs the model there."""
+    actor_cls = ray.remote(EmbedWorker)
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=concurrency).remote(
+        embedder, weights, options, "cuda" if num_gpus > 0 else "cpu", torch_threads, decode_cpus, storage_options
+    )
+
+
+@ray.remote
+def embedder_spec_remote(name: str, weights: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec of an embedder, computed on a worker (the driver may not have the weights or a GPU)."""
+    return load_embedder(name, weights, "cpu", options).spec
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))

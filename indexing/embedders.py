@@ -1,0 +1,164 @@
+"""Embedder registry: an embedder turns decoded uint8 pixels into L2-normalised descriptors.
+
+An embedder has two halves that run in different places:
+- ``preprocess`` (CPU, in the decode tasks): PIL image → (3, S, S) uint8. Built from the spec alone
+  (``make_preprocess``), so decode workers never load model weights.
+- ``embed`` (GPU if present, in the embedding actors): (n, 3, S, S) uint8 → (n, d) float32, unit norm.
+
+``spec`` records everything that changes the vectors (network, weights digest, input size, pooling,
+normalisation); it goes into the index manifest, and a scan refuses an index whose spec differs from
+the query embedder's (``fingerprint`` is its digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from indexing.errors import CopyscanError
+
+DEFAULT_EMBEDDER = "effnet-lite0"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Embedder:
+    """Base class. Subclasses set ``spec`` (JSON-able) and ``module`` (uint8 batch → unit vectors)."""
+
+    spec: dict[str, Any]
+    module: torch.nn.Module
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.spec["dim"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.spec["preprocess"]["size"])
+
+    @property
+    def fingerprint(self) -> str:
+        return spec_fingerprint(self.spec)
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        return make_preprocess(self.spec["preprocess"])(img)
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels: (n, 3, S, S) uint8 RGB → (n, dim) float32, L2-normalised."""
+        # pixels may be a read-only view of a Ray object: copy into a tensor torch may write to.
+        x = torch.tensor(pixels).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = self.module(x)
+        else:
+            y = self.module(x)
+        y = torch.nn.functional.normalize(y.float(), dim=1)
+        return y.cpu().numpy().astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing, shared by every embedder that takes a square RGB input.
+
+
+def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+    kind = spec.get("kind")
+    if kind == "squash":
+        size = int(spec["size"])
+        from indexing.descriptor import preprocess as squash
+
+        return lambda img: squash(img, size)
+    raise CopyscanError(f"unknown preprocessing kind {kind!r} in embedder spec")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+
+
+@lru_cache(maxsize=8)
+def _weights_digest(path: str, mtime: float) -> str:
+    return file_sha256(path)
+
+
+class EffnetLite0Embedder(Embedder):
+    """EfficientNet-Lite0 (ImageNet weights, plain torch) with a copy-detection pooling head."""
+
+    def __init__(self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None):
+        from indexing.descriptor import CopyDescriptor
+        from indexing.effnet import load_efficientnet_lite0, package_weights_path
+
+        path = weights or package_weights_path()
+        local = _fetch_weights(path)
+        self.device = pick_device(device)
+        backbone = load_efficientnet_lite0(local)
+        self.module = CopyDescriptor(backbone, **(options or {})).eval().to(self.device)
+        self.spec = {
+            "name": "effnet-lite0",
+            "weights_sha256": _weights_digest(local, os.path.getmtime(local)),
+            **self.module.spec(),
+        }
+        if "dim" not in self.spec:
+            self.spec["dim"] = int(self.module.dim)
+
+
+EMBEDDERS: dict[str, type[Embedder]] = {"effnet-lite0": EffnetLite0Embedder}
+
+
+def load_embedder(
+    name: str = DEFAULT_EMBEDDER,
+    weights: str | None = None,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> Embedder:
+    """Instantiate embedder ``name`` (model loaded once; call this in an actor's ``__init__``)."""
+    try:
+        cls = EMBEDDERS[name]
+    except KeyError:
+        raise CopyscanError(f"unknown embedder {name!r}; available: {', '.join(sorted(EMBEDDERS))}") from None
+    return cls(weights=weights, device=device, options=options)
+
+
+def _fetch_weights(path: str) -> str:
+    """A local copy of a weights file given by path or fsspec URL (downloaded once into the cache)."""
+    from indexing import storage
+
+    if storage.is_local(path):
+        local = storage.local_path(path)
+        if not os.path.exists(local):
+            raise CopyscanError(f"weights file {path} does not exist")
+        return local
+    cache = os.path.join(os.environ.get("COPYSCAN_CACHE", os.path.expanduser("~/.cache/copyscan")), "weights")
+    name = hashlib.sha256(path.encode()).hexdigest()[:16] + "-" + os.path.basename(path)
+    local = os.path.join(cache, name)
+    if not os.path.exists(local):
+        storage.download_file(path, local)
+    return local

@@ -1,0 +1,66 @@
+"""Configuration of the index job (``copyscan index``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from indexing.embedders import DEFAULT_EMBEDDER
+from indexing.errors import CopyscanError
+
+MODES = ("resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Every knob of ``copyscan index``; set with a YAML file (``--config``) and/or ``key=value``."""
+
+    shards: str  # brace pattern, glob, folder or list file of img2dataset webdataset tars (any fsspec URL)
+    out: str  # output URL (local path, s3://...)
+    mode: str = "resume"  # resume: skip finished shards; overwrite: delete a previous copyscan output first
+
+    # Embedding
+    embedder: str = DEFAULT_EMBEDDER
+    weights: str | None = None  # local path or fsspec URL; None = the embedder's packaged weights
+    embedder_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    max_image_pixels: int = 64_000_000  # larger images are rejected ("too_large") before decoding
+    min_image_side: int = 8  # smaller images are rejected ("too_small")
+    embed_actors: int = 0  # 0 = one per GPU, or one on a CPU-only cluster
+    embed_actor_cpus: float = 0.5
+    embed_actor_gpus: float = -1.0  # -1 = 1 if the cluster has GPUs, else 0
+    embed_concurrency: int = 2  # shards in flight per embedding actor (decode of one overlaps the next)
+    decode_cpus: float = 0.5  # CPUs per decode task
+    torch_threads: int = 0  # 0 = Ray's default for the actor
+    retries: int = 2  # extra attempts for a failed shard
+
+    # Index
+    index_factory: str = "auto"  # or an explicit faiss factory string, e.g. "IVF4096,PQ64np"
+    flat_threshold: int = 100_000  # below this many vectors the index is exact (IDMap,Flat)
+    max_shard_vectors: int = 10_000_000  # vectors per index shard
+    max_code_bytes: int = 64  # PQ bytes per vector
+    nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
+    fill_cpus: float = 1.0  # CPUs per index-fill task
+    seed: int = 0
+
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to every fsspec filesystem
+
+    # Keys whose change makes an existing output incompatible (resume would mix two different indexes).
+    RESUME_KEYS = ("shards", "embedder", "weights", "embedder_options", "index_factory", "flat_threshold",
+                   "max_shard_vectors", "max_code_bytes", "seed")
+
+    def validate(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        for name in ("batch_size", "max_image_pixels", "min_image_side", "max_shard_vectors", "max_code_bytes",
+                     "embed_concurrency"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("embed_actor_cpus", "decode_cpus", "fill_cpus"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:
+            problems.append("retries, embed_actors, flat_threshold and nprobe must be >= 0")
+        if problems:
+            raise CopyscanError("invalid index config: " + "; ".join(problems))

@@ -1,0 +1,201 @@
+"""The index job on Ray: embed every shard (resumable), plan, train once, fill index shards, manifest.
+
+Call ``run_index`` after ``ray.init`` (``jobs/index.py`` does both). Each phase skips what an earlier
+run finished: shards with a stats marker, a written ``trained.index``, index shards with a marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from indexing import layout, storage
+from indexing.build import fill_index_shard, index_shard_marker, sample_training_vectors, train_index, write_index
+from indexing.config import to_dict
+from indexing.decode import DecodeLimits
+from indexing.embed import finished_shards
+from indexing.embed_ray import cluster_gpus, embedder_spec_remote, make_embed_actor
+from indexing.embedders import spec_fingerprint
+from indexing.errors import CopyscanError
+from indexing.index_config import IndexConfig
+from indexing.manifest import build_manifest
+from indexing.outputs import claim_output
+from indexing.planner import IndexPlan, plan_index
+from indexing.pool_ray import run_pool, run_tasks
+from indexing.progress import Progress, timed
+from indexing.shardlist import expand_shards
+
+logger = logging.getLogger("copyscan")
+
+
+@ray.remote
+def _train(out: str, factory: str, counts: dict[int, int], train_size: int, seed: int, storage_options) -> int:
+    xt = sample_training_vectors(out, counts, train_size, seed, storage_options)
+    index = train_index(factory, xt, seed)
+    write_index(index, layout.trained_index_url(out, factory), storage_options)
+    return int(xt.shape[0])
+
+
+_fill = ray.remote(fill_index_shard)
+
+
+def run_index(cfg: IndexConfig) -> dict[str, Any]:
+    """Run (or resume) the whole index job; return the manifest written to ``OUT/manifest.json``."""
+    so = cfg.storage_options
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    shards = expand_shards(cfg.shards, so)
+    logger.info("index: %d shards from %s -> %s", len(shards), cfg.shards, cfg.out)
+    resumed = claim_output(cfg.out, layout.CONFIG_NAME, to_dict(cfg), cfg.mode, IndexConfig.RESUME_KEYS, so)
+    if resumed:
+        logger.info("index: resuming the run already in %s", cfg.out)
+
+    spec = ray.get(embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(cfg.embedder, cfg.weights, cfg.embedder_options))
+    fingerprint = spec_fingerprint(spec)
+
+    with timed("embed", timings):
+        stats = _embed_all(cfg, shards, fingerprint)
+
+    counts = {shard: int(s["count"]) for shard, s in stats.items()}
+    plan = plan_index(
+        counts,
+        int(spec["dim"]),
+        factory=cfg.index_factory,
+        flat_threshold=cfg.flat_threshold,
+        max_shard_vectors=cfg.max_shard_vectors,
+        max_code_bytes=cfg.max_code_bytes,
+        nprobe=cfg.nprobe,
+    )
+    logger.info(
+        "index: %s over %d vectors in %d index shard(s)", plan.factory, sum(counts.values()), len(plan.shard_groups)
+    )
+    with timed("train", timings):
+        train_points = _train_once(cfg, plan, counts)
+    with timed("fill", timings):
+        markers = _fill_all(cfg, plan)
+
+    manifest = build_manifest(
+        cfg=to_dict(cfg),
+        shards=shards,
+        stats=stats,
+        spec=spec,
+        plan=plan,
+        markers=markers,
+        train_points=train_points,
+        timings=timings,
+        started_at=t_start,
+    )
+    storage.write_json(storage.join(cfg.out, layout.MANIFEST_NAME), manifest, so)
+    logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
+    return manifest
+
+
+def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[int, dict[str, Any]]:
+    so = cfg.storage_options
+    done = finished_shards(cfg.out, so)
+    for shard, s in done.items():
+        if shard >= len(shards) or s.get("source") != shards[shard]:
+            raise CopyscanError(
+                f"{cfg.out} holds embeddings of shard {shard:05d} from {s.get('source')}, but this run's shard "
+                f"{shard:05d} is {shards[shard] if shard < len(shards) else 'absent'}: the shard list changed. "
+                "Use mode=overwrite or another output."
+            )
+        if s.get("embedder_fingerprint") != fingerprint:
+            raise CopyscanError(
+                f"shard {shard:05d} in {cfg.out} was embedded with a different embedder/weights "
+                f"({s.get('embedder_fingerprint')} vs {fingerprint}); use mode=overwrite"
+            )
+    todo = [(i, url) for i, url in enumerate(shards) if i not in done]
+    logger.info("embed: %d of %d shards already done, %d to go", len(done), len(shards), len(todo))
+    if not todo:
+        return done
+
+    gpus = cluster_gpus()
+    num_gpus = cfg.embed_actor_gpus if cfg.embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+    num_actors = cfg.embed_actors or (max(1, int(gpus / num_gpus)) if num_gpus > 0 else 1)
+    limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    progress = Progress("embed", len(todo), unit="shards", item="images")
+    stats = dict(done)
+
+    def make_actor():
+        return make_embed_actor(
+            embedder=cfg.embedder,
+            weights=cfg.weights,
+            options=cfg.embedder_options,
+            num_cpus=cfg.embed_actor_cpus,
+            num_gpus=num_gpus,
+            concurrency=cfg.embed_concurrency,
+            torch_threads=cfg.torch_threads,
+            decode_cpus=cfg.decode_cpus,
+            storage_options=so,
+        )
+
+    def on_result(item: tuple[int, str], result: dict[str, Any]) -> None:
+        stats[item[0]] = result
+        progress.update(1, int(result["count"]))
+        if result["rejected"]:
+            logger.info("embed: shard %05d rejected %d sample(s): %s", item[0], result["rejected"], result["rejected_by_reason"])
+
+    outcome = run_pool(
+        make_actor,
+        num_actors,
+        todo,
+        lambda actor, item: actor.embed_shard.remote(item[0], item[1], cfg.out, cfg.batch_size, limits),
+        per_actor=cfg.embed_concurrency,
+        retries=cfg.retries,
+        on_result=on_result,
+        describe=lambda item: f"shard {item[0]:05d} ({item[1]})",
+    )
+    if outcome.failed:
+        listing = "\n".join(f"  shard {i:05d} {url}: {err}" for (i, url), err in outcome.failed)
+        raise CopyscanError(
+            f"{len(outcome.failed)} shard(s) failed after {cfg.retries + 1} attempts; the other shards are done "
+            f"and a rerun resumes from here:\n{listing}"
+        )
+    return stats
+
+
+def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> int:
+    url = layout.trained_index_url(cfg.out, plan.factory)
+    if storage.exists(url, cfg.storage_options):
+        logger.info("train: %s exists, reusing it", url)
+        return 0
+    return ray.get(
+        _train.options(num_cpus=cfg.fill_cpus).remote(
+            cfg.out, plan.factory, counts, max(plan.train_size, 1), cfg.seed, cfg.storage_options
+        )
+    )
+
+
+def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
+    so = cfg.storage_options
+    markers: dict[int, dict[str, Any]] = {}
+    todo = []
+    for j, group in enumerate(plan.shard_groups):
+        marker = index_shard_marker(cfg.out, plan.factory, j, so)
+        if marker is not None and marker.get("embedding_shards") == group:
+            markers[j] = marker
+        else:
+            todo.append((j, group))
+    logger.info("fill: %d of %d index shards already done", len(markers), len(plan.shard_groups))
+    progress = Progress("fill", len(todo), unit="index shards", item="vectors")
+
+    def on_result(item, marker):
+        markers[item[0]] = marker
+        progress.update(1, int(marker["ntotal"]))
+
+    outcome = run_tasks(
+        lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(cfg.out, plan.factory, item[0], item[1], so),
+        todo,
+        max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
+        retries=cfg.retries,
+        on_result=on_result,
+        describe=lambda item: f"index shard {item[0]:05d}",
+    )
+    if outcome.failed:
+        listing = "\n".join(f"  index shard {j:05d}: {err}" for (j, _), err in outcome.failed)
+        raise CopyscanError(f"{len(outcome.failed)} index shard(s) failed; rerun to resume:\n{listing}")
+    return markers

@@ -1,0 +1,94 @@
+"""Names of every artifact an index output holds, and the id scheme. One place, so jobs agree.
+
+::
+
+    OUT/index.yaml                                  resolved config of the index job
+    OUT/manifest.json                               written last: what the index is and how it was made
+    OUT/embeddings/img_emb/img_emb_00042.npy        (n, d) float16, L2-normalised (clip-retrieval layout)
+    OUT/embeddings/metadata/metadata_00042.parquet  one row per vector: key, url, caption, size, ...
+    OUT/embeddings/stats/stats_00042.json           per-shard success marker, written last; counts and
+                                                    rejections with reasons
+    OUT/index/IVF256_PQ32np/trained.index           the trained, empty index
+    OUT/index/IVF256_PQ32np/shard-00000.index       filled index shards
+    OUT/index/IVF256_PQ32np/shard-00000.json        per-index-shard success marker, written last
+
+Vector ids pack (embedding shard, row) into one int64: ``shard << 32 | row``. Ids therefore never depend
+on how many vectors other shards hold, so shards can be embedded and indexed in any order and resumed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from indexing.storage import join
+
+CONFIG_NAME = "index.yaml"
+MANIFEST_NAME = "manifest.json"
+EMBEDDINGS_DIR = "embeddings"
+INDEX_DIR = "index"
+
+ROW_BITS = 32
+ROW_MASK = (1 << ROW_BITS) - 1
+MAX_SHARDS = 1 << 30
+
+
+def emb_url(out: str, shard: int) -> str:
+    return join(out, EMBEDDINGS_DIR, "img_emb", f"img_emb_{shard:05d}.npy")
+
+
+def metadata_url(out: str, shard: int) -> str:
+    return join(out, EMBEDDINGS_DIR, "metadata", f"metadata_{shard:05d}.parquet")
+
+
+def stats_url(out: str, shard: int) -> str:
+    return join(out, EMBEDDINGS_DIR, "stats", f"stats_{shard:05d}.json")
+
+
+def stats_dir(out: str) -> str:
+    return join(out, EMBEDDINGS_DIR, "stats")
+
+
+_STATS_RE = re.compile(r"stats_(\d+)\.json$")
+
+
+def shard_of_stats_name(name: str) -> int | None:
+    match = _STATS_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def index_name(factory: str) -> str:
+    """Folder name for an index factory string: ``IVF256,PQ32np`` → ``IVF256_PQ32np``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", factory).strip("_")
+
+
+def index_dir(out: str, factory: str) -> str:
+    return join(out, INDEX_DIR, index_name(factory))
+
+
+def trained_index_url(out: str, factory: str) -> str:
+    return join(index_dir(out, factory), "trained.index")
+
+
+def index_shard_url(out: str, factory: str, shard: int) -> str:
+    return join(index_dir(out, factory), f"shard-{shard:05d}.index")
+
+
+def index_shard_marker_url(out: str, factory: str, shard: int) -> str:
+    return join(index_dir(out, factory), f"shard-{shard:05d}.json")
+
+
+def pack_ids(shard: int, rows: np.ndarray) -> np.ndarray:
+    """int64 ids of ``rows`` (int array) of embedding shard ``shard``."""
+    if not 0 <= shard < MAX_SHARDS:
+        raise ValueError(f"shard id {shard} out of range")
+    return (np.int64(shard) << ROW_BITS) | rows.astype(np.int64)
+
+
+def unpack_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) arrays of int64 ``ids``; -1 ids (faiss "no result") give shard -1."""
+    ids = np.asarray(ids, dtype=np.int64)
+    shard = np.where(ids >= 0, ids >> ROW_BITS, -1)
+    row = np.where(ids >= 0, ids & ROW_MASK, -1)
+    return shard, row

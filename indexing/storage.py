@@ -1,0 +1,179 @@
+"""Every path in copyscan is an fsspec URL: a local path, ``file://``, ``s3://`` or any other protocol.
+
+Writes go to a temporary name next to the target and are then moved into place, so a reader (or a resumed
+run) never sees half an artifact. On object stores the "move" is a server-side copy of a complete object,
+which is what makes the final name appear atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from indexing.errors import CopyscanError
+
+# Options passed to every filesystem (e.g. {"endpoint_url": ...} for a private S3). s3fs also honours the
+# standard AWS environment (AWS_ENDPOINT_URL_S3, AWS_PROFILE, instance profiles), which is the usual route.
+StorageOptions = Mapping[str, Any]
+
+
+def get_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and protocol-less path for ``url``.
+
+    Listing caches are off: markers written by other processes must be seen by the next listing.
+    """
+    options = dict(storage_options or {})
+    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the protocol of ``base``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = posixpath.join(out, part.strip("/"))
+    return out
+
+
+def protocol_of(url: str) -> str:
+    if "://" in url:
+        return url.split("://", 1)[0]
+    return "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def local_path(url: str) -> str:
+    """The OS path of a local URL (``file:///a/b`` or ``/a/b``)."""
+    if not is_local(url):
+        raise CopyscanError(f"{url} is not a local path")
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def list_files(url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """All files under ``url`` (recursive), as full URLs, sorted. Empty if it does not exist."""
+    fs, path = get_fs(url, storage_options)
+    if not fs.exists(path):
+        return []
+    found = fs.find(path)
+    return sorted(_with_protocol(url, fs, p) for p in found)
+
+
+def _with_protocol(original: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if "://" not in original:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
+    return json.loads(read_bytes(url, storage_options).decode("utf-8"))
+
+
+def _tmp_name(path: str) -> str:
+    head, tail = posixpath.split(path)
+    # Deterministic per process: a crashed writer's leftover is overwritten by the retry, never accumulated.
+    return posixpath.join(head, f".{tail}.tmp-{os.getpid()}")
+
+
+def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Write ``data`` to ``url`` atomically: temp name, then move into place."""
+    fs, path = get_fs(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(path)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode(), storage_options)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def write_parquet(url: str, table: Any, storage_options: StorageOptions | None = None) -> None:
+    """Write a pyarrow Table as one zstd parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(url, sink.getvalue().to_pybytes(), storage_options)
+
+
+def upload_file(local: str, url: str, storage_options: StorageOptions | None = None) -> None:
+    """Copy a local file to ``url`` atomically (temp name, then move)."""
+    fs, path = get_fs(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(path)
+    fs.put_file(local, tmp)
+    fs.mv(tmp, path)
+
+
+def download_file(url: str, local: str, storage_options: StorageOptions | None = None) -> None:
+    """Copy ``url`` to a local file atomically; the local name appears only once the copy is complete."""
+    fs, path = get_fs(url, storage_options)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    fs.get_file(path, tmp)
+    os.replace(tmp, local)
+
+
+def remove(url: str, storage_options: StorageOptions | None = None, recursive: bool = False) -> None:
+    fs, path = get_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+@contextmanager
+def local_scratch(prefix: str = "copyscan-") -> Iterator[str]:
+    """A temporary local directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield tmp
+
+
+def save_npy(url: str, array: np.ndarray, storage_options: StorageOptions | None = None) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def load_npy(url: str, storage_options: StorageOptions | None = None, mmap: bool = False) -> np.ndarray:
+    """Load an .npy; memory-mapped when the URL is local and ``mmap`` is set."""
+    if mmap and is_local(url):
+        return np.load(local_path(url), mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False)

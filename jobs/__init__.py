@@ -1,0 +1,1 @@
+"""Thin job entrypoints and the ``copyscan`` CLI. Only this package calls ``ray.init``."""

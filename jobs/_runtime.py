@@ -1,0 +1,89 @@
+"""What every job entrypoint shares: logging set-up, Ray start/attach, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from indexing.errors import CopyscanError
+
+logger = logging.getLogger("copyscan")
+
+# Passed to every Ray worker: img2dataset's albumentations import would otherwise try to phone home.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+# Forwarded to workers when set on the driver, so object-store credentials/endpoints reach every task.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "COPYSCAN_CACHE",
+)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore", "filelock", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Attach to the cluster at ``address`` / $RAY_ADDRESS, or start a local one (bound to 127.0.0.1).
+
+    Does nothing if Ray is already initialised in this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        return
+    # A private local cluster: keep every service on loopback, no dashboard, no auth token to manage.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of key: value settings (overridden by key=value)")
+    parser.add_argument("--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is given")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. k=20 nprobe=64")
+
+
+def run_job(args: argparse.Namespace, body: Callable[[], Any]) -> int:
+    """Run ``body`` with logging and Ray set up; a CopyscanError becomes a message and exit code 2."""
+    setup_logging(args.verbose)
+    try:
+        init_ray(args.ray_address, args.num_cpus)
+        body()
+    except CopyscanError as exc:
+        logger.error("%s", exc)
+        print(f"copyscan: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def layers(args: argparse.Namespace, explicit: dict[str, Any]) -> Sequence[dict[str, Any]]:
+    """Config layers in precedence order: file, then the named flags, then key=value overrides."""
+    from indexing.config import load_yaml_file, parse_overrides
+
+    return (load_yaml_file(args.config), {k: v for k, v in explicit.items() if v is not None}, parse_overrides(args.overrides))

@@ -1,0 +1,33 @@
+"""The ``copyscan`` command: ``index``, ``scan`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "index": ("jobs.index", "embed LAION-format webdataset shards and build a sharded FAISS index"),
+    "scan": ("jobs.scan", "search generated images against an index; write matches/ and summary.json"),
+    "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="copyscan", description="Find training-data copies in generated images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the module of the command being run (each pulls in torch/ray/faiss as it needs).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            sub_parser.description = module.__doc__
+            module.add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

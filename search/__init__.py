@@ -1,0 +1,1 @@
+"""Fan-out search of query images against a sharded index, merging, re-ranking and results."""

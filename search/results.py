@@ -1,0 +1,156 @@
+"""Scan results: a parquet dataset of matches, written one part per query chunk, and its summary.
+
+Layout of a scan output ``OUT``::
+
+    OUT/run.yaml                        resolved scan config (written first)
+    OUT/matches/part-00000.parquet      top-k matches of chunk 0 (schema MATCHES_SCHEMA)
+    OUT/query_emb/query_emb_00000.npy   (n, d) float16 query descriptors of chunk 0
+    OUT/query_emb/query_ids_00000.parquet  query ids aligned with those rows
+    OUT/chunks/chunk_00000.json         per-chunk marker, written last: counts, rejected queries, timings
+    OUT/summary.json                    written at the end of the run
+
+``pyarrow.parquet.read_table("OUT/matches")`` reads every match; ``open_matches(OUT)`` gives a dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from indexing import layout, storage
+from search.searcher import ShardResult
+
+RUN_CONFIG_NAME = "run.yaml"
+SUMMARY_NAME = "summary.json"
+
+MATCHES_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),  # file name (image folders) or __key__ (webdataset queries)
+        ("rank", pa.int32()),  # 0 = best
+        ("train_key", pa.string()),  # img2dataset key of the training image
+        ("score", pa.float32()),  # exact cosine similarity, higher = more similar
+        ("train_url", pa.string()),
+        ("caption", pa.string()),
+        ("index_shard", pa.int32()),
+        ("train_id", pa.int64()),  # packed (embedding shard << 32 | row)
+        ("embedding_shard", pa.int32()),
+        ("row", pa.int32()),
+        ("query_source", pa.string()),  # URL of the query file or shard
+        ("chunk", pa.int32()),
+    ]
+)
+
+
+def matches_url(out: str, chunk: int) -> str:
+    return storage.join(out, "matches", f"part-{chunk:05d}.parquet")
+
+
+def query_emb_url(out: str, chunk: int) -> str:
+    return storage.join(out, "query_emb", f"query_emb_{chunk:05d}.npy")
+
+
+def query_ids_url(out: str, chunk: int) -> str:
+    return storage.join(out, "query_emb", f"query_ids_{chunk:05d}.parquet")
+
+
+def chunk_marker_url(out: str, chunk: int) -> str:
+    return storage.join(out, "chunks", f"chunk_{chunk:05d}.json")
+
+
+def matches_table(records: list[dict[str, Any]], result: ShardResult, chunk: int) -> pa.Table:
+    """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``."""
+    D, I = result.D, result.I  # noqa: E741
+    q_idx, ranks = np.nonzero(I >= 0)
+    ids = I[q_idx, ranks]
+    shard, row = layout.unpack_ids(ids)
+    meta = [result.meta[int(i)] for i in ids]
+    columns = {
+        "query_id": [records[q]["key"] for q in q_idx],
+        "rank": ranks.astype(np.int32),
+        "train_key": [m["train_key"] for m in meta],
+        "score": D[q_idx, ranks].astype(np.float32),
+        "train_url": [m["train_url"] for m in meta],
+        "caption": [m["caption"] for m in meta],
+        "index_shard": np.array([m["index_shard"] for m in meta], dtype=np.int32),
+        "train_id": ids.astype(np.int64),
+        "embedding_shard": shard.astype(np.int32),
+        "row": row.astype(np.int32),
+        "query_source": [records[q].get("url") for q in q_idx],
+        "chunk": np.full(len(ids), chunk, dtype=np.int32),
+    }
+    return pa.table(columns, schema=MATCHES_SCHEMA)
+
+
+def write_chunk(
+    out: str,
+    chunk: int,
+    xq: np.ndarray,
+    records: list[dict[str, Any]],
+    rejections: list[dict[str, Any]],
+    result: ShardResult,
+    marker: dict[str, Any],
+    storage_options: storage.StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Write a chunk's query vectors, matches and, last, its marker. Returns the marker."""
+    storage.save_npy(query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
+    ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
+    storage.write_parquet(query_ids_url(out, chunk), ids, storage_options)
+    table = matches_table(records, result, chunk)
+    storage.write_parquet(matches_url(out, chunk), table, storage_options)
+    top1 = result.D[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
+    marker = {
+        **marker,
+        "chunk": chunk,
+        "queries": len(records) + len(rejections),
+        "embedded": len(records),
+        "rejected": len(rejections),
+        "rejections": rejections,
+        "matches": table.num_rows,
+        "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
+    }
+    storage.write_json(chunk_marker_url(out, chunk), marker, storage_options)
+    return marker
+
+
+def finished_chunks(out: str, storage_options: storage.StorageOptions | None = None) -> dict[int, dict[str, Any]]:
+    done = {}
+    for url in storage.list_files(storage.join(out, "chunks"), storage_options):
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith("chunk_") and name.endswith(".json"):
+            done[int(name[len("chunk_") : -len(".json")])] = storage.read_json(url, storage_options)
+    return done
+
+
+def summarize(markers: dict[int, dict[str, Any]], thresholds: tuple[float, ...] = (0.5, 0.75, 0.95)) -> dict[str, Any]:
+    """Run-level counts and the distribution of top-1 scores (one per embedded query)."""
+    top1 = np.array([s for m in markers.values() for s in m["top1_scores"]], dtype=np.float64)
+    by_reason: dict[str, int] = {}
+    for m in markers.values():
+        for rej in m["rejections"]:
+            by_reason[rej["reason"]] = by_reason.get(rej["reason"], 0) + 1
+    summary: dict[str, Any] = {
+        "chunks": len(markers),
+        "queries": sum(m["queries"] for m in markers.values()),
+        "embedded": sum(m["embedded"] for m in markers.values()),
+        "rejected": sum(m["rejected"] for m in markers.values()),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "matches": sum(m["matches"] for m in markers.values()),
+    }
+    if len(top1):
+        summary["top1_score"] = {
+            "mean": float(top1.mean()),
+            "std": float(top1.std()),
+            **{f"p{q}": float(np.percentile(top1, q)) for q in (50, 75, 90, 95, 99)},
+            "max": float(top1.max()),
+        }
+        summary["top1_at_or_above"] = {str(t): int((top1 >= t).sum()) for t in thresholds}
+    return summary
+
+
+def open_matches(out: str, storage_options: storage.StorageOptions | None = None) -> pads.Dataset:
+    """The matches of a scan as a pyarrow dataset (filter/aggregate without loading everything)."""
+    fs, path = storage.get_fs(storage.join(out, "matches"), storage_options)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=MATCHES_SCHEMA)

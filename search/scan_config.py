@@ -1,0 +1,61 @@
+"""Configuration of the scan job (``copyscan scan``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from indexing.errors import CopyscanError
+from indexing.index_config import MODES
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Every knob of ``copyscan scan``; set with a YAML file (``--config``) and/or ``key=value``."""
+
+    index: str  # URL of a finished copyscan index (its manifest.json)
+    queries: str  # folder of images (query_id = file name) or webdataset shards (query_id = __key__)
+    out: str  # output URL
+    mode: str = "resume"
+
+    k: int = 10  # results per query
+    candidates: int = 0  # ANN candidates per index shard, re-ranked exactly; 0 = max(10·k, 100)
+    nprobe: int = 0  # 0 = the index manifest's default
+    chunk_size: int = 1024  # queries per chunk (image folders; a query shard is one chunk)
+
+    weights: str | None = None  # query embedder weights; None = the ones the index was built with
+    batch_size: int = 64
+    max_image_pixels: int = 64_000_000
+    min_image_side: int = 8
+    embed_actors: int = 0
+    embed_actor_cpus: float = 0.5
+    embed_actor_gpus: float = -1.0
+    embed_concurrency: int = 2
+    decode_cpus: float = 0.5
+    torch_threads: int = 0
+
+    scan_actors: int = 0  # 0 = min(index shards, CPUs / 2)
+    scan_actor_cpus: float = 0.5
+    cache_dir: str = ""  # local cache for index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan
+    retries: int = 2
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    RESUME_KEYS = ("index", "queries", "k", "candidates", "nprobe", "chunk_size", "weights")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates or max(10 * self.k, 100)
+
+    def validate(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        for name in ("k", "chunk_size", "batch_size", "max_image_pixels", "min_image_side", "embed_concurrency"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.candidates and self.candidates < self.k:
+            problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
+        if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
+            problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        if problems:
+            raise CopyscanError("invalid scan config: " + "; ".join(problems))

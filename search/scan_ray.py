@@ -1,0 +1,217 @@
+"""The scan job on Ray: embed query chunks, fan each chunk out to the scan actors, merge, write.
+
+Scan actors each own a set of index shards (downloaded once into a local cache and memory-mapped, never
+re-fetched per chunk) and return exact re-ranked top-k lists; the driver merges them with a heap and
+writes one parquet part per chunk. Embedding actors run ahead on the next chunks meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from indexing import storage
+from indexing.config import to_dict
+from indexing.decode import DecodeLimits
+from indexing.embed import EmbeddedSource
+from indexing.embed_ray import cluster_gpus, embedder_spec_remote, make_embed_actor
+from indexing.errors import CopyscanError
+from indexing.manifest import check_embedder, load_manifest
+from indexing.outputs import claim_output
+from indexing.pool_ray import run_pool
+from indexing.progress import Progress
+from search.merge import merge_topk
+from search.queries import QueryChunk, plan_query_chunks
+from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
+from search.scan_config import ScanConfig
+from search.searcher import ShardResult, ShardSearcher
+
+logger = logging.getLogger("copyscan")
+
+
+class ScanWorker:
+    """Actor body: a ShardSearcher over some index shards."""
+
+    def __init__(self, index_url: str, manifest: dict[str, Any], index_shards: list[int], cache_dir: str, storage_options):
+        self.searcher = ShardSearcher(index_url, manifest, index_shards, cache_dir, storage_options)
+
+    def ready(self) -> int:
+        return self.searcher.ntotal
+
+    def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int) -> ShardResult:
+        return self.searcher.search(xq, k, candidates, nprobe)
+
+
+def assign_shards(manifest: dict[str, Any], num_actors: int) -> list[list[int]]:
+    """Index shards dealt to actors, largest first onto the least-loaded actor."""
+    entries = sorted(manifest["index_shards"], key=lambda e: -e["ntotal"])
+    groups: list[list[int]] = [[] for _ in range(max(1, min(num_actors, len(entries))))]
+    loads = [0] * len(groups)
+    for e in entries:
+        i = int(np.argmin(loads))
+        groups[i].append(e["index_shard"])
+        loads[i] += e["ntotal"]
+    return [sorted(g) for g in groups]
+
+
+class _Fanout:
+    def __init__(self, cfg: ScanConfig, manifest: dict[str, Any]):
+        self.cfg = cfg
+        self.manifest = manifest
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        wanted = cfg.scan_actors or max(1, int(cpus // 2))
+        self.groups = assign_shards(manifest, wanted)
+        self.actors = [self._start(g) for g in self.groups]
+        ntotal = ray.get([a.ready.remote() for a in self.actors])
+        logger.info("scan: %d scan actor(s) hold %s vectors: %s", len(self.actors), f"{sum(ntotal):,}", self.groups)
+
+    def _start(self, group: list[int]):
+        return (
+            ray.remote(ScanWorker)
+            .options(num_cpus=self.cfg.scan_actor_cpus)
+            .remote(self.cfg.index, self.manifest, group, self.cfg.cache_dir, self.cfg.storage_options)
+        )
+
+    def search(self, xq: np.ndarray) -> ShardResult:
+        cfg = self.cfg
+        nprobe = cfg.nprobe or int(self.manifest["index"]["nprobe"])
+        xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
+        for attempt in range(cfg.retries + 1):
+            refs = [a.search.remote(xq_ref, cfg.k, cfg.num_candidates, nprobe) for a in self.actors]
+            try:
+                parts = ray.get(refs)
+                break
+            except RayActorError:
+                if attempt == cfg.retries:
+                    raise
+                logger.warning("scan: a scan actor died; restarting the dead ones and retrying the chunk")
+                self._restart_dead()
+        D, I = merge_topk([(p.D, p.I) for p in parts], cfg.k)  # noqa: E741
+        meta: dict[int, dict[str, Any]] = {}
+        for p in parts:
+            meta.update(p.meta)
+        return ShardResult(D, I, meta)
+
+    def _restart_dead(self) -> None:
+        for i, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ready.remote())
+            except RayActorError:
+                self.actors[i] = self._start(self.groups[i])
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def run_scan(cfg: ScanConfig) -> dict[str, Any]:
+    """Run (or resume) a scan; returns the summary written to ``OUT/summary.json``."""
+    so = cfg.storage_options
+    t0 = time.time()
+    manifest = load_manifest(cfg.index, so)
+    chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
+    resumed = claim_output(cfg.out, RUN_CONFIG_NAME, to_dict(cfg), cfg.mode, ScanConfig.RESUME_KEYS, so)
+    done = finished_chunks(cfg.out, so)
+    todo = [c for c in chunks if c.chunk not in done]
+    logger.info(
+        "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s)",
+        len(chunks), len(done), " (resumed)" if resumed else "", cfg.index, f"{manifest['ntotal']:,}",
+        manifest["index"]["factory"],
+    )
+
+    embedder = manifest["embedder"]["name"]
+    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
+    options = manifest["config"].get("embedder_options") or {}
+    spec = ray.get(embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(embedder, weights, options))
+    check_embedder(manifest, spec)
+
+    failed: list[tuple[QueryChunk, str]] = []
+    if todo:
+        fanout = _Fanout(cfg, manifest)
+        try:
+            failed = _scan_chunks(cfg, todo, fanout, embedder, weights, options)
+        finally:
+            fanout.close()
+
+    markers = finished_chunks(cfg.out, so)
+    seconds = time.time() - t0
+    summary = {
+        "index": cfg.index,
+        "index_vectors": manifest["ntotal"],
+        "index_factory": manifest["index"]["factory"],
+        "embedder": manifest["embedder"]["name"],
+        "queries_spec": cfg.queries,
+        "k": cfg.k,
+        **summarize(markers),
+        "chunks_total": len(chunks),
+        "failed_chunks": [{"chunk": c.chunk, "source": c.describe(), "error": err} for c, err in failed],
+        "this_run": {
+            "chunks": len(todo),
+            "seconds": round(seconds, 3),
+            "queries_per_second": round(sum(markers[c.chunk]["queries"] for c in todo if c.chunk in markers) / seconds, 2)
+            if seconds > 0
+            else None,
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(storage.join(cfg.out, SUMMARY_NAME), summary, so)
+    if failed:
+        listing = "\n".join(f"  {c.describe()}: {err}" for c, err in failed)
+        raise CopyscanError(f"{len(failed)} query chunk(s) failed; rerun to resume:\n{listing}")
+    return summary
+
+
+def _scan_chunks(
+    cfg: ScanConfig, todo: list[QueryChunk], fanout: _Fanout, embedder: str, weights: str | None, options: dict
+) -> list[tuple[QueryChunk, str]]:
+    so = cfg.storage_options
+    limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    gpus = cluster_gpus()
+    num_gpus = cfg.embed_actor_gpus if cfg.embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+    num_actors = cfg.embed_actors or (max(1, int(gpus / num_gpus)) if num_gpus > 0 else 1)
+    progress = Progress("scan", len(todo), unit="chunks", item="queries")
+    failed: list[tuple[QueryChunk, str]] = []
+
+    def make_actor():
+        return make_embed_actor(
+            embedder=embedder, weights=weights, options=options, num_cpus=cfg.embed_actor_cpus, num_gpus=num_gpus,
+            concurrency=cfg.embed_concurrency, torch_threads=cfg.torch_threads, decode_cpus=cfg.decode_cpus,
+            storage_options=so,
+        )
+
+    def submit(actor, chunk: QueryChunk):
+        if chunk.kind == "tar":
+            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits)
+        return actor.embed_images.remote(chunk.urls, chunk.keys, cfg.batch_size, limits)
+
+    def on_result(chunk: QueryChunk, embedded: EmbeddedSource) -> None:
+        t0 = time.perf_counter()
+        try:
+            if len(embedded.records):
+                result = fanout.search(embedded.xb)
+            else:
+                empty = np.zeros((0, cfg.k))
+                result = ShardResult(empty.astype(np.float32), empty.astype(np.int64), {})
+            write_chunk(
+                cfg.out, chunk.chunk, embedded.xb, embedded.records, embedded.rejections, result,
+                {"source": chunk.describe(), "search_seconds": round(time.perf_counter() - t0, 3),
+                 "embed_seconds": round(embedded.embed_seconds, 3)},
+                so,
+            )
+        except (CopyscanError, RayActorError, OSError) as exc:
+            logger.error("%s failed: %s", chunk.describe(), exc)
+            failed.append((chunk, f"{type(exc).__name__}: {exc}"))
+            return
+        progress.update(1, len(embedded.records) + len(embedded.rejections))
+
+    outcome = run_pool(
+        make_actor, num_actors, todo, submit, per_actor=cfg.embed_concurrency, retries=cfg.retries,
+        on_result=on_result, describe=QueryChunk.describe,
+    )
+    return failed + list(outcome.failed)

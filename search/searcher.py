@@ -1,0 +1,172 @@
+"""Search a set of index shards held locally: ANN candidates, then exact re-ranking from stored vectors.
+
+A ``ShardSearcher`` downloads its index shards and their embedding shards once into a local cache
+(skipped when already there), memory-maps them, and answers query blocks. Re-ranking happens here,
+next to the vectors, so only the final top-k of each shard travels back to be merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexing import layout, storage
+from indexing.manifest import resolve
+from search.merge import merge_topk
+
+logger = logging.getLogger("copyscan")
+
+RERANK_BLOCK = 64  # queries re-ranked at once: bounds the gathered candidate block to 64·candidates·d floats
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("COPYSCAN_CACHE", os.path.expanduser("~/.cache/copyscan"))
+
+
+def index_cache_dir(cache_dir: str, index_url: str, manifest: dict[str, Any]) -> str:
+    """A cache folder per index *version*: a rebuilt index at the same URL gets a new folder."""
+    tag = hashlib.sha256(f"{index_url}|{manifest['created_at']}|{manifest['ntotal']}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir or default_cache_dir(), "index", tag)
+
+
+def _cached(url: str, local: str, storage_options: storage.StorageOptions | None) -> str:
+    if storage.is_local(url):
+        return storage.local_path(url)
+    if not os.path.exists(local):
+        storage.download_file(url, local, storage_options)
+    return local
+
+
+def _read_index_mmap(path: str) -> faiss.Index:
+    try:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        # Not every index type can be memory-mapped (e.g. flat codes in some faiss builds).
+        return faiss.read_index(path)
+
+
+@dataclass
+class ShardResult:
+    """Exact top-k of one searcher for a block of queries, with the metadata of the returned ids.
+
+    D: (nq, k) float32 cosine scores, descending; I: (nq, k) int64 packed ids (-1 = none);
+    meta: id → {"train_key", "train_url", "caption", "index_shard"}.
+    """
+
+    D: np.ndarray
+    I: np.ndarray  # noqa: E741 - faiss naming
+    meta: dict[int, dict[str, Any]]
+
+
+class ShardSearcher:
+    """Owns index shards ``index_shards`` (entries of the manifest) of the index at ``index_url``."""
+
+    def __init__(
+        self,
+        index_url: str,
+        manifest: dict[str, Any],
+        index_shards: Sequence[int],
+        cache_dir: str = "",
+        storage_options: storage.StorageOptions | None = None,
+    ) -> None:
+        self.index_url = index_url
+        self.manifest = manifest
+        self.cache = index_cache_dir(cache_dir, index_url, manifest)
+        entries = {e["index_shard"]: e for e in manifest["index_shards"]}
+        self.indexes: dict[int, faiss.Index] = {}
+        self.vectors: dict[int, np.ndarray] = {}  # embedding shard -> (n, d) float16 memmap
+        self.metadata: dict[int, dict[str, np.ndarray]] = {}
+        self.owner: dict[int, int] = {}  # embedding shard -> index shard
+        emb = {e["shard"]: e for e in manifest["embedding_shards"]}
+        for j in index_shards:
+            entry = entries[j]
+            path = _cached(resolve(index_url, entry["path"]), os.path.join(self.cache, entry["path"]), storage_options)
+            self.indexes[j] = _read_index_mmap(path)
+            for s in entry["embedding_shards"]:
+                self.owner[s] = j
+                vec_path = _cached(
+                    resolve(index_url, emb[s]["img_emb"]), os.path.join(self.cache, emb[s]["img_emb"]), storage_options
+                )
+                self.vectors[s] = np.load(vec_path, mmap_mode="r")
+                meta_path = _cached(
+                    resolve(index_url, emb[s]["metadata"]), os.path.join(self.cache, emb[s]["metadata"]), storage_options
+                )
+                table = pq.read_table(meta_path, columns=["key", "url", "caption"])
+                self.metadata[s] = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        self.dim = int(manifest["dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(ix.ntotal) for ix in self.indexes.values())
+
+    def set_nprobe(self, nprobe: int) -> None:
+        for index in self.indexes.values():
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and nprobe > 0:
+                ivf.nprobe = min(nprobe, ivf.nlist)
+
+    def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int = 0) -> ShardResult:
+        """xq: (nq, d) float32, L2-normalised. Exact top-k over this searcher's shards."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        if nprobe:
+            self.set_nprobe(nprobe)
+        parts = []
+        for index in self.indexes.values():
+            _, I0 = index.search(xq, min(candidates, max(int(index.ntotal), 1)))
+            parts.append(self.rerank(xq, I0, k))
+        D, I = merge_topk(parts, k)
+        return ShardResult(D, I, self.describe(I))
+
+    def rerank(self, xq: np.ndarray, I0: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine of each query with its candidates ``I0`` (nq, c) → top-k (D, I)."""
+        nq, c = I0.shape
+        D_out = np.full((nq, k), -np.inf, dtype=np.float32)
+        I_out = np.full((nq, k), -1, dtype=np.int64)
+        for q0 in range(0, nq, RERANK_BLOCK):
+            ids = I0[q0 : q0 + RERANK_BLOCK]
+            vecs = self.gather(ids.ravel()).reshape(ids.shape[0], c, self.dim)
+            scores = np.einsum("qcd,qd->qc", vecs, xq[q0 : q0 + RERANK_BLOCK])
+            scores[ids < 0] = -np.inf
+            top = min(k, c)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+            D_out[q0 : q0 + ids.shape[0], :top] = np.take_along_axis(scores, order, axis=1)
+            I_out[q0 : q0 + ids.shape[0], :top] = np.take_along_axis(ids, order, axis=1)
+        I_out[~np.isfinite(D_out)] = -1
+        return D_out, I_out
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1."""
+        shard, row = layout.unpack_ids(ids)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for s in np.unique(shard[shard >= 0]):
+            sel = shard == s
+            rows = row[sel]
+            order = np.argsort(rows)
+            # memmap fancy indexing is fastest on sorted rows
+            block = np.asarray(self.vectors[int(s)][rows[order]], dtype=np.float32)
+            filled = np.empty_like(block)
+            filled[order] = block
+            out[sel] = filled
+        return out
+
+    def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:  # noqa: E741
+        meta: dict[int, dict[str, Any]] = {}
+        for i in np.unique(I[I >= 0]):
+            shard, row = layout.unpack_ids(np.array([i]))
+            s, r = int(shard[0]), int(row[0])
+            columns = self.metadata[s]
+            meta[int(i)] = {
+                "train_key": columns["key"][r],
+                "train_url": columns["url"][r],
+                "caption": columns["caption"][r],
+                "index_shard": self.owner[s],
+            }
+        return meta

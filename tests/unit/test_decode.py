@@ -1,0 +1,92 @@
+"""Bad images are rejected with a reason, never raised, never dropped."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexing.decode import DecodeLimits, decode_samples
+from indexing.errors import CopyscanError
+from indexing.reader import Sample, iter_tar
+
+
+def _jpeg(w=64, h=48, seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _squash(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB").resize((16, 16)), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def test_each_bad_image_gets_its_reason():
+    good = _jpeg()
+    samples = [
+        Sample("ok1", good, "jpg", caption="a", url="http://x/1"),
+        Sample("trunc", good[: len(good) // 2], "jpg"),
+        Sample("text", b"this is not an image", "jpg"),
+        Sample("big", _jpeg(200, 200), "jpg"),
+        Sample("tiny", _jpeg(4, 4), "jpg"),
+        Sample("noimg", None, None),
+        Sample("unreadable", None, "jpg", problem="unreadable_file: permission denied"),
+        Sample("badjson", good, "jpg", problem="bad_metadata_json"),
+        Sample("ok2", _jpeg(seed=1), "jpg"),
+    ]
+    limits = DecodeLimits(max_pixels=150 * 150, min_side=8)
+    batches = list(decode_samples(samples, _squash, batch_size=2, limits=limits, image_size=16))
+    records = [r for b in batches for r in b.records]
+    rejections = {r["key"]: r["reason"] for b in batches for r in b.rejections}
+    assert [r["key"] for r in records] == ["ok1", "badjson", "ok2"]
+    assert records[1]["metadata_error"] == "bad_metadata_json"
+    assert rejections == {
+        "trunc": "truncated",
+        "text": "not_an_image",
+        "big": "too_large",
+        "tiny": "too_small",
+        "noimg": "missing_image",
+        "unreadable": "unreadable_file",
+    }
+    assert sum(len(b.pixels) for b in batches) == 3
+    assert all(b.pixels.shape[1:] == (3, 16, 16) and b.pixels.dtype == np.uint8 for b in batches)
+    assert len(records) + len(rejections) == len(samples)
+
+
+def test_rejections_after_the_last_image_are_kept():
+    batches = list(decode_samples([Sample("a", b"junk", "jpg")], _squash, batch_size=4, image_size=16))
+    assert len(batches) == 1 and batches[0].pixels.shape == (0, 3, 16, 16)
+    assert batches[0].rejections[0]["reason"] == "not_an_image"
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_reader_groups_members(tmp_path):
+    path = tmp_path / "00000.tar"
+    _tar(path, [
+        ("000000001.jpg", _jpeg()), ("000000001.txt", b"a cat"), ("000000001.json", b'{"url": "http://a", "key": "1"}'),
+        ("000000002.png", b"png?"), ("000000002.json", b"{broken"),
+        ("000000003.txt", b"caption only"),
+    ])
+    samples = list(iter_tar(str(path)))
+    assert [s.key for s in samples] == ["000000001", "000000002", "000000003"]
+    assert samples[0].caption == "a cat" and samples[0].url == "http://a" and samples[0].image_format == "jpg"
+    assert samples[1].problem == "bad_metadata_json" and samples[1].image == b"png?"
+    assert samples[2].image is None
+
+
+def test_truncated_tar_is_a_clear_shard_error(tmp_path):
+    path = tmp_path / "00000.tar"
+    _tar(path, [(f"{i:09d}.jpg", _jpeg(seed=i)) for i in range(3)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(CopyscanError, match="corrupt or truncated"):
+        list(iter_tar(str(path)))

@@ -1,0 +1,66 @@
+import pytest
+
+from indexing import storage
+from indexing.errors import CopyscanError
+from indexing.outputs import claim_output
+from indexing.shardlist import expand_queries, expand_shards
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_forms_of_shard_lists(tmp_path):
+    for i in range(3):
+        _touch(tmp_path / "laion" / f"{i:05d}.tar")
+    _touch(tmp_path / "laion" / "00000.parquet")
+    folder = str(tmp_path / "laion")
+    expected = [f"{folder}/{i:05d}.tar" for i in range(3)]
+    assert expand_shards(folder) == expected
+    assert expand_shards(folder + "/{00000..00002}.tar") == expected
+    assert expand_shards(f"file://{folder}" + "/{00000..00002}.tar") == [f"file://{p}" for p in expected]
+    assert expand_shards(folder + "/*.tar") == expected
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# my shards\n" + "\n".join(expected[:2]) + "\n")
+    assert expand_shards(str(listing)) == expected[:2]
+    with pytest.raises(CopyscanError, match="1 of 4 shards"):
+        expand_shards(folder + "/{00000..00003}.tar")
+    with pytest.raises(CopyscanError, match="does not exist"):
+        expand_shards(str(tmp_path / "nope"))
+
+
+def test_query_folders(tmp_path):
+    _touch(tmp_path / "q" / "b.png")
+    _touch(tmp_path / "q" / "sub" / "a.jpg")
+    _touch(tmp_path / "q" / ".hidden.jpg")
+    _touch(tmp_path / "q" / "notes.md")
+    kind, urls = expand_queries(str(tmp_path / "q"))
+    assert kind == "images" and [u.rsplit("/q/", 1)[1] for u in urls] == ["b.png", "sub/a.jpg"]
+    _touch(tmp_path / "t" / "00000.tar")
+    assert expand_queries(str(tmp_path / "t"))[0] == "shards"
+
+
+def test_claim_output_resume_overwrite_and_foreign(tmp_path):
+    out = str(tmp_path / "out")
+    cfg = {"shards": "a", "k": 1, "mode": "resume"}
+    assert claim_output(out, "index.yaml", cfg, "resume", ["shards"]) is False
+    storage.write_bytes(out + "/embeddings/x", b"1")
+    assert claim_output(out, "index.yaml", cfg, "resume", ["shards"]) is True
+    assert storage.exists(out + "/embeddings/x")
+    with pytest.raises(CopyscanError, match="different settings"):
+        claim_output(out, "index.yaml", {**cfg, "shards": "b"}, "resume", ["shards"])
+    assert claim_output(out, "index.yaml", {**cfg, "shards": "b"}, "overwrite", ["shards"]) is False
+    assert not storage.exists(out + "/embeddings/x")
+    foreign = tmp_path / "foreign"
+    _touch(foreign / "precious.txt")
+    for mode in ("resume", "overwrite"):
+        with pytest.raises(CopyscanError, match="not written by copyscan"):
+            claim_output(str(foreign), "index.yaml", cfg, mode, ["shards"])
+    assert (foreign / "precious.txt").exists()
+
+
+def test_atomic_writes_leave_no_temp_files(tmp_path):
+    storage.write_json(str(tmp_path / "a" / "b.json"), {"x": 1})
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+    assert storage.read_json(str(tmp_path / "a" / "b.json")) == {"x": 1}
