@@ -67,7 +67,9 @@ def load_yaml_file(path: str | None) -> dict[str, Any]:
         raise CopyscanError(f"config file {path} does not exist") from None
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise CopyscanError(f"config file {path} must hold a mapping of key: value, not {type(data).__name__}")
+        raise CopyscanError(
+            f"config file {path} must hold a mapping of key: value, not {type(data).__name__}"
+        )
     return data
 
 

@@ -147,7 +147,9 @@ def decode_samples(
             rejections.append({"key": sample.key, "reason": rej.reason, "detail": rej.detail})
             continue
         except Exception as exc:  # a preprocessing failure on a legal but odd image (e.g. mode "I;16")
-            rejections.append({"key": sample.key, "reason": DECODE_ERROR, "detail": f"{type(exc).__name__}: {exc}"})
+            rejections.append(
+                {"key": sample.key, "reason": DECODE_ERROR, "detail": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         if array.dtype != np.uint8 or array.ndim != 3:
             raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")

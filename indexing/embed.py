@@ -135,7 +135,9 @@ def write_shard_outputs(
     return stats
 
 
-def finished_shards(out: str, storage_options: storage.StorageOptions | None = None) -> dict[int, dict[str, Any]]:
+def finished_shards(
+    out: str, storage_options: storage.StorageOptions | None = None
+) -> dict[int, dict[str, Any]]:
     """Stats of every shard whose marker exists, by shard id (one listing, then one read per marker)."""
     done: dict[int, dict[str, Any]] = {}
     for url in storage.list_files(layout.stats_dir(out), storage_options):
@@ -156,7 +158,9 @@ def embed_shard(
 ) -> dict[str, Any]:
     """Embed one tar shard in this process and write its outputs. Returns its stats."""
     t0 = time.perf_counter()
-    batches = decode_samples(iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size)
+    batches = decode_samples(
+        iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size
+    )
     result = embed_batches(batches, embedder)
     return write_shard_outputs(
         out,

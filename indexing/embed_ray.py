@@ -39,7 +39,9 @@ def _decode_source(
         samples = iter_image_files(urls, keys, storage_options)
     else:
         raise ValueError(f"unknown source kind {kind!r}")
-    yield from decode_samples(samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"])
+    yield from decode_samples(
+        samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"]
+    )
 
 
 decode_task = ray.remote(_decode_source)
@@ -75,7 +77,9 @@ class EmbedWorker:
         ).remote(source, self.embedder.spec["preprocess"], batch_size, limits, self.storage_options)
         return embed_batches((ray.get(ref) for ref in gen), self.embedder)
 
-    def embed_shard(self, shard: int, url: str, out: str, batch_size: int, limits: DecodeLimits) -> dict[str, Any]:
+    def embed_shard(
+        self, shard: int, url: str, out: str, batch_size: int, limits: DecodeLimits
+    ) -> dict[str, Any]:
         import time
 
         t0 = time.perf_counter()
@@ -87,7 +91,10 @@ class EmbedWorker:
             result,
             self.embedder.fingerprint,
             self.storage_options,
-            {"wall_seconds": round(time.perf_counter() - t0, 3), "worker": f"{os.uname().nodename}:{os.getpid()}"},
+            {
+                "wall_seconds": round(time.perf_counter() - t0, 3),
+                "worker": f"{os.uname().nodename}:{os.getpid()}",
+            },
         )
 
     def embed_images(
@@ -114,7 +121,13 @@ def make_embed_actor(
     """Start one embedding actor; ``num_gpus > 0`` puts it on a GPU and runs the model there."""
     actor_cls = ray.remote(EmbedWorker)
     return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=concurrency).remote(
-        embedder, weights, options, "cuda" if num_gpus > 0 else "cpu", torch_threads, decode_cpus, storage_options
+        embedder,
+        weights,
+        options,
+        "cuda" if num_gpus > 0 else "cpu",
+        torch_threads,
+        decode_cpus,
+        storage_options,
     )
 
 

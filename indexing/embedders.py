@@ -112,7 +112,9 @@ def _weights_digest(path: str, mtime: float) -> str:
 class EffnetLite0Embedder(Embedder):
     """EfficientNet-Lite0 (ImageNet weights, plain torch) with a copy-detection pooling head."""
 
-    def __init__(self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None):
+    def __init__(
+        self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
+    ):
         from indexing.descriptor import CopyDescriptor
         from indexing.effnet import load_efficientnet_lite0, package_weights_path
 

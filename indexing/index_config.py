@@ -46,15 +46,30 @@ class IndexConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to every fsspec filesystem
 
     # Keys whose change makes an existing output incompatible (resume would mix two different indexes).
-    RESUME_KEYS = ("shards", "embedder", "weights", "embedder_options", "index_factory", "flat_threshold",
-                   "max_shard_vectors", "max_code_bytes", "seed")
+    RESUME_KEYS = (
+        "shards",
+        "embedder",
+        "weights",
+        "embedder_options",
+        "index_factory",
+        "flat_threshold",
+        "max_shard_vectors",
+        "max_code_bytes",
+        "seed",
+    )
 
     def validate(self) -> None:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        for name in ("batch_size", "max_image_pixels", "min_image_side", "max_shard_vectors", "max_code_bytes",
-                     "embed_concurrency"):
+        for name in (
+            "batch_size",
+            "max_image_pixels",
+            "min_image_side",
+            "max_shard_vectors",
+            "max_code_bytes",
+            "embed_concurrency",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         for name in ("embed_actor_cpus", "decode_cpus", "fill_cpus"):

@@ -13,7 +13,13 @@ from typing import Any
 import ray
 
 from indexing import layout, storage
-from indexing.build import fill_index_shard, index_shard_marker, sample_training_vectors, train_index, write_index
+from indexing.build import (
+    fill_index_shard,
+    index_shard_marker,
+    sample_training_vectors,
+    train_index,
+    write_index,
+)
 from indexing.config import to_dict
 from indexing.decode import DecodeLimits
 from indexing.embed import finished_shards
@@ -32,7 +38,9 @@ logger = logging.getLogger("copyscan")
 
 
 @ray.remote
-def _train(out: str, factory: str, counts: dict[int, int], train_size: int, seed: int, storage_options) -> int:
+def _train(
+    out: str, factory: str, counts: dict[int, int], train_size: int, seed: int, storage_options
+) -> int:
     xt = sample_training_vectors(out, counts, train_size, seed, storage_options)
     index = train_index(factory, xt, seed)
     write_index(index, layout.trained_index_url(out, factory), storage_options)
@@ -53,7 +61,11 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     if resumed:
         logger.info("index: resuming the run already in %s", cfg.out)
 
-    spec = ray.get(embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(cfg.embedder, cfg.weights, cfg.embedder_options))
+    spec = ray.get(
+        embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
+            cfg.embedder, cfg.weights, cfg.embedder_options
+        )
+    )
     fingerprint = spec_fingerprint(spec)
 
     with timed("embed", timings):
@@ -70,7 +82,10 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         nprobe=cfg.nprobe,
     )
     logger.info(
-        "index: %s over %d vectors in %d index shard(s)", plan.factory, sum(counts.values()), len(plan.shard_groups)
+        "index: %s over %d vectors in %d index shard(s)",
+        plan.factory,
+        sum(counts.values()),
+        len(plan.shard_groups),
     )
     with timed("train", timings):
         train_points = _train_once(cfg, plan, counts)
@@ -137,7 +152,12 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         stats[item[0]] = result
         progress.update(1, int(result["count"]))
         if result["rejected"]:
-            logger.info("embed: shard %05d rejected %d sample(s): %s", item[0], result["rejected"], result["rejected_by_reason"])
+            logger.info(
+                "embed: shard %05d rejected %d sample(s): %s",
+                item[0],
+                result["rejected"],
+                result["rejected_by_reason"],
+            )
 
     outcome = run_pool(
         make_actor,
@@ -188,7 +208,9 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
         progress.update(1, int(marker["ntotal"]))
 
     outcome = run_tasks(
-        lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(cfg.out, plan.factory, item[0], item[1], so),
+        lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
+            cfg.out, plan.factory, item[0], item[1], so
+        ),
         todo,
         max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
         retries=cfg.retries,

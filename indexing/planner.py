@@ -87,7 +87,9 @@ def plan_index(
     """
     n = sum(counts.values())
     if n <= 0:
-        raise CopyscanError("no vectors to index: every shard is empty (see the shards' stats for rejections)")
+        raise CopyscanError(
+            "no vectors to index: every shard is empty (see the shards' stats for rejections)"
+        )
     groups = group_shards(counts, max_shard_vectors)
     if factory != "auto":
         return _plan_from_factory(factory, n, dim, groups, nprobe)
@@ -100,7 +102,9 @@ def plan_index(
     train_size = min(n, max(TRAIN_POINTS_PER_CENTROID * nlist, MIN_POINTS_PER_CENTROID * (1 << bits)))
     probe = nprobe or default_nprobe(nlist)
     bits_part = "" if bits == 8 else f"x{bits}"
-    return IndexPlan(f"IVF{nlist},PQ{m}{bits_part}np", nlist, m, bits, train_size, probe, math.ceil(m * bits / 8), groups)
+    return IndexPlan(
+        f"IVF{nlist},PQ{m}{bits_part}np", nlist, m, bits, train_size, probe, math.ceil(m * bits / 8), groups
+    )
 
 
 def default_nprobe(nlist: int) -> int:
@@ -126,4 +130,6 @@ def _plan_from_factory(factory: str, n: int, dim: int, groups: list[list[int]], 
     code = math.ceil(m * bits / 8) if m else dim * 4
     if nlist == 0 and not factory.startswith("IDMap"):
         factory = f"IDMap,{factory}"
-    return IndexPlan(factory, nlist, m, bits, train_size, nprobe or (default_nprobe(nlist) if nlist else 0), code, groups)
+    return IndexPlan(
+        factory, nlist, m, bits, train_size, nprobe or (default_nprobe(nlist) if nlist else 0), code, groups
+    )

@@ -100,7 +100,13 @@ def _replace_actor(actors, slot, make_actor, in_flight, load, pending) -> None:
 def _retry_or_fail(index, item, exc, attempts, retries, pending, outcome, describe) -> None:
     message = _short_error(exc)
     if attempts[index] <= retries:
-        logger.warning("%s failed (attempt %d of %d): %s; retrying", describe(item), attempts[index], retries + 1, message)
+        logger.warning(
+            "%s failed (attempt %d of %d): %s; retrying",
+            describe(item),
+            attempts[index],
+            retries + 1,
+            message,
+        )
         pending.insert(0, index)  # retry after the items already queued
     else:
         logger.error("%s failed after %d attempts: %s", describe(item), attempts[index], message)

@@ -16,7 +16,9 @@ class Progress:
     ``line()`` reads e.g. ``embed: 12/100 shards, 120,000 images, 2,310 images/s, ETA 0:05:10``.
     """
 
-    def __init__(self, phase: str, total_units: int, unit: str = "shards", item: str = "images", every: float = 10.0):
+    def __init__(
+        self, phase: str, total_units: int, unit: str = "shards", item: str = "images", every: float = 10.0
+    ):
         self.phase = phase
         self.total_units = total_units
         self.unit = unit

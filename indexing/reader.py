@@ -81,7 +81,9 @@ def _sample_from_members(raw: dict[str, Any]) -> Sample:
     elif isinstance(meta.get("caption"), str):
         caption = meta["caption"]
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
-    return Sample(key=key, image=image, image_format=fmt, caption=caption, url=url, meta=meta, problem=problem)
+    return Sample(
+        key=key, image=image, image_format=fmt, caption=caption, url=url, meta=meta, problem=problem
+    )
 
 
 def iter_image_files(
@@ -96,7 +98,7 @@ def iter_image_files(
     if not urls:
         return
     fs, _ = storage.get_fs(urls[0], storage_options)
-    for url, key in zip(urls, keys):
+    for url, key in zip(urls, keys, strict=True):
         _, path = storage.get_fs(url, storage_options)
         fmt = path.rsplit(".", 1)[-1].lower() if "." in path else None
         try:

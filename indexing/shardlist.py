@@ -60,11 +60,15 @@ def expand_shards(spec: str, storage_options: storage.StorageOptions | None = No
         return urls
     if spec.lower().endswith(".tar"):
         return [spec]
-    raise CopyscanError(f"{spec} is neither a .tar shard, a folder of shards, a brace pattern nor a list file")
+    raise CopyscanError(
+        f"{spec} is neither a .tar shard, a folder of shards, a brace pattern nor a list file"
+    )
 
 
 def _is_top_level_tar(folder: str, url: str) -> bool:
-    rel = url[len(folder.rstrip("/")) + 1 :] if url.startswith(folder.rstrip("/")) else posixpath.basename(url)
+    rel = (
+        url[len(folder.rstrip("/")) + 1 :] if url.startswith(folder.rstrip("/")) else posixpath.basename(url)
+    )
     return url.endswith(".tar") and "/" not in rel and not posixpath.basename(url).startswith(".")
 
 
@@ -86,9 +90,7 @@ def _check_exist(spec: str, urls: Sequence[str], storage_options: storage.Storag
         raise CopyscanError(f"{len(missing)} of {len(urls)} shards named by {spec} do not exist: {shown}")
 
 
-def expand_queries(
-    spec: str, storage_options: storage.StorageOptions | None = None
-) -> tuple[str, list[str]]:
+def expand_queries(spec: str, storage_options: storage.StorageOptions | None = None) -> tuple[str, list[str]]:
     """What ``--queries`` names: ``("images", [image URLs])`` or ``("shards", [tar URLs])``.
 
     A folder holding image files gives their URLs sorted by path (query_id = file name relative to the

@@ -110,7 +110,11 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = 
 
 
 def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
-    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode(), storage_options)
+    write_bytes(
+        url,
+        (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode(),
+        storage_options,
+    )
 
 
 def _json_default(value: Any) -> Any:

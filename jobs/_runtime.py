@@ -17,8 +17,15 @@ logger = logging.getLogger("copyscan")
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
 # Forwarded to workers when set on the driver, so object-store credentials/endpoints reach every task.
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "COPYSCAN_CACHE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "COPYSCAN_CACHE",
 )
 
 
@@ -63,10 +70,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of key: value settings (overridden by key=value)")
-    parser.add_argument("--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"
+    )
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is given")
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. k=20 nprobe=64")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. k=20 nprobe=64"
+    )
 
 
 def run_job(args: argparse.Namespace, body: Callable[[], Any]) -> int:
@@ -86,4 +97,8 @@ def layers(args: argparse.Namespace, explicit: dict[str, Any]) -> Sequence[dict[
     """Config layers in precedence order: file, then the named flags, then key=value overrides."""
     from indexing.config import load_yaml_file, parse_overrides
 
-    return (load_yaml_file(args.config), {k: v for k, v in explicit.items() if v is not None}, parse_overrides(args.overrides))
+    return (
+        load_yaml_file(args.config),
+        {k: v for k, v in explicit.items() if v is not None},
+        parse_overrides(args.overrides),
+    )

@@ -14,7 +14,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="copyscan", description="Find training-data copies in generated images.")
+    parser = argparse.ArgumentParser(
+        prog="copyscan", description="Find training-data copies in generated images."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     # Import only the module of the command being run (each pulls in torch/ray/faiss as it needs).

@@ -10,7 +10,9 @@ from jobs._runtime import add_common_arguments, layers, run_job
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", help="img2dataset webdataset tars: brace pattern, glob, folder or list file")
+    parser.add_argument(
+        "--shards", help="img2dataset webdataset tars: brace pattern, glob, folder or list file"
+    )
     parser.add_argument("--out", help="output URL of the index (local path, s3://bucket/prefix, ...)")
     parser.add_argument("--mode", choices=["resume", "overwrite"], help="resume (default) or overwrite")
     add_common_arguments(parser)
@@ -25,14 +27,19 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = resolve(IndexConfig, *layers(args, {"shards": args.shards, "out": args.out, "mode": args.mode}))
         manifest = run_index(cfg)
-        print(json.dumps({
-            "index": cfg.out,
-            "vectors": manifest["ntotal"],
-            "rejected": manifest["rejected_total"],
-            "factory": manifest["index"]["factory"],
-            "index_shards": len(manifest["index_shards"]),
-            "seconds": manifest["timings"],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "index": cfg.out,
+                    "vectors": manifest["ntotal"],
+                    "rejected": manifest["rejected_total"],
+                    "factory": manifest["index"]["factory"],
+                    "index_shards": len(manifest["index_shards"]),
+                    "seconds": manifest["timings"],
+                },
+                indent=2,
+            )
+        )
 
     return run_job(args, body)
 

@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
         explicit = {"index": args.index, "queries": args.queries, "out": args.out, "mode": args.mode}
         cfg = resolve(ScanConfig, *layers(args, explicit))
         summary = run_scan(cfg)
-        shown = {k: summary[k] for k in ("queries", "embedded", "rejected", "matches", "top1_score") if k in summary}
+        shown = {
+            k: summary[k]
+            for k in ("queries", "embedded", "rejected", "matches", "top1_score")
+            if k in summary
+        }
         print(json.dumps({"out": cfg.out, **shown}, indent=2))
 
     return run_job(args, body)

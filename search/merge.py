@@ -17,16 +17,16 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
         raise ValueError("nothing to merge")
     nq = parts[0][0].shape[0]
     heap = faiss.ResultHeap(nq, k, keep_max=True)
-    for D, I in parts:  # noqa: E741 - faiss naming
+    for D, I in parts:
         if D.shape[0] != nq or I.shape != D.shape:
             raise ValueError(f"part of shape {D.shape}/{I.shape} does not match nq={nq}")
         D = np.ascontiguousarray(D, dtype=np.float32)
-        I = np.ascontiguousarray(I, dtype=np.int64)  # noqa: E741
+        I = np.ascontiguousarray(I, dtype=np.int64)
         # ResultHeap keeps -1 ids with their scores; give them the worst score so they never win.
         D = np.where(I < 0, -np.inf, D).astype(np.float32)
         heap.add_result(D, I)
     heap.finalize()
-    D, I = heap.D, heap.I  # noqa: E741
+    D, I = heap.D, heap.I
     # Empty slots come back as (-FLT_MAX, -1); report them as (-inf, -1) like the inputs.
     D = np.where(I < 0, -np.inf, D).astype(np.float32)
     return D, I

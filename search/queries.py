@@ -34,6 +34,8 @@ def plan_query_chunks(
         return [QueryChunk(i, "tar", (url,)) for i, url in enumerate(urls)]
     keys = [relative_name(spec, u) for u in urls]
     return [
-        QueryChunk(i // chunk_size, "images", tuple(urls[i : i + chunk_size]), tuple(keys[i : i + chunk_size]))
+        QueryChunk(
+            i // chunk_size, "images", tuple(urls[i : i + chunk_size]), tuple(keys[i : i + chunk_size])
+        )
         for i in range(0, len(urls), chunk_size)
     ]

@@ -62,7 +62,7 @@ def chunk_marker_url(out: str, chunk: int) -> str:
 
 def matches_table(records: list[dict[str, Any]], result: ShardResult, chunk: int) -> pa.Table:
     """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``."""
-    D, I = result.D, result.I  # noqa: E741
+    D, I = result.D, result.I
     q_idx, ranks = np.nonzero(I >= 0)
     ids = I[q_idx, ranks]
     shard, row = layout.unpack_ids(ids)
@@ -115,7 +115,9 @@ def write_chunk(
     return marker
 
 
-def finished_chunks(out: str, storage_options: storage.StorageOptions | None = None) -> dict[int, dict[str, Any]]:
+def finished_chunks(
+    out: str, storage_options: storage.StorageOptions | None = None
+) -> dict[int, dict[str, Any]]:
     done = {}
     for url in storage.list_files(storage.join(out, "chunks"), storage_options):
         name = url.rsplit("/", 1)[-1]
@@ -124,7 +126,9 @@ def finished_chunks(out: str, storage_options: storage.StorageOptions | None = N
     return done
 
 
-def summarize(markers: dict[int, dict[str, Any]], thresholds: tuple[float, ...] = (0.5, 0.75, 0.95)) -> dict[str, Any]:
+def summarize(
+    markers: dict[int, dict[str, Any]], thresholds: tuple[float, ...] = (0.5, 0.75, 0.95)
+) -> dict[str, Any]:
     """Run-level counts and the distribution of top-1 scores (one per embedded query)."""
     top1 = np.array([s for m in markers.values() for s in m["top1_scores"]], dtype=np.float64)
     by_reason: dict[str, int] = {}

@@ -50,7 +50,14 @@ class ScanConfig:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        for name in ("k", "chunk_size", "batch_size", "max_image_pixels", "min_image_side", "embed_concurrency"):
+        for name in (
+            "k",
+            "chunk_size",
+            "batch_size",
+            "max_image_pixels",
+            "min_image_side",
+            "embed_concurrency",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.candidates and self.candidates < self.k:

@@ -37,7 +37,14 @@ logger = logging.getLogger("copyscan")
 class ScanWorker:
     """Actor body: a ShardSearcher over some index shards."""
 
-    def __init__(self, index_url: str, manifest: dict[str, Any], index_shards: list[int], cache_dir: str, storage_options):
+    def __init__(
+        self,
+        index_url: str,
+        manifest: dict[str, Any],
+        index_shards: list[int],
+        cache_dir: str,
+        storage_options,
+    ):
         self.searcher = ShardSearcher(index_url, manifest, index_shards, cache_dir, storage_options)
 
     def ready(self) -> int:
@@ -68,7 +75,9 @@ class _Fanout:
         self.groups = assign_shards(manifest, wanted)
         self.actors = [self._start(g) for g in self.groups]
         ntotal = ray.get([a.ready.remote() for a in self.actors])
-        logger.info("scan: %d scan actor(s) hold %s vectors: %s", len(self.actors), f"{sum(ntotal):,}", self.groups)
+        logger.info(
+            "scan: %d scan actor(s) hold %s vectors: %s", len(self.actors), f"{sum(ntotal):,}", self.groups
+        )
 
     def _start(self, group: list[int]):
         return (
@@ -91,7 +100,7 @@ class _Fanout:
                     raise
                 logger.warning("scan: a scan actor died; restarting the dead ones and retrying the chunk")
                 self._restart_dead()
-        D, I = merge_topk([(p.D, p.I) for p in parts], cfg.k)  # noqa: E741
+        D, I = merge_topk([(p.D, p.I) for p in parts], cfg.k)
         meta: dict[int, dict[str, Any]] = {}
         for p in parts:
             meta.update(p.meta)
@@ -121,7 +130,11 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     todo = [c for c in chunks if c.chunk not in done]
     logger.info(
         "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s)",
-        len(chunks), len(done), " (resumed)" if resumed else "", cfg.index, f"{manifest['ntotal']:,}",
+        len(chunks),
+        len(done),
+        " (resumed)" if resumed else "",
+        cfg.index,
+        f"{manifest['ntotal']:,}",
         manifest["index"]["factory"],
     )
 
@@ -154,7 +167,9 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "this_run": {
             "chunks": len(todo),
             "seconds": round(seconds, 3),
-            "queries_per_second": round(sum(markers[c.chunk]["queries"] for c in todo if c.chunk in markers) / seconds, 2)
+            "queries_per_second": round(
+                sum(markers[c.chunk]["queries"] for c in todo if c.chunk in markers) / seconds, 2
+            )
             if seconds > 0
             else None,
         },
@@ -168,7 +183,12 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
 
 
 def _scan_chunks(
-    cfg: ScanConfig, todo: list[QueryChunk], fanout: _Fanout, embedder: str, weights: str | None, options: dict
+    cfg: ScanConfig,
+    todo: list[QueryChunk],
+    fanout: _Fanout,
+    embedder: str,
+    weights: str | None,
+    options: dict,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -180,8 +200,14 @@ def _scan_chunks(
 
     def make_actor():
         return make_embed_actor(
-            embedder=embedder, weights=weights, options=options, num_cpus=cfg.embed_actor_cpus, num_gpus=num_gpus,
-            concurrency=cfg.embed_concurrency, torch_threads=cfg.torch_threads, decode_cpus=cfg.decode_cpus,
+            embedder=embedder,
+            weights=weights,
+            options=options,
+            num_cpus=cfg.embed_actor_cpus,
+            num_gpus=num_gpus,
+            concurrency=cfg.embed_concurrency,
+            torch_threads=cfg.torch_threads,
+            decode_cpus=cfg.decode_cpus,
             storage_options=so,
         )
 
@@ -199,9 +225,17 @@ def _scan_chunks(
                 empty = np.zeros((0, cfg.k))
                 result = ShardResult(empty.astype(np.float32), empty.astype(np.int64), {})
             write_chunk(
-                cfg.out, chunk.chunk, embedded.xb, embedded.records, embedded.rejections, result,
-                {"source": chunk.describe(), "search_seconds": round(time.perf_counter() - t0, 3),
-                 "embed_seconds": round(embedded.embed_seconds, 3)},
+                cfg.out,
+                chunk.chunk,
+                embedded.xb,
+                embedded.records,
+                embedded.rejections,
+                result,
+                {
+                    "source": chunk.describe(),
+                    "search_seconds": round(time.perf_counter() - t0, 3),
+                    "embed_seconds": round(embedded.embed_seconds, 3),
+                },
                 so,
             )
         except (CopyscanError, RayActorError, OSError) as exc:
@@ -211,7 +245,13 @@ def _scan_chunks(
         progress.update(1, len(embedded.records) + len(embedded.rejections))
 
     outcome = run_pool(
-        make_actor, num_actors, todo, submit, per_actor=cfg.embed_concurrency, retries=cfg.retries,
-        on_result=on_result, describe=QueryChunk.describe,
+        make_actor,
+        num_actors,
+        todo,
+        submit,
+        per_actor=cfg.embed_concurrency,
+        retries=cfg.retries,
+        on_result=on_result,
+        describe=QueryChunk.describe,
     )
     return failed + list(outcome.failed)

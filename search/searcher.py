@@ -33,7 +33,9 @@ def default_cache_dir() -> str:
 
 def index_cache_dir(cache_dir: str, index_url: str, manifest: dict[str, Any]) -> str:
     """A cache folder per index *version*: a rebuilt index at the same URL gets a new folder."""
-    tag = hashlib.sha256(f"{index_url}|{manifest['created_at']}|{manifest['ntotal']}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(f"{index_url}|{manifest['created_at']}|{manifest['ntotal']}".encode()).hexdigest()[
+        :16
+    ]
     return os.path.join(cache_dir or default_cache_dir(), "index", tag)
 
 
@@ -62,7 +64,7 @@ class ShardResult:
     """
 
     D: np.ndarray
-    I: np.ndarray  # noqa: E741 - faiss naming
+    I: np.ndarray
     meta: dict[int, dict[str, Any]]
 
 
@@ -88,19 +90,27 @@ class ShardSearcher:
         emb = {e["shard"]: e for e in manifest["embedding_shards"]}
         for j in index_shards:
             entry = entries[j]
-            path = _cached(resolve(index_url, entry["path"]), os.path.join(self.cache, entry["path"]), storage_options)
+            path = _cached(
+                resolve(index_url, entry["path"]), os.path.join(self.cache, entry["path"]), storage_options
+            )
             self.indexes[j] = _read_index_mmap(path)
             for s in entry["embedding_shards"]:
                 self.owner[s] = j
                 vec_path = _cached(
-                    resolve(index_url, emb[s]["img_emb"]), os.path.join(self.cache, emb[s]["img_emb"]), storage_options
+                    resolve(index_url, emb[s]["img_emb"]),
+                    os.path.join(self.cache, emb[s]["img_emb"]),
+                    storage_options,
                 )
                 self.vectors[s] = np.load(vec_path, mmap_mode="r")
                 meta_path = _cached(
-                    resolve(index_url, emb[s]["metadata"]), os.path.join(self.cache, emb[s]["metadata"]), storage_options
+                    resolve(index_url, emb[s]["metadata"]),
+                    os.path.join(self.cache, emb[s]["metadata"]),
+                    storage_options,
                 )
                 table = pq.read_table(meta_path, columns=["key", "url", "caption"])
-                self.metadata[s] = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+                self.metadata[s] = {
+                    name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
+                }
         self.dim = int(manifest["dim"])
 
     @property
@@ -157,7 +167,7 @@ class ShardSearcher:
             out[sel] = filled
         return out
 
-    def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:  # noqa: E741
+    def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:
         meta: dict[int, dict[str, Any]] = {}
         for i in np.unique(I[I >= 0]):
             shard, row = layout.unpack_ids(np.array([i]))

@@ -22,7 +22,10 @@ def clustered(n, d, n_clusters, rng, noise=0.35):
 def write_collection(out, xb, per_shard):
     for shard, start in enumerate(range(0, len(xb), per_shard)):
         part = xb[start : start + per_shard]
-        records = [{"key": f"{shard:05d}{i:04d}", "url": f"http://img/{shard}/{i}", "caption": f"c{i}"} for i in range(len(part))]
+        records = [
+            {"key": f"{shard:05d}{i:04d}", "url": f"http://img/{shard}/{i}", "caption": f"c{i}"}
+            for i in range(len(part))
+        ]
         write_shard_outputs(out, shard, f"/shards/{shard:05d}.tar", EmbeddedSource(part, records, []), "fp")
     return finished_shards(out)
 
@@ -35,8 +38,17 @@ def build(out, stats, d, **plan_kwargs):
     markers = {j: fill_index_shard(out, plan.factory, j, g) for j, g in enumerate(plan.shard_groups)}
     cfg = {"out": out}
     spec = {"name": "synthetic", "dim": d, "preprocess": {"kind": "none"}}
-    return plan, build_manifest(cfg=cfg, shards=[st["source"] for _, st in sorted(stats.items())], stats=stats,
-                                spec=spec, plan=plan, markers=markers, train_points=len(xt), timings={}, started_at=0)
+    return plan, build_manifest(
+        cfg=cfg,
+        shards=[st["source"] for _, st in sorted(stats.items())],
+        stats=stats,
+        spec=spec,
+        plan=plan,
+        markers=markers,
+        train_points=len(xt),
+        timings={},
+        started_at=0,
+    )
 
 
 @pytest.mark.parametrize("max_shard_vectors", [2_000, 100_000])
@@ -48,11 +60,15 @@ def test_ivfpq_with_rerank_recalls_exact_top10(tmp_path, max_shard_vectors):
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     out = str(tmp_path / "idx")
     stats = write_collection(out, xb, 1_500)
-    plan, manifest = build(out, stats, d, flat_threshold=0, max_shard_vectors=max_shard_vectors, max_code_bytes=8)
+    plan, manifest = build(
+        out, stats, d, flat_threshold=0, max_shard_vectors=max_shard_vectors, max_code_bytes=8
+    )
     assert plan.factory.startswith("IVF") and plan.factory.endswith("np")
     assert len(manifest["index_shards"]) == len(plan.shard_groups)
 
-    searcher = ShardSearcher(out, manifest, [e["index_shard"] for e in manifest["index_shards"]], str(tmp_path / "cache"))
+    searcher = ShardSearcher(
+        out, manifest, [e["index_shard"] for e in manifest["index_shards"]], str(tmp_path / "cache")
+    )
     assert searcher.ntotal == n
     result = searcher.search(xq, k, candidates=100, nprobe=plan.nprobe)
 

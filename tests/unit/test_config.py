@@ -11,7 +11,9 @@ def test_layers_merge_in_order_and_types_are_parsed():
     cfg = resolve(
         ScanConfig,
         {"index": "a", "queries": "b", "out": "c", "k": 5},
-        parse_overrides(["k=20", "nprobe=64", "weights=null", "storage_options.endpoint_url=http://127.0.0.1:9"]),
+        parse_overrides(
+            ["k=20", "nprobe=64", "weights=null", "storage_options.endpoint_url=http://127.0.0.1:9"]
+        ),
     )
     assert cfg.k == 20 and cfg.nprobe == 64 and cfg.weights is None
     assert cfg.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
@@ -27,7 +29,9 @@ def test_every_problem_is_reported():
     with pytest.raises(CopyscanError) as err:
         resolve(ScanConfig, {"index": "a"}, parse_overrides(["k=ten", "bogus=1"]))
     text = str(err.value)
-    assert "bogus" in text and "k must be an integer" in text and "missing required key(s): queries, out" in text
+    assert (
+        "bogus" in text and "k must be an integer" in text and "missing required key(s): queries, out" in text
+    )
 
 
 def test_validation():

@@ -71,11 +71,17 @@ def _tar(path, members):
 
 def test_tar_reader_groups_members(tmp_path):
     path = tmp_path / "00000.tar"
-    _tar(path, [
-        ("000000001.jpg", _jpeg()), ("000000001.txt", b"a cat"), ("000000001.json", b'{"url": "http://a", "key": "1"}'),
-        ("000000002.png", b"png?"), ("000000002.json", b"{broken"),
-        ("000000003.txt", b"caption only"),
-    ])
+    _tar(
+        path,
+        [
+            ("000000001.jpg", _jpeg()),
+            ("000000001.txt", b"a cat"),
+            ("000000001.json", b'{"url": "http://a", "key": "1"}'),
+            ("000000002.png", b"png?"),
+            ("000000002.json", b"{broken"),
+            ("000000003.txt", b"caption only"),
+        ],
+    )
     samples = list(iter_tar(str(path)))
     assert [s.key for s in samples] == ["000000001", "000000002", "000000003"]
     assert samples[0].caption == "a cat" and samples[0].url == "http://a" and samples[0].image_format == "jpg"

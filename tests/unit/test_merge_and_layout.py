@@ -19,6 +19,7 @@ def test_merge_matches_a_global_sort():
     flat_d, flat_i = np.concatenate(all_d, 1), np.concatenate(all_i, 1)
     order = np.argsort(-flat_d, axis=1, kind="stable")[:, :k]
     np.testing.assert_allclose(D, np.take_along_axis(flat_d, order, 1))
+    np.testing.assert_array_equal(I, np.take_along_axis(flat_i, order, 1))
     assert (I >= 0).all()
 
 
