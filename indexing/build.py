@@ -17,6 +17,7 @@ import numpy as np
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
+from indexing.postprocess import apply_whitening, fit_whitening
 
 ADD_BATCH = 65_536
 
@@ -24,34 +25,80 @@ ADD_BATCH = 65_536
 def sample_training_vectors(
     out: str,
     counts: Mapping[int, int],
-    train_size: int,
+    size: int,
     seed: int = 0,
     storage_options: storage.StorageOptions | None = None,
-) -> np.ndarray:
-    """A seeded sample of ~``train_size`` stored vectors, (n, d) float32, reading few shards.
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of ~``size`` stored vectors: ((n, d) float32, (n,) int64 packed ids), reading few shards.
 
     Shards are visited in a seeded random order and each contributes a random subset of up to
     ``per_shard`` rows, ``per_shard`` chosen so that about 4× fewer shards than all are read when the
-    collection is large; memory stays O(train_size · d).
+    collection is large; memory stays O(size · d).
     """
     rng = np.random.default_rng(seed)
     shards = [s for s in sorted(counts) if counts[s] > 0]
     if not shards:
         raise CopyscanError("no vectors to train on")
     total = sum(counts[s] for s in shards)
-    train_size = max(1, min(train_size, total))  # a flat index needs one vector, for its dimension
-    per_shard = max(1, -(-train_size * 4 // len(shards)))
+    size = max(1, min(size, total))  # a flat index needs one vector, for its dimension
+    per_shard = max(1, -(-size * 4 // len(shards)))
     parts: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
     taken = 0
     for shard in rng.permutation(shards):
-        if taken >= train_size:
+        if taken >= size:
             break
         xb = storage.load_npy(layout.emb_url(out, int(shard)), storage_options, mmap=True)
-        want = min(per_shard, xb.shape[0], train_size - taken)
+        want = min(per_shard, xb.shape[0], size - taken)
         rows = np.sort(rng.choice(xb.shape[0], size=want, replace=False))
         parts.append(np.asarray(xb[rows], dtype=np.float32))
+        ids.append(layout.pack_ids(int(shard), rows))
         taken += want
-    return np.concatenate(parts)
+    return np.concatenate(parts), np.concatenate(ids)
+
+
+def train_phase(
+    out: str,
+    factory: str,
+    counts: Mapping[int, int],
+    *,
+    train_size: int,
+    whitening: str = "pca",
+    whitening_shrinkage: float = 0.3,
+    whitening_sample: int = 100_000,
+    background_size: int = 10_000,
+    seed: int = 0,
+    storage_options: storage.StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Learn everything the index needs from one sample of its vectors, and write it.
+
+    Writes ``whitening.npz`` (when ``whitening="pca"``: shrunk PCA-whitening, see indexing/postprocess.py),
+    ``background.npz`` (``background_size`` whitened sample vectors with their ids, for score
+    normalisation), ``train.json`` (what was used, also returned) and, last, ``trained.index`` (trained on
+    the whitened sample): its presence means the phase is complete.
+    """
+    if whitening not in ("pca", "none"):
+        raise CopyscanError(f"whitening must be 'pca' or 'none', not {whitening!r}")
+    need = max(train_size, background_size, whitening_sample if whitening == "pca" else 0, 1)
+    xs, ids = sample_training_vectors(out, counts, need, seed, storage_options)
+    info: dict[str, Any] = {"sample_vectors": int(len(xs))}
+    params = None
+    if whitening == "pca":
+        params = fit_whitening(xs[:whitening_sample], shrinkage=whitening_shrinkage)
+        storage.save_npz(layout.whitening_url(out, factory), storage_options, **params)
+        info["whitening_fit_vectors"] = int(min(len(xs), whitening_sample))
+    xw = apply_whitening(params, xs) if params is not None else xs
+    order = np.random.default_rng(seed + 1).permutation(len(xw))[:background_size]
+    order.sort()
+    storage.save_npz(
+        layout.background_url(out, factory), storage_options, ids=ids[order], xb=xw[order].astype(np.float16)
+    )
+    info["background_vectors"] = int(len(order))
+    index = train_index(factory, xw[: max(train_size, 1)], seed)
+    info["train_vectors"] = int(min(len(xw), max(train_size, 1)))
+    storage.write_json(layout.train_info_url(out, factory), info, storage_options)
+    write_index(index, layout.trained_index_url(out, factory), storage_options)
+    return info
 
 
 def train_index(factory: str, xt: np.ndarray, seed: int = 0) -> faiss.Index:
@@ -97,20 +144,23 @@ def fill_index_shard(
     factory: str,
     index_shard: int,
     emb_shards: Sequence[int],
+    whitening: bool,
     storage_options: storage.StorageOptions | None = None,
 ) -> dict[str, Any]:
-    """Add the vectors of ``emb_shards`` to a copy of the trained index and write index shard ``index_shard``.
-
-    Returns the marker dict (also written, last, to ``shard-NNNNN.json``).
+    """Add the vectors of ``emb_shards`` (whitened when ``whitening``) to a copy of the trained index and
+    write index shard ``index_shard``. Returns the marker dict (also written, last, to ``shard-NNNNN.json``).
     """
     t0 = time.perf_counter()
     index = read_index(layout.trained_index_url(out, factory), storage_options)
+    params = storage.load_npz(layout.whitening_url(out, factory), storage_options) if whitening else None
     counts: dict[str, int] = {}
     for shard in emb_shards:
         xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
         n = xb.shape[0]
         for start in range(0, n, ADD_BATCH):
             chunk = np.ascontiguousarray(xb[start : start + ADD_BATCH], dtype=np.float32)
+            if params is not None:
+                chunk = apply_whitening(params, chunk)
             ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
             index.add_with_ids(chunk, ids)
         counts[str(shard)] = int(n)

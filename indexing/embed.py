@@ -107,7 +107,7 @@ def write_shard_outputs(
     t0 = time.perf_counter()
     storage.save_npy(layout.emb_url(out, shard), result.xb.astype(np.float16), storage_options)
     storage.write_parquet(layout.metadata_url(out, shard), metadata_table(result.records), storage_options)
-    ids = layout.pack_ids(shard, np.array([0, max(n, 1) - 1]))
+    first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
     stats: dict[str, Any] = {
         "shard": shard,
         "source": source_url,
@@ -120,7 +120,7 @@ def write_shard_outputs(
         "rejected_by_reason": rejection_counts(result.rejections),
         "rejections": result.rejections,
         "metadata_errors": sum(1 for r in result.records if r.get("metadata_error")),
-        "id_range": [int(ids[0]), int(ids[0]) + n],
+        "id_range": [first_id, first_id + n],  # half-open
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),
             "embed": round(result.embed_seconds, 3),

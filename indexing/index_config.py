@@ -41,6 +41,12 @@ class IndexConfig:
     max_code_bytes: int = 64  # PQ bytes per vector
     nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
     fill_cpus: float = 1.0  # CPUs per index-fill task
+    whitening: str = (
+        "pca"  # "pca": shrunk PCA-whitening learned on the database (indexing/postprocess.py); "none"
+    )
+    whitening_shrinkage: float = 0.3
+    whitening_sample: int = 100_000  # vectors the whitening is fitted on
+    background_size: int = 10_000  # database sample kept (whitened) for score normalisation
     seed: int = 0
 
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to every fsspec filesystem
@@ -55,6 +61,10 @@ class IndexConfig:
         "flat_threshold",
         "max_shard_vectors",
         "max_code_bytes",
+        "whitening",
+        "whitening_shrinkage",
+        "whitening_sample",
+        "background_size",
         "seed",
     )
 
@@ -75,6 +85,12 @@ class IndexConfig:
         for name in ("embed_actor_cpus", "decode_cpus", "fill_cpus"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.whitening not in ("pca", "none"):
+            problems.append(f"whitening must be 'pca' or 'none', not {self.whitening!r}")
+        if not 0.0 <= self.whitening_shrinkage <= 1.0:
+            problems.append("whitening_shrinkage must be in [0, 1]")
+        if self.whitening_sample < 2 or self.background_size < 4:
+            problems.append("whitening_sample must be >= 2 and background_size >= 4")
         if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:
             problems.append("retries, embed_actors, flat_threshold and nprobe must be >= 0")
         if problems:

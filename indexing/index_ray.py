@@ -13,13 +13,7 @@ from typing import Any
 import ray
 
 from indexing import layout, storage
-from indexing.build import (
-    fill_index_shard,
-    index_shard_marker,
-    sample_training_vectors,
-    train_index,
-    write_index,
-)
+from indexing.build import fill_index_shard, index_shard_marker, train_phase
 from indexing.config import to_dict
 from indexing.decode import DecodeLimits
 from indexing.embed import finished_shards
@@ -37,16 +31,7 @@ from indexing.shardlist import expand_shards
 logger = logging.getLogger("copyscan")
 
 
-@ray.remote
-def _train(
-    out: str, factory: str, counts: dict[int, int], train_size: int, seed: int, storage_options
-) -> int:
-    xt = sample_training_vectors(out, counts, train_size, seed, storage_options)
-    index = train_index(factory, xt, seed)
-    write_index(index, layout.trained_index_url(out, factory), storage_options)
-    return int(xt.shape[0])
-
-
+_train = ray.remote(train_phase)
 _fill = ray.remote(fill_index_shard)
 
 
@@ -88,7 +73,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         len(plan.shard_groups),
     )
     with timed("train", timings):
-        train_points = _train_once(cfg, plan, counts)
+        train_info = _train_once(cfg, plan, counts)
     with timed("fill", timings):
         markers = _fill_all(cfg, plan)
 
@@ -99,7 +84,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         spec=spec,
         plan=plan,
         markers=markers,
-        train_points=train_points,
+        train_info=train_info,
         timings=timings,
         started_at=t_start,
     )
@@ -178,14 +163,23 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
     return stats
 
 
-def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> int:
+def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> dict[str, Any]:
     url = layout.trained_index_url(cfg.out, plan.factory)
     if storage.exists(url, cfg.storage_options):
         logger.info("train: %s exists, reusing it", url)
-        return 0
+        return storage.read_json(layout.train_info_url(cfg.out, plan.factory), cfg.storage_options)
     return ray.get(
         _train.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out, plan.factory, counts, max(plan.train_size, 1), cfg.seed, cfg.storage_options
+            cfg.out,
+            plan.factory,
+            counts,
+            train_size=plan.train_size,
+            whitening=cfg.whitening,
+            whitening_shrinkage=cfg.whitening_shrinkage,
+            whitening_sample=cfg.whitening_sample,
+            background_size=cfg.background_size,
+            seed=cfg.seed,
+            storage_options=cfg.storage_options,
         )
     )
 
@@ -209,7 +203,7 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
 
     outcome = run_tasks(
         lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out, plan.factory, item[0], item[1], so
+            cfg.out, plan.factory, item[0], item[1], cfg.whitening == "pca", so
         ),
         todo,
         max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),

@@ -8,7 +8,9 @@
     OUT/embeddings/metadata/metadata_00042.parquet  one row per vector: key, url, caption, size, ...
     OUT/embeddings/stats/stats_00042.json           per-shard success marker, written last; counts and
                                                     rejections with reasons
-    OUT/index/IVF256_PQ32np/trained.index           the trained, empty index
+    OUT/index/IVF256_PQ32np/whitening.npz           PCA-whitening learned on the database (mean, proj)
+    OUT/index/IVF256_PQ32np/background.npz          whitened background sample (ids, vectors) for score_norm
+    OUT/index/IVF256_PQ32np/trained.index           the trained, empty index (written after the two above)
     OUT/index/IVF256_PQ32np/shard-00000.index       filled index shards
     OUT/index/IVF256_PQ32np/shard-00000.json        per-index-shard success marker, written last
 
@@ -69,6 +71,18 @@ def index_dir(out: str, factory: str) -> str:
 
 def trained_index_url(out: str, factory: str) -> str:
     return join(index_dir(out, factory), "trained.index")
+
+
+def whitening_url(out: str, factory: str) -> str:
+    return join(index_dir(out, factory), "whitening.npz")
+
+
+def background_url(out: str, factory: str) -> str:
+    return join(index_dir(out, factory), "background.npz")
+
+
+def train_info_url(out: str, factory: str) -> str:
+    return join(index_dir(out, factory), "train.json")
 
 
 def index_shard_url(out: str, factory: str, shard: int) -> str:

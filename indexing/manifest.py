@@ -37,7 +37,7 @@ def build_manifest(
     spec: dict[str, Any],
     plan: IndexPlan,
     markers: dict[int, dict[str, Any]],
-    train_points: int,
+    train_info: dict[str, Any],
     timings: dict[str, float],
     started_at: float,
 ) -> dict[str, Any]:
@@ -97,8 +97,24 @@ def build_manifest(
             "code_bytes_per_vector": plan.code_bytes,
             "nprobe": plan.nprobe,
             "train_size": plan.train_size,
-            "train_points_used": train_points,
+            "train_vectors": int(train_info.get("train_vectors", 0)),
             "exact": plan.is_flat,
+        },
+        # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
+        "whitening": {
+            "kind": "pca",
+            "shrinkage": cfg["whitening_shrinkage"],
+            "fit_vectors": int(train_info["whitening_fit_vectors"]),
+            "path": _rel(out, layout.whitening_url(out, plan.factory)),
+        }
+        if cfg["whitening"] == "pca"
+        else None,
+        # A sample of the database (whitened), for score normalisation: score_norm = score - beta * mean of the
+        # similarities to the 1st..3rd nearest background vectors other than the match itself (METHODS.md §1).
+        "background": {
+            "vectors": int(train_info["background_vectors"]),
+            "path": _rel(out, layout.background_url(out, plan.factory)),
+            "ranks": [1, 3],
         },
         "embedding_shards": embedding_shards,
         "index_shards": index_shards,

@@ -176,6 +176,17 @@ def save_npy(url: str, array: np.ndarray, storage_options: StorageOptions | None
     write_bytes(url, buf.getvalue(), storage_options)
 
 
+def save_npz(url: str, storage_options: StorageOptions | None = None, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def load_npz(url: str, storage_options: StorageOptions | None = None) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
 def load_npy(url: str, storage_options: StorageOptions | None = None, mmap: bool = False) -> np.ndarray:
     """Load an .npy; memory-mapped when the URL is local and ``mmap`` is set."""
     if mmap and is_local(url):

@@ -144,11 +144,17 @@ def _report(out, truth, key_of_source, www, manifest, summary, downloads, second
         hit = row is not None and expected is not None and row["train_key"] == expected
         found += hit
         verdict = ("FOUND " if hit else "MISSED") if t["is_copy"] else "      "
-        match = f"{row['train_key']} {row['score']:.3f}  {row['caption']}" if row else "(no match)"
+        match = (
+            f"{row['train_key']}  {row['score']:.3f}  {row['score_norm']:+.3f}  {row['caption']}"
+            if row
+            else "(no match)"
+        )
         planted = f"copy of {Path(t['source_image']).name}" if t["is_copy"] else "not in training set"
         lines.append(f"  {verdict} {t['file']:<14} {planted:<44} top-1: {match}")
-    copy_scores = sorted(best[t["file"]]["score"] for t in copies if t["file"] in best)
-    other_scores = sorted(best[t["file"]]["score"] for t in truth if not t["is_copy"] and t["file"] in best)
+    copy_scores = sorted(best[t["file"]]["score_norm"] for t in copies if t["file"] in best)
+    other_scores = sorted(
+        best[t["file"]]["score_norm"] for t in truth if not t["is_copy"] and t["file"] in best
+    )
     failed_downloads = sum(
         s.get("failed_to_download", 0) + s.get("failed_to_resize", 0) for s in downloads.values()
     )
@@ -161,15 +167,15 @@ def _report(out, truth, key_of_source, www, manifest, summary, downloads, second
         f"(dim {manifest['dim']}), {manifest['rejected_total']} images rejected",
         f"  scan: {summary['queries']} generated images, {summary['matches']} matches (top-{summary['k']})",
         "",
-        "generated image, what was planted, and its best match (train key, cosine, caption):",
+        "generated image, what was planted, and its best match (train key, score, score_norm, caption):",
     ]
     footer = [
         "",
         f"planted copies found at rank 0: {found}/{len(copies)}",
-        f"top-1 score of planted copies: min {copy_scores[0]:.3f}, median {copy_scores[len(copy_scores) // 2]:.3f}"
+        f"top-1 score_norm of planted copies: min {copy_scores[0]:.3f}, median {copy_scores[len(copy_scores) // 2]:.3f}"
         if copy_scores
         else "",
-        f"top-1 score of unrelated images: max {other_scores[-1]:.3f}, median {other_scores[len(other_scores) // 2]:.3f}"
+        f"top-1 score_norm of unrelated images: max {other_scores[-1]:.3f}, median {other_scores[len(other_scores) // 2]:.3f}"
         if other_scores
         else "",
         "",

@@ -30,3 +30,21 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     # Empty slots come back as (-FLT_MAX, -1); report them as (-inf, -1) like the inputs.
     D = np.where(I < 0, -np.inf, D).astype(np.float32)
     return D, I
+
+
+def carry_values(
+    I: np.ndarray, parts: Sequence[tuple[np.ndarray, np.ndarray]], fill: float = np.nan
+) -> np.ndarray:
+    """For merged ids ``I`` (nq, k), the value each id had in the part it came from.
+
+    parts: [(I_p, V_p)], each (nq, k_p) ids and per-result values (e.g. raw scores). Returns (nq, k)
+    float32, ``fill`` where the id is -1 or absent from every part.
+    """
+    out = np.full(I.shape, fill, dtype=np.float32)
+    rows = np.arange(I.shape[0])
+    for Ip, Vp in parts:
+        for j in range(I.shape[1]):
+            match = (Ip == I[:, j : j + 1]) & (I[:, j : j + 1] >= 0)
+            found = match.any(axis=1)
+            out[found, j] = Vp[rows[found], match.argmax(axis=1)[found]]
+    return out

@@ -31,7 +31,9 @@ MATCHES_SCHEMA = pa.schema(
         ("query_id", pa.string()),  # file name (image folders) or __key__ (webdataset queries)
         ("rank", pa.int32()),  # 0 = best
         ("train_key", pa.string()),  # img2dataset key of the training image
-        ("score", pa.float32()),  # exact cosine similarity, higher = more similar
+        ("score", pa.float32()),  # exact cosine of the (whitened) descriptors, higher = more similar; ranks
+        ("score_norm", pa.float32()),  # score - beta * background bias: comparable across queries
+        ("score_raw", pa.float32()),  # cosine of the raw (unwhitened) descriptors
         ("train_url", pa.string()),
         ("caption", pa.string()),
         ("index_shard", pa.int32()),
@@ -72,6 +74,8 @@ def matches_table(records: list[dict[str, Any]], result: ShardResult, chunk: int
         "rank": ranks.astype(np.int32),
         "train_key": [m["train_key"] for m in meta],
         "score": D[q_idx, ranks].astype(np.float32),
+        "score_norm": result.D_norm[q_idx, ranks].astype(np.float32),
+        "score_raw": result.D_raw[q_idx, ranks].astype(np.float32),
         "train_url": [m["train_url"] for m in meta],
         "caption": [m["caption"] for m in meta],
         "index_shard": np.array([m["index_shard"] for m in meta], dtype=np.int32),
@@ -101,6 +105,7 @@ def write_chunk(
     table = matches_table(records, result, chunk)
     storage.write_parquet(matches_url(out, chunk), table, storage_options)
     top1 = result.D[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
+    top1_norm = result.D_norm[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
     marker = {
         **marker,
         "chunk": chunk,
@@ -110,6 +115,7 @@ def write_chunk(
         "rejections": rejections,
         "matches": table.num_rows,
         "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
+        "top1_scores_norm": [float(x) for x in top1_norm[np.isfinite(top1_norm)]],
     }
     storage.write_json(chunk_marker_url(out, chunk), marker, storage_options)
     return marker
@@ -126,11 +132,17 @@ def finished_chunks(
     return done
 
 
-def summarize(
-    markers: dict[int, dict[str, Any]], thresholds: tuple[float, ...] = (0.5, 0.75, 0.95)
-) -> dict[str, Any]:
-    """Run-level counts and the distribution of top-1 scores (one per embedded query)."""
-    top1 = np.array([s for m in markers.values() for s in m["top1_scores"]], dtype=np.float64)
+def _distribution(values: np.ndarray) -> dict[str, float]:
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        **{f"p{q}": float(np.percentile(values, q)) for q in (50, 75, 90, 95, 99)},
+        "max": float(values.max()),
+    }
+
+
+def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Run-level counts and the distributions of top-1 ``score`` and ``score_norm`` (one per query)."""
     by_reason: dict[str, int] = {}
     for m in markers.values():
         for rej in m["rejections"]:
@@ -143,14 +155,10 @@ def summarize(
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "matches": sum(m["matches"] for m in markers.values()),
     }
-    if len(top1):
-        summary["top1_score"] = {
-            "mean": float(top1.mean()),
-            "std": float(top1.std()),
-            **{f"p{q}": float(np.percentile(top1, q)) for q in (50, 75, 90, 95, 99)},
-            "max": float(top1.max()),
-        }
-        summary["top1_at_or_above"] = {str(t): int((top1 >= t).sum()) for t in thresholds}
+    for name, key in (("top1_score", "top1_scores"), ("top1_score_norm", "top1_scores_norm")):
+        values = np.array([s for m in markers.values() for s in m.get(key, [])], dtype=np.float64)
+        if len(values):
+            summary[name] = _distribution(values)
     return summary
 
 

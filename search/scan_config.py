@@ -22,6 +22,7 @@ class ScanConfig:
     candidates: int = 0  # ANN candidates per index shard, re-ranked exactly; 0 = max(10·k, 100)
     nprobe: int = 0  # 0 = the index manifest's default
     chunk_size: int = 1024  # queries per chunk (image folders; a query shard is one chunk)
+    beta: float = 1.0  # score normalisation: score_norm = score - beta * background bias
 
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
@@ -40,7 +41,7 @@ class ScanConfig:
     retries: int = 2
     storage_options: dict[str, Any] = field(default_factory=dict)
 
-    RESUME_KEYS = ("index", "queries", "k", "candidates", "nprobe", "chunk_size", "weights")
+    RESUME_KEYS = ("index", "queries", "k", "candidates", "nprobe", "chunk_size", "weights", "beta")
 
     @property
     def num_candidates(self) -> int:

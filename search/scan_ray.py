@@ -25,7 +25,8 @@ from indexing.manifest import check_embedder, load_manifest
 from indexing.outputs import claim_output
 from indexing.pool_ray import run_pool
 from indexing.progress import Progress
-from search.merge import merge_topk
+from search.merge import carry_values, merge_topk
+from search.normalise import ScoreNormaliser
 from search.queries import QueryChunk, plan_query_chunks
 from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
 from search.scan_config import ScanConfig
@@ -101,10 +102,11 @@ class _Fanout:
                 logger.warning("scan: a scan actor died; restarting the dead ones and retrying the chunk")
                 self._restart_dead()
         D, I = merge_topk([(p.D, p.I) for p in parts], cfg.k)
+        D_raw = carry_values(I, [(p.I, p.D_raw) for p in parts])
         meta: dict[int, dict[str, Any]] = {}
         for p in parts:
             meta.update(p.meta)
-        return ShardResult(D, I, meta)
+        return ShardResult(D, I, D_raw, meta)
 
     def _restart_dead(self) -> None:
         for i, actor in enumerate(self.actors):
@@ -148,7 +150,15 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     if todo:
         fanout = _Fanout(cfg, manifest)
         try:
-            failed = _scan_chunks(cfg, todo, fanout, embedder, weights, options)
+            failed = _scan_chunks(
+                cfg,
+                todo,
+                fanout,
+                ScoreNormaliser(cfg.index, manifest, cfg.beta, so),
+                embedder,
+                weights,
+                options,
+            )
         finally:
             fanout.close()
 
@@ -186,6 +196,7 @@ def _scan_chunks(
     cfg: ScanConfig,
     todo: list[QueryChunk],
     fanout: _Fanout,
+    normalise: ScoreNormaliser,
     embedder: str,
     weights: str | None,
     options: dict,
@@ -221,9 +232,10 @@ def _scan_chunks(
         try:
             if len(embedded.records):
                 result = fanout.search(embedded.xb)
+                result.D_norm = normalise(embedded.xb, result.D, result.I)
             else:
-                empty = np.zeros((0, cfg.k))
-                result = ShardResult(empty.astype(np.float32), empty.astype(np.int64), {})
+                empty = np.zeros((0, cfg.k), dtype=np.float32)
+                result = ShardResult(empty, empty.astype(np.int64), empty, {}, empty)
             write_chunk(
                 cfg.out,
                 chunk.chunk,

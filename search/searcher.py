@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from indexing import layout, storage
 from indexing.manifest import resolve
-from search.merge import merge_topk
+from search.merge import carry_values, merge_topk
+from search.normalise import load_whitening, whiten
 
 logger = logging.getLogger("copyscan")
 
@@ -59,13 +60,17 @@ def _read_index_mmap(path: str) -> faiss.Index:
 class ShardResult:
     """Exact top-k of one searcher for a block of queries, with the metadata of the returned ids.
 
-    D: (nq, k) float32 cosine scores, descending; I: (nq, k) int64 packed ids (-1 = none);
+    D: (nq, k) float32 cosine in the index's (whitened) space, descending; I: (nq, k) int64 packed ids
+    (-1 = none); D_raw: (nq, k) float32 cosine of the raw descriptors of the same pairs;
+    D_norm: (nq, k) float32 score-normalised D (search.normalise), set after merging;
     meta: id → {"train_key", "train_url", "caption", "index_shard"}.
     """
 
     D: np.ndarray
     I: np.ndarray
+    D_raw: np.ndarray
     meta: dict[int, dict[str, Any]]
+    D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
 
 
 class ShardSearcher:
@@ -112,6 +117,7 @@ class ShardSearcher:
                     name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
                 }
         self.dim = int(manifest["dim"])
+        self.whitening = load_whitening(index_url, manifest, storage_options)
 
     @property
     def ntotal(self) -> int:
@@ -124,33 +130,48 @@ class ShardSearcher:
                 ivf.nprobe = min(nprobe, ivf.nlist)
 
     def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int = 0) -> ShardResult:
-        """xq: (nq, d) float32, L2-normalised. Exact top-k over this searcher's shards."""
+        """xq: (nq, d) float32 raw (unwhitened) unit descriptors. Exact top-k over this searcher's shards."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
+        xw = whiten(self.whitening, xq)
         if nprobe:
             self.set_nprobe(nprobe)
         parts = []
         for index in self.indexes.values():
-            _, I0 = index.search(xq, min(candidates, max(int(index.ntotal), 1)))
-            parts.append(self.rerank(xq, I0, k))
-        D, I = merge_topk(parts, k)
-        return ShardResult(D, I, self.describe(I))
+            _, I0 = index.search(xw, min(candidates, max(int(index.ntotal), 1)))
+            parts.append(self.rerank(xq, xw, I0, k))
+        D, I = merge_topk([(D, I) for D, I, _ in parts], k)
+        D_raw = carry_values(I, [(I, R) for _, I, R in parts])
+        return ShardResult(D, I, D_raw, self.describe(I))
 
-    def rerank(self, xq: np.ndarray, I0: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine of each query with its candidates ``I0`` (nq, c) → top-k (D, I)."""
+    def rerank(
+        self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw).
+
+        xq: raw queries, xw: the same in the index's space. D ranks in the index's space; D_raw is the
+        cosine of the raw descriptors of the same pairs.
+        """
         nq, c = I0.shape
         D_out = np.full((nq, k), -np.inf, dtype=np.float32)
+        R_out = np.full((nq, k), np.nan, dtype=np.float32)
         I_out = np.full((nq, k), -1, dtype=np.int64)
         for q0 in range(0, nq, RERANK_BLOCK):
             ids = I0[q0 : q0 + RERANK_BLOCK]
-            vecs = self.gather(ids.ravel()).reshape(ids.shape[0], c, self.dim)
-            scores = np.einsum("qcd,qd->qc", vecs, xq[q0 : q0 + RERANK_BLOCK])
+            nb = ids.shape[0]
+            raw = self.gather(ids.ravel())
+            vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
+            scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
+            raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
             scores[ids < 0] = -np.inf
             top = min(k, c)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-            D_out[q0 : q0 + ids.shape[0], :top] = np.take_along_axis(scores, order, axis=1)
-            I_out[q0 : q0 + ids.shape[0], :top] = np.take_along_axis(ids, order, axis=1)
-        I_out[~np.isfinite(D_out)] = -1
-        return D_out, I_out
+            D_out[q0 : q0 + nb, :top] = np.take_along_axis(scores, order, axis=1)
+            R_out[q0 : q0 + nb, :top] = np.take_along_axis(raw_scores, order, axis=1)
+            I_out[q0 : q0 + nb, :top] = np.take_along_axis(ids, order, axis=1)
+        invalid = ~np.isfinite(D_out)
+        I_out[invalid] = -1
+        R_out[invalid] = np.nan
+        return D_out, I_out, R_out
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1."""

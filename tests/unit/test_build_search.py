@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from indexing import layout, storage
-from indexing.build import fill_index_shard, sample_training_vectors, train_index, write_index
+from indexing.build import fill_index_shard, train_phase
 from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
 from indexing.manifest import build_manifest
 from indexing.planner import plan_index
+from indexing.postprocess import apply_whitening
+from search.normalise import ScoreNormaliser
 from search.searcher import ShardSearcher
 
 
@@ -30,13 +32,17 @@ def write_collection(out, xb, per_shard):
     return finished_shards(out)
 
 
-def build(out, stats, d, **plan_kwargs):
+def build(out, stats, d, whitening="none", **plan_kwargs):
     counts = {s: st["count"] for s, st in stats.items()}
     plan = plan_index(counts, d, **plan_kwargs)
-    xt = sample_training_vectors(out, counts, plan.train_size, seed=0)
-    write_index(train_index(plan.factory, xt), layout.trained_index_url(out, plan.factory))
-    markers = {j: fill_index_shard(out, plan.factory, j, g) for j, g in enumerate(plan.shard_groups)}
-    cfg = {"out": out}
+    info = train_phase(
+        out, plan.factory, counts, train_size=plan.train_size, whitening=whitening, background_size=500
+    )
+    markers = {
+        j: fill_index_shard(out, plan.factory, j, g, whitening == "pca")
+        for j, g in enumerate(plan.shard_groups)
+    }
+    cfg = {"out": out, "whitening": whitening, "whitening_shrinkage": 0.3}
     spec = {"name": "synthetic", "dim": d, "preprocess": {"kind": "none"}}
     return plan, build_manifest(
         cfg=cfg,
@@ -45,7 +51,7 @@ def build(out, stats, d, **plan_kwargs):
         spec=spec,
         plan=plan,
         markers=markers,
-        train_points=len(xt),
+        train_info=info,
         timings={},
         started_at=0,
     )
@@ -81,24 +87,60 @@ def test_ivfpq_with_rerank_recalls_exact_top10(tmp_path, max_shard_vectors):
     assert recall >= 0.95, recall
     # scores are the exact cosines of the returned vectors, sorted
     np.testing.assert_allclose(result.D, np.take_along_axis(xq @ stored.T, found, 1), atol=1e-5)
+    np.testing.assert_allclose(result.D_raw, result.D, atol=1e-5)  # no whitening: the same space
     assert (np.diff(result.D, axis=1) <= 1e-6).all()
     some = int(result.I[0, 0])
     assert result.meta[some]["train_key"] == f"{some >> 32:05d}{some & 0xFFFFFFFF:04d}"
 
 
-def test_flat_index_is_exact(tmp_path):
+@pytest.mark.parametrize("whitening", ["none", "pca"])
+def test_flat_index_is_exact(tmp_path, whitening):
     rng = np.random.default_rng(1)
     d = 32
     xb = clustered(900, d, 30, rng)
     out = str(tmp_path / "idx")
     stats = write_collection(out, xb, 300)
-    plan, manifest = build(out, stats, d, flat_threshold=10_000, max_shard_vectors=600)
+    plan, manifest = build(out, stats, d, whitening=whitening, flat_threshold=10_000, max_shard_vectors=600)
     assert plan.factory == "IDMap,Flat" and len(manifest["index_shards"]) == 2
     searcher = ShardSearcher(out, manifest, [0, 1])
-    xq = xb[:20]
+    xq = xb[:20] + 0.05 * rng.standard_normal((20, d)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     result = searcher.search(xq, 5, candidates=50)
     stored = np.concatenate([np.load(layout.emb_url(out, s)) for s in range(3)]).astype(np.float32)
-    gt = np.argsort(-(xq @ stored.T), axis=1)[:, :5]
+    if whitening == "pca":
+        assert manifest["whitening"]["fit_vectors"] == 900
+        params = storage.load_npz(layout.whitening_url(out, plan.factory))
+        space_q, space_b = apply_whitening(params, xq), apply_whitening(params, stored)
+    else:
+        assert manifest["whitening"] is None
+        space_q, space_b = xq, stored
+    sims = space_q @ space_b.T
+    gt = np.argsort(-sims, axis=1)[:, :5]
     shard, row = layout.unpack_ids(result.I)
-    assert ((shard * 300 + row) == gt).mean() > 0.99
+    found = shard * 300 + row
+    assert (found == gt).mean() > 0.99
+    np.testing.assert_allclose(result.D, np.take_along_axis(sims, found, 1), atol=1e-4)
+    np.testing.assert_allclose(result.D_raw, np.take_along_axis(xq @ stored.T, found, 1), atol=1e-4)
     assert storage.exists(layout.index_shard_marker_url(out, plan.factory, 1))
+
+
+def test_score_normalisation_leaves_the_match_out_of_its_background(tmp_path):
+    rng = np.random.default_rng(2)
+    d = 16
+    xb = clustered(400, d, 40, rng)
+    out = str(tmp_path / "idx")
+    stats = write_collection(out, xb, 400)
+    plan, manifest = build(out, stats, d, flat_threshold=10_000)
+    assert manifest["background"]["vectors"] == 400  # a small index: all of it is background
+    searcher = ShardSearcher(out, manifest, [0])
+    xq = xb[:10]  # exact copies of database vectors
+    result = searcher.search(xq, 4, candidates=50)
+    norm = ScoreNormaliser(out, manifest, beta=1.0)(xq, result.D, result.I)
+    sims = xq @ np.load(layout.emb_url(out, 0)).astype(np.float32).T
+    for q in range(10):
+        for j in range(4):
+            others = np.delete(sims[q], int(result.I[q, j]))
+            bias = np.sort(others)[::-1][:3].mean()
+            assert abs(norm[q, j] - (result.D[q, j] - bias)) < 1e-3
+    # the copy itself scores ~1, far above its background
+    assert (norm[:, 0] > 0).all()

@@ -1,0 +1,311 @@
+"""The spine end to end on real components: img2dataset shards, local Ray, real faiss, loopback S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from indexing import layout, storage
+from indexing.config import resolve
+from indexing.index_config import IndexConfig
+from indexing.index_ray import run_index
+from indexing.manifest import load_manifest
+from search.results import MATCHES_SCHEMA
+from search.scan_config import ScanConfig
+from search.scan_ray import run_scan
+from search.searcher import ShardSearcher
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def index(shards: str, out: str, **overrides) -> dict:
+    return run_index(resolve(IndexConfig, {"shards": shards, "out": out, **overrides}))
+
+
+def scan(index_url: str, queries: str, out: str, **overrides) -> dict:
+    return run_scan(resolve(ScanConfig, {"index": index_url, "queries": queries, "out": out, **overrides}))
+
+
+def top1(out: str, storage_options=None) -> dict[str, tuple[str, float]]:
+    table = pq.read_table(storage.join(out, "matches"), filesystem=_fs(out, storage_options))
+    table = table.filter(pc.equal(table["rank"], 0))
+    return {r["query_id"]: (r["train_key"], r["score"]) for r in table.to_pylist()}
+
+
+def _fs(url: str, storage_options=None):
+    fs, _ = storage.get_fs(url, storage_options)
+    return fs if "://" in url else None
+
+
+@pytest.fixture(scope="module")
+def generated(laion_shards, real_images, tmp_path_factory):
+    """Generated images: 8 planted copies of training images, 8 images from outside the training set."""
+    from jobs.demo_data import make_generated_images
+
+    train = set(laion_shards.source_images)
+    others = [p for p in real_images if p not in train]
+    folder = tmp_path_factory.mktemp("generated")
+    truth = make_generated_images(
+        laion_shards.source_images, others, str(folder), n_copies=8, n_unrelated=8, seed=3
+    )
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def local_index(ray_session, laion_shards, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("local") / "index")
+    # Small index shards so that the scan really fans out over several of them.
+    manifest = index(laion_shards.folder, out, max_shard_vectors=20)
+    return out, manifest
+
+
+def expected_key(laion_shards, source_image) -> str:
+    return laion_shards.key_of_source[Path(source_image)]
+
+
+def test_manifest_describes_the_index(local_index, laion_shards):
+    out, manifest = local_index
+    assert manifest == load_manifest(out)
+    assert manifest["ntotal"] == len(laion_shards.key_of_source)
+    assert manifest["index"]["factory"] == "IDMap,Flat" and manifest["index"]["exact"]
+    assert manifest["embedder"]["name"] == "effnet-lite0" and manifest["dim"] == manifest["embedder"]["dim"]
+    assert manifest["preprocessing"]["kind"] == "squash"
+    assert [e["source"] for e in manifest["embedding_shards"]] == laion_shards.shard_urls
+    assert len(manifest["index_shards"]) >= 2
+    assert sum(e["ntotal"] for e in manifest["index_shards"]) == manifest["ntotal"]
+    for e in manifest["embedding_shards"]:
+        start, end = e["id_range"]
+        assert start == e["shard"] << 32 and end - start == e["count"]
+        xb = np.load(os.path.join(out, e["img_emb"]))
+        assert xb.dtype == np.float16 and xb.shape == (e["count"], manifest["dim"])
+        np.testing.assert_allclose(np.linalg.norm(xb.astype(np.float32), axis=1), 1, atol=2e-3)
+        meta = pq.read_table(os.path.join(out, e["metadata"]))
+        assert meta.num_rows == e["count"] and meta["url"].null_count == 0
+    assert (Path(out) / "index.yaml").exists()
+
+
+def test_scan_finds_planted_copies(local_index, generated, laion_shards, tmp_path):
+    index_url, manifest = local_index
+    folder, truth = generated
+    out = str(tmp_path / "scan")
+    summary = scan(index_url, str(folder), out, chunk_size=5)
+    table = pq.read_table(os.path.join(out, "matches"))
+    assert table.schema.equals(MATCHES_SCHEMA)
+    k = min(10, manifest["ntotal"])
+    counts = table.group_by("query_id").aggregate([("rank", "count"), ("rank", "max")]).to_pylist()
+    assert len(counts) == len(truth) and all(c["rank_count"] == k and c["rank_max"] == k - 1 for c in counts)
+    best = top1(out)
+    copies = [t for t in truth if t["is_copy"]]
+    hits = sum(best[t["file"]][0] == expected_key(laion_shards, t["source_image"]) for t in copies)
+    assert hits >= len(copies) - 1, f"{hits}/{len(copies)} planted copies found at rank 0"
+    # scores are cosines, sorted within each query
+    for rows in table.to_pandas().groupby("query_id"):
+        scores = rows[1].sort_values("rank")["score"].to_numpy()
+        assert (np.diff(scores) <= 1e-6).all() and scores.max() <= 1.0001
+    assert summary["queries"] == len(truth) and summary["embedded"] == len(truth)
+    assert json.loads((Path(out) / "summary.json").read_text())["matches"] == table.num_rows
+    assert (Path(out) / "run.yaml").exists()
+    # A rerun resumes: every chunk is done, nothing is rewritten.
+    before = {p: p.stat().st_mtime_ns for p in (Path(out) / "matches").iterdir()}
+    again = scan(index_url, str(folder), out, chunk_size=5)
+    assert again["this_run"]["chunks"] == 0 and again["matches"] == summary["matches"]
+    assert {p: p.stat().st_mtime_ns for p in (Path(out) / "matches").iterdir()} == before
+
+
+def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, generated, tmp_path):
+    flat_url, _ = local_index
+    folder, _ = generated
+    ivf_url = str(tmp_path / "ivf")
+    manifest = index(laion_shards.folder, ivf_url, flat_threshold=0, max_code_bytes=64)
+    assert manifest["index"]["factory"].startswith("IVF") and manifest["index"]["factory"].endswith("np")
+    # Half the collection as candidates: the PQ ordering (trained on 60 points) decides what is re-ranked.
+    scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=30, k=10)
+    scan(flat_url, str(folder), str(tmp_path / "scan_flat"), k=10)
+    ivf = pq.read_table(str(tmp_path / "scan_ivf" / "matches")).to_pylist()
+    flat = pq.read_table(str(tmp_path / "scan_flat" / "matches")).to_pylist()
+    found = {(r["query_id"], r["train_key"]) for r in ivf}
+    exact = {(r["query_id"], r["train_key"]) for r in flat}
+    recall = len(found & exact) / len(exact)
+    assert recall >= 0.9, recall
+    # re-ranked scores are the exact cosines, identical whichever index proposed the candidate
+    exact_score = {(r["query_id"], r["train_key"]): r["score"] for r in flat}
+    for r in ivf:
+        if (r["query_id"], r["train_key"]) in exact_score:
+            assert abs(r["score"] - exact_score[(r["query_id"], r["train_key"])]) < 1e-5
+
+
+def test_s3_end_to_end(ray_session, s3_server, laion_shards_s3, local_index, generated):
+    """Shards, index, queries and results all on the loopback S3 server; results equal the local run's."""
+    folder, truth = generated
+    bucket = laion_shards_s3.bucket
+    so = s3_server.storage_options
+    for f in sorted(folder.glob("*.jpg")):
+        storage.upload_file(str(f), f"s3://{bucket}/generated/{f.name}", so)
+    manifest = index(laion_shards_s3.pattern, f"s3://{bucket}/idx", max_shard_vectors=20, storage_options=so)
+    assert manifest["ntotal"] == local_index[1]["ntotal"]
+    assert storage.exists(f"s3://{bucket}/idx/manifest.json", so)
+    assert storage.exists(f"s3://{bucket}/idx/" + manifest["index_shards"][0]["path"], so)
+    summary = scan(
+        f"s3://{bucket}/idx", f"s3://{bucket}/generated", f"s3://{bucket}/scan", storage_options=so
+    )
+    assert summary["queries"] == len(truth)
+    fs, _ = storage.get_fs(f"s3://{bucket}", so)
+    table = pq.read_table(f"{bucket}/scan/matches", filesystem=fs)
+    assert table.num_rows == summary["matches"]
+    remote = {r["query_id"]: r["train_key"] for r in table.filter(pc.equal(table["rank"], 0)).to_pylist()}
+    local = scan(local_index[0], str(folder), str(folder.parent / "local_scan_for_s3"))
+    assert local["matches"] == summary["matches"]
+    local_best = top1(str(folder.parent / "local_scan_for_s3"))
+    assert remote == {q: key for q, (key, _) in local_best.items()}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_interrupted_index_resumes_to_the_clean_result(ray_session, laion_shards, local_index, tmp_path):
+    """Kill an index job (its own driver process) after its first shard; the rerun equals a clean run."""
+    import ray
+
+    clean_url, clean = local_index
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.index",
+        "--shards",
+        laion_shards.folder,
+        "--out",
+        str(out),
+        "max_shard_vectors=20",
+        "embed_concurrency=1",
+        "batch_size=4",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    stats_dir = out / "embeddings" / "stats"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if stats_dir.exists() and any(p.name.startswith("stats_") for p in stats_dir.iterdir()):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (
+            f"index job ended before it could be interrupted: {proc.stderr.read()[-2000:]!r}"
+        )
+    finally:
+        _kill_group(proc)
+    done = [p for p in stats_dir.iterdir() if p.name.startswith("stats_")]
+    assert 1 <= len(done) < len(laion_shards.shard_urls)
+    assert not (out / "manifest.json").exists()
+
+    resumed = index(laion_shards.folder, str(out), max_shard_vectors=20, embed_concurrency=1, batch_size=4)
+    assert resumed["ntotal"] == clean["ntotal"]
+    assert [e["count"] for e in resumed["embedding_shards"]] == [
+        e["count"] for e in clean["embedding_shards"]
+    ]
+    for shard in range(len(laion_shards.shard_urls)):
+        a = np.load(layout.emb_url(str(out), shard)).astype(np.float32)
+        b = np.load(layout.emb_url(clean_url, shard)).astype(np.float32)
+        # same images, same order; batch composition may change the float rounding a little
+        np.testing.assert_allclose(a, b, atol=2e-3)
+        assert (
+            pq.read_table(layout.metadata_url(str(out), shard)).column("key").to_pylist()
+            == pq.read_table(layout.metadata_url(clean_url, shard)).column("key").to_pylist()
+        )
+    xq = np.load(layout.emb_url(clean_url, 0)).astype(np.float32)[:5]
+    shards = [e["index_shard"] for e in clean["index_shards"]]
+    got = ShardSearcher(str(out), resumed, shards).search(xq, 5, 50)
+    want = ShardSearcher(clean_url, clean, shards).search(xq, 5, 50)
+    np.testing.assert_array_equal(got.I[:, 0], want.I[:, 0])
+    np.testing.assert_allclose(got.D, want.D, atol=2e-3)
+
+
+def test_bad_images_are_counted_not_fatal(ray_session, tmp_path, real_images):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def jpeg(path, quality=90):
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").resize((96, 96)).save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+
+    good = [jpeg(p) for p in real_images[:3]]
+    members = {
+        "000000000": good[0],
+        "000000001": good[1][: len(good[1]) // 3],  # truncated
+        "000000002": b"<html>404 not found</html>",  # not an image
+        "000000003": jpeg(real_images[3]),
+        "000000004": good[2],
+    }
+    shard = tmp_path / "shards" / "00000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for key, data in members.items():
+            for ext, blob in (
+                ("jpg", data),
+                ("txt", f"caption {key}".encode()),
+                ("json", json.dumps({"url": f"http://x/{key}"}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+        info = tarfile.TarInfo("000000005.txt")  # a caption whose image is missing
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    manifest = index(str(shard.parent), str(tmp_path / "idx"))
+    entry = manifest["embedding_shards"][0]
+    assert entry["count"] == 3 and entry["rejected"] == 3 and entry["samples"] == 6
+    assert entry["rejected_by_reason"] == {"missing_image": 1, "not_an_image": 1, "truncated": 1}
+    stats = json.loads((tmp_path / "idx" / entry["stats"]).read_text())
+    assert {r["key"] for r in stats["rejections"]} == {"000000001", "000000002", "000000005"}
+    assert manifest["rejected_total"] == 3
+
+
+def test_cli_refuses_a_foreign_output(ray_session, laion_shards, tmp_path):
+    import ray
+
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("do not delete")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "index",
+            "--shards",
+            laion_shards.folder,
+            "--out",
+            str(foreign),
+            "--mode",
+            "overwrite",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "not written by copyscan" in result.stderr
+    assert (foreign / "thesis.tex").read_text() == "do not delete"
