@@ -249,8 +249,12 @@ def run_img2dataset(
         "compute_hash": "sha256",
     }
     params.update(extra_options or {})
-    env = {**os.environ, **CHILD_ENV}
-    with tempfile.TemporaryFile(mode="w+b") as log:
+    # img2dataset imports wandb, which leaves temp folders behind: give the child a temp dir we remove.
+    with (
+        tempfile.TemporaryDirectory(prefix="copyscan-img2dataset-") as child_tmp,
+        tempfile.TemporaryFile(mode="w+b") as log,
+    ):
+        env = {**os.environ, **CHILD_ENV, "TMPDIR": child_tmp, "WANDB_DIR": child_tmp}
         # Its own session, so a timeout or Ctrl-C also ends img2dataset's pool and logger processes.
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD],
