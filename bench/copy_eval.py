@@ -4,7 +4,8 @@ Data (all from ``indexing.sample_images.real_image_files``, disjoint, in this or
 - ``--train`` database images (default 1,000);
 - ``--copies`` copy queries: ``copy_augment`` of distinct random training images (default 500);
 - ``--negatives`` negative queries: unseen images, also passed through ``copy_augment`` (default 500);
-- ``--background`` background images for score normalisation (default 380), never in the database.
+- ``--background`` background images for score normalisation (default 338: the rest of the corpus), never in
+  the database.
 
 Metrics per configuration and post-processing:
 - recall@1: fraction of copy queries whose top-1 database image is their source;
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--copies", type=int, default=500)
     parser.add_argument("--negatives", type=int, default=500)
-    parser.add_argument("--background", type=int, default=380)
+    parser.add_argument("--background", type=int, default=338)
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed (copy sources and transforms)")
     parser.add_argument(
         "--cache-dir", default=os.path.join(os.path.expanduser("~/.cache/copyscan"), "copy_eval")

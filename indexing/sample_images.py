@@ -55,7 +55,7 @@ def _campaign(note: str) -> Source:
 
 # Package → images. Sizes are the Debian 12 (bookworm) .deb downloads; counts are the distinct images each
 # gives on its own (filters + near-duplicate removal; `python -m indexing.sample_images` prints this table).
-# All of them together: 2,341 images pass the filters, 1,887 distinct (~880 MB of downloads).
+# All of them together: 2,496 images pass the filters, 1,838 distinct (~1.2 GB of downloads).
 SOURCES: dict[str, Source] = {
     "endless-sky-data": Source(
         (
@@ -86,16 +86,28 @@ SOURCES: dict[str, Source] = {
     "wesnoth-1.16-thot": _campaign("6.5 MB, 10 images"),
     "wesnoth-1.16-ei": _campaign("5.9 MB, 6 images"),
     "wesnoth-1.16-dw": _campaign("5.2 MB, 6 images"),
-    "tuxpaint-stamps-default": Source(
-        ("usr/share/tuxpaint/stamps/*",),
-        ("usr/share/tuxpaint/stamps/symbols/*",),  # letters and signs, not pictures
-        note="161 MB, 268 images: cut-out photos and drawings of animals, plants, food, buildings, vehicles",
-    ),
     "stellarium-data": Source(
         ("usr/share/stellarium/skycultures/*", "usr/share/stellarium/nebulae/default/*"),
         note="246 MB, 865 images: constellation artwork of many sky cultures, astronomical photographs",
     ),
     "gnome-backgrounds": Source(("usr/share/backgrounds/gnome/*",), note="32.5 MB, 11 images: wallpapers"),
+    # Not tuxpaint-stamps-default: many Tux Paint stamps come from the Open Clip Art Library, whose images
+    # are reserved for an independent evaluation of copyscan. naev-data's ARTWORK_LICENSE.yaml credits one
+    # file to openclipart.org (gfx/overlay/portrait_exclamation.png), outside the folders used here.
+    "naev-data": Source(
+        (
+            "usr/share/naev/dat/gfx/planet/exterior/*",
+            "usr/share/naev/dat/gfx/planet/space/*",
+            "usr/share/naev/dat/gfx/portraits/*",
+            "usr/share/naev/dat/gfx/loading/*",
+            "usr/share/naev/dat/gfx/intro/*",
+        ),
+        note="350 MB, 166 images: painted portraits, planet landscapes and renders, loading-screen paintings",
+    ),
+    "plasma-workspace-wallpapers": Source(
+        ("usr/share/wallpapers/*",), note="94 MB, 38 images: KDE wallpapers (photos and artwork)"
+    ),
+    "ukui-wallpapers": Source(("usr/share/backgrounds/*",), note="21 MB, 12 images: wallpapers, photos"),
     "mate-backgrounds": Source(
         ("usr/share/backgrounds/mate/*",), note="46.6 MB, 17 images: wallpapers, photos"
     ),
@@ -120,7 +132,7 @@ MIN_STD = 12.0
 MAX_HASH_DISTANCE = 10
 SHUFFLE_SEED = 20240601
 # Changing a filter or the hash changes which files an inventory holds: bump to rebuild cached inventories.
-INVENTORY_VERSION = 2
+INVENTORY_VERSION = 3
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
