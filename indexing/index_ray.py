@@ -88,7 +88,13 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         timings=timings,
         started_at=t_start,
     )
-    storage.write_json(storage.join(cfg.out, layout.MANIFEST_NAME), manifest, so)
+    manifest_url = storage.join(cfg.out, layout.MANIFEST_NAME)
+    if storage.exists(manifest_url, so):
+        # A rerun of a finished index changes nothing: keep its identity (scan caches are keyed on it).
+        previous = storage.read_json(manifest_url, so)
+        if previous.get("index_shards") == manifest["index_shards"]:
+            manifest["created_at"] = previous["created_at"]
+    storage.write_json(manifest_url, manifest, so)
     logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
     return manifest
 

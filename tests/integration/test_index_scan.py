@@ -122,6 +122,20 @@ def test_scan_finds_planted_copies(local_index, generated, laion_shards, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (Path(out) / "matches").iterdir()} == before
 
 
+def test_webdataset_queries_use_their_keys(local_index, laion_shards, tmp_path):
+    """Queries given as webdataset shards: query_id = __key__, one chunk per shard. The training shards
+    themselves as queries: every image finds itself first."""
+    index_url, manifest = local_index
+    out = str(tmp_path / "scan_tars")
+    summary = scan(index_url, laion_shards.folder, out, k=3)
+    assert summary["chunks_total"] == len(laion_shards.shard_urls)
+    best = top1(out)
+    keys = set(laion_shards.key_of_source.values())
+    assert set(best) == keys
+    assert all(best[key][0] == key for key in keys)
+    assert all(score > 0.99 for _, score in best.values())
+
+
 def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, generated, tmp_path):
     flat_url, _ = local_index
     folder, _ = generated
