@@ -137,5 +137,18 @@ def embedder_spec_remote(name: str, weights: str | None, options: dict[str, Any]
     return load_embedder(name, weights, "cpu", options).spec
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
+def embed_pool_size(embed_actors: int, embed_actor_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor) for an embedding pool on the connected cluster.
+
+    ``embed_actor_gpus`` < 0 means one GPU each when the cluster has GPUs, else CPU actors.
+    ``embed_actors`` 0 means one per GPU, or on a CPU-only cluster one per 4 CPUs (each actor's model
+    runs on one thread; the other CPUs decode).
+    """
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
+    num_gpus = embed_actor_gpus if embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+    if embed_actors:
+        return embed_actors, num_gpus
+    if num_gpus > 0:
+        return max(1, int(gpus / num_gpus)), num_gpus
+    return max(1, int(cpus // 4)), 0.0

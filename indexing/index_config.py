@@ -26,7 +26,7 @@ class IndexConfig:
     batch_size: int = 64
     max_image_pixels: int = 64_000_000  # larger images are rejected ("too_large") before decoding
     min_image_side: int = 8  # smaller images are rejected ("too_small")
-    embed_actors: int = 0  # 0 = one per GPU, or one on a CPU-only cluster
+    embed_actors: int = 0  # 0 = one per GPU, or one per 4 CPUs on a CPU-only cluster
     embed_actor_cpus: float = 0.5
     embed_actor_gpus: float = -1.0  # -1 = 1 if the cluster has GPUs, else 0
     embed_concurrency: int = 2  # shards in flight per embedding actor (decode of one overlaps the next)

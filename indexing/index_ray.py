@@ -17,7 +17,7 @@ from indexing.build import fill_index_shard, index_shard_marker, train_phase
 from indexing.config import to_dict
 from indexing.decode import DecodeLimits
 from indexing.embed import finished_shards
-from indexing.embed_ray import cluster_gpus, embedder_spec_remote, make_embed_actor
+from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
 from indexing.embedders import spec_fingerprint
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
@@ -119,9 +119,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
     if not todo:
         return done
 
-    gpus = cluster_gpus()
-    num_gpus = cfg.embed_actor_gpus if cfg.embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
-    num_actors = cfg.embed_actors or (max(1, int(gpus / num_gpus)) if num_gpus > 0 else 1)
+    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
     progress = Progress("embed", len(todo), unit="shards", item="images")
     stats = dict(done)

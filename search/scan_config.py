@@ -28,7 +28,7 @@ class ScanConfig:
     batch_size: int = 64
     max_image_pixels: int = 64_000_000
     min_image_side: int = 8
-    embed_actors: int = 0
+    embed_actors: int = 0  # 0 = one per GPU, or one per 4 CPUs on a CPU-only cluster
     embed_actor_cpus: float = 0.5
     embed_actor_gpus: float = -1.0
     embed_concurrency: int = 2

@@ -19,7 +19,7 @@ from indexing import storage
 from indexing.config import to_dict
 from indexing.decode import DecodeLimits
 from indexing.embed import EmbeddedSource
-from indexing.embed_ray import cluster_gpus, embedder_spec_remote, make_embed_actor
+from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
 from indexing.errors import CopyscanError
 from indexing.manifest import check_embedder, load_manifest
 from indexing.outputs import claim_output
@@ -203,9 +203,7 @@ def _scan_chunks(
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
-    gpus = cluster_gpus()
-    num_gpus = cfg.embed_actor_gpus if cfg.embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
-    num_actors = cfg.embed_actors or (max(1, int(gpus / num_gpus)) if num_gpus > 0 else 1)
+    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
     progress = Progress("scan", len(todo), unit="chunks", item="queries")
     failed: list[tuple[QueryChunk, str]] = []
 
