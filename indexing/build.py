@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,9 @@ def train_phase(
         raise CopyscanError(f"whitening must be 'pca' or 'none', not {whitening!r}")
     need = max(train_size, background_size, whitening_sample if whitening == "pca" else 0, 1)
     xs, ids = sample_training_vectors(out, counts, need, seed, storage_options)
-    info: dict[str, Any] = {"sample_vectors": int(len(xs))}
+    # A new id for every training: everything built on this trained index shares it, so that scans and caches
+    # can tell a rebuilt index at the same URL from the one they saw (a resumed build keeps it).
+    info: dict[str, Any] = {"build_id": uuid.uuid4().hex, "sample_vectors": int(len(xs))}
     params = None
     if whitening == "pca":
         params = fit_whitening(xs[:whitening_sample], shrinkage=whitening_shrinkage)

@@ -90,9 +90,12 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     )
     manifest_url = storage.join(cfg.out, layout.MANIFEST_NAME)
     if storage.exists(manifest_url, so):
-        # A rerun of a finished index changes nothing: keep its identity (scan caches are keyed on it).
+        # A rerun of a finished index changes nothing: keep its creation time.
         previous = storage.read_json(manifest_url, so)
-        if previous.get("index_shards") == manifest["index_shards"]:
+        if (
+            previous.get("build_id") == manifest["build_id"]
+            and previous.get("index_shards") == manifest["index_shards"]
+        ):
             manifest["created_at"] = previous["created_at"]
     storage.write_json(manifest_url, manifest, so)
     logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+import uuid
 from typing import Any
 
 from indexing import layout, storage
@@ -77,6 +78,8 @@ def build_manifest(
         "format": FORMAT,
         "copyscan_version": _version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # identity of this build (new with every training of the index, kept when a build resumes)
+        "build_id": train_info.get("build_id") or uuid.uuid4().hex,
         "wall_seconds": round(time.time() - started_at, 3),
         "embedder": spec,
         "embedder_fingerprint": spec_fingerprint(spec),

@@ -129,6 +129,12 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
     resumed = claim_output(cfg.out, RUN_CONFIG_NAME, to_dict(cfg), cfg.mode, ScanConfig.RESUME_KEYS, so)
     done = finished_chunks(cfg.out, so)
+    stale = sorted(c for c, m in done.items() if m.get("index_build_id") != manifest["build_id"])
+    if stale:
+        raise CopyscanError(
+            f"{cfg.out} holds results of {len(stale)} chunk(s) from another build of {cfg.index} "
+            f"(index rebuilt since); use mode=overwrite to rescan"
+        )
     todo = [c for c in chunks if c.chunk not in done]
     logger.info(
         "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s)",
@@ -243,6 +249,7 @@ def _scan_chunks(
                 result,
                 {
                     "source": chunk.describe(),
+                    "index_build_id": fanout.manifest["build_id"],
                     "search_seconds": round(time.perf_counter() - t0, 3),
                     "embed_seconds": round(embedded.embed_seconds, 3),
                 },

@@ -34,9 +34,7 @@ def default_cache_dir() -> str:
 
 def index_cache_dir(cache_dir: str, index_url: str, manifest: dict[str, Any]) -> str:
     """A cache folder per index *version*: a rebuilt index at the same URL gets a new folder."""
-    tag = hashlib.sha256(f"{index_url}|{manifest['created_at']}|{manifest['ntotal']}".encode()).hexdigest()[
-        :16
-    ]
+    tag = hashlib.sha256(f"{index_url}|{manifest['build_id']}|{manifest['ntotal']}".encode()).hexdigest()[:16]
     return os.path.join(cache_dir or default_cache_dir(), "index", tag)
 
 

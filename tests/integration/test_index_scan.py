@@ -122,6 +122,23 @@ def test_scan_finds_planted_copies(local_index, generated, laion_shards, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (Path(out) / "matches").iterdir()} == before
 
 
+def test_scan_refuses_to_resume_against_a_rebuilt_index(ray_session, laion_shards, generated, tmp_path):
+    """Chunks scanned against one build of an index are not mixed with chunks from a rebuild at the same URL."""
+    from indexing.errors import CopyscanError
+
+    folder, truth = generated
+    index_url, out = str(tmp_path / "index"), str(tmp_path / "scan")
+    first = index(laion_shards.folder, index_url)
+    assert index(laion_shards.folder, index_url)["build_id"] == first["build_id"]  # resumed: same build
+    scan(index_url, str(folder), out, chunk_size=4)
+    rebuilt = index(laion_shards.folder, index_url, mode="overwrite")
+    assert rebuilt["build_id"] != first["build_id"]
+    with pytest.raises(CopyscanError, match="another build"):
+        scan(index_url, str(folder), out, chunk_size=4)
+    again = scan(index_url, str(folder), out, chunk_size=4, mode="overwrite")
+    assert again["this_run"]["chunks"] == again["chunks_total"] and again["queries"] == len(truth)
+
+
 def test_webdataset_queries_use_their_keys(local_index, laion_shards, tmp_path):
     """Queries given as webdataset shards: query_id = __key__, one chunk per shard. The training shards
     themselves as queries: every image finds itself first."""
