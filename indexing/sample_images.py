@@ -14,6 +14,7 @@ reserved for an independent evaluation.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
@@ -221,6 +222,17 @@ def package_root(package: str, cache_dir: str | os.PathLike | None = None) -> tu
     if marker.exists():
         return done, marker.read_text().strip()
     root.mkdir(parents=True, exist_ok=True)
+    # One process at a time per package (parallel benches, test workers): the others wait, then find it done.
+    with open(root / f"{package}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return done, marker.read_text().strip()
+        return _fetch_into(package, source, root, done)
+
+
+def _fetch_into(
+    package: str, source: Source, root: pathlib.Path, done: pathlib.Path
+) -> tuple[pathlib.Path, str]:
     # a fixed temporary name: a crashed run leaves it behind and the next run clears and redoes it
     work = root / f"{package}.tmp"
     shutil.rmtree(work, ignore_errors=True)
@@ -372,7 +384,7 @@ def package_inventory(
         stats = inspect_image(path)
         if stats is not None:
             images.append((path.relative_to(root).as_posix(), stats["hash"]))
-    tmp = inventory_path.with_suffix(".json.tmp")
+    tmp = inventory_path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "images": images}))
     os.replace(tmp, inventory_path)
     return [(root / rel, bytes.fromhex(h)) for rel, h in images]
