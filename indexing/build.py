@@ -7,6 +7,7 @@ embedding shards one at a time (never all vectors in one process), adds them wit
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -18,9 +19,11 @@ import numpy as np
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
-from indexing.postprocess import apply_whitening, fit_whitening
+from indexing.postprocess import apply_whitening, fit_learned_whitening, fit_whitening
 
 ADD_BATCH = 65_536
+
+logger = logging.getLogger("copyscan")
 
 
 def sample_training_vectors(
@@ -58,14 +61,36 @@ def sample_training_vectors(
     return np.concatenate(parts), np.concatenate(ids)
 
 
+MIN_PAIRS = 16  # fewer pairs than this cannot say anything about how copies move
+
+
+def load_pairs(
+    out: str, shards: Sequence[int], storage_options: storage.StorageOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored (vector, augmented-copy vector) pair of ``shards``: two (m, d) float32 arrays."""
+    xs, xa = [], []
+    for shard in shards:
+        url = layout.pairs_url(out, int(shard))
+        if not storage.exists(url, storage_options):
+            continue
+        pairs = storage.load_npz(url, storage_options)
+        xb = storage.load_npy(layout.emb_url(out, int(shard)), storage_options, mmap=True)
+        xs.append(np.asarray(xb[pairs["rows"]], dtype=np.float32))
+        xa.append(pairs["x"].astype(np.float32))
+    if not xs:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(xs), np.concatenate(xa)
+
+
 def train_phase(
     out: str,
     factory: str,
     counts: Mapping[int, int],
     *,
     train_size: int,
-    whitening: str = "pca",
-    whitening_shrinkage: float = 0.3,
+    whitening: str = "learned",
+    whitening_shrinkage: float = 0.1,
+    whitening_pca_shrinkage: float | None = 0.3,
     whitening_sample: int = 100_000,
     background_size: int = 10_000,
     seed: int = 0,
@@ -73,22 +98,48 @@ def train_phase(
 ) -> dict[str, Any]:
     """Learn everything the index needs from one sample of its vectors, and write it.
 
-    Writes ``whitening.npz`` (when ``whitening="pca"``: shrunk PCA-whitening, see indexing/postprocess.py),
+    Writes ``whitening.npz`` (``whitening="learned"``: learned from the (vector, augmented copy) pairs the
+    embedding phase stored, then ``whitening_pca_shrinkage`` PCA-whitening of the result, falling back to
+    PCA alone when there are no pairs; ``"pca"``: shrunk PCA-whitening of the
+    sample; see indexing/postprocess.py),
     ``background.npz`` (``background_size`` whitened sample vectors with their ids, for score
     normalisation), ``train.json`` (what was used, also returned) and, last, ``trained.index`` (trained on
     the whitened sample): its presence means the phase is complete.
     """
-    if whitening not in ("pca", "none"):
-        raise CopyscanError(f"whitening must be 'pca' or 'none', not {whitening!r}")
-    need = max(train_size, background_size, whitening_sample if whitening == "pca" else 0, 1)
+    if whitening not in ("learned", "pca", "none"):
+        raise CopyscanError(f"whitening must be 'learned', 'pca' or 'none', not {whitening!r}")
+    need = max(train_size, background_size, whitening_sample if whitening != "none" else 0, 1)
     xs, ids = sample_training_vectors(out, counts, need, seed, storage_options)
     # A new id for every training: everything built on this trained index shares it, so that scans and caches
     # can tell a rebuilt index at the same URL from the one they saw (a resumed build keeps it).
     info: dict[str, Any] = {"build_id": uuid.uuid4().hex, "sample_vectors": int(len(xs))}
     params = None
+    if whitening == "learned":
+        x_pair, x_aug = load_pairs(out, sorted(counts), storage_options)
+        if len(x_pair) < MIN_PAIRS:
+            # Shards embedded without pairs (whitening_pair_images=0), or a tiny collection: say so, use PCA.
+            logger.warning(
+                "train: %d augmented pair(s) stored (< %d); learned whitening falls back to PCA-whitening",
+                len(x_pair),
+                MIN_PAIRS,
+            )
+            info["whitening_fallback"] = f"{len(x_pair)} pairs < {MIN_PAIRS}: PCA-whitening"
+            whitening = "pca"
+        else:
+            params = fit_learned_whitening(
+                x_pair,
+                x_aug,
+                xs[:whitening_sample],
+                shrinkage=whitening_shrinkage,
+                pca_shrinkage=whitening_pca_shrinkage,
+            )
+            info["whitening_pairs"] = int(len(x_pair))
     if whitening == "pca":
         params = fit_whitening(xs[:whitening_sample], shrinkage=whitening_shrinkage)
+    if params is not None:
         storage.save_npz(layout.whitening_url(out, factory), storage_options, **params)
+        info["whitening_method"] = whitening
+        info["whitening_stages"] = 2 if "proj2" in params else 1
         info["whitening_fit_vectors"] = int(min(len(xs), whitening_sample))
     xw = apply_whitening(params, xs) if params is not None else xs
     order = np.random.default_rng(seed + 1).permutation(len(xw))[:background_size]

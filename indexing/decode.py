@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from indexing.augment import copy_augment
 from indexing.reader import Sample
 
 # Stable rejection codes (stats count them by code).
@@ -51,6 +52,21 @@ class DecodedBatch:
     pixels: np.ndarray
     records: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    # Augmented copies of some of the source's images (``PairSpec``), for learned whitening: pair_pixels
+    # (m, 3, S, S) uint8 and pair_rows (m,) the row (accepted-image index in the source) each one copies.
+    pair_pixels: np.ndarray | None = None
+    pair_rows: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Which images of a source also get augmented copies: the first ``images`` accepted ones, ``copies``
+    copies each (``indexing.augment.copy_augment``, seeded by (seed, shard, row, copy))."""
+
+    images: int = 0
+    copies: int = 2
+    seed: int = 0
+    shard: int = 0
 
 
 class Rejected(Exception):
@@ -111,25 +127,33 @@ def decode_samples(
     batch_size: int,
     limits: DecodeLimits = DecodeLimits(),
     image_size: int | None = None,
+    pairs: PairSpec | None = None,
 ) -> Iterator[DecodedBatch]:
     """Group ``samples`` into DecodedBatch objects of at most ``batch_size`` accepted images.
 
     Rejections are attached to the batch in which they occurred; a final batch may hold only rejections
-    (``pixels`` then has 0 rows), so no rejection is ever lost.
+    (``pixels`` then has 0 rows), so no rejection is ever lost. With ``pairs``, the batches also carry
+    augmented copies of the source's first ``pairs.images`` accepted images.
     """
     pixels: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
+    pair_pixels: list[np.ndarray] = []
+    pair_rows: list[int] = []
+    accepted = 0
     shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
 
     def flush() -> DecodedBatch:
-        nonlocal pixels, records, rejections
+        nonlocal pixels, records, rejections, pair_pixels, pair_rows
         if pixels:
             stacked = np.stack(pixels)
         else:
             stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
         batch = DecodedBatch(stacked, records, rejections)
-        pixels, records, rejections = [], [], []
+        if pair_pixels:
+            batch.pair_pixels = np.stack(pair_pixels)
+            batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
+        pixels, records, rejections, pair_pixels, pair_rows = [], [], [], [], []
         return batch
 
     for sample in samples:
@@ -156,7 +180,19 @@ def decode_samples(
         shape = array.shape
         pixels.append(array)
         records.append(_record(sample, img))
+        if pairs is not None and accepted < pairs.images:
+            pair_pixels.extend(_augmented(img, preprocess, pairs, accepted))
+            pair_rows.extend([accepted] * pairs.copies)
+        accepted += 1
         if len(pixels) >= batch_size:
             yield flush()
     if pixels or rejections:
         yield flush()
+
+
+def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, row: int) -> list[np.ndarray]:
+    out = []
+    for copy in range(pairs.copies):
+        rng = np.random.default_rng([pairs.seed, pairs.shard, row, copy])
+        out.append(preprocess(copy_augment(img, rng)))
+    return out

@@ -53,13 +53,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "pixel_norm": "instance",
 }
 
-# What the index build and the scan do on top of the vectors (bench/copy_eval.py measured it):
-# - "whitening": PCA-whitening fitted on the database vectors (``fit_whitening``), applied to database,
-#   query and background vectors alike (``apply_whitening``; output stays L2-normalised, same dim);
+# What the index build and the scan do on top of the vectors (bench/copy_eval.py, bench/copy_detection.py):
+# - "whitening": by default learned from pairs (image, ``copy_augment``-ed copy) embedded with a sample of the
+#   database (``fit_learned_whitening``), else PCA-whitening of the database vectors (``fit_whitening``);
+#   applied to database, query and background vectors alike (``apply_whitening``; output L2-normalised);
 # - "score_normalisation": s − β·mean of the query's 1st–3rd nearest background similarities
 #   (``background_bias``, ``normalised_scores``), the background being a held-aside database sample.
-# ``fit_learned_whitening`` (from augmented pairs of a database sample) can replace the PCA whitening when the
-# build can afford to embed two augmented copies of that sample: it measured better again.
 
 
 def preprocess(img: Image.Image, size: int) -> np.ndarray:

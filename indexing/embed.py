@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexing import layout, storage
-from indexing.decode import DecodedBatch, DecodeLimits, decode_samples
+from indexing.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
 from indexing.embedders import Embedder
 from indexing.reader import iter_tar
 
@@ -48,6 +48,9 @@ class EmbeddedSource:
     rejections: list[dict[str, Any]]
     decode_seconds: float = 0.0
     embed_seconds: float = 0.0
+    # descriptors of augmented copies (learned whitening): x_pair (m, d) float32, pair_rows (m,) rows of xb
+    x_pair: np.ndarray | None = None
+    pair_rows: np.ndarray | None = None
 
 
 def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> EmbeddedSource:
@@ -55,20 +58,29 @@ def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> Embedd
     parts: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
+    pair_parts: list[np.ndarray] = []
+    pair_rows: list[np.ndarray] = []
     embed_seconds = 0.0
     wait_seconds = 0.0
     t_wait = time.perf_counter()
     for batch in batches:
         wait_seconds += time.perf_counter() - t_wait
+        t0 = time.perf_counter()
         if len(batch.pixels):
-            t0 = time.perf_counter()
             parts.append(embedder.embed(batch.pixels))
-            embed_seconds += time.perf_counter() - t0
+        if batch.pair_pixels is not None and len(batch.pair_pixels):
+            pair_parts.append(embedder.embed(batch.pair_pixels))
+            pair_rows.append(batch.pair_rows)
+        embed_seconds += time.perf_counter() - t0
         records.extend(batch.records)
         rejections.extend(batch.rejections)
         t_wait = time.perf_counter()
     xb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
-    return EmbeddedSource(xb, records, rejections, decode_seconds=wait_seconds, embed_seconds=embed_seconds)
+    result = EmbeddedSource(xb, records, rejections, decode_seconds=wait_seconds, embed_seconds=embed_seconds)
+    if pair_parts:
+        result.x_pair = np.concatenate(pair_parts)
+        result.pair_rows = np.concatenate(pair_rows)
+    return result
 
 
 def metadata_table(records: list[dict[str, Any]]) -> pa.Table:
@@ -107,6 +119,14 @@ def write_shard_outputs(
     t0 = time.perf_counter()
     storage.save_npy(layout.emb_url(out, shard), result.xb.astype(np.float16), storage_options)
     storage.write_parquet(layout.metadata_url(out, shard), metadata_table(result.records), storage_options)
+    pairs = 0 if result.x_pair is None else len(result.x_pair)
+    if pairs:
+        storage.save_npz(
+            layout.pairs_url(out, shard),
+            storage_options,
+            rows=result.pair_rows.astype(np.int32),
+            x=result.x_pair.astype(np.float16),
+        )
     first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
     stats: dict[str, Any] = {
         "shard": shard,
@@ -120,6 +140,7 @@ def write_shard_outputs(
         "rejected_by_reason": rejection_counts(result.rejections),
         "rejections": result.rejections,
         "metadata_errors": sum(1 for r in result.records if r.get("metadata_error")),
+        "pairs": pairs,
         "id_range": [first_id, first_id + n],  # half-open
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),
@@ -155,11 +176,12 @@ def embed_shard(
     batch_size: int = 64,
     limits: DecodeLimits = DecodeLimits(),
     storage_options: storage.StorageOptions | None = None,
+    pairs: PairSpec | None = None,
 ) -> dict[str, Any]:
     """Embed one tar shard in this process and write its outputs. Returns its stats."""
     t0 = time.perf_counter()
     batches = decode_samples(
-        iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size
+        iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size, pairs
     )
     result = embed_batches(batches, embedder)
     return write_shard_outputs(

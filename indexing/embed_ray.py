@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from indexing import storage
-from indexing.decode import DecodedBatch, DecodeLimits, decode_samples
+from indexing.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
 from indexing.embed import EmbeddedSource, embed_batches, write_shard_outputs
 from indexing.embedders import load_embedder, make_preprocess
 from indexing.reader import iter_image_files, iter_tar
@@ -30,6 +30,7 @@ def _decode_source(
     batch_size: int,
     limits: DecodeLimits,
     storage_options: storage.StorageOptions | None,
+    pairs: PairSpec | None = None,
 ) -> Iterator[DecodedBatch]:
     kind, payload = source
     if kind == "tar":
@@ -40,7 +41,7 @@ def _decode_source(
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     yield from decode_samples(
-        samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"]
+        samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"], pairs
     )
 
 
@@ -71,19 +72,28 @@ class EmbedWorker:
     def spec(self) -> dict[str, Any]:
         return self.embedder.spec
 
-    def _embed(self, source: tuple[str, Any], batch_size: int, limits: DecodeLimits) -> EmbeddedSource:
+    def _embed(
+        self, source: tuple[str, Any], batch_size: int, limits: DecodeLimits, pairs: PairSpec | None = None
+    ) -> EmbeddedSource:
         gen = decode_task.options(
             num_cpus=self.decode_cpus, _generator_backpressure_num_objects=PREFETCH_BATCHES
-        ).remote(source, self.embedder.spec["preprocess"], batch_size, limits, self.storage_options)
+        ).remote(source, self.embedder.spec["preprocess"], batch_size, limits, self.storage_options, pairs)
         return embed_batches((ray.get(ref) for ref in gen), self.embedder)
 
     def embed_shard(
-        self, shard: int, url: str, out: str, batch_size: int, limits: DecodeLimits
+        self,
+        shard: int,
+        url: str,
+        out: str,
+        batch_size: int,
+        limits: DecodeLimits,
+        pairs: PairSpec | None = None,
     ) -> dict[str, Any]:
+        """Embed one shard (and, with ``pairs``, augmented copies of its first images) and write its outputs."""
         import time
 
         t0 = time.perf_counter()
-        result = self._embed(("tar", url), batch_size, limits)
+        result = self._embed(("tar", url), batch_size, limits, pairs)
         return write_shard_outputs(
             out,
             shard,

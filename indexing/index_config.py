@@ -9,6 +9,7 @@ from indexing.embedders import DEFAULT_EMBEDDER
 from indexing.errors import CopyscanError
 
 MODES = ("resume", "overwrite")
+WHITENINGS = ("learned", "pca", "none")
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,17 @@ class IndexConfig:
     max_code_bytes: int = 64  # PQ bytes per vector
     nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
     fill_cpus: float = 1.0  # CPUs per index-fill task
-    whitening: str = (
-        "pca"  # "pca": shrunk PCA-whitening learned on the database (indexing/postprocess.py); "none"
+    # "learned": whitening learned from pairs (image, augmented copy) made while embedding, so the directions
+    # along which copies move count less; "pca": shrunk PCA-whitening of the database vectors; "none".
+    # See indexing/postprocess.py and the README's evaluation.
+    whitening: str = "learned"
+    whitening_pair_images: int = (
+        10_000  # images (in all) that get augmented copies: the first ones of each shard
     )
-    whitening_shrinkage: float = 0.3
+    whitening_pair_copies: int = 2  # augmented copies per such image
+    whitening_shrinkage: float = 0.1  # towards the identity, of the pair-difference (or database) covariance
+    # learned whitening only: a second, PCA stage on the learned-whitened database sample; null = none
+    whitening_pca_shrinkage: float | None = 0.3
     whitening_sample: int = 100_000  # vectors the whitening is fitted on
     background_size: int = 10_000  # database sample kept (whitened) for score normalisation
     seed: int = 0
@@ -62,7 +70,10 @@ class IndexConfig:
         "max_shard_vectors",
         "max_code_bytes",
         "whitening",
+        "whitening_pair_images",
+        "whitening_pair_copies",
         "whitening_shrinkage",
+        "whitening_pca_shrinkage",
         "whitening_sample",
         "background_size",
         "seed",
@@ -85,10 +96,14 @@ class IndexConfig:
         for name in ("embed_actor_cpus", "decode_cpus", "fill_cpus"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.whitening not in ("pca", "none"):
-            problems.append(f"whitening must be 'pca' or 'none', not {self.whitening!r}")
+        if self.whitening not in WHITENINGS:
+            problems.append(f"whitening must be one of {', '.join(WHITENINGS)}, not {self.whitening!r}")
+        if self.whitening_pair_images < 0 or self.whitening_pair_copies < 1:
+            problems.append("whitening_pair_images must be >= 0 and whitening_pair_copies >= 1")
         if not 0.0 <= self.whitening_shrinkage <= 1.0:
             problems.append("whitening_shrinkage must be in [0, 1]")
+        if self.whitening_pca_shrinkage is not None and not 0.0 <= self.whitening_pca_shrinkage <= 1.0:
+            problems.append("whitening_pca_shrinkage must be in [0, 1] or null")
         if self.whitening_sample < 2 or self.background_size < 4:
             problems.append("whitening_sample must be >= 2 and background_size >= 4")
         if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:

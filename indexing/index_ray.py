@@ -15,7 +15,7 @@ import ray
 from indexing import layout, storage
 from indexing.build import fill_index_shard, index_shard_marker, train_phase
 from indexing.config import to_dict
-from indexing.decode import DecodeLimits
+from indexing.decode import DecodeLimits, PairSpec
 from indexing.embed import finished_shards
 from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
 from indexing.embedders import spec_fingerprint
@@ -102,6 +102,22 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     return manifest
 
 
+def pair_quota(pair_images: int, n_shards: int, shard: int) -> int:
+    """How many of ``shard``'s first images get augmented copies: ``pair_images`` spread evenly over the
+    shards (each gets ⌊·⌋ or ⌈·⌉ of pair_images / n_shards; with more shards than pair images, evenly
+    spaced shards get one each), so the total is ``pair_images`` however many shards there are."""
+    n = max(n_shards, 1)
+    return (shard + 1) * pair_images // n - shard * pair_images // n
+
+
+def pair_spec(cfg: IndexConfig, n_shards: int, shard: int) -> PairSpec | None:
+    """Augmented copies for learned whitening (``pair_quota`` images of this shard), or None."""
+    quota = pair_quota(cfg.whitening_pair_images, n_shards, shard) if cfg.whitening == "learned" else 0
+    if quota == 0:
+        return None
+    return PairSpec(images=quota, copies=cfg.whitening_pair_copies, seed=cfg.seed, shard=shard)
+
+
 def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[int, dict[str, Any]]:
     so = cfg.storage_options
     done = finished_shards(cfg.out, so)
@@ -155,7 +171,9 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         make_actor,
         num_actors,
         todo,
-        lambda actor, item: actor.embed_shard.remote(item[0], item[1], cfg.out, cfg.batch_size, limits),
+        lambda actor, item: actor.embed_shard.remote(
+            item[0], item[1], cfg.out, cfg.batch_size, limits, pair_spec(cfg, len(shards), item[0])
+        ),
         per_actor=cfg.embed_concurrency,
         retries=cfg.retries,
         on_result=on_result,
@@ -183,6 +201,7 @@ def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> di
             train_size=plan.train_size,
             whitening=cfg.whitening,
             whitening_shrinkage=cfg.whitening_shrinkage,
+            whitening_pca_shrinkage=cfg.whitening_pca_shrinkage,
             whitening_sample=cfg.whitening_sample,
             background_size=cfg.background_size,
             seed=cfg.seed,
@@ -210,7 +229,7 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
 
     outcome = run_tasks(
         lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out, plan.factory, item[0], item[1], cfg.whitening == "pca", so
+            cfg.out, plan.factory, item[0], item[1], cfg.whitening != "none", so
         ),
         todo,
         max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),

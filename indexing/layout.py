@@ -44,6 +44,11 @@ def metadata_url(out: str, shard: int) -> str:
     return join(out, EMBEDDINGS_DIR, "metadata", f"metadata_{shard:05d}.parquet")
 
 
+def pairs_url(out: str, shard: int) -> str:
+    """Augmented copies of a few of the shard's images, embedded: {"rows", "x"} (learned whitening)."""
+    return join(out, EMBEDDINGS_DIR, "pairs", f"pairs_{shard:05d}.npz")
+
+
 def stats_url(out: str, shard: int) -> str:
     return join(out, EMBEDDINGS_DIR, "stats", f"stats_{shard:05d}.json")
 

@@ -58,6 +58,7 @@ def build_manifest(
                 "img_emb": _rel(out, layout.emb_url(out, shard)),
                 "metadata": _rel(out, layout.metadata_url(out, shard)),
                 "stats": _rel(out, layout.stats_url(out, shard)),
+                "pairs": int(s.get("pairs", 0)),  # augmented copies embedded for learned whitening
             }
         )
     index_shards = []
@@ -105,12 +106,17 @@ def build_manifest(
         },
         # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
         "whitening": {
-            "kind": "pca",
+            # "learned" (from pairs of images and their augmented copies) or "pca"
+            "kind": train_info.get("whitening_method", cfg["whitening"]),
             "shrinkage": cfg["whitening_shrinkage"],
+            "stages": train_info.get("whitening_stages", 1),  # 2: learned, then PCA (pca_shrinkage)
+            "pca_shrinkage": cfg.get("whitening_pca_shrinkage"),
             "fit_vectors": int(train_info["whitening_fit_vectors"]),
+            "pairs": int(train_info.get("whitening_pairs", 0)),
+            "fallback": train_info.get("whitening_fallback"),
             "path": _rel(out, layout.whitening_url(out, plan.factory)),
         }
-        if cfg["whitening"] == "pca"
+        if cfg["whitening"] != "none"
         else None,
         # A sample of the database (whitened), for score normalisation: score_norm = score - beta * mean of the
         # similarities to the 1st..3rd nearest background vectors other than the match itself (METHODS.md §1).

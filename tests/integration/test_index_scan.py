@@ -80,6 +80,10 @@ def test_manifest_describes_the_index(local_index, laion_shards):
     assert manifest["index"]["factory"] == "IDMap,Flat" and manifest["index"]["exact"]
     assert manifest["embedder"]["name"] == "effnet-lite0" and manifest["dim"] == manifest["embedder"]["dim"]
     assert manifest["preprocessing"]["kind"] == "squash"
+    # learned whitening: a small collection gets two augmented copies of every image
+    assert manifest["whitening"]["kind"] == "learned" and manifest["whitening"]["stages"] == 2
+    assert manifest["whitening"]["pairs"] == 2 * manifest["ntotal"]
+    assert all(e["pairs"] == 2 * e["count"] for e in manifest["embedding_shards"])
     assert [e["source"] for e in manifest["embedding_shards"]] == laion_shards.shard_urls
     assert len(manifest["index_shards"]) >= 2
     assert sum(e["ntotal"] for e in manifest["index_shards"]) == manifest["ntotal"]

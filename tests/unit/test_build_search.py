@@ -39,7 +39,7 @@ def build(out, stats, d, whitening="none", **plan_kwargs):
         out, plan.factory, counts, train_size=plan.train_size, whitening=whitening, background_size=500
     )
     markers = {
-        j: fill_index_shard(out, plan.factory, j, g, whitening == "pca")
+        j: fill_index_shard(out, plan.factory, j, g, whitening != "none")
         for j, g in enumerate(plan.shard_groups)
     }
     cfg = {"out": out, "whitening": whitening, "whitening_shrinkage": 0.3}
@@ -144,3 +144,47 @@ def test_score_normalisation_leaves_the_match_out_of_its_background(tmp_path):
             assert abs(norm[q, j] - (result.D[q, j] - bias)) < 1e-3
     # the copy itself scores ~1, far above its background
     assert (norm[:, 0] > 0).all()
+
+
+def test_learned_whitening_uses_the_stored_pairs(tmp_path):
+    """Pairs written by the embedding phase are what the learned whitening is fitted on: copies that move
+    along a few 'nuisance' directions are matched better after whitening than before."""
+    rng = np.random.default_rng(5)
+    d, n = 32, 1_200
+    xb = clustered(n, d, 40, rng, noise=0.6)
+    nuisance = np.linalg.qr(rng.standard_normal((d, 4)))[0].astype(np.float32)  # (d, 4)
+
+    def copy_of(x):
+        y = x + (rng.standard_normal((len(x), 4)) * 0.8).astype(np.float32) @ nuisance.T
+        return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+
+    out = str(tmp_path / "idx")
+    per_shard = 400
+    for shard, start in enumerate(range(0, n, per_shard)):
+        part = xb[start : start + per_shard]
+        records = [{"key": f"{shard}-{i}"} for i in range(len(part))]
+        rows = np.repeat(np.arange(100), 2)
+        result = EmbeddedSource(part, records, [], x_pair=copy_of(part[rows]), pair_rows=rows)
+        stats = write_shard_outputs(out, shard, f"/s/{shard}.tar", result, "fp")
+        assert stats["pairs"] == 200
+    stats = finished_shards(out)
+    plan, manifest = build(out, stats, d, whitening="learned")
+    assert manifest["whitening"]["kind"] == "learned" and manifest["whitening"]["pairs"] == 600
+    params = storage.load_npz(storage.join(out, manifest["whitening"]["path"]))
+
+    src = rng.choice(n, 300, replace=False)
+    queries, truth = copy_of(xb[src]), src
+    raw_hits = np.mean(np.argmax(queries @ xb.T, axis=1) == truth)
+    white_hits = np.mean(
+        np.argmax(apply_whitening(params, queries) @ apply_whitening(params, xb).T, axis=1) == truth
+    )
+    assert white_hits > raw_hits + 0.05, (raw_hits, white_hits)
+
+
+def test_learned_whitening_without_pairs_falls_back_to_pca(tmp_path):
+    rng = np.random.default_rng(6)
+    xb = clustered(600, 16, 20, rng)
+    out = str(tmp_path / "idx")
+    stats = write_collection(out, xb, 300)
+    _, manifest = build(out, stats, 16, whitening="learned")
+    assert manifest["whitening"]["kind"] == "pca" and "pairs" in manifest["whitening"]["fallback"]

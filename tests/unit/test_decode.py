@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.decode import DecodeLimits, decode_samples
+from indexing.decode import DecodeLimits, PairSpec, decode_samples
 from indexing.errors import CopyscanError
 from indexing.reader import Sample, iter_tar
 
@@ -96,3 +96,23 @@ def test_truncated_tar_is_a_clear_shard_error(tmp_path):
     path.write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(CopyscanError, match="corrupt or truncated"):
         list(iter_tar(str(path)))
+
+
+def test_pairs_are_augmented_copies_of_the_first_accepted_images():
+    samples = [Sample("bad", b"junk", "jpg")] + [Sample(f"ok{i}", _jpeg(seed=i), "jpg") for i in range(5)]
+    spec = PairSpec(images=3, copies=2, seed=7, shard=4)
+    batches = list(decode_samples(samples, _squash, batch_size=2, image_size=16, pairs=spec))
+    rows = np.concatenate([b.pair_rows for b in batches if b.pair_rows is not None])
+    pixels = np.concatenate([b.pair_pixels for b in batches if b.pair_pixels is not None])
+    # rows index the accepted images (the rejected first sample does not count), two copies each
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2]
+    assert pixels.shape == (6, 3, 16, 16) and pixels.dtype == np.uint8
+    originals = np.concatenate([b.pixels for b in batches])
+    assert len(originals) == 5
+    # copies differ from their image and from each other, and are reproducible from the seed
+    assert not np.array_equal(pixels[0], originals[0]) and not np.array_equal(pixels[0], pixels[1])
+    again = list(decode_samples(samples, _squash, batch_size=2, image_size=16, pairs=spec))
+    np.testing.assert_array_equal(
+        np.concatenate([b.pair_pixels for b in again if b.pair_pixels is not None]), pixels
+    )
+    assert all(b.pair_pixels is None for b in decode_samples(samples, _squash, 2, image_size=16))

@@ -70,3 +70,23 @@ def test_learned_whitening_suppresses_the_directions_copies_move_along():
     assert postprocess.fit_learned_whitening(sample, copies(sample), database, dim=4)["proj"].shape == (d, 4)
     with pytest.raises(CopyscanError):
         postprocess.fit_learned_whitening(sample, copies(sample)[:10], database)
+
+
+def test_two_stage_whitening_is_learned_then_pca_of_the_result():
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((400, 12)).astype(np.float32) * np.linspace(3, 0.2, 12, dtype=np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    x_aug = xb[:100] + 0.1 * rng.standard_normal((100, 12)).astype(np.float32)
+    one = postprocess.fit_learned_whitening(xb[:100], x_aug, xb, shrinkage=0.3)
+    two = postprocess.fit_learned_whitening(xb[:100], x_aug, xb, shrinkage=0.3, pca_shrinkage=0.0)
+    assert "proj2" not in one and {"mean2", "proj2"} <= set(two)
+    np.testing.assert_array_equal(two["proj"], one["proj"])
+    first = postprocess.apply_whitening(one, xb)
+    y = postprocess.apply_whitening(two, xb)
+    expected = postprocess.apply_whitening(postprocess.fit_whitening(first, shrinkage=0.0), first)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    # with no shrinkage the second stage fully decorrelates the (first-stage) database vectors
+    centred = (first - two["mean2"]) @ two["proj2"]
+    cov = centred.T @ centred / len(centred)
+    np.testing.assert_allclose(cov, np.eye(12), atol=1e-3)

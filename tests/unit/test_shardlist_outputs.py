@@ -64,3 +64,12 @@ def test_atomic_writes_leave_no_temp_files(tmp_path):
     storage.write_json(str(tmp_path / "a" / "b.json"), {"x": 1})
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
     assert storage.read_json(str(tmp_path / "a" / "b.json")) == {"x": 1}
+
+
+def test_pair_images_are_spread_over_shards_and_sum_to_the_budget():
+    from indexing.index_ray import pair_quota
+
+    assert [pair_quota(400, 4, s) for s in range(4)] == [100] * 4
+    for total, shards in ((10_000, 3), (10_000, 230_000), (7, 7), (0, 5), (5, 1)):
+        quotas = [pair_quota(total, shards, s) for s in range(shards)]
+        assert sum(quotas) == total and max(quotas) - min(quotas) <= 1
