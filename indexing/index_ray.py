@@ -90,13 +90,14 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     )
     manifest_url = storage.join(cfg.out, layout.MANIFEST_NAME)
     if storage.exists(manifest_url, so):
-        # A rerun of a finished index changes nothing: keep its creation time.
+        # A rerun of a finished index changes nothing: keep when and how fast it was built.
         previous = storage.read_json(manifest_url, so)
         if (
             previous.get("build_id") == manifest["build_id"]
             and previous.get("index_shards") == manifest["index_shards"]
         ):
-            manifest["created_at"] = previous["created_at"]
+            for key in ("created_at", "wall_seconds", "timings"):
+                manifest[key] = previous.get(key, manifest[key])
     storage.write_json(manifest_url, manifest, so)
     logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
     return manifest
