@@ -56,6 +56,8 @@ class DecodedBatch:
     # (m, 3, S, S) uint8 and pair_rows (m,) the row (accepted-image index in the source) each one copies.
     pair_pixels: np.ndarray | None = None
     pair_rows: np.ndarray | None = None
+    # images whose augmented copies could not be made ({"key", "detail"}); the image itself is still indexed
+    pair_errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -140,20 +142,21 @@ def decode_samples(
     rejections: list[dict[str, Any]] = []
     pair_pixels: list[np.ndarray] = []
     pair_rows: list[int] = []
+    pair_errors: list[dict[str, Any]] = []
     accepted = 0
     shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
 
     def flush() -> DecodedBatch:
-        nonlocal pixels, records, rejections, pair_pixels, pair_rows
+        nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors
         if pixels:
             stacked = np.stack(pixels)
         else:
             stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
-        batch = DecodedBatch(stacked, records, rejections)
+        batch = DecodedBatch(stacked, records, rejections, pair_errors=pair_errors)
         if pair_pixels:
             batch.pair_pixels = np.stack(pair_pixels)
             batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
-        pixels, records, rejections, pair_pixels, pair_rows = [], [], [], [], []
+        pixels, records, rejections, pair_pixels, pair_rows, pair_errors = [], [], [], [], [], []
         return batch
 
     for sample in samples:
@@ -181,12 +184,17 @@ def decode_samples(
         pixels.append(array)
         records.append(_record(sample, img))
         if pairs is not None and accepted < pairs.images:
-            pair_pixels.extend(_augmented(img, preprocess, pairs, accepted))
-            pair_rows.extend([accepted] * pairs.copies)
+            try:
+                copies = _augmented(img, preprocess, pairs, accepted)
+            except Exception as exc:  # an odd image the augmentation cannot handle: index it, note it
+                pair_errors.append({"key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
+            else:
+                pair_pixels.extend(copies)
+                pair_rows.extend([accepted] * pairs.copies)
         accepted += 1
         if len(pixels) >= batch_size:
             yield flush()
-    if pixels or rejections:
+    if pixels or rejections or pair_errors:
         yield flush()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ class EmbeddedSource:
     # descriptors of augmented copies (learned whitening): x_pair (m, d) float32, pair_rows (m,) rows of xb
     x_pair: np.ndarray | None = None
     pair_rows: np.ndarray | None = None
+    pair_errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> EmbeddedSource:
@@ -60,6 +61,7 @@ def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> Embedd
     rejections: list[dict[str, Any]] = []
     pair_parts: list[np.ndarray] = []
     pair_rows: list[np.ndarray] = []
+    pair_errors: list[dict[str, Any]] = []
     embed_seconds = 0.0
     wait_seconds = 0.0
     t_wait = time.perf_counter()
@@ -74,9 +76,17 @@ def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> Embedd
         embed_seconds += time.perf_counter() - t0
         records.extend(batch.records)
         rejections.extend(batch.rejections)
+        pair_errors.extend(batch.pair_errors)
         t_wait = time.perf_counter()
     xb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
-    result = EmbeddedSource(xb, records, rejections, decode_seconds=wait_seconds, embed_seconds=embed_seconds)
+    result = EmbeddedSource(
+        xb,
+        records,
+        rejections,
+        decode_seconds=wait_seconds,
+        embed_seconds=embed_seconds,
+        pair_errors=pair_errors,
+    )
     if pair_parts:
         result.x_pair = np.concatenate(pair_parts)
         result.pair_rows = np.concatenate(pair_rows)
@@ -141,6 +151,7 @@ def write_shard_outputs(
         "rejections": result.rejections,
         "metadata_errors": sum(1 for r in result.records if r.get("metadata_error")),
         "pairs": pairs,
+        "pair_errors": result.pair_errors,
         "id_range": [first_id, first_id + n],  # half-open
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),

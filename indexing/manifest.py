@@ -59,6 +59,7 @@ def build_manifest(
                 "metadata": _rel(out, layout.metadata_url(out, shard)),
                 "stats": _rel(out, layout.stats_url(out, shard)),
                 "pairs": int(s.get("pairs", 0)),  # augmented copies embedded for learned whitening
+                "pair_errors": len(s.get("pair_errors", [])),  # images whose copies failed (in the stats)
             }
         )
     index_shards = []

@@ -116,3 +116,23 @@ def test_pairs_are_augmented_copies_of_the_first_accepted_images():
         np.concatenate([b.pair_pixels for b in again if b.pair_pixels is not None]), pixels
     )
     assert all(b.pair_pixels is None for b in decode_samples(samples, _squash, 2, image_size=16))
+
+
+def test_a_failed_augmentation_is_noted_and_the_image_still_indexed():
+    calls = []
+
+    def fussy(
+        img,
+    ):  # fails on the augmented copies (JPEG-decoded, so mode RGB of another size), not the original
+        calls.append(img.size)
+        if len(calls) > 1:
+            raise ValueError("cannot handle this")
+        return _squash(img)
+
+    batches = list(
+        decode_samples([Sample("a", _jpeg(), "jpg")], fussy, 4, image_size=16, pairs=PairSpec(images=1))
+    )
+    assert [r["key"] for b in batches for r in b.records] == ["a"]
+    assert all(b.pair_pixels is None for b in batches)
+    assert [e["key"] for b in batches for e in b.pair_errors] == ["a"]
+    assert "cannot handle this" in batches[0].pair_errors[0]["detail"]
