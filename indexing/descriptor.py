@@ -67,13 +67,26 @@ def preprocess(img: Image.Image, size: int) -> np.ndarray:
     Transparency is composited on white; both sides are resized to ``size`` (aspect not kept) with PIL's
     antialiased bicubic filter. 16-bit and float greyscale images are scaled to 8 bits first.
     """
+    return resize_rgb(img, size, Image.Resampling.BICUBIC, BACKGROUND_RGB)
+
+
+def resize_rgb(
+    img: Image.Image,
+    size: int,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+    background: tuple[int, int, int] = BACKGROUND_RGB,
+) -> np.ndarray:
+    """PIL image (any mode) → (3, size, size) uint8 RGB, both sides resized with ``resample`` (aspect not kept).
+
+    Transparency is composited on ``background``; 16-bit and float greyscale images are scaled to 8 bits first.
+    """
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         grey = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode != "F" and grey.max() > 255 else 255.0 if img.mode != "F" else 1.0
         img = Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    rgb = composite_rgb(img, BACKGROUND_RGB)
+    rgb = composite_rgb(img, background)
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        rgb = rgb.resize((size, size), resample)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 

@@ -90,13 +90,37 @@ class Embedder:
 # Preprocessing, shared by every embedder that takes a square RGB input.
 
 
+# PIL's filters are antialiased when downscaling; torchvision's Resize on a PIL image calls exactly these (and
+# Resize(antialias=True) on tensors approximates them).
+RESAMPLE = {
+    "bilinear-antialiased": Image.Resampling.BILINEAR,
+    "bicubic-antialiased": Image.Resampling.BICUBIC,
+}
+
+
 def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+    """The preprocessing a spec describes: PIL image → (3, S, S) uint8.
+
+    Kinds: "squash" (the effnet-lite0 descriptor's, ``indexing.descriptor.preprocess``) and "resize" (RGB,
+    transparency composited on ``background``, both sides resized to ``size`` with filter ``resample``).
+    """
     kind = spec.get("kind")
     if kind == "squash":
         size = int(spec["size"])
         from indexing.descriptor import preprocess as squash
 
         return lambda img: squash(img, size)
+    if kind == "resize":
+        size = int(spec["size"])
+        if spec.get("resample") not in RESAMPLE:
+            raise CopyscanError(
+                f"unknown resample filter {spec.get('resample')!r} in embedder spec; known: {', '.join(RESAMPLE)}"
+            )
+        resample = RESAMPLE[spec["resample"]]
+        background = tuple(int(c) for c in spec["background"])
+        from indexing.descriptor import resize_rgb
+
+        return lambda img: resize_rgb(img, size, resample, background)
     raise CopyscanError(f"unknown preprocessing kind {kind!r} in embedder spec")
 
 
@@ -132,7 +156,55 @@ class EffnetLite0Embedder(Embedder):
             self.spec["dim"] = int(self.module.dim)
 
 
-EMBEDDERS: dict[str, type[Embedder]] = {"effnet-lite0": EffnetLite0Embedder}
+class SSCDEmbedder(Embedder):
+    """SSCD (Pizzi et al. 2022) from a released TorchScript file, e.g. ``sscd_disc_mixup.torchscript.pt``.
+
+    ``weights`` (local path or fsspec URL) is required: copyscan ships no SSCD weights and downloads nothing
+    itself. Preprocessing is the published batched one: RGB (transparency on white), both sides resized to
+    ``size`` (option, default 320) with PIL's antialiased bilinear filter, ImageNet mean/std (applied in the
+    module, on the GPU). The paper's evaluation mode (short edge to 288 keeping aspect, batch 1) is not offered:
+    the pipeline needs fixed-shape batches. ``dim`` is read off one forward pass at load time (512 for
+    disc_mixup, 1024 for disc_large).
+    """
+
+    OPTIONS = ("size",)
+
+    def __init__(
+        self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
+    ):
+        from indexing import sscd
+
+        if not weights:
+            raise CopyscanError(
+                "the sscd embedder needs its weights: give a local path or URL of a released SSCD TorchScript "
+                "file, e.g. weights=/models/sscd_disc_mixup.torchscript.pt (copyscan does not download them)"
+            )
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise CopyscanError(f"unknown sscd options {unknown}; known: {', '.join(self.OPTIONS)}")
+        size = options.get("size", sscd.DEFAULT_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise CopyscanError(f"sscd option size must be a positive integer (pixels), got {size!r}")
+
+        local = _fetch_weights(weights)
+        self.device = pick_device(device)
+        self.module = sscd.SSCDModule(sscd.load_torchscript(local, self.device)).eval().to(self.device)
+        self.spec = {
+            "name": "sscd",
+            "weights_sha256": _weights_digest(local, os.path.getmtime(local)),
+            "preprocess": {
+                "kind": "resize",
+                "size": size,
+                "resample": sscd.RESAMPLE,
+                "background": list(sscd.BACKGROUND_RGB),
+            },
+            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)},
+            "dim": sscd.probe_dim(self.module, size, self.device),
+        }
+
+
+EMBEDDERS: dict[str, type[Embedder]] = {"effnet-lite0": EffnetLite0Embedder, "sscd": SSCDEmbedder}
 
 
 def load_embedder(
