@@ -96,8 +96,9 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
             previous.get("build_id") == manifest["build_id"]
             and previous.get("index_shards") == manifest["index_shards"]
         ):
-            for key in ("created_at", "wall_seconds", "timings"):
-                manifest[key] = previous.get(key, manifest[key])
+            for key in ("created_at", "wall_seconds", "timings", "calibration"):
+                if key in previous:
+                    manifest[key] = previous[key]
     storage.write_json(manifest_url, manifest, so)
     logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
     return manifest

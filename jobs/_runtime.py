@@ -80,11 +80,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_job(args: argparse.Namespace, body: Callable[[], Any]) -> int:
-    """Run ``body`` with logging and Ray set up; a CopyscanError becomes a message and exit code 2."""
+def run_job(args: argparse.Namespace, body: Callable[[], Any], use_ray: bool = True) -> int:
+    """Run ``body`` with logging (and Ray) set up; a CopyscanError becomes a message and exit code 2."""
     setup_logging(args.verbose)
     try:
-        init_ray(args.ray_address, args.num_cpus)
+        if use_ray:
+            init_ray(args.ray_address, args.num_cpus)
         body()
     except CopyscanError as exc:
         logger.error("%s", exc)

@@ -1,4 +1,4 @@
-"""The ``copyscan`` command: ``index``, ``scan`` and ``demo``."""
+"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import sys
 COMMANDS = {
     "index": ("jobs.index", "embed LAION-format webdataset shards and build a sharded FAISS index"),
     "scan": ("jobs.scan", "search generated images against an index; write matches/ and summary.json"),
+    "calibrate": (
+        "jobs.calibrate",
+        "estimate the score thresholds for 90%/99% precision from the index's images",
+    ),
     "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),
 }
 

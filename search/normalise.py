@@ -53,14 +53,20 @@ class ScoreNormaliser:
         self.beta = float(beta)
         self.whitening = load_whitening(index_url, manifest, storage_options)
 
-    def __call__(self, xq: np.ndarray, D: np.ndarray, I: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, xq: np.ndarray, D: np.ndarray, I: np.ndarray, exclude: np.ndarray | None = None
+    ) -> np.ndarray:
         """xq: (nq, d) raw query descriptors; D, I: (nq, k) merged results → (nq, k) float32 score_norm.
 
-        NaN where the background has too few vectors (fewer than ranks[1] + 1).
+        ``exclude`` (nq,) ids also left out of each query's background (calibration: the source of a copy,
+        to score it as if its source were not in the index). NaN where the background has too few vectors.
         """
-        m = min(self.last + 1, self.index.ntotal)
+        extra = 0 if exclude is None else 1
+        m = min(self.last + 1 + extra, self.index.ntotal)
         D_bg, pos = self.index.search(whiten(self.whitening, xq), m)
         I_bg = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        if exclude is not None:
+            I_bg = np.where(I_bg == np.asarray(exclude, dtype=np.int64)[:, None], -1, I_bg)
         bias = pair_background_bias(D_bg, I_bg, I, (self.first, self.last))
         out = (D - self.beta * bias).astype(np.float32)
         out[I < 0] = np.nan

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from indexing import layout, storage
@@ -34,6 +35,7 @@ MATCHES_SCHEMA = pa.schema(
         ("score", pa.float32()),  # exact cosine of the (whitened) descriptors, higher = more similar; ranks
         ("score_norm", pa.float32()),  # score - beta * background bias: comparable across queries
         ("score_raw", pa.float32()),  # cosine of the raw (unwhitened) descriptors
+        ("is_copy", pa.bool_()),  # passes the scan's threshold (summary.json says which); null: no threshold
         ("train_url", pa.string()),
         ("caption", pa.string()),
         ("index_shard", pa.int32()),
@@ -58,12 +60,26 @@ def query_ids_url(out: str, chunk: int) -> str:
     return storage.join(out, "query_emb", f"query_ids_{chunk:05d}.parquet")
 
 
+def _flags(result: ShardResult, q_idx: np.ndarray, ranks: np.ndarray, threshold: dict[str, Any] | None):
+    if threshold is None:
+        return pa.nulls(len(q_idx), pa.bool_())
+    values = {"score": result.D, "score_norm": result.D_norm, "score_raw": result.D_raw}[threshold["column"]]
+    return pa.array(values[q_idx, ranks] >= threshold["value"], pa.bool_())  # NaN compares False
+
+
 def chunk_marker_url(out: str, chunk: int) -> str:
     return storage.join(out, "chunks", f"chunk_{chunk:05d}.json")
 
 
-def matches_table(records: list[dict[str, Any]], result: ShardResult, chunk: int) -> pa.Table:
-    """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``."""
+def matches_table(
+    records: list[dict[str, Any]],
+    result: ShardResult,
+    chunk: int,
+    threshold: dict[str, Any] | None = None,
+) -> pa.Table:
+    """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``.
+
+    ``threshold`` ({"column", "value"}, ``search.calibrate.resolve_threshold``) sets ``is_copy``."""
     D, I = result.D, result.I
     q_idx, ranks = np.nonzero(I >= 0)
     ids = I[q_idx, ranks]
@@ -76,6 +92,7 @@ def matches_table(records: list[dict[str, Any]], result: ShardResult, chunk: int
         "score": D[q_idx, ranks].astype(np.float32),
         "score_norm": result.D_norm[q_idx, ranks].astype(np.float32),
         "score_raw": result.D_raw[q_idx, ranks].astype(np.float32),
+        "is_copy": _flags(result, q_idx, ranks, threshold),
         "train_url": [m["train_url"] for m in meta],
         "caption": [m["caption"] for m in meta],
         "index_shard": np.array([m["index_shard"] for m in meta], dtype=np.int32),
@@ -97,12 +114,13 @@ def write_chunk(
     result: ShardResult,
     marker: dict[str, Any],
     storage_options: storage.StorageOptions | None = None,
+    threshold: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a chunk's query vectors, matches and, last, its marker. Returns the marker."""
     storage.save_npy(query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
     ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
     storage.write_parquet(query_ids_url(out, chunk), ids, storage_options)
-    table = matches_table(records, result, chunk)
+    table = matches_table(records, result, chunk, threshold)
     storage.write_parquet(matches_url(out, chunk), table, storage_options)
     top1 = result.D[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
     top1_norm = result.D_norm[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
@@ -114,6 +132,10 @@ def write_chunk(
         "rejected": len(rejections),
         "rejections": rejections,
         "matches": table.num_rows,
+        # queries whose best match passes the threshold (None: no threshold)
+        "flagged": None
+        if threshold is None
+        else int(pc.sum(pc.and_(pc.equal(table["rank"], 0), table["is_copy"])).as_py() or 0),
         "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
         "top1_scores_norm": [float(x) for x in top1_norm[np.isfinite(top1_norm)]],
     }
@@ -154,6 +176,9 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "rejected": sum(m["rejected"] for m in markers.values()),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "matches": sum(m["matches"] for m in markers.values()),
+        "flagged": None
+        if any(m.get("flagged") is None for m in markers.values())
+        else sum(m["flagged"] for m in markers.values()),
     }
     for name, key in (("top1_score", "top1_scores"), ("top1_score_norm", "top1_scores_norm")):
         values = np.array([s for m in markers.values() for s in m.get(key, [])], dtype=np.float64)

@@ -23,6 +23,9 @@ class ScanConfig:
     nprobe: int = 0  # 0 = the index manifest's default
     chunk_size: int = 1024  # queries per chunk (image folders; a query shard is one chunk)
     beta: float = 1.0  # score normalisation: score_norm = score - beta * background bias
+    # is_copy = the match passes this threshold: p90 / p99 (the index's calibration, copyscan calibrate),
+    # somepalli (score_raw >= 0.5), duplicate (score_raw >= 0.95), a score_norm value, or none
+    threshold: str | float = "p90"
 
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
@@ -41,7 +44,17 @@ class ScanConfig:
     retries: int = 2
     storage_options: dict[str, Any] = field(default_factory=dict)
 
-    RESUME_KEYS = ("index", "queries", "k", "candidates", "nprobe", "chunk_size", "weights", "beta")
+    RESUME_KEYS = (
+        "index",
+        "queries",
+        "k",
+        "candidates",
+        "nprobe",
+        "chunk_size",
+        "weights",
+        "beta",
+        "threshold",
+    )
 
     @property
     def num_candidates(self) -> int:

@@ -25,6 +25,7 @@ from indexing.manifest import check_embedder, load_manifest
 from indexing.outputs import claim_output
 from indexing.pool_ray import run_pool
 from indexing.progress import Progress
+from search.calibrate import resolve_threshold
 from search.merge import carry_values, merge_topk
 from search.normalise import ScoreNormaliser
 from search.queries import QueryChunk, plan_query_chunks
@@ -151,6 +152,18 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     options = manifest["config"].get("embedder_options") or {}
     spec = ray.get(embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(embedder, weights, options))
     check_embedder(manifest, spec)
+    threshold = resolve_threshold(manifest, cfg.threshold)
+    if threshold is None and str(cfg.threshold) != "none":
+        logger.warning(
+            "scan: %s is not calibrated (or was rebuilt since); is_copy stays empty. Run `copyscan calibrate "
+            "--index %s`, or pass threshold=somepalli / duplicate / a score_norm value",
+            cfg.index,
+            cfg.index,
+        )
+    elif threshold is not None:
+        logger.info(
+            "scan: is_copy = %s >= %.4f (%s)", threshold["column"], threshold["value"], threshold["source"]
+        )
 
     failed: list[tuple[QueryChunk, str]] = []
     if todo:
@@ -164,6 +177,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
                 embedder,
                 weights,
                 options,
+                threshold,
             )
         finally:
             fanout.close()
@@ -177,6 +191,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "embedder": manifest["embedder"]["name"],
         "queries_spec": cfg.queries,
         "k": cfg.k,
+        "threshold": threshold or {"name": str(cfg.threshold), "calibrated": False},
         **summarize(markers),
         "chunks_total": len(chunks),
         "failed_chunks": [{"chunk": c.chunk, "source": c.describe(), "error": err} for c, err in failed],
@@ -206,6 +221,7 @@ def _scan_chunks(
     embedder: str,
     weights: str | None,
     options: dict,
+    threshold: dict | None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -254,6 +270,7 @@ def _scan_chunks(
                     "embed_seconds": round(embedded.embed_seconds, 3),
                 },
                 so,
+                threshold,
             )
         except (CopyscanError, RayActorError, OSError) as exc:
             logger.error("%s failed: %s", chunk.describe(), exc)

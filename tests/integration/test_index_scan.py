@@ -347,3 +347,52 @@ def test_cli_refuses_a_foreign_output(ray_session, laion_shards, tmp_path):
     assert result.returncode == 2
     assert "not written by copyscan" in result.stderr
     assert (foreign / "thesis.tex").read_text() == "do not delete"
+
+
+def test_calibrate_then_scan_flags_copies(ray_session, local_index, generated, laion_shards, tmp_path):
+    """copyscan calibrate on the index's own images writes thresholds; scan flags is_copy with them."""
+    import shutil
+
+    from search.calibrate import CalibrateConfig, run_calibrate
+
+    index_url = str(tmp_path / "index")
+    shutil.copytree(
+        local_index[0], index_url
+    )  # calibration rewrites the manifest: keep the shared one intact
+    folder, truth = generated
+    uncalibrated = scan(index_url, str(folder), str(tmp_path / "before"))
+    assert (
+        uncalibrated["threshold"] == {"name": "p90", "calibrated": False} and uncalibrated["flagged"] is None
+    )
+    assert (
+        pq.read_table(str(tmp_path / "before" / "matches"))["is_copy"].null_count == uncalibrated["matches"]
+    )
+
+    report = run_calibrate(resolve(CalibrateConfig, {"index": index_url, "images": 40}))
+    # 60 images, all of them whitening pairs: the report says the thresholds are optimistic
+    assert report["images"] == 40 and report["whitening_images_reused"] and not report["skipped"]
+    assert report["recall@1"] >= 0.9
+    manifest = load_manifest(index_url)
+    thresholds = manifest["calibration"]["thresholds"]["score_norm"]
+    assert manifest["calibration"]["build_id"] == manifest["build_id"]
+    assert thresholds["p90"] is not None and (
+        thresholds["p99"] is None or thresholds["p99"] >= thresholds["p90"]
+    )
+    assert json.loads((Path(index_url) / "calibration.json").read_text())["table"]["score_norm"]
+
+    out = tmp_path / "after"
+    summary = scan(index_url, str(folder), str(out))
+    assert (
+        summary["threshold"]["column"] == "score_norm" and summary["threshold"]["value"] == thresholds["p90"]
+    )
+    table = pq.read_table(str(out / "matches"))
+    assert table["is_copy"].null_count == 0
+    rows = table.to_pylist()
+    assert all(r["is_copy"] == (r["score_norm"] >= thresholds["p90"]) for r in rows)
+    flagged = {r["query_id"] for r in rows if r["rank"] == 0 and r["is_copy"]}
+    assert summary["flagged"] == len(flagged)
+    copies = {t["file"] for t in truth if t["is_copy"]}
+    assert len(flagged & copies) >= len(copies) // 2 and len(flagged - copies) <= 2
+    # a published threshold by name
+    named = scan(index_url, str(folder), str(tmp_path / "dup"), threshold="duplicate")
+    assert named["threshold"]["column"] == "score_raw" and named["threshold"]["value"] == 0.95

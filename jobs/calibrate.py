@@ -1,0 +1,43 @@
+"""``copyscan calibrate`` / ``python -m jobs.calibrate``: thresholds for a chosen precision, from the index.
+
+Copies a sample of the index's own training images (read back from its source shards), searches them, and
+writes the thresholds of ``score`` and ``score_norm`` that reach 90 % and 99 % precision into
+``INDEX/calibration.json`` and the manifest; ``copyscan scan`` then flags ``is_copy`` with them. Runs in
+this process (a thousand images need no cluster); prints the precision/recall table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs._runtime import add_common_arguments, layers, run_job
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", help="URL of a finished copyscan index")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from indexing.config import resolve
+
+    def body() -> None:
+        from search.calibrate import CalibrateConfig, format_table, run_calibrate
+
+        cfg = resolve(CalibrateConfig, *layers(args, {"index": args.index}))
+        report = run_calibrate(cfg)
+        print(format_table(report))
+        print(f"thresholds written to {cfg.index}/calibration.json and its manifest")
+
+    return run_job(args, body, use_ray=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Calibration arithmetic and threshold names (the end-to-end run is in tests/integration)."""
+
+import numpy as np
+import pytest
+
+from indexing.errors import CopyscanError
+from search.calibrate import precision_recall, resolve_threshold, select_rows, threshold_for
+
+
+def test_precision_and_recall_by_hand():
+    # 4 copies: top-1 scores and whether the top-1 is the source; their best non-source scores
+    s_top = np.array([0.9, 0.8, 0.6, 0.3])
+    correct = np.array([True, True, False, True])
+    s_other = np.array([0.2, 0.7, 0.6, 0.1])
+    t, precision, recall = precision_recall(s_top, correct, s_other, prevalence=0.5)
+    by_t = {
+        round(float(a), 2): (round(float(p), 4), float(r))
+        for a, p, r in zip(t, precision, recall, strict=True)
+    }
+    # t = 0.8: flagged copies 2 (both right), unseen above: 0 → precision 1, recall 2/4
+    assert by_t[0.8] == (1.0, 0.5)
+    # t = 0.7: copies flagged 2 (right), unseen flagged 1/4 → 0.5·0.5 / (0.5·0.5 + 0.5·0.25) = 2/3
+    assert by_t[0.7] == (round(2 / 3, 4), 0.5)
+    # t = 0.6: copies flagged 3 (one wrong), unseen 2/4 → 0.5·0.5 / (0.5·0.75 + 0.5·0.5) = 0.4
+    assert by_t[0.6] == (0.4, 0.5)
+    assert threshold_for(t, precision, 0.9) == pytest.approx(0.8)
+    assert threshold_for(t, precision, 0.6) == pytest.approx(0.7)
+    # rarer copies need a higher threshold for the same precision
+    t2, p2, _ = precision_recall(s_top, correct, s_other, prevalence=0.1)
+    assert threshold_for(t2, p2, 0.6) == pytest.approx(0.8)
+
+
+def _manifest(calibrated=True, build="b1"):
+    m = {"build_id": "b1", "config": {"whitening_pair_images": 4}, "whitening": {"kind": "learned"}}
+    m["embedding_shards"] = [{"shard": s, "count": 10} for s in range(2)]
+    if calibrated:
+        m["calibration"] = {
+            "build_id": build,
+            "prevalence": 0.5,
+            "thresholds": {"score_norm": {"p90": 0.11, "p99": 0.26}, "score": {"p90": 0.3, "p99": 0.46}},
+        }
+    return m
+
+
+def test_threshold_names():
+    assert resolve_threshold(_manifest(), "p90") == {
+        "name": "p90",
+        "column": "score_norm",
+        "value": 0.11,
+        "source": "copyscan calibrate: 90% precision at 50% copies",
+    }
+    assert resolve_threshold(_manifest(), "p99")["value"] == 0.26
+    assert resolve_threshold(_manifest(calibrated=False), "p90") is None
+    assert resolve_threshold(_manifest(build="old"), "p90") is None  # calibrated before a rebuild
+    assert resolve_threshold(_manifest(), "somepalli")["column"] == "score_raw"
+    assert resolve_threshold(_manifest(), "duplicate")["value"] == 0.95
+    assert resolve_threshold(_manifest(), 0.2) == {
+        "name": "0.2",
+        "column": "score_norm",
+        "value": 0.2,
+        "source": "given",
+    }
+    assert resolve_threshold(_manifest(), "none") is None
+    with pytest.raises(CopyscanError, match="p90, p99"):
+        resolve_threshold(_manifest(), "strict")
+
+
+def test_calibration_rows_avoid_the_whitening_pairs_unless_the_index_is_too_small():
+    rows, reused = select_rows(_manifest(), images=12, max_shards=4, seed=0)
+    assert not reused and sum(map(len, rows.values())) == 12
+    assert all(r.min() >= 2 for r in rows.values())  # pair_quota(4, 2 shards) = first 2 rows of each
+    rows, reused = select_rows(_manifest(), images=100, max_shards=4, seed=0)
+    assert not reused and sum(map(len, rows.values())) == 16
+    small = _manifest()
+    small["embedding_shards"] = [{"shard": 0, "count": 12}]
+    small["config"]["whitening_pair_images"] = 10
+    rows, reused = select_rows(small, images=100, max_shards=4, seed=0)
+    assert reused and sorted(rows[0]) == list(range(12))
