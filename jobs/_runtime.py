@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -52,7 +53,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        # Under `ray job submit` the job's runtime_env already reaches every worker, and Ray refuses to
+        # merge an env var given twice: add only what the job does not set.
+        for key in job_env_vars():
+            env.pop(key, None)
+        ray.init(
+            address=address, runtime_env={"env_vars": env} if env else None, logging_level=logging.WARNING
+        )
         return
     # A private local cluster: keep every service on loopback, no dashboard, no auth token to manage.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -66,6 +73,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env this driver was submitted with (``ray job submit``), else {}."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return dict(runtime_env.get("env_vars") or {})
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
