@@ -1,4 +1,4 @@
-"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate`` and ``demo``."""
+"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ COMMANDS = {
     "calibrate": (
         "jobs.calibrate",
         "estimate the score thresholds for 90%/99% precision from the index's images",
+    ),
+    "nightly": (
+        "jobs.nightly",
+        "scan a checkpoint's generations, append to the history, exit 3 on a significant rise",
     ),
     "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),
 }

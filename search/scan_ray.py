@@ -187,6 +187,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     summary = {
         "index": cfg.index,
         "index_vectors": manifest["ntotal"],
+        "index_build_id": manifest["build_id"],
         "index_factory": manifest["index"]["factory"],
         "embedder": manifest["embedder"]["name"],
         "queries_spec": cfg.queries,

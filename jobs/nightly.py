@@ -1,0 +1,75 @@
+"""``copyscan nightly`` / ``python -m jobs.nightly``: scan one checkpoint's generations and gate on the trend.
+
+Scans the generations (made elsewhere: copyscan does not run the diffusion model) into
+``HISTORY/runs/CHECKPOINT``, appends the checkpoint's row to ``HISTORY/history/``, compares its replication
+rate with the previous checkpoint and the pinned ``--baseline``, and writes
+``HISTORY/regression/CHECKPOINT.json`` (see ``search/history.py``). Exit status: 0 when the rate did not rise
+significantly, 3 when it did, 2 on errors. Rerunning a night resumes its scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs._runtime import add_common_arguments, layers, run_job
+
+REGRESSION_EXIT = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="name of the model checkpoint (e.g. sd-v1-4-ema)")
+    parser.add_argument(
+        "--generations", required=True, help="its generated images: folder or webdataset shards"
+    )
+    parser.add_argument("--index", required=True, help="URL of the training set's copyscan index")
+    parser.add_argument("--history", required=True, help="URL of the history (runs, history rows, reports)")
+    parser.add_argument("--baseline", help="pinned checkpoint to compare with as well as the previous one")
+    parser.add_argument("--alpha", type=float, default=0.01, help="significance of a rise (default 0.01)")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from indexing import storage
+    from indexing.config import resolve
+    from search.scan_config import ScanConfig
+
+    outcome: dict[str, bool] = {}
+
+    def body() -> None:
+        from search import history
+        from search.scan_ray import run_scan
+
+        scan_out = storage.join(args.history, "runs", history._safe(args.checkpoint))
+        explicit = {"index": args.index, "queries": args.generations, "out": scan_out}
+        cfg = resolve(ScanConfig, *layers(args, explicit))
+        so = cfg.storage_options
+        summary = run_scan(cfg)
+        row = history.history_row(args.checkpoint, args.generations, scan_out, summary, so)
+        history.write_row(args.history, row, so)
+        report = history.regression_report(
+            row, history.read_history(args.history, so), args.baseline, args.alpha
+        )
+        storage.write_json(storage.join(args.history, "regression", f"{args.checkpoint}.json"), report, so)
+        print(json.dumps(report, indent=2))
+        outcome["regression"] = report["regression"]
+
+    status = run_job(args, body)
+    if status == 0 and outcome.get("regression"):
+        print(
+            f"copyscan: the replication rate of {args.checkpoint} rose significantly (exit {REGRESSION_EXIT})",
+            file=sys.stderr,
+        )
+        return REGRESSION_EXIT
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
