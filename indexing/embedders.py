@@ -204,7 +204,88 @@ class SSCDEmbedder(Embedder):
         }
 
 
-EMBEDDERS: dict[str, type[Embedder]] = {"effnet-lite0": EffnetLite0Embedder, "sscd": SSCDEmbedder}
+class DinoEmbedder(Embedder):
+    """DINO ViT-B/16 (Caron et al. 2021) from the released backbone file ``dino_vitbase16_pretrain.pth``.
+
+    ``weights`` (local path or fsspec URL) is required: copyscan ships no DINO weights and downloads nothing
+    itself. The file is a state dict (plain, or inside a training checkpoint's "teacher"/"student"/"model"/
+    "state_dict" entry, "module."/"backbone." prefixes stripped) loaded into ``indexing.vit`` strictly.
+    Preprocessing is DINO's evaluation one without the crop: RGB (transparency on white), both sides resized to
+    ``size`` (option, default 224, a multiple of 16; other sizes interpolate the position embeddings) with PIL's
+    antialiased bicubic filter, ImageNet mean/std (in the module, on the GPU). The descriptor is the CLS token
+    after the final LayerNorm, L2-normalised (768-d); ``tokens`` gives the patch tokens for region work.
+    """
+
+    OPTIONS = ("size",)
+    PATCH_SIZE = 16
+    DEFAULT_SIZE = 224
+    RESAMPLE = "bicubic-antialiased"  # DINO's eval transforms: Resize(interpolation=3), i.e. PIL's BICUBIC
+
+    def __init__(
+        self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
+    ):
+        from indexing import vit
+        from indexing.descriptor import BACKGROUND_RGB
+
+        if not weights:
+            raise CopyscanError(
+                "the dino-vitb16 embedder needs its weights: give a local path or URL of DINO's released ViT-B/16 "
+                "backbone, e.g. weights=/models/dino_vitbase16_pretrain.pth (copyscan does not download them)"
+            )
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise CopyscanError(f"unknown dino-vitb16 options {unknown}; known: {', '.join(self.OPTIONS)}")
+        size = options.get("size", self.DEFAULT_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % self.PATCH_SIZE:
+            raise CopyscanError(
+                f"dino-vitb16 option size must be a positive multiple of {self.PATCH_SIZE} (pixels), got {size!r}"
+            )
+
+        local = _fetch_weights(weights)
+        state_dict = vit.load_dino_state_dict(local)
+        # Built on the meta device: the checkpoint's tensors are assigned, nothing is initialised twice.
+        with torch.device("meta"):
+            backbone = vit.vit_base_patch16()
+        vit.load_weights(backbone, state_dict, weights)
+        self.device = pick_device(device)
+        self.module = vit.DinoModule(backbone).eval().to(self.device)
+        self.spec = {
+            "name": "dino-vitb16",
+            "weights_sha256": _weights_digest(local, os.path.getmtime(local)),
+            "preprocess": {
+                "kind": "resize",
+                "size": size,
+                "resample": self.RESAMPLE,
+                "background": list(BACKGROUND_RGB),
+            },
+            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)},
+            "global": "cls",
+            "patch_size": self.PATCH_SIZE,
+            "dim": backbone.embed_dim,
+        }
+
+    @torch.inference_mode()
+    def tokens(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels: (n, 3, S, S) uint8 RGB → patch tokens (n, (S/16)², 768) float32, each L2-normalised.
+
+        Row-major over the (S/16) × (S/16) patch grid; the CLS token (``embed``) is not included.
+        """
+        x = torch.tensor(pixels).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = self.module.tokens(x)
+        else:
+            y = self.module.tokens(x)
+        y = torch.nn.functional.normalize(y.float(), dim=-1)
+        return y.cpu().numpy().astype(np.float32, copy=False)
+
+
+EMBEDDERS: dict[str, type[Embedder]] = {
+    "effnet-lite0": EffnetLite0Embedder,
+    "sscd": SSCDEmbedder,
+    "dino-vitb16": DinoEmbedder,
+}
 
 
 def load_embedder(
