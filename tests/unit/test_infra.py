@@ -1,5 +1,6 @@
 """The cluster and deployment files parse, pass Ray's own validation, and say what copyscan needs."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -47,3 +48,70 @@ def test_runtime_env_is_valid_for_ray_and_ships_no_build_outputs():
     RuntimeEnv(**env, working_dir=str(REPO))  # Ray validates the fields
     assert {".venv", ".git", "demo-output"} <= set(env["excludes"])
     assert WORKER_ENV.items() <= env["env_vars"].items()  # what the entrypoints would otherwise add
+
+
+def _dockerfile_args() -> dict[str, str]:
+    text = (REPO / "infra" / "Dockerfile").read_text()
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+
+
+def test_dockerfile_pins_what_the_project_pins_and_copies_what_exists():
+    text = (REPO / "infra" / "Dockerfile").read_text()
+    assert not SECRET.search(text)
+    args = _dockerfile_args()
+    makefile = (REPO / "Makefile").read_text()
+    assert args["TORCH_SPEC"] == re.search(r"TORCH_SPEC \?= (\S+)", makefile).group(1)
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py3\d+-gpu$", text, re.M)
+    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        for path in source.split():
+            assert (REPO / path).exists(), path
+    assert "pip install --no-cache-dir ." in text and "faiss-gpu" in text
+
+
+def _entrypoint_args(command: str, module: str) -> list[str]:
+    """The arguments after `python -m MODULE` in a shell command line, with $VARS given values."""
+    import shlex
+
+    words = shlex.split(command.replace("$", "VALUE_"))
+    return words[words.index(module) + 1 :]
+
+
+def test_kuberay_rayjob_runs_the_index_entrypoint_on_gpu_and_cpu_workers():
+    from jobs import index
+
+    text = (REPO / "infra" / "k8s" / "rayjob-index.yaml").read_text()
+    assert not SECRET.search(text)
+    job = yaml.safe_load(text)
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["rayVersion"] == _dockerfile_args()["RAY_VERSION"]
+    parser = argparse.ArgumentParser()
+    index.add_arguments(parser)
+    parsed = parser.parse_args(_entrypoint_args(spec["entrypoint"], "jobs.index"))
+    assert parsed.shards.startswith("s3://") and parsed.out.startswith("s3://")
+    groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "1" and "nvidia.com/gpu" not in str(groups["cpu"])
+    templates = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in groups.values()
+    ]
+    assert all(t["spec"]["serviceAccountName"] == "copyscan" for t in templates)  # IRSA, no keys
+    assert len({t["spec"]["containers"][0]["image"] for t in templates}) == 1
+
+
+def test_nightly_cronjob_submits_a_valid_nightly_command():
+    from jobs import nightly
+
+    text = (REPO / "infra" / "k8s" / "nightly-cronjob.yaml").read_text()
+    assert not SECRET.search(text)
+    cron = yaml.safe_load(text)
+    assert cron["apiVersion"] == "batch/v1" and cron["kind"] == "CronJob"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "copyscan"
+    command = pod["containers"][0]["args"][0]
+    assert "ray job submit" in command and "--runtime-env infra/runtime_env.yaml" in command
+    parser = argparse.ArgumentParser()
+    nightly.add_arguments(parser)
+    parsed = parser.parse_args(_entrypoint_args(command, "jobs.nightly"))
+    assert parsed.index.startswith("s3://") and parsed.history.startswith("s3://") and parsed.baseline
