@@ -1,4 +1,4 @@
-"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly`` and ``demo``."""
+"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``query`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS = {
         "jobs.nightly",
         "scan a checkpoint's generations, append to the history, exit 3 on a significant rise",
     ),
+    "query": ("jobs.query", 'SQL over scan results with DuckDB: copyscan query RUN [RUN ...] "SELECT ..."'),
     "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),
 }
 

@@ -191,3 +191,21 @@ def open_matches(out: str, storage_options: storage.StorageOptions | None = None
     """The matches of a scan as a pyarrow dataset (filter/aggregate without loading everything)."""
     fs, path = storage.get_fs(storage.join(out, "matches"), storage_options)
     return pads.dataset(path, filesystem=fs, format="parquet", schema=MATCHES_SCHEMA)
+
+
+def open(  # noqa: A001 - the documented entry point: ``from search import results; results.open(url)``
+    out: str,
+    storage_options: storage.StorageOptions | None = None,
+    engine: str = "arrow",
+    connection: Any = None,
+) -> Any:
+    """A scan's matches for batch analytics: a pyarrow dataset (``engine="arrow"``) or a DuckDB relation
+    (``engine="duckdb"``, on ``connection`` or a new in-memory one). Nothing is read until it is queried."""
+    dataset = open_matches(out, storage_options)
+    if engine == "arrow":
+        return dataset
+    if engine == "duckdb":
+        import duckdb
+
+        return (connection or duckdb.connect()).from_arrow(dataset)
+    raise ValueError(f"engine must be 'arrow' or 'duckdb', not {engine!r}")

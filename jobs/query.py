@@ -1,0 +1,80 @@
+"""``copyscan query RUN [RUN ...] "SQL"`` / ``python -m jobs.query``: SQL over scan results (DuckDB).
+
+The SQL sees ``matches`` (every match of the runs given, with a ``run`` column) and ``runs`` (one row per run
+from its summary.json); see search/query.py. Prints the result as a table, or writes it with ``--out``
+(.parquet, .csv or .json). Runs in this process; no cluster needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs._runtime import run_job
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="scan output URL(s), then the SQL")
+    parser.add_argument("--out", help="write the result here (.parquet, .csv or .json) instead of printing")
+    parser.add_argument("--limit", type=int, default=50, help="rows printed (default 50)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    args.ray_address = args.num_cpus = None
+
+    def body() -> None:
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+
+        from indexing.errors import CopyscanError
+        from search.query import run_query
+
+        if len(args.runs) < 2:
+            raise CopyscanError('give the scan output(s), then the SQL: copyscan query RUN "SELECT ..."')
+        table = run_query(args.runs[:-1], args.runs[-1])
+        if args.out:
+            if args.out.endswith(".parquet"):
+                pq.write_table(table, args.out)
+            elif args.out.endswith(".csv"):
+                pcsv.write_csv(table, args.out)
+            elif args.out.endswith(".json"):
+                import json
+
+                with open(args.out, "w") as f:
+                    json.dump(table.to_pylist(), f, indent=1, default=str)
+            else:
+                raise CopyscanError(f"--out must end in .parquet, .csv or .json, not {args.out}")
+            print(f"{table.num_rows} row(s) written to {args.out}")
+            return
+        print(_format(table, args.limit))
+
+    return run_job(args, body, use_ray=False)
+
+
+def _format(table, limit: int) -> str:
+    names = table.column_names
+    rows = [[_cell(v) for v in row.values()] for row in table.slice(0, limit).to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if table.num_rows > limit:
+        lines.append(f"... {table.num_rows - limit} more row(s) (--limit, or --out FILE)")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
