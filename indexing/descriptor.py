@@ -80,13 +80,37 @@ def resize_rgb(
 
     Transparency is composited on ``background``; 16-bit and float greyscale images are scaled to 8 bits first.
     """
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        grey = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "F" and grey.max() > 255 else 255.0 if img.mode != "F" else 1.0
-        img = Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    rgb = composite_rgb(img, background)
+    rgb = composite_rgb(_to_8bit(img), background)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), resample)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale images scaled to 8-bit "L"; other modes unchanged."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return img
+    grey = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode != "F" and grey.max() > 255 else 255.0 if img.mode != "F" else 1.0
+    return Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def resize_crop_rgb(
+    img: Image.Image,
+    size: int,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+    background: tuple[int, int, int] = BACKGROUND_RGB,
+) -> np.ndarray:
+    """PIL image (any mode) → (3, size, size) uint8 RGB: shorter side resized to ``size`` (aspect kept), then
+    the centre ``size`` × ``size`` crop (CLIP's transform). Transparency is composited on ``background``."""
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    rgb = composite_rgb(_to_8bit(img), background)
+    if (new_w, new_h) != rgb.size:
+        rgb = rgb.resize((new_w, new_h), resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    rgb = rgb.crop((left, top, left + size, top + size))
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 

@@ -110,6 +110,13 @@ def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]
         from indexing.descriptor import preprocess as squash
 
         return lambda img: squash(img, size)
+    if kind == "clip":
+        size = int(spec["size"])
+        resample = RESAMPLE[spec["resample"]]
+        background = tuple(int(c) for c in spec["background"])
+        from indexing.descriptor import resize_crop_rgb
+
+        return lambda img: resize_crop_rgb(img, size, resample, background)
     if kind == "resize":
         size = int(spec["size"])
         if spec.get("resample") not in RESAMPLE:
@@ -281,10 +288,43 @@ class DinoEmbedder(Embedder):
         return y.cpu().numpy().astype(np.float32, copy=False)
 
 
+class ClipEmbedder(Embedder):
+    """The CLIP image encoder of LAION's precomputed embeddings (``indexing/clip_import.py``), for queries.
+
+    ``weights``: a TorchScript file of the image encoder (float (B, 3, S, S) CLIP-normalised → (B, d), e.g.
+    ``torch.jit.trace(model.visual, ...)`` of the open_clip/OpenAI model the embeddings were made with);
+    required, nothing is downloaded. ``options["model"]`` names that model and must equal the index's: the
+    spec (model name, CLIP's preprocessing, dim) is what a scan compares, since LAION's vectors carry no
+    digest of their weights. Preprocessing is CLIP's: shorter side to 224 (bicubic), centre crop, CLIP mean/std.
+    """
+
+    def __init__(
+        self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
+    ):
+        from indexing import clip_import, sscd
+
+        spec = clip_import.clip_spec(options, 0)  # validates the options before anything is loaded
+        if not weights:
+            raise CopyscanError(
+                f"embedding queries for a {clip_import.NAME} index needs the CLIP image encoder its vectors came "
+                "from, as TorchScript: weights=/models/clip-vit-l-14-visual.torchscript.pt (nothing is downloaded)"
+            )
+        local = _fetch_weights(weights)
+        self.device = pick_device(device)
+        module = sscd.SSCDModule(
+            sscd.load_torchscript(local, self.device), clip_import.CLIP_MEAN, clip_import.CLIP_STD
+        )
+        self.module = module.eval().to(self.device)
+        spec["dim"] = sscd.probe_dim(self.module, spec["preprocess"]["size"], self.device)
+        self.spec = spec
+        self.weights_sha256 = _weights_digest(local, os.path.getmtime(local))
+
+
 EMBEDDERS: dict[str, type[Embedder]] = {
     "effnet-lite0": EffnetLite0Embedder,
     "sscd": SSCDEmbedder,
     "dino-vitb16": DinoEmbedder,
+    "laion-clip": ClipEmbedder,
 }
 
 

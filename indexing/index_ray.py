@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from indexing import layout, storage
+from indexing import clip_import, layout, storage
 from indexing.build import fill_index_shard, index_shard_marker, train_phase
 from indexing.config import to_dict
 from indexing.decode import DecodeLimits, PairSpec
@@ -40,21 +40,33 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     so = cfg.storage_options
     t_start = time.time()
     timings: dict[str, float] = {}
-    shards = expand_shards(cfg.shards, so)
+    imported = cfg.embedder == clip_import.NAME  # precomputed vectors: no images, no model
+    if imported:
+        parts = clip_import.list_parts(cfg.shards, so)
+        shards = [emb for emb, _ in parts]
+    else:
+        shards = expand_shards(cfg.shards, so)
     logger.info("index: %d shards from %s -> %s", len(shards), cfg.shards, cfg.out)
     resumed = claim_output(cfg.out, layout.CONFIG_NAME, to_dict(cfg), cfg.mode, IndexConfig.RESUME_KEYS, so)
     if resumed:
         logger.info("index: resuming the run already in %s", cfg.out)
 
-    spec = ray.get(
-        embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
-            cfg.embedder, cfg.weights, cfg.embedder_options
+    if imported:
+        shape = clip_import.npy_shape(shards[0], so)
+        spec = clip_import.clip_spec(cfg.embedder_options, shape[-1])
+    else:
+        spec = ray.get(
+            embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
+                cfg.embedder, cfg.weights, cfg.embedder_options
+            )
         )
-    )
     fingerprint = spec_fingerprint(spec)
 
     with timed("embed", timings):
-        stats = _embed_all(cfg, shards, fingerprint)
+        if imported:
+            stats = _import_all(cfg, parts, fingerprint, int(spec["dim"]))
+        else:
+            stats = _embed_all(cfg, shards, fingerprint)
 
     counts = {shard: int(s["count"]) for shard, s in stats.items()}
     plan = plan_index(
@@ -187,6 +199,50 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
             f"{len(outcome.failed)} shard(s) failed after {cfg.retries + 1} attempts; the other shards are done "
             f"and a rerun resumes from here:\n{listing}"
         )
+    return stats
+
+
+_import = ray.remote(clip_import.import_part)
+
+
+def _import_all(
+    cfg: IndexConfig, parts: list[tuple[str, str]], fingerprint: str, dim: int
+) -> dict[int, dict[str, Any]]:
+    """Precomputed clip-retrieval parts → embedding shards, in parallel CPU tasks; finished ones are skipped."""
+    so = cfg.storage_options
+    done = finished_shards(cfg.out, so)
+    for shard, s in done.items():
+        if (
+            shard >= len(parts)
+            or s.get("source") != parts[shard][0]
+            or s.get("embedder_fingerprint") != fingerprint
+        ):
+            raise CopyscanError(
+                f"{cfg.out} holds shard {shard:05d} from {s.get('source')} with other settings: the input "
+                "changed. Use mode=overwrite or another output."
+            )
+    todo = [(i, part) for i, part in enumerate(parts) if i not in done]
+    logger.info("import: %d of %d parts already done, %d to go", len(done), len(parts), len(todo))
+    stats = dict(done)
+    progress = Progress("import", len(todo), unit="parts", item="vectors")
+
+    def on_result(item, result):
+        stats[item[0]] = result
+        progress.update(1, int(result["count"]))
+
+    outcome = run_tasks(
+        lambda item: _import.options(num_cpus=cfg.fill_cpus).remote(
+            cfg.out, item[0], item[1][0], item[1][1], fingerprint, dim, so
+        ),
+        todo,
+        max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
+        retries=cfg.retries,
+        on_result=on_result,
+        describe=lambda item: f"part {item[0]:05d} ({item[1][0]})",
+    )
+    if outcome.failed:
+        listing = "\n".join(f"  part {i:05d} {emb}: {err}" for (i, (emb, _)), err in outcome.failed)
+        raise CopyscanError(f"{len(outcome.failed)} part(s) failed; the others are done:\n{listing}")
     return stats
 
 

@@ -184,6 +184,11 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     so = cfg.storage_options
     t0 = time.time()
     manifest = load_manifest(cfg.index, so)
+    if manifest["embedder"]["name"] == "laion-clip":
+        raise CopyscanError(
+            f"{cfg.index} was imported from precomputed embeddings: it has no images to copy for calibration; "
+            "scan with threshold=<score_norm value> (or calibrate an index of the same images built from shards)"
+        )
     weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
     embedder = load_embedder(
         manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
