@@ -103,13 +103,19 @@ def test_index_and_scan_as_a_ray_job(ray_head, laion_shards, tmp_path):
     runtime_env = yaml.safe_load((REPO / "infra" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
     client = JobSubmissionClient(ray_head)
-    job = client.submit_job(
-        entrypoint=(
-            f"python -m jobs.index --shards {laion_shards.folder} --out {index_out} && "
-            f"python -m jobs.scan --index {index_out} --queries {queries} --out {scan_out}"
-        ),
-        runtime_env=runtime_env,
+    entrypoint = (
+        f"python -m jobs.index --shards {laion_shards.folder} --out {index_out} && "
+        f"python -m jobs.scan --index {index_out} --queries {queries} --out {scan_out}"
     )
+    deadline = time.time() + 120
+    while True:  # the dashboard answers before the node's job agent has registered with it
+        try:
+            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
     deadline = time.time() + 480
     while (status := client.get_job_status(job)) not in {
         JobStatus.SUCCEEDED,
