@@ -166,8 +166,8 @@ def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, g
     ivf_url = str(tmp_path / "ivf")
     manifest = index(laion_shards.folder, ivf_url, flat_threshold=0, max_code_bytes=64)
     assert manifest["index"]["factory"].startswith("IVF") and manifest["index"]["factory"].endswith("np")
-    # Half the collection as candidates: the PQ ordering (trained on 60 points) decides what is re-ranked.
-    scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=30, k=10)
+    # Two thirds of the collection as candidates: the PQ ordering (trained on 60 points) decides what is re-ranked.
+    scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=40, k=10)
     scan(flat_url, str(folder), str(tmp_path / "scan_flat"), k=10)
     ivf = pq.read_table(str(tmp_path / "scan_ivf" / "matches")).to_pylist()
     flat = pq.read_table(str(tmp_path / "scan_flat" / "matches")).to_pylist()

@@ -36,6 +36,18 @@ def _free_port() -> int:
 def ray_head():
     """A Ray head (2 CPUs, dashboard + job server) in its own process group; yields the dashboard URL."""
     gcs_port, dashboard_port = _free_port(), _free_port()
+    # Every per-node service on its own free port: the session's Ray (another cluster on this host) holds the
+    # default ones (e.g. the dashboard agent's 52365), and a head whose agent cannot bind accepts no jobs.
+    node_ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+        )
+    ]
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -59,6 +71,7 @@ def ray_head():
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
+            *node_ports,
         ],
         env=env,
         start_new_session=True,
