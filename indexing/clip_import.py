@@ -38,19 +38,15 @@ _PART = re.compile(r"img_emb_(\d+)\.npy$")
 def clip_spec(options: dict[str, Any] | None, dim: int) -> dict[str, Any]:
     """The embedder spec of CLIP vectors of model ``options["model"]``: the same for the imported vectors and
     for the query encoder, so that a scan checks the two agree (name, model, preprocessing, dim)."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise CopyscanError(f"unknown {NAME} options {unknown}; known: {', '.join(OPTIONS)}")
+    from indexing.embedders import size_option
+
+    options, size = size_option(NAME, options, OPTIONS, DEFAULT_SIZE)
     model = options.get("model")
     if not model or not isinstance(model, str):
         raise CopyscanError(
             f"{NAME} needs the CLIP model its vectors come from, e.g. embedder_options={{model: ViT-L-14}} "
             "(LAION-2B's published embeddings are ViT-L/14)"
         )
-    size = options.get("size", DEFAULT_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise CopyscanError(f"{NAME} option size must be a positive integer, got {size!r}")
     return {
         "name": NAME,
         "model": model,

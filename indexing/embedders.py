@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -75,15 +75,36 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: (n, 3, S, S) uint8 RGB → (n, dim) float32, L2-normalised."""
+        return self._run(self.module, pixels)
+
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray) -> np.ndarray:
+        """``fn`` on ``pixels`` on this embedder's device (fp16 autocast on CUDA); L2-normalised along the last
+        axis, as float32 on the host."""
         # pixels may be a read-only view of a Ray object: copy into a tensor torch may write to.
         x = torch.tensor(pixels).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
-                y = self.module(x)
+                y = fn(x)
         else:
-            y = self.module(x)
-        y = torch.nn.functional.normalize(y.float(), dim=1)
+            y = fn(x)
+        y = torch.nn.functional.normalize(y.float(), dim=-1)
         return y.cpu().numpy().astype(np.float32, copy=False)
+
+
+def size_option(
+    name: str, options: dict[str, Any] | None, known: Sequence[str], default: int, multiple: int = 1
+) -> tuple[dict[str, Any], int]:
+    """Validate embedder ``name``'s options (only ``known`` keys) and return them with the input ``size``
+    (default ``default``; a positive integer, a multiple of ``multiple``)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise CopyscanError(f"unknown {name} options {unknown}; known: {', '.join(known)}")
+    size = options.get("size", default)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % multiple:
+        what = "a positive integer" if multiple == 1 else f"a positive multiple of {multiple}"
+        raise CopyscanError(f"{name} option size must be {what} (pixels), got {size!r}")
+    return options, size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,13 +207,7 @@ class SSCDEmbedder(Embedder):
                 "the sscd embedder needs its weights: give a local path or URL of a released SSCD TorchScript "
                 "file, e.g. weights=/models/sscd_disc_mixup.torchscript.pt (copyscan does not download them)"
             )
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise CopyscanError(f"unknown sscd options {unknown}; known: {', '.join(self.OPTIONS)}")
-        size = options.get("size", sscd.DEFAULT_SIZE)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise CopyscanError(f"sscd option size must be a positive integer (pixels), got {size!r}")
+        _, size = size_option("sscd", options, self.OPTIONS, sscd.DEFAULT_SIZE)
 
         local = _fetch_weights(weights)
         self.device = pick_device(device)
@@ -239,15 +254,7 @@ class DinoEmbedder(Embedder):
                 "the dino-vitb16 embedder needs its weights: give a local path or URL of DINO's released ViT-B/16 "
                 "backbone, e.g. weights=/models/dino_vitbase16_pretrain.pth (copyscan does not download them)"
             )
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise CopyscanError(f"unknown dino-vitb16 options {unknown}; known: {', '.join(self.OPTIONS)}")
-        size = options.get("size", self.DEFAULT_SIZE)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % self.PATCH_SIZE:
-            raise CopyscanError(
-                f"dino-vitb16 option size must be a positive multiple of {self.PATCH_SIZE} (pixels), got {size!r}"
-            )
+        _, size = size_option("dino-vitb16", options, self.OPTIONS, self.DEFAULT_SIZE, self.PATCH_SIZE)
 
         local = _fetch_weights(weights)
         state_dict = vit.load_dino_state_dict(local)
@@ -278,14 +285,7 @@ class DinoEmbedder(Embedder):
 
         Row-major over the (S/16) × (S/16) patch grid; the CLS token (``embed``) is not included.
         """
-        x = torch.tensor(pixels).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                y = self.module.tokens(x)
-        else:
-            y = self.module.tokens(x)
-        y = torch.nn.functional.normalize(y.float(), dim=-1)
-        return y.cpu().numpy().astype(np.float32, copy=False)
+        return self._run(self.module.tokens, pixels)
 
 
 class ClipEmbedder(Embedder):
