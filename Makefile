@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.copyscan-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser
 
 install: $(STAMP)
 
@@ -21,7 +21,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/copyscan demo
 
-test: $(STAMP)
+# The HTML report is tested in Debian's Chromium; installed here when missing and run as root (CI).
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "make test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

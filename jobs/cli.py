@@ -1,4 +1,4 @@
-"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``query`` and ``demo``."""
+"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``report``, ``query`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ COMMANDS = {
     "nightly": (
         "jobs.nightly",
         "scan a checkpoint's generations, append to the history, exit 3 on a significant rise",
+    ),
+    "report": (
+        "jobs.report",
+        "statistics (gen→train vs train→train), duplicates and a self-contained HTML report of a scan",
     ),
     "query": ("jobs.query", 'SQL over scan results with DuckDB: copyscan query RUN [RUN ...] "SELECT ..."'),
     "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),

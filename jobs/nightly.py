@@ -3,7 +3,8 @@
 Scans the generations (made elsewhere: copyscan does not run the diffusion model) into
 ``HISTORY/runs/CHECKPOINT``, appends the checkpoint's row to ``HISTORY/history/``, compares its replication
 rate with the previous checkpoint and the pinned ``--baseline``, and writes
-``HISTORY/regression/CHECKPOINT.json`` (see ``search/history.py``). Exit status: 0 when the rate did not rise
+``HISTORY/regression/CHECKPOINT.json`` (see ``search/history.py``) and the checkpoint's report with the trend
+across checkpoints, ``HISTORY/reports/CHECKPOINT/report.html`` (``copyscan report``). Exit status: 0 when the rate did not rise
 significantly, 3 when it did, 2 on errors. Rerunning a night resumes its scan.
 """
 
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", required=True, help="URL of the history (runs, history rows, reports)")
     parser.add_argument("--baseline", help="pinned checkpoint to compare with as well as the previous one")
     parser.add_argument("--alpha", type=float, default=0.01, help="significance of a rise (default 0.01)")
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip HISTORY/reports/CHECKPOINT (the HTML report)"
+    )
     add_common_arguments(parser)
 
 
@@ -54,6 +58,20 @@ def run(args: argparse.Namespace) -> int:
         storage.write_json(storage.join(args.history, "regression", f"{args.checkpoint}.json"), report, so)
         print(json.dumps(report, indent=2))
         outcome["regression"] = report["regression"]
+        if not args.no_report:
+            from search.report import ReportConfig, run_report
+
+            report_out = storage.join(args.history, "reports", history._safe(args.checkpoint))
+            run_report(
+                ReportConfig(
+                    run=scan_out,
+                    out=report_out,
+                    history=args.history,
+                    cache_dir=cfg.cache_dir,
+                    storage_options=dict(so),
+                )
+            )
+            print(f"report: {report_out}/report.html")
 
     status = run_job(args, body)
     if status == 0 and outcome.get("regression"):

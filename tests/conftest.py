@@ -255,3 +255,67 @@ def laion_shards_s3(s3_server: S3Server, laion_shards: LaionShards) -> LaionShar
         storage_options=dict(s3_server.storage_options),
         key_of_source=dict(laion_shards.key_of_source),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Headless Chromium (Debian's package) for the HTML report
+
+
+CHROMIUM = os.environ.get("COPYSCAN_CHROMIUM", "/usr/bin/chromium")
+# No background connections: this machine's network is closed and Chromium would retry them at every start.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (no browser download: ``executable_path``)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"{CHROMIUM} not found: install Debian's chromium (`make test` does it when run as root: "
+            "apt-get install chromium) or set COPYSCAN_CHROMIUM"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class LoadedPage:
+    page: Any
+    console_errors: list[str]
+    seconds: float
+
+
+@pytest.fixture
+def open_page(browser: Any) -> Iterator[Any]:
+    """``open_page(path)`` → LoadedPage: the page loaded until ``body[data-ready]``, errors collected."""
+    import time
+
+    contexts = []
+
+    def load(path: str) -> LoadedPage:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+        t0 = time.perf_counter()
+        page.goto(Path(path).resolve().as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        return LoadedPage(page, errors, time.perf_counter() - t0)
+
+    yield load
+    for context in contexts:
+        context.close()

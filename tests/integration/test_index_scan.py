@@ -432,6 +432,94 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
     assert report["vs_previous"]["newly_matched_train_keys"]
     assert report["regression"], report  # few of 8 flagged, then (nearly) all of 8
     assert status == nightly.REGRESSION_EXIT
+    # the checkpoint's report shows the trend across checkpoints
+    page = (tmp_path / "history" / "reports" / "ckpt-b" / "report.html").read_text()
+    assert "Trend across checkpoints" in page and "ckpt-a" in page and '<svg class="trend"' in page
     # an index without calibration gives no rate: a clear error, exit status 2
     bare = ["--checkpoint", "c", "--generations", str(clean), "--index", local_index[0], "--history", history]
     assert nightly.main(bare) == 2
+
+
+def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page, tmp_path):
+    """copyscan report: Somepalli statistics, duplicates, and a self-contained page that works in Chromium."""
+    from jobs import report as report_job
+    from search import html
+
+    index_url = calibrated[0]
+    folder, truth = generated
+    run = str(tmp_path / "scan")
+    summary = scan(index_url, str(folder), run)
+    assert report_job.main([run, "train_sample=60", "resamples=200"]) == 0
+    out = Path(run) / "report"
+    result = json.loads((out / "stats.json").read_text())
+    threshold = summary["threshold"]
+    assert result["column"] == threshold["column"] == "score_norm"
+    block = result["columns"]["score_norm"]
+    assert block["gen_train"]["n"] == len(truth) and block["train_train"]["n"] == 60
+    assert threshold["value"] in block["thresholds"] and 0.5 in block["thresholds"]
+    flagged = block["gen_train"]["above"][f"{threshold['value']:g}"]
+    assert flagged["count"] == summary["flagged"]
+    assert flagged["ci95"][0] <= flagged["fraction"] <= flagged["ci95"][1]
+    # copies were planted: generations sit to the right of the training images' nearest other image
+    assert block["shift"]["mean_difference"] > 0
+    hist = pq.read_table(out / "histograms.parquet")
+    assert hist.num_rows == 3 * 2 * 200
+    sims = pq.read_table(out / "similarities.parquet")
+    assert pc.sum(pc.equal(sims["distribution"], "gen_train")).as_py() == len(truth)
+    train_rows = sims.filter(pc.equal(sims["distribution"], "train_train"))
+    assert train_rows.num_rows == 60 and pc.all(pc.not_equal(train_rows["neighbour"], -1)).as_py()
+    dups = pq.read_table(out / "duplicates.parquet")
+    matched = dups.filter(pc.equal(dups["group"], "matched"))
+    assert result["duplicates"]["matched"]["images"] == matched.num_rows > 0
+    assert result["gallery_rows"] == len(truth) and result["gallery_missing"] == {}
+
+    loaded = open_page(str(out / "report.html"))
+    page = loaded.page
+    assert loaded.console_errors == []
+    assert page.locator("tr.gallery-row").count() == len(truth)
+    assert page.locator("#gallery-count").text_content().startswith(f"{len(truth)} of {len(truth)} matches")
+    images = page.locator("tr.gallery-row img")
+    assert images.count() == 2 * len(truth)
+    assert all(
+        src.startswith("data:image/jpeg;base64,") for src in images.evaluate_all("e => e.map(i => i.src)")
+    )
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("svg.hist").count() == 3
+    page.check("#f-copies")
+    assert page.locator("tr.gallery-row").count() == summary["flagged"]
+    page.uncheck("#f-copies")
+    page.fill("#f-min", "1.5")
+    assert page.locator("tr.gallery-row").count() == 0
+    page.fill("#f-min", "")
+    page.screenshot(path=str(out / "report.png"), full_page=True)
+    assert (out / "report.png").stat().st_size > 10_000
+    assert loaded.console_errors == []
+
+    # 10,000 matches: the page renders one page of 100 rows, sorts and filters them all
+    base = pq.read_table(os.path.join(run, "matches")).to_pylist()
+    rows = []
+    for i in range(10_000):
+        row = dict(base[i % len(base)], query_id=f"gen-{i:05d}", score=float(i) / 10_000)
+        row["query_thumb"] = row["train_thumb"] = None
+        row["caption"] = "</script><b>not markup</b>" if i == 0 else row["caption"]
+        rows.append(row)
+    dist = {c: (np.asarray([r[c] for r in rows], float), np.asarray([0.1, 0.2])) for c in ("score",)}
+    big = dict(result, column="score", gallery_rows=len(rows), gallery_thumbnails=0)
+    big_page = tmp_path / "big.html"
+    big_page.write_text(html.render(big, dist, rows, history=[]), encoding="utf-8")
+    loaded = open_page(str(big_page))
+    page = loaded.page
+    assert loaded.console_errors == []
+    assert page.locator("tr.gallery-row").count() == 100
+    assert "10000 of 10000 matches; page 1 of 100" in page.locator("#gallery-count").text_content()
+    first = page.locator("tr.gallery-row").first.locator("td").nth(7).text_content()
+    assert first == "gen-09999"  # sorted by score, descending
+    page.fill("#f-min", "0.995")
+    assert page.locator("tr.gallery-row").count() == 50
+    page.locator("th[data-key=score]").click()  # same key: ascending
+    assert page.locator("tr.gallery-row").first.locator("td").nth(7).text_content() == "gen-09950"
+    page.fill("#f-min", "")
+    page.locator("th[data-key=score]").click()  # ascending → descending: gen-00000 last
+    page.click("#f-next")
+    assert "page 2 of 100" in page.locator("#gallery-count").text_content()
+    assert page.locator("b").count() == 0  # the caption stayed text
