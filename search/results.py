@@ -14,6 +14,7 @@ Layout of a scan output ``OUT``::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,11 @@ MATCHES_SCHEMA = pa.schema(
         ("row", pa.int32()),
         ("query_source", pa.string()),  # URL of the query file or shard
         ("chunk", pa.int32()),
+        # pixel verification (scan option verify_pixels, search/verify.py); null where not verified
+        ("pixel_l2", pa.float32()),  # RMS pixel difference in [0, 1] after alignment (Carlini et al.'s l2)
+        ("tiled_l2", pa.float32()),  # max over 4 x 4 tiles of the tile's RMS difference
+        ("extracted", pa.bool_()),  # tiled_l2 < extraction_delta (0.15)
+        ("verify_error", pa.string()),  # why a selected pair has no distances (train_key_not_found, ...)
     ]
 )
 
@@ -101,6 +107,10 @@ def matches_table(
         "row": row.astype(np.int32),
         "query_source": [records[q].get("url") for q in q_idx],
         "chunk": np.full(len(ids), chunk, dtype=np.int32),
+        "pixel_l2": pa.nulls(len(ids), pa.float32()),
+        "tiled_l2": pa.nulls(len(ids), pa.float32()),
+        "extracted": pa.nulls(len(ids), pa.bool_()),
+        "verify_error": pa.nulls(len(ids), pa.string()),
     }
     return pa.table(columns, schema=MATCHES_SCHEMA)
 
@@ -115,12 +125,19 @@ def write_chunk(
     marker: dict[str, Any],
     storage_options: storage.StorageOptions | None = None,
     threshold: dict[str, Any] | None = None,
+    verify: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Write a chunk's query vectors, matches and, last, its marker. Returns the marker."""
+    """Write a chunk's query vectors, matches and, last, its marker. Returns the marker.
+
+    ``verify`` (``search.verify.verify_matches`` bound to the index) sets the pixel columns of the
+    matches before they are written; its counts go into the marker under ``verify``."""
     storage.save_npy(query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
     ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
     storage.write_parquet(query_ids_url(out, chunk), ids, storage_options)
     table = matches_table(records, result, chunk, threshold)
+    verify_stats = None
+    if verify is not None:
+        table, verify_stats = verify(table)
     storage.write_parquet(matches_url(out, chunk), table, storage_options)
     top1 = result.D[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
     top1_norm = result.D_norm[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
@@ -138,6 +155,7 @@ def write_chunk(
         else int(pc.sum(pc.and_(pc.equal(table["rank"], 0), table["is_copy"])).as_py() or 0),
         "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
         "top1_scores_norm": [float(x) for x in top1_norm[np.isfinite(top1_norm)]],
+        "verify": verify_stats,  # None: pixel verification off
     }
     storage.write_json(chunk_marker_url(out, chunk), marker, storage_options)
     return marker
@@ -180,11 +198,36 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if any(m.get("flagged") is None for m in markers.values())
         else sum(m["flagged"] for m in markers.values()),
     }
+    verification = summarize_verification(markers)
+    if verification is not None:
+        summary["verification"] = verification
     for name, key in (("top1_score", "top1_scores"), ("top1_score_norm", "top1_scores_norm")):
         values = np.array([s for m in markers.values() for s in m.get(key, [])], dtype=np.float64)
         if len(values):
             summary[name] = _distribution(values)
     return summary
+
+
+def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Run-level pixel-verification counts from the chunk markers (None when no chunk was verified).
+
+    ``extracted_queries``: generations with at least one (l2, delta)-extracted match; ``errors``: pairs
+    that could not be verified, by reason."""
+    verified = [m["verify"] for m in markers.values() if m.get("verify")]
+    if not verified:
+        return None
+    by_reason: dict[str, int] = {}
+    for v in verified:
+        for reason, count in v["verify_errors"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    return {
+        "chunks": len(verified),
+        "pairs": sum(v["verify_pairs"] for v in verified),
+        "verified": sum(v["verified"] for v in verified),
+        "extracted": sum(v["extracted"] for v in verified),
+        "extracted_queries": sum(v["extracted_queries"] for v in verified),  # chunks hold distinct queries
+        "errors": dict(sorted(by_reason.items())),
+    }
 
 
 def open_matches(out: str, storage_options: storage.StorageOptions | None = None) -> pads.Dataset:

@@ -27,6 +27,15 @@ class ScanConfig:
     # somepalli (score_raw >= 0.5), duplicate (score_raw >= 0.95), a score_norm value, or none
     threshold: str | float = "p90"
 
+    # Pixel verification (Carlini et al.): the top ``verify_pixels`` matches of every query are re-fetched
+    # (training image from its shard, generation from its source), aligned to verify_size px, and get
+    # pixel_l2, tiled_l2 and extracted = tiled_l2 < extraction_delta; 0 = off. search/verify.py
+    verify_pixels: int = 0
+    extraction_delta: float = 0.15
+    verify_size: int = 512  # both images: short side resized to this, centre crop (verify_fit=crop) or squash
+    verify_fit: str = "crop"
+    verify_threads: int = 8  # fetch and decode threads
+
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
     max_image_pixels: int = 64_000_000
@@ -54,6 +63,10 @@ class ScanConfig:
         "weights",
         "beta",
         "threshold",
+        "verify_pixels",
+        "extraction_delta",
+        "verify_size",
+        "verify_fit",
     )
 
     @property
@@ -78,5 +91,19 @@ class ScanConfig:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
         if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
             problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        if not 0 <= self.verify_pixels <= self.k:
+            problems.append(
+                f"verify_pixels must be between 0 (off) and k ({self.k}), not {self.verify_pixels}"
+            )
+        if self.verify_size <= 0 or self.verify_size % 4:
+            problems.append(
+                f"verify_size must be a positive multiple of 4 (4 x 4 tiles), not {self.verify_size}"
+            )
+        if self.extraction_delta <= 0:
+            problems.append("extraction_delta must be positive")
+        if self.verify_fit not in ("crop", "squash"):
+            problems.append(f"verify_fit must be crop or squash, not {self.verify_fit!r}")
+        if self.verify_threads <= 0:
+            problems.append("verify_threads must be positive")
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

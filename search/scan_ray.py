@@ -32,6 +32,7 @@ from search.queries import QueryChunk, plan_query_chunks
 from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
 from search.scan_config import ScanConfig
 from search.searcher import ShardResult, ShardSearcher
+from search.verify import VerifySpec, verify_matches
 
 logger = logging.getLogger("copyscan")
 
@@ -165,6 +166,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
             "scan: is_copy = %s >= %.4f (%s)", threshold["column"], threshold["value"], threshold["source"]
         )
 
+    verify = _verifier(cfg, manifest)
     failed: list[tuple[QueryChunk, str]] = []
     if todo:
         fanout = _Fanout(cfg, manifest)
@@ -178,6 +180,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
                 weights,
                 options,
                 threshold,
+                verify,
             )
         finally:
             fanout.close()
@@ -193,6 +196,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "queries_spec": cfg.queries,
         "k": cfg.k,
         "threshold": threshold or {"name": str(cfg.threshold), "calibrated": False},
+        "extraction_delta": cfg.extraction_delta if cfg.verify_pixels else None,
         **summarize(markers),
         "chunks_total": len(chunks),
         "failed_chunks": [{"chunk": c.chunk, "source": c.describe(), "error": err} for c, err in failed],
@@ -214,6 +218,37 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     return summary
 
 
+def _verifier(cfg: ScanConfig, manifest: dict[str, Any]):
+    """``verify`` for write_chunk: pixel verification of the top ``verify_pixels`` ranks, or None (off)."""
+    if not cfg.verify_pixels:
+        return None
+    if not any(str(e.get("source", "")).endswith(".tar") for e in manifest.get("embedding_shards", [])):
+        logger.warning(
+            "scan: %s holds no image shards (imported embeddings?); every pixel verification will fail "
+            "with train_no_source",
+            cfg.index,
+        )
+    spec = VerifySpec(
+        ranks=cfg.verify_pixels,
+        size=cfg.verify_size,
+        delta=cfg.extraction_delta,
+        fit=cfg.verify_fit,
+        threads=cfg.verify_threads,
+        limits=DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side),
+    )
+    logger.info(
+        "scan: pixel verification of the top %d match(es) per query at %d px, extracted = tiled l2 < %g",
+        spec.ranks,
+        spec.size,
+        spec.delta,
+    )
+
+    def verify(table):
+        return verify_matches(table, manifest, cfg.index, spec, cfg.storage_options)
+
+    return verify
+
+
 def _scan_chunks(
     cfg: ScanConfig,
     todo: list[QueryChunk],
@@ -223,6 +258,7 @@ def _scan_chunks(
     weights: str | None,
     options: dict,
     threshold: dict | None,
+    verify=None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -250,6 +286,10 @@ def _scan_chunks(
 
     def on_result(chunk: QueryChunk, embedded: EmbeddedSource) -> None:
         t0 = time.perf_counter()
+        if chunk.kind == "tar":
+            # a query's source is its shard (the sample's JSON url, if any, is not where its bytes are):
+            # what pixel verification and reports re-read it from, with query_id as the key
+            embedded.records = [{**r, "url": chunk.urls[0]} for r in embedded.records]
         try:
             if len(embedded.records):
                 result = fanout.search(embedded.xb)
@@ -272,6 +312,7 @@ def _scan_chunks(
                 },
                 so,
                 threshold,
+                verify,
             )
         except (CopyscanError, RayActorError, OSError) as exc:
             logger.error("%s failed: %s", chunk.describe(), exc)
