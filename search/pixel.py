@@ -11,9 +11,9 @@ LAION image, so a memorised generation lines up with its source), or squashed to
 target size are decoded at a reduced DCT scale first (``Image.draft``, never below ``size``), which is
 what keeps decode-included verification fast; it changes distances by far less than δ.
 
-Distances are computed with torch on float32 copies of uint8 pixels (no Python loop over pairs or tiles):
-``pixel_distances`` for aligned pairs, ``pairwise_tiled`` for all pairs of a group, where each tile's
-squared distances come from one matrix product, ``(‖a‖² + ‖b‖² − 2⟨a, b⟩) / d``.
+Distances are vectorised over pixels and tiles (no Python loop over either): ``pixel_distances`` for
+aligned pairs (exact integer arithmetic on uint8 pixels), ``pairwise_tiled`` for all pairs of a group,
+where each tile's squared distances come from one matrix product (torch), ``(‖a‖² + ‖b‖² − 2⟨a, b⟩) / d``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ DEFAULT_TILES = 4
 EXTRACTION_DELTA = 0.15  # Carlini et al.'s δ for near-pixel-perfect copies (tiled ℓ2)
 FITS = ("crop", "squash")
 RESAMPLE = Image.Resampling.BICUBIC
-# Pairs per torch batch in pixel_distances: 2 × 32 × 512² × 3 float32 ≈ 200 MB at most.
-PAIR_BATCH = 32
 
 
 def align(img: Image.Image, size: int = DEFAULT_SIZE, fit: str = "crop") -> np.ndarray:
@@ -100,6 +98,21 @@ def _check_tiles(size: int, tiles: int) -> int:
     return size // tiles
 
 
+def _tile_ms(a: np.ndarray, b: np.ndarray, tiles: int, side: int) -> np.ndarray:
+    """Mean squared difference per tile of one aligned pair: (tiles, tiles) float64."""
+    if a.dtype == np.uint8 and b.dtype == np.uint8:
+        d = a.astype(np.int32)  # exact integer arithmetic: 255² · 3 · side² fits int64 sums
+        d -= b
+        scale = side * side * 3 * 255.0**2
+    else:
+        d = np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)
+        scale = side * side * 3
+    d *= d
+    # rows of a tile are contiguous runs of side·3 values: reduce those first, then the tile's rows
+    sums = d.reshape(tiles, side, tiles, side * 3).sum(axis=3, dtype=np.float64).sum(axis=1)
+    return sums / scale
+
+
 def pixel_distances(
     a: np.ndarray, b: np.ndarray, tiles: int = DEFAULT_TILES
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -108,22 +121,19 @@ def pixel_distances(
     a, b: (n, S, S, 3), uint8 (read as value / 255) or float in [0, 1]; S divisible by ``tiles``.
     Returns (l2, tiled_l2), each (n,) float32: RMS over all pixels, and the max over the tiles × tiles
     tiles of each tile's RMS.
+
+    Vectorised within a pair (every tile at once); pairs go one at a time because a pair's temporaries
+    (3 MB at 512 px) stay in cache, which measured 2x faster than batching pairs on a 2-core machine.
     """
     if a.shape != b.shape or a.ndim != 4 or a.shape[1] != a.shape[2] or a.shape[3] != 3:
         raise ValueError(f"expected two (n, S, S, 3) arrays of one shape, got {a.shape} and {b.shape}")
     n, size = a.shape[0], a.shape[1]
     side = _check_tiles(size, tiles)
-    l2 = np.empty(n, dtype=np.float32)
-    tiled = np.empty(n, dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, n, PAIR_BATCH):
-            stop = min(n, start + PAIR_BATCH)
-            diff = _as_float(a[start:stop]) - _as_float(b[start:stop])
-            # (m, ty, side, tx, side, 3) → mean squared difference per tile: (m, ty, tx)
-            tile_ms = diff.square_().reshape(stop - start, tiles, side, tiles, side, 3).mean(dim=(2, 4, 5))
-            l2[start:stop] = tile_ms.mean(dim=(1, 2)).sqrt_().numpy()  # equal-size tiles: mean of means
-            tiled[start:stop] = tile_ms.amax(dim=(1, 2)).sqrt_().numpy()
-    return l2, tiled
+    ms = np.empty((n, tiles, tiles), dtype=np.float64)
+    for i in range(n):
+        ms[i] = _tile_ms(a[i], b[i], tiles, side)
+    # equal-size tiles: the mean over pixels is the mean of the tile means
+    return np.sqrt(ms.mean(axis=(1, 2))).astype(np.float32), np.sqrt(ms.max(axis=(1, 2))).astype(np.float32)
 
 
 def tile_vectors(x: np.ndarray | torch.Tensor, tiles: int = DEFAULT_TILES) -> torch.Tensor:
