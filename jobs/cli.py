@@ -1,4 +1,5 @@
-"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``report``, ``query`` and ``demo``."""
+"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``report``,
+``memorized``, ``query`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ COMMANDS = {
     "report": (
         "jobs.report",
         "statistics (gen→train vs train→train), duplicates and a self-contained HTML report of a scan",
+    ),
+    "memorized": (
+        "jobs.memorized",
+        "flag prompts whose generations form a clique of near-identical images (Carlini et al.)",
     ),
     "query": ("jobs.query", 'SQL over scan results with DuckDB: copyscan query RUN [RUN ...] "SELECT ..."'),
     "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),

@@ -123,6 +123,44 @@ def trend_svg(history: Sequence[dict[str, Any]], width: int = 640, height: int =
     return "".join(parts)
 
 
+def memorized_section(
+    url: str,
+    prompts: Sequence[dict[str, Any]],
+    thumbs: dict[tuple[str | None, str], dict[str, str | None]],
+    per_prompt: int,
+) -> str:
+    """Flagged prompts of ``copyscan memorized`` (``search.memorized.memorized_for_report``), each with
+    its clique's images; ``thumbs``: (source, key) → {"src", "reason"}."""
+    if not prompts:
+        return f"<h2>Memorised prompts</h2><p>No prompt of {_e(url)} has a clique large enough to flag.</p>"
+    first = prompts[0]
+    blocks = []
+    for p in prompts:
+        cells = []
+        for m in p["members"][:per_prompt]:
+            t = thumbs.get((m["source"], m["key"])) or {}
+            inner = (
+                f'<img src="{_e(t["src"])}" alt="{_e(m["key"])}">'
+                if t.get("src")
+                else f'<span class="missing">{_e(t.get("reason") or "not shown")}</span>'
+            )
+            cells.append(
+                f'<figure class="member"><div class="thumb">{inner}</div><figcaption>{_e(m["key"])}<br>'
+                f"{_num(m['mean_distance'], 3)}</figcaption></figure>"
+            )
+        exact = "" if p["clique_exact"] else " (search budget reached: a lower bound)"
+        blocks.append(
+            f'<div class="clique"><h3>#{p["rank"]}: {_e(p["prompt"])}</h3><p>clique of {p["clique_size"]}'
+            f"{exact} among {p['n_generations']} generations; mean tiled ℓ2 {_num(p['mean_distance'], 4)}, "
+            f"max {_num(p['max_distance'], 4)}</p>{''.join(cells)}</div>"
+        )
+    return (
+        f"<h2>Memorised prompts</h2><p>{len(prompts)} prompt(s) of {_e(url)} whose generations contain a "
+        f"clique of near-identical images (tiled ℓ2 at {_e(first['graph_size'])} px below "
+        f"{_e(first['edge_threshold'])}; Carlini et al.), closest first.</p>{''.join(blocks)}"
+    )
+
+
 def _stats_table(per_column: dict[str, Any]) -> str:
     head = (
         "<tr><th>column</th><th>distribution</th><th>n</th><th>mean</th><th>std</th><th>p75</th>"
@@ -153,6 +191,7 @@ th.sortable{cursor:pointer;background:#f3f3f3}th.sortable:hover{background:#e6e6
 .thumb{position:relative;display:inline-block;min-width:64px;min-height:32px;background:#f3f3f3}
 .thumb img{display:block;max-width:128px;max-height:128px}.box{position:absolute;border:2px solid #e67e22}
 .missing{color:#999;font-size:12px}.copy{color:#c0392b;font-weight:600}.controls>*{margin-right:12px}
+.member{display:inline-block;margin:0 6px 6px 0;font-size:11px;color:#555;text-align:center}
 .caption{max-width:320px;font-size:12px;color:#444;word-break:break-word}
 """
 

@@ -70,6 +70,9 @@ class ReportConfig:
     thumb_size: int = 128  # longest side of an inlined thumbnail, pixels
     ranks: int = 1  # gallery rows per generation (1 = its best match)
     history: str = ""  # nightly history URL: adds the checkpoint trend
+    memorized: str = ""  # copyscan memorized output URL: adds the flagged prompts and their cliques
+    memorized_prompts: int = 50  # flagged prompts shown at most
+    memorized_images: int = 16  # clique members shown per prompt (closest to the rest first)
     candidates: int = 100
     nprobe: int = 0  # 0 = the index's default
     cache_dir: str = ""
@@ -299,6 +302,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     gallery = _gallery(cfg, table, column, manifest, index_url)
     seconds["gallery"] = round(time.time() - t1, 2)
     history = _history(cfg.history, so) if cfg.history else []
+    sections = [_memorized_section(cfg)] if cfg.memorized else []
 
     out = cfg.out_url
     result = {
@@ -323,7 +327,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     _write_tables(out, gen, top, tt, matched_ids, dup_matched, random_ids, dup_random, so)
     result["seconds"]["total"] = round(time.time() - t0, 2)
     storage.write_json(storage.join(out, "stats.json"), result, so)
-    page = html.render(result, {c: (gen[c], tt[c]) for c in COLUMNS}, gallery["rows"], history)
+    page = html.render(result, {c: (gen[c], tt[c]) for c in COLUMNS}, gallery["rows"], history, sections)
     storage.write_bytes(storage.join(out, "report.html"), page.encode("utf-8"), so)
     return result
 
@@ -395,6 +399,15 @@ def _gallery(
             if thumb and thumb["reason"]:
                 missing[thumb["reason"]] = missing.get(thumb["reason"], 0) + 1
     return {"rows": rows, "thumbnails": min(len(rows), cfg.thumbnails), "missing": missing}
+
+
+def _memorized_section(cfg: ReportConfig) -> str:
+    from search.memorized import memorized_for_report
+
+    prompts = memorized_for_report(cfg.memorized, cfg.storage_options, cfg.memorized_prompts)
+    requests = [(m["source"], m["key"]) for p in prompts for m in p["members"][: cfg.memorized_images]]
+    thumbs = thumbnails(requests, cfg.thumb_size, cfg.storage_options) if requests else {}
+    return html.memorized_section(cfg.memorized, prompts, thumbs, cfg.memorized_images)
 
 
 def _history(url: str, so) -> list[dict[str, Any]]:

@@ -70,6 +70,14 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     members = report[0]["members"]
     fetched = fetch_images([(m["source"], m["key"]) for m in members])
     assert all(f.data for f in fetched.values()) and len(fetched) == 12
+    # the HTML report's section: every clique member inlined, the prompt as text
+    from search import html
+    from search.report import thumbnails
+
+    thumbs = thumbnails([(m["source"], m["key"]) for m in members], 64)
+    section = html.memorized_section(out, report, thumbs, per_prompt=16)
+    assert section.count('<img src="data:image/jpeg;base64,') == 12 and "memorised prompt" in section
+    assert "clique of 12 among 15 generations" in section
 
     # resume: nothing to do; a task whose marker is lost is redone, and only that one
     assert job.main(args) == 0
