@@ -172,27 +172,29 @@ class ShardSearcher:
         return D_out, I_out, R_out
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1."""
-        shard, row = layout.unpack_ids(ids)
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        for s in np.unique(shard[shard >= 0]):
-            sel = shard == s
-            rows = row[sel]
-            order = np.argsort(rows)
-            # memmap fancy indexing is fastest on sorted rows
-            block = np.asarray(self.vectors[int(s)][rows[order]], dtype=np.float32)
-            filled = np.empty_like(block)
-            filled[order] = block
-            out[sel] = filled
-        return out
+        """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1.
+
+        One sort of all ids, then one fancy-index read per embedding shard on sorted rows (memmap reads
+        are fastest in order), scattered back into request order.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        half = np.zeros((len(ids), self.dim), dtype=np.float16)  # stored dtype: row copies, no casts
+        order = np.argsort(ids, kind="stable")
+        order = order[ids[order] >= 0]
+        shard, row = layout.unpack_ids(ids[order])
+        starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if len(shard) else np.zeros(0, int)
+        for lo, hi in zip(starts, np.r_[starts[1:], len(shard)][: len(starts)], strict=True):
+            half[order[lo:hi]] = self.vectors[int(shard[lo])][row[lo:hi]]
+        return half.astype(np.float32)  # one contiguous cast (a casting scatter is ~1.5x slower)
 
     def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Metadata of every id in ``I`` (any shape, int64 packed ids; -1 skipped)."""
         meta: dict[int, dict[str, Any]] = {}
-        for i in np.unique(I[I >= 0]):
-            shard, row = layout.unpack_ids(np.array([i]))
-            s, r = int(shard[0]), int(row[0])
+        unique = np.unique(I[I >= 0])
+        shards, rows = layout.unpack_ids(unique)
+        for i, s, r in zip(unique.tolist(), shards.tolist(), rows.tolist(), strict=True):
             columns = self.metadata[s]
-            meta[int(i)] = {
+            meta[i] = {
                 "train_key": columns["key"][r],
                 "train_url": columns["url"][r],
                 "caption": columns["caption"][r],

@@ -188,3 +188,22 @@ def test_learned_whitening_without_pairs_falls_back_to_pca(tmp_path):
     stats = write_collection(out, xb, 300)
     _, manifest = build(out, stats, 16, whitening="learned")
     assert manifest["whitening"]["kind"] == "pca" and "pairs" in manifest["whitening"]["fallback"]
+
+
+def test_gather_returns_stored_rows_in_request_order(tmp_path):
+    rng = np.random.default_rng(5)
+    d = 16
+    xb = clustered(900, d, 30, rng)
+    out = str(tmp_path / "idx")
+    stats = write_collection(out, xb, 300)
+    _, manifest = build(out, stats, d, flat_threshold=10_000, max_shard_vectors=600)
+    searcher = ShardSearcher(out, manifest, [0, 1])
+    shards = rng.integers(0, 3, 500)
+    rows = rng.integers(0, 300, 500)
+    ids = layout.pack_ids(0, rows) | (shards.astype(np.int64) << 32)  # shards mixed, repeats, unsorted
+    ids[::7] = -1
+    got = searcher.gather(ids)
+    stored = np.concatenate([np.load(layout.emb_url(out, s)) for s in range(3)]).astype(np.float32)
+    want = np.where((ids >= 0)[:, None], stored[shards * 300 + rows], 0.0)
+    np.testing.assert_array_equal(got, want)
+    assert searcher.gather(np.full(3, -1)).shape == (3, d) and not searcher.gather(np.full(3, -1)).any()
