@@ -118,6 +118,9 @@ def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
     for name in ("original_width", "original_height", "sha256"):
         if name in meta:
             record[name] = meta[name]
+    # generations (scan queries): the prompt they were made from, when their JSON sidecar names it
+    if isinstance(meta.get("prompt"), str):
+        record["prompt"] = meta["prompt"]
     # The image is indexed even when its JSON sidecar is broken; the problem is kept with the record.
     record["metadata_error"] = sample.problem
     return record

@@ -39,6 +39,8 @@ HISTORY_SCHEMA = pa.schema(
         ("rate_low", pa.float64()),  # Wilson 95 % interval
         ("rate_high", pa.float64()),
         ("matched_train_keys", pa.list_(pa.string())),  # training images matched by a flagged generation
+        # prompts with a flagged generation (generations from webdataset shards with a prompt/caption)
+        ("flagged_prompts", pa.list_(pa.string())),
     ]
 )
 
@@ -74,7 +76,9 @@ def history_row(checkpoint: str, generations: str, scan_out: str, summary: dict[
             "pass threshold=somepalli / duplicate / a score_norm value"
         )
     fs, path = storage.get_fs(storage.join(scan_out, "matches"), so)
-    table = pq.read_table(path, filesystem=fs, columns=["rank", "is_copy", "train_key"])
+    columns = ["rank", "is_copy", "train_key", "prompt"]
+    present = set(pq.ParquetDataset(path, filesystem=fs).schema.names)  # runs older than `prompt` lack it
+    table = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present])
     top = table.filter(pc.and_(pc.equal(table["rank"], 0), table["is_copy"]))
     n, k = int(summary["embedded"]), int(summary["flagged"])
     low, high = wilson_interval(k, n)
@@ -91,6 +95,9 @@ def history_row(checkpoint: str, generations: str, scan_out: str, summary: dict[
         "rate_low": low,
         "rate_high": high,
         "matched_train_keys": sorted(set(top.column("train_key").to_pylist())),
+        "flagged_prompts": sorted(
+            {p for p in (top.column("prompt").to_pylist() if "prompt" in top.column_names else []) if p}
+        ),
     }
 
 
@@ -136,6 +143,10 @@ def compare(row: dict[str, Any], other: dict[str, Any] | None, alpha: float) -> 
         "p_value_rise": p,
         "rose_significantly": comparable and p < alpha,
         "newly_matched_train_keys": sorted(set(row["matched_train_keys"]) - set(other["matched_train_keys"])),
+        # prompts whose generations copy now and did not before (older history rows have none recorded)
+        "newly_flagged_prompts": sorted(
+            set(row.get("flagged_prompts") or []) - set(other.get("flagged_prompts") or [])
+        ),
     }
 
 

@@ -45,6 +45,8 @@ MATCHES_SCHEMA = pa.schema(
         ("row", pa.int32()),
         ("query_source", pa.string()),  # URL of the query file or shard
         ("chunk", pa.int32()),
+        # the generation's prompt: its JSON sidecar's "prompt", else its caption (.txt); null for image files
+        ("prompt", pa.string()),
         # pixel verification (scan option verify_pixels, search/verify.py); null where not verified
         ("pixel_l2", pa.float32()),  # RMS pixel difference in [0, 1] after alignment (Carlini et al.'s l2)
         ("tiled_l2", pa.float32()),  # max over 4 x 4 tiles of the tile's RMS difference
@@ -107,6 +109,7 @@ def matches_table(
         "row": row.astype(np.int32),
         "query_source": [records[q].get("url") for q in q_idx],
         "chunk": np.full(len(ids), chunk, dtype=np.int32),
+        "prompt": [records[q].get("prompt") or records[q].get("caption") for q in q_idx],
         "pixel_l2": pa.nulls(len(ids), pa.float32()),
         "tiled_l2": pa.nulls(len(ids), pa.float32()),
         "extracted": pa.nulls(len(ids), pa.bool_()),

@@ -158,6 +158,10 @@ def test_webdataset_queries_use_their_keys(local_index, laion_shards, tmp_path):
     assert set(best) == keys
     assert all(best[key][0] == key for key in keys)
     assert all(score > 0.99 for _, score in best.values())
+    # the generations' prompts (here the shards' captions) travel into the matches
+    table = pq.read_table(os.path.join(out, "matches"))
+    rank0 = table.filter(pc.equal(table["rank"], 0)).to_pylist()
+    assert all(r["prompt"] and r["prompt"] == r["caption"] for r in rank0)
 
 
 def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, generated, tmp_path):

@@ -24,7 +24,7 @@ def test_rise_p_value_is_a_one_sided_two_proportion_test():
     assert rise_p_value(0, 10, 0, 10) == 1.0
 
 
-def _row(name, k, n, when, threshold="score_norm>=0.1100 (p90)", build="b", keys=()):
+def _row(name, k, n, when, threshold="score_norm>=0.1100 (p90)", build="b", keys=(), prompts=None):
     return {
         "checkpoint": name,
         "finished_at": when,
@@ -36,17 +36,21 @@ def _row(name, k, n, when, threshold="score_norm>=0.1100 (p90)", build="b", keys
         "rate_low": wilson_interval(k, n)[0],
         "rate_high": wilson_interval(k, n)[1],
         "matched_train_keys": list(keys),
+        **({} if prompts is None else {"flagged_prompts": list(prompts)}),
     }
 
 
 def test_regression_against_previous_and_baseline():
     base = _row("v1", 10, 1000, "2026-01-01T00:00:00Z", keys=["a"])
-    prev = _row("v2", 25, 1000, "2026-01-02T00:00:00Z", keys=["a", "b"])
-    now = _row("v3", 28, 1000, "2026-01-03T00:00:00Z", keys=["b", "c"])
+    prev = _row("v2", 25, 1000, "2026-01-02T00:00:00Z", keys=["a", "b"], prompts=["a cat"])
+    now = _row("v3", 28, 1000, "2026-01-03T00:00:00Z", keys=["b", "c"], prompts=["a cat", "the mona lisa"])
     report = regression_report(now, [base, prev, now], baseline="v1", alpha=0.01)
     assert report["vs_previous"]["checkpoint"] == "v2" and not report["vs_previous"]["rose_significantly"]
     assert report["vs_baseline"]["checkpoint"] == "v1" and report["vs_baseline"]["rose_significantly"]
     assert report["regression"] and report["vs_previous"]["newly_matched_train_keys"] == ["c"]
+    assert report["vs_previous"]["newly_flagged_prompts"] == ["the mona lisa"]
+    # a history row written before prompts were recorded (v1) compares as having none
+    assert report["vs_baseline"]["newly_flagged_prompts"] == ["a cat", "the mona lisa"]
     assert [t["checkpoint"] for t in report["trend"]] == ["v1", "v2", "v3"]
     # another threshold: reported, never gating
     other = _row("v4", 90, 1000, "2026-01-04T00:00:00Z", threshold="score_raw>=0.5000 (somepalli)")
