@@ -40,6 +40,8 @@ class IndexConfig:
     flat_threshold: int = 100_000  # below this many vectors the index is exact (IDMap,Flat)
     max_shard_vectors: int = 10_000_000  # vectors per index shard
     max_code_bytes: int = 64  # PQ bytes per vector
+    shard_memory_bytes: int = 0  # bound on an index shard's ANN part (codes, ids, centroids); 0 = none
+    recall_target: float = 0.95  # recall@10 after re-ranking that nprobe and the re-rank depth aim at
     nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
     fill_cpus: float = 1.0  # CPUs per index-fill task
     # "learned": whitening learned from pairs (image, augmented copy) made while embedding, so the directions
@@ -106,6 +108,10 @@ class IndexConfig:
             problems.append("whitening_pca_shrinkage must be in [0, 1] or null")
         if self.whitening_sample < 2 or self.background_size < 4:
             problems.append("whitening_sample must be >= 2 and background_size >= 4")
+        if self.shard_memory_bytes < 0:
+            problems.append("shard_memory_bytes must be >= 0 (0 = no bound)")
+        if not 0.0 < self.recall_target < 1.0:
+            problems.append(f"recall_target must be in (0, 1), not {self.recall_target}")
         if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:
             problems.append("retries, embed_actors, flat_threshold and nprobe must be >= 0")
         if problems:

@@ -77,6 +77,9 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         max_shard_vectors=cfg.max_shard_vectors,
         max_code_bytes=cfg.max_code_bytes,
         nprobe=cfg.nprobe,
+        shard_memory_bytes=cfg.shard_memory_bytes,
+        recall_target=cfg.recall_target,
+        whitened=cfg.whitening != "none",
     )
     logger.info(
         "index: %s over %d vectors in %d index shard(s)",

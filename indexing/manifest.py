@@ -100,7 +100,11 @@ def build_manifest(
             "pq_m": plan.pq_m,
             "pq_bits": plan.pq_bits,
             "code_bytes_per_vector": plan.code_bytes,
+            "ann_bytes_per_vector": plan.ann_bytes,  # code + 8-byte id
+            "opq": plan.opq,
             "nprobe": plan.nprobe,
+            "candidates": plan.candidates,  # re-rank depth per index shard for the planned recall
+            "shard_bytes": plan.shard_bytes,  # estimated ANN memory of the largest index shard
             "train_size": plan.train_size,
             "train_vectors": int(train_info.get("train_vectors", 0)),
             "exact": plan.is_flat,
