@@ -8,9 +8,12 @@ writes one parquet part per chunk. Embedding actors run ahead on the next chunks
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
@@ -55,6 +58,17 @@ class ScanWorker:
 
     def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int) -> ShardResult:
         return self.searcher.search(xq, k, candidates, nprobe)
+
+    def memory(self) -> dict[str, int]:
+        """This actor's faiss threads, and its resident memory now and at its peak in bytes (with the
+        memory-mapped index and vector pages it touched, which the OS can drop and share between actors)."""
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return {
+            "omp_threads": faiss.omp_get_max_threads(),
+            "rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE"),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
 
 def assign_shards(manifest: dict[str, Any], num_actors: int) -> list[list[int]]:
