@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     work = args.work or tempfile.mkdtemp(prefix="copyscan-bench-index-")
-    out = os.path.join(work, "index")
+    # one folder per whitening: a trained index is reused by factory name, and must match its whitening
+    out = os.path.join(work, "index" if args.whitening == "none" else f"index-{args.whitening}")
     t0 = time.perf_counter()
     counts, xq, is_copy = write_collection(args, out)
     write_seconds = time.perf_counter() - t0
