@@ -22,6 +22,7 @@ from indexing.embedders import spec_fingerprint
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
 from indexing.manifest import build_manifest
+from indexing.merge_shards import keep_merged_layout
 from indexing.outputs import claim_output
 from indexing.planner import IndexPlan, plan_index
 from indexing.pool_ray import run_pool, run_tasks
@@ -107,6 +108,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     if storage.exists(manifest_url, so):
         # A rerun of a finished index changes nothing: keep when and how fast it was built.
         previous = storage.read_json(manifest_url, so)
+        manifest = keep_merged_layout(previous, manifest)
         if (
             previous.get("build_id") == manifest["build_id"]
             and previous.get("index_shards") == manifest["index_shards"]

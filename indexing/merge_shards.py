@@ -125,3 +125,18 @@ def merge_index_shards(
     manifest["merged"] = {"max_shard_vectors": max_shard_vectors, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
     storage.write_json(manifest_url, manifest, storage_options)
     return manifest
+
+
+def keep_merged_layout(previous: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest an index rerun writes: ``manifest`` (fresh from the unmerged shard markers), with the
+    merged layout of ``previous`` kept when that layout was merged from exactly these shards of this build.
+    Without this, rerunning ``copyscan index`` on a merged index would silently undo the merge."""
+    merged_from = sorted(j for e in previous.get("index_shards", []) for j in e.get("merged_from", []))
+    if (
+        previous.get("merged")
+        and previous.get("build_id") == manifest["build_id"]
+        and merged_from == sorted(int(e["index_shard"]) for e in manifest["index_shards"])
+        and sum(int(e["ntotal"]) for e in previous["index_shards"]) == manifest["ntotal"]
+    ):
+        return {**manifest, "index_shards": previous["index_shards"], "merged": previous["merged"]}
+    return manifest

@@ -1,4 +1,4 @@
-"""The ``copyscan`` command: ``index``, ``scan``, ``calibrate``, ``nightly``, ``report``,
+"""The ``copyscan`` command: ``index``, ``merge``, ``scan``, ``calibrate``, ``nightly``, ``report``,
 ``memorized``, ``query`` and ``demo``."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "index": ("jobs.index", "embed LAION-format webdataset shards and build a sharded FAISS index"),
+    "merge": ("jobs.merge", "repack a finished index's small shards into fewer, larger ones"),
     "scan": ("jobs.scan", "search generated images against an index; write matches/ and summary.json"),
     "calibrate": (
         "jobs.calibrate",

@@ -6,7 +6,7 @@ from test_build_search import build, clustered, write_collection
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
-from indexing.merge_shards import merge_index_shards, merged_marker_url, plan_merges
+from indexing.merge_shards import keep_merged_layout, merge_index_shards, merged_marker_url, plan_merges
 from search.searcher import ShardSearcher
 
 
@@ -48,3 +48,27 @@ def test_merged_index_answers_like_the_unmerged_one_and_resumes(tmp_path, factor
     np.testing.assert_allclose(after.D, before.D, atol=1e-6)
     assert after.meta[int(after.I[0, 0])]["index_shard"] in (0, 1, 2)
     assert merge_index_shards(out, 1_200)["index_shards"] == reread["index_shards"], "a rerun is a no-op"
+
+
+def test_merge_cli_and_an_index_rerun_keeps_the_merged_layout(tmp_path):
+    from jobs import merge as merge_job
+
+    rng = np.random.default_rng(4)
+    d = 16
+    out = str(tmp_path / "idx")
+    stats = write_collection(out, clustered(2_000, d, 50, rng), 500)
+    _, manifest = build(out, stats, d, factory="IVF16,PQ4np", max_shard_vectors=500)
+    storage.write_json(storage.join(out, layout.MANIFEST_NAME), manifest)
+    assert merge_job.main(["--index", out, "max_shard_vectors=1000"]) == 0
+    merged = storage.read_json(storage.join(out, layout.MANIFEST_NAME))
+    assert [e["merged_from"] for e in merged["index_shards"]] == [[0, 1], [2, 3]]
+    assert merge_job.main(["--index", out, "max_shard_vectors=0"]) == 2  # validated up front
+    # what a rerun of copyscan index builds from the unmerged shard markers: the merge is kept ...
+    assert keep_merged_layout(merged, manifest)["index_shards"] == merged["index_shards"]
+    # ... but not for another build, or when the shards changed (a new shard was indexed)
+    assert (
+        keep_merged_layout(merged, {**manifest, "build_id": "other"})["index_shards"]
+        == manifest["index_shards"]
+    )
+    grown = {**manifest, "index_shards": [*manifest["index_shards"], {"index_shard": 4, "ntotal": 10}]}
+    assert keep_merged_layout(merged, grown) is grown

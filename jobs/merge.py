@@ -1,0 +1,69 @@
+"""``copyscan merge --index URL max_shard_vectors=N`` / ``python -m jobs.merge``: fewer, larger index shards.
+
+Repacks a finished IVF index's consecutive small shards into shards of at most ``max_shard_vectors``
+vectors by appending their inverted lists (no vector is re-read or re-encoded; ids are kept), writes them
+under ``index/<factory>/merged/`` with a marker each, and rewrites the manifest last, so an interrupted merge
+resumes and scans see the old layout or the new one, never a mix. Fewer shards mean fewer coarse
+quantizers and re-rank passes per query (docs/scale.md). A later ``copyscan index`` rerun keeps the merged
+layout. Runs in this process (it moves inverted lists, one merged shard in memory at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs._runtime import add_common_arguments, layers, run_job
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Every knob of ``copyscan merge``; set with a YAML file (``--config``) and/or ``key=value``."""
+
+    index: str  # URL of a finished copyscan index
+    max_shard_vectors: int = 10_000_000  # vectors per merged shard at most
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from indexing.errors import CopyscanError
+
+        if self.max_shard_vectors < 1:
+            raise CopyscanError("invalid merge config: max_shard_vectors must be >= 1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", help="URL of a finished copyscan index")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from indexing.config import resolve
+
+    def body() -> None:
+        from indexing.manifest import load_manifest
+        from indexing.merge_shards import merge_index_shards
+
+        cfg = resolve(MergeConfig, *layers(args, {"index": args.index}))
+        before = len(load_manifest(cfg.index, cfg.storage_options)["index_shards"])
+        manifest = merge_index_shards(cfg.index, cfg.max_shard_vectors, cfg.storage_options)
+        after = len(manifest["index_shards"])
+        if after == before:
+            print(
+                f"{cfg.index}: {before} index shard(s), none to merge under {cfg.max_shard_vectors:,} vectors"
+            )
+        else:
+            print(f"{cfg.index}: {before} index shards merged into {after}")
+
+    return run_job(args, body, use_ray=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.merge", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
