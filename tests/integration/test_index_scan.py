@@ -448,6 +448,7 @@ def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page
     """copyscan report: Somepalli statistics, duplicates, and a self-contained page that works in Chromium."""
     from jobs import report as report_job
     from search import html
+    from search.report import _thumbnail
 
     index_url = calibrated[0]
     folder, truth = generated
@@ -507,6 +508,11 @@ def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page
         row["query_thumb"] = row["train_thumb"] = None
         row["caption"] = "</script><b>not markup</b>" if i == 0 else row["caption"]
         rows.append(row)
+    # the best row shows a local copy: both thumbnails with the matched boxes drawn on them
+    thumb = _thumbnail((folder / truth[0]["file"]).read_bytes(), 96)
+    rows[-1].update(
+        query_thumb=thumb, train_thumb=thumb, query_box=[0.1, 0.2, 0.5, 0.6], train_box=[0, 0, 1, 1]
+    )
     dist = {c: (np.asarray([r[c] for r in rows], float), np.asarray([0.1, 0.2])) for c in ("score",)}
     big = dict(result, column="score", gallery_rows=len(rows), gallery_thumbnails=0)
     big_page = tmp_path / "big.html"
@@ -518,6 +524,12 @@ def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page
     assert "10000 of 10000 matches; page 1 of 100" in page.locator("#gallery-count").text_content()
     first = page.locator("tr.gallery-row").first.locator("td").nth(7).text_content()
     assert first == "gen-09999"  # sorted by score, descending
+    boxes = page.locator("tr.gallery-row .box")
+    assert boxes.count() == 2 and boxes.first.evaluate("b => [b.style.left, b.style.top, b.style.width]") == [
+        "10%",
+        "20%",
+        "40%",
+    ]
     page.fill("#f-min", "0.995")
     assert page.locator("tr.gallery-row").count() == 50
     page.locator("th[data-key=score]").click()  # same key: ascending
