@@ -19,7 +19,7 @@ import numpy as np
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
-from indexing.postprocess import apply_whitening, fit_learned_whitening, fit_whitening
+from indexing.postprocess import apply_whitening, fit_learned_whitening, fit_whitening, whiten_with_norms
 
 ADD_BATCH = 65_536
 
@@ -211,12 +211,18 @@ def fill_index_shard(
     for shard in emb_shards:
         xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
         n = xb.shape[0]
+        norms = []
         for start in range(0, n, ADD_BATCH):
             chunk = np.ascontiguousarray(xb[start : start + ADD_BATCH], dtype=np.float32)
             if params is not None:
-                chunk = apply_whitening(params, chunk)
+                chunk, chunk_norms = whiten_with_norms(params, chunk)
+                norms.append(chunk_norms)
             ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
             index.add_with_ids(chunk, ids)
+        if params is not None:
+            stages = 2 if "proj2" in params else 1
+            table = np.concatenate(norms) if norms else np.zeros((0, stages), np.float32)
+            storage.save_npy(layout.norms_url(out, factory, shard), table, storage_options)
         counts[str(shard)] = int(n)
     size = write_index(index, layout.index_shard_url(out, factory, index_shard), storage_options)
     marker = {
@@ -226,6 +232,7 @@ def fill_index_shard(
         "ntotal": int(index.ntotal),
         "embedding_shards": [int(s) for s in emb_shards],
         "counts": counts,
+        "norms": params is not None,  # whitening norms of every embedding shard written (re-ranking)
         "bytes": size,
         "seconds": round(time.perf_counter() - t0, 3),
     }

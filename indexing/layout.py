@@ -13,6 +13,8 @@
     OUT/index/IVF256_PQ32np/trained.index           the trained, empty index (written after the two above)
     OUT/index/IVF256_PQ32np/shard-00000.index       filled index shards
     OUT/index/IVF256_PQ32np/shard-00000.json        per-index-shard success marker, written last
+    OUT/index/IVF256_PQ32np/norms/norms_00042.npy   (n, stages) float32 whitening norms of embedding shard
+                                                    42 (fast exact re-ranking), written before the marker
 
 Vector ids pack (embedding shard, row) into one int64: ``shard << 32 | row``. Ids therefore never depend
 on how many vectors other shards hold, so shards can be embedded and indexed in any order and resumed.
@@ -92,6 +94,11 @@ def train_info_url(out: str, factory: str) -> str:
 
 def index_shard_url(out: str, factory: str, shard: int) -> str:
     return join(index_dir(out, factory), f"shard-{shard:05d}.index")
+
+
+def norms_url(out: str, factory: str, shard: int) -> str:
+    """(n, stages) float32: the norms each whitening stage divided embedding shard ``shard``'s vectors by."""
+    return join(index_dir(out, factory), "norms", f"norms_{shard:05d}.npy")
 
 
 def index_shard_marker_url(out: str, factory: str, shard: int) -> str:

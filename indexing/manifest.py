@@ -108,6 +108,9 @@ def build_manifest(
             "train_size": plan.train_size,
             "train_vectors": int(train_info.get("train_vectors", 0)),
             "exact": plan.is_flat,
+            # every index shard's fill also wrote its embedding shards' whitening norms (layout.norms_url):
+            # scans re-rank raw stored vectors in the whitened space with one dot product each
+            "whitened_norms": bool(markers) and all(m.get("norms") for m in markers.values()),
         },
         # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
         "whitening": {

@@ -96,12 +96,42 @@ def apply_whitening(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     With "mean2"/"proj2" in ``params`` (a two-stage whitening), the second stage follows the first's
     normalisation.
     """
+    return whiten_with_norms(params, x)[0]
+
+
+def whiten_with_norms(params: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``apply_whitening`` and the norm each stage divided by: (n, k) float32 and (n, stages) float32.
+
+    The norms let re-ranking score a raw stored vector in the whitened space with one dot product
+    (``whitened_score_terms``) instead of whitening it again (two d×d products per candidate).
+    """
     y = (np.asarray(x, dtype=np.float32) - params["mean"]) @ params["proj"]
-    y = (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    n1 = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    y = (y / n1).astype(np.float32)
+    if "proj2" not in params:
+        return y, n1.astype(np.float32)
+    y = (y - params["mean2"]) @ params["proj2"]
+    n2 = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return (y / n2).astype(np.float32), np.concatenate([n1, n2], axis=1).astype(np.float32)
+
+
+def whitened_score_terms(params: dict[str, np.ndarray], w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per whitened query w (nq, k): b (nq, d) and c (nq, stages) such that, for a raw vector x whose
+    ``whiten_with_norms`` norms are (n1[, n2]), ⟨w, whiten(x)⟩ = ((x·b − c1) / n1 − c2) / n2.
+
+    Both stages are affine maps followed by a division by a norm, so the whitened inner product unrolls
+    into the query side (exact up to float rounding).
+    """
+    w = np.asarray(w, dtype=np.float32)
     if "proj2" in params:
-        y = (y - params["mean2"]) @ params["proj2"]
-        y = (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    return y
+        a = w @ params["proj2"].T  # (nq, k1): ⟨w, (u − μ2)·P2⟩ = ⟨u − μ2, a⟩
+        c2 = a @ np.ravel(params["mean2"])
+    else:
+        a, c2 = w, None
+    b = (a @ params["proj"].T).astype(np.float32)  # (nq, d): ⟨a, (x − μ1)·P1⟩ = ⟨x − μ1, b⟩
+    c1 = b @ np.ravel(params["mean"])
+    c = np.stack([c1, c2], axis=1) if c2 is not None else c1[:, None]
+    return b, c.astype(np.float32)
 
 
 def background_bias(xq: np.ndarray, xbg: np.ndarray, ranks: tuple[int, int] = (1, 3)) -> np.ndarray:

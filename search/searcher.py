@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from indexing import layout, storage
 from indexing.manifest import resolve
+from indexing.postprocess import whitened_score_terms
 from search.merge import carry_values, merge_topk
 from search.normalise import load_whitening, whiten
 
@@ -116,6 +117,15 @@ class ShardSearcher:
                 }
         self.dim = int(manifest["dim"])
         self.whitening = load_whitening(index_url, manifest, storage_options)
+        # whitening norms of the stored vectors (indexes built since they were written): exact re-ranking
+        # with one dot product per candidate instead of whitening every candidate again
+        self.norms: dict[int, np.ndarray] | None = None
+        if self.whitening is not None and manifest["index"].get("whitened_norms"):
+            self.norms = {}
+            for s in self.vectors:
+                rel = f"{manifest['index']['dir']}/norms/norms_{s:05d}.npy"
+                path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
+                self.norms[s] = np.load(path, mmap_mode="r")
 
     @property
     def ntotal(self) -> int:
@@ -157,8 +167,17 @@ class ShardSearcher:
             ids = I0[q0 : q0 + RERANK_BLOCK]
             nb = ids.shape[0]
             raw = self.gather(ids.ravel())
-            vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
-            scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
+            if self.norms is not None:
+                b, terms = whitened_score_terms(self.whitening, xw[q0 : q0 + RERANK_BLOCK])
+                norms = self._gather_rows(self.norms, ids.ravel(), terms.shape[1]).reshape(nb, c, -1)
+                scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), b)
+                with np.errstate(divide="ignore", invalid="ignore"):  # -1 ids: zero norms, masked below
+                    for stage in range(terms.shape[1]):
+                        scores = (scores - terms[:, stage : stage + 1]) / norms[:, :, stage]
+                scores = scores.astype(np.float32)
+            else:
+                vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
+                scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
             raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
             scores[ids < 0] = -np.inf
             top = min(k, c)
@@ -177,15 +196,24 @@ class ShardSearcher:
         One sort of all ids, then one fancy-index read per embedding shard on sorted rows (memmap reads
         are fastest in order), scattered back into request order.
         """
+        half = self._gather_rows(self.vectors, ids, self.dim, np.float16)  # stored dtype: no casts
+        return half.astype(np.float32)  # one contiguous cast (a casting scatter is ~1.5x slower)
+
+    @staticmethod
+    def _gather_rows(
+        store: dict[int, np.ndarray], ids: np.ndarray, width: int, dtype: type = np.float32
+    ) -> np.ndarray:
+        """Rows of packed ``ids`` from per-embedding-shard arrays ``store`` as (len(ids), width); zeros
+        for -1 (ones for norms would be as wrong: such rows are masked by the caller)."""
         ids = np.asarray(ids, dtype=np.int64)
-        half = np.zeros((len(ids), self.dim), dtype=np.float16)  # stored dtype: row copies, no casts
+        out = np.zeros((len(ids), width), dtype=dtype)
         order = np.argsort(ids, kind="stable")
         order = order[ids[order] >= 0]
         shard, row = layout.unpack_ids(ids[order])
         starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if len(shard) else np.zeros(0, int)
         for lo, hi in zip(starts, np.r_[starts[1:], len(shard)][: len(starts)], strict=True):
-            half[order[lo:hi]] = self.vectors[int(shard[lo])][row[lo:hi]]
-        return half.astype(np.float32)  # one contiguous cast (a casting scatter is ~1.5x slower)
+            out[order[lo:hi]] = store[int(shard[lo])][row[lo:hi]]
+        return out
 
     def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:
         """Metadata of every id in ``I`` (any shape, int64 packed ids; -1 skipped)."""

@@ -1,0 +1,72 @@
+"""Re-ranking with stored whitening norms gives the scores of whitening every candidate again."""
+
+import numpy as np
+import pytest
+from test_build_search import build, clustered, write_collection
+
+from indexing import layout, storage
+from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
+from indexing.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
+from search.searcher import ShardSearcher
+
+
+def test_score_terms_unroll_both_whitening_stages():
+    rng = np.random.default_rng(0)
+    d = 24
+    x = clustered(50, d, 5, rng)
+    w_q = clustered(7, d, 5, rng)
+    for stages in (1, 2):
+        params = {"mean": rng.normal(0, 0.1, d).astype(np.float32), "proj": rng.normal(0, 1, (d, 20))}
+        if stages == 2:
+            params |= {
+                "mean2": rng.normal(0, 0.1, 20).astype(np.float32),
+                "proj2": rng.normal(0, 1, (20, 16)),
+            }
+        params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+        xw, norms = whiten_with_norms(params, x)
+        np.testing.assert_array_equal(xw, apply_whitening(params, x))
+        assert norms.shape == (50, stages)
+        q = apply_whitening(params, w_q)
+        b, c = whitened_score_terms(params, q)
+        fast = x @ b.T - c[:, 0]
+        fast /= norms[:, :1]
+        if stages == 2:
+            fast = (fast - c[:, 1]) / norms[:, 1:]
+        np.testing.assert_allclose(fast, xw @ q.T, atol=2e-5)
+
+
+@pytest.mark.parametrize("whitening", ["pca", "learned"])
+def test_searcher_reranks_with_stored_norms_like_whitening_again(tmp_path, whitening):
+    rng = np.random.default_rng(1)
+    d, n = 32, 2_000
+    xb = clustered(n, d, 60, rng)
+    out = str(tmp_path / "idx")
+    if whitening == "learned":
+        for shard, start in enumerate(range(0, n, 500)):
+            part = xb[start : start + 500]
+            rows = np.repeat(np.arange(100), 2)
+            copies = part[rows] + 0.2 * rng.standard_normal((200, d)).astype(np.float32)
+            copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+            records = [{"key": f"{shard}-{i}"} for i in range(len(part))]
+            result = EmbeddedSource(part, records, [], x_pair=copies, pair_rows=rows)
+            write_shard_outputs(out, shard, f"/s/{shard}.tar", result, "fp")
+        stats = finished_shards(out)
+    else:
+        stats = write_collection(out, xb, 500)
+    plan, manifest = build(out, stats, d, whitening=whitening, flat_threshold=0, max_code_bytes=8)
+    assert manifest["index"]["whitened_norms"]
+    stages = manifest["whitening"]["stages"]
+    assert np.load(layout.norms_url(out, plan.factory, 0)).shape == (500, stages)
+    assert storage.exists(layout.norms_url(out, plan.factory, 3))
+    xq = xb[:100] + 0.1 * rng.standard_normal((100, d)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    shards = [e["index_shard"] for e in manifest["index_shards"]]
+    fast = ShardSearcher(out, manifest, shards, str(tmp_path / "c1"))
+    assert fast.norms is not None
+    old = {**manifest, "index": {**manifest["index"], "whitened_norms": False}}  # an index built before
+    slow = ShardSearcher(out, old, shards, str(tmp_path / "c2"))
+    assert slow.norms is None
+    a, b = fast.search(xq, 10, 60, plan.nprobe), slow.search(xq, 10, 60, plan.nprobe)
+    np.testing.assert_allclose(a.D, b.D, atol=1e-5)
+    assert np.mean(a.I == b.I) > 0.99  # only near-ties may swap
+    np.testing.assert_allclose(a.D_raw[a.I == b.I], b.D_raw[a.I == b.I], atol=1e-6)
