@@ -251,7 +251,8 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
             f"{index_url} was rebuilt after {cfg.run} was scanned (build {manifest.get('build_id')} vs "
             f"{summary['index_build_id']}): rescan, or pass index= the index the run used"
         )
-    table = open_matches(cfg.run, so).to_table()
+    # only the ranks the report uses (rank 0; the gallery's ranks): a scan of millions keeps k rows each
+    table = open_matches(cfg.run, so).to_table(filter=pc.field("rank") < max(1, cfg.ranks))
     threshold = summary.get("threshold") or {}
     column = cfg.column or threshold.get("column") or "score"
 
