@@ -91,6 +91,16 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options).decode("utf-8"))
 
 
+def read_markers(folder: str, prefix: str, storage_options: StorageOptions | None = None) -> dict[int, Any]:
+    """Every ``{folder}/{prefix}NNNNN.json`` success marker, by its number (the resume state of a job)."""
+    done = {}
+    for url in list_files(folder, storage_options):
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".json"):
+            done[int(name[len(prefix) : -len(".json")])] = read_json(url, storage_options)
+    return done
+
+
 def _tmp_name(path: str) -> str:
     head, tail = posixpath.split(path)
     # Deterministic per process: a crashed writer's leftover is overwritten by the retry, never accumulated.

@@ -58,13 +58,13 @@ import pyarrow.parquet as pq
 import yaml
 
 from indexing import storage
-from indexing.decode import DecodeLimits, Rejected
+from indexing.decode import DecodeLimits
 from indexing.errors import CopyscanError
 from indexing.index_config import MODES
 from indexing.reader import iter_tar
 from search.clique import max_clique, threshold_graph
 from search.fetch import fetch_images
-from search.pixel import FITS, decode_pixels, pairwise_tiled
+from search.pixel import FITS, decode_fetched, pairwise_tiled
 
 CONFIG_NAME = "memorized.yaml"
 PLAN_NAME = "plan.parquet"
@@ -303,13 +303,7 @@ def process_prompts(
     rows, by_reason, examples = [], defaultdict(int), []
 
     def decode(ref: tuple[str, str]) -> np.ndarray | tuple[str, str]:
-        got = fetched[ref]
-        if got.data is None:
-            return got.reason or "no_image", got.detail
-        try:
-            return decode_pixels(got.data, spec.size, spec.fit, spec.limits)
-        except Rejected as rej:
-            return rej.reason, rej.detail
+        return decode_fetched(fetched[ref], spec.size, spec.fit, spec.limits)
 
     with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
         for prompt, refs in groups:
@@ -362,12 +356,7 @@ def task_marker_url(out: str, task: int) -> str:
 
 
 def finished_tasks(out: str, storage_options: storage.StorageOptions | None = None) -> dict[int, dict]:
-    done = {}
-    for url in storage.list_files(storage.join(out, "tasks"), storage_options):
-        name = url.rsplit("/", 1)[-1]
-        if name.startswith("task_") and name.endswith(".json"):
-            done[int(name[len("task_") : -len(".json")])] = storage.read_json(url, storage_options)
-    return done
+    return storage.read_markers(storage.join(out, "tasks"), "task_", storage_options)
 
 
 def run_task(

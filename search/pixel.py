@@ -27,6 +27,7 @@ from PIL import Image
 
 from indexing.decode import DecodeLimits, Rejected, decode_image
 from indexing.sample_images import composite_rgb
+from search.fetch import Fetched
 
 DEFAULT_SIZE = 512
 DEFAULT_TILES = 4
@@ -74,6 +75,18 @@ def _reopen_draft(data: bytes, img: Image.Image, size: int) -> Image.Image:
     small.draft("RGB", (size, size))
     small.load()
     return small if min(small.size) >= size else img
+
+
+def decode_fetched(
+    fetched: Fetched, size: int, fit: str, limits: DecodeLimits
+) -> np.ndarray | tuple[str, str]:
+    """A re-fetched image (``search.fetch``) aligned to (size, size, 3) uint8, or (reason, detail) why not."""
+    if fetched.data is None:
+        return fetched.reason or "no_image", fetched.detail
+    try:
+        return decode_pixels(fetched.data, size, fit, limits)
+    except Rejected as rej:
+        return rej.reason, rej.detail
 
 
 def load_pixels(data: bytes, size: int = DEFAULT_SIZE, fit: str = "crop") -> np.ndarray:

@@ -167,12 +167,7 @@ def write_chunk(
 def finished_chunks(
     out: str, storage_options: storage.StorageOptions | None = None
 ) -> dict[int, dict[str, Any]]:
-    done = {}
-    for url in storage.list_files(storage.join(out, "chunks"), storage_options):
-        name = url.rsplit("/", 1)[-1]
-        if name.startswith("chunk_") and name.endswith(".json"):
-            done[int(name[len("chunk_") : -len(".json")])] = storage.read_json(url, storage_options)
-    return done
+    return storage.read_markers(storage.join(out, "chunks"), "chunk_", storage_options)
 
 
 def _distribution(values: np.ndarray) -> dict[str, float]:

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from indexing import storage
-from indexing.decode import DecodeLimits, Rejected
-from search.fetch import Fetched, fetch_images, training_source
-from search.pixel import DEFAULT_SIZE, DEFAULT_TILES, EXTRACTION_DELTA, FITS, decode_pixels, pixel_distances
+from indexing.decode import DecodeLimits
+from search.fetch import fetch_images, training_source
+from search.pixel import DEFAULT_SIZE, DEFAULT_TILES, EXTRACTION_DELTA, FITS, decode_fetched, pixel_distances
 
 VERIFY_FIELDS = (
     pa.field("pixel_l2", pa.float32()),
@@ -62,15 +62,6 @@ class VerifySpec:
         if self.fit not in FITS:
             out.append(f"verify_fit must be one of {', '.join(FITS)}, not {self.fit!r}")
         return out
-
-
-def _decode(fetched: Fetched, spec: VerifySpec) -> np.ndarray | tuple[str, str]:
-    if fetched.data is None:
-        return fetched.reason or "no_image", fetched.detail
-    try:
-        return decode_pixels(fetched.data, spec.size, spec.fit, spec.limits)
-    except Rejected as rej:
-        return rej.reason, rej.detail
 
 
 def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
@@ -122,7 +113,13 @@ def verify_matches(
                 t = time.perf_counter()
                 wanted = sorted({train_req[r] for r in batch} | {query_req[r] for r in batch}, key=str)
                 decoded = dict(
-                    zip(wanted, pool.map(lambda q: _decode(fetched[q], spec), wanted), strict=True)
+                    zip(
+                        wanted,
+                        pool.map(
+                            lambda q: decode_fetched(fetched[q], spec.size, spec.fit, spec.limits), wanted
+                        ),
+                        strict=True,
+                    )
                 )
                 timings["decode"] += time.perf_counter() - t
                 ok = []
