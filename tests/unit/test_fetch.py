@@ -1,10 +1,10 @@
 """Re-fetching images by key: one read per source, every request answered."""
 
 import io
-import tarfile
 
 import numpy as np
 from PIL import Image
+from test_decode import _tar
 
 from search import fetch
 
@@ -14,14 +14,6 @@ def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_fetch_by_key_from_tars_and_files(tmp_path):

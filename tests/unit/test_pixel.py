@@ -1,12 +1,12 @@
 """Pixel distances (ℓ2, tiled ℓ2) and pixel verification of matches, on real images with planted copies."""
 
 import io
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from test_decode import _tar
 
 from indexing.sample_images import open_rgb
 from search import pixel
@@ -123,14 +123,6 @@ def test_large_jpeg_is_decoded_at_reduced_scale_without_moving_distances(real_im
     full = pixel.align(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 256)
     _, tiled = pixel.pixel_distances(fast[None], full[None])
     assert fast.shape == (256, 256, 3) and tiled[0] < 0.02  # far below any threshold used
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _matches(rows):
