@@ -183,7 +183,7 @@ def near_duplicates(
             owner = np.repeat(np.arange(len(ids)), np.diff(lims).astype(np.int64))
             keep = I != ids[owner]
             owner, I = owner[keep], I[keep]
-            exact = np.einsum("nd,nd->n", whiten(searcher.whitening, searcher.gather(I)), xw[owner])
+            exact = searcher.pair_scores(xw, owner, I)
             np.add.at(counts, owner[exact >= cfg.duplicate_radius], 1)
     return counts
 

@@ -170,11 +170,8 @@ class ShardSearcher:
             if self.norms is not None:
                 b, terms = whitened_score_terms(self.whitening, xw[q0 : q0 + RERANK_BLOCK])
                 norms = self._gather_rows(self.norms, ids.ravel(), terms.shape[1]).reshape(nb, c, -1)
-                scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), b)
-                with np.errstate(divide="ignore", invalid="ignore"):  # -1 ids: zero norms, masked below
-                    for stage in range(terms.shape[1]):
-                        scores = (scores - terms[:, stage : stage + 1]) / norms[:, :, stage]
-                scores = scores.astype(np.float32)
+                dots = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), b)
+                scores = _through_stages(dots, terms[:, None, :], norms)
             else:
                 vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
                 scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
@@ -189,6 +186,16 @@ class ShardSearcher:
         I_out[invalid] = -1
         R_out[invalid] = np.nan
         return D_out, I_out, R_out
+
+    def pair_scores(self, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored
+        vector ``ids[i]``), for ragged candidate lists (range search); xw: (nq, k) in the index's space."""
+        raw = self.gather(ids)
+        if self.norms is None:
+            return np.einsum("md,md->m", whiten(self.whitening, raw), xw[owner])
+        b, terms = whitened_score_terms(self.whitening, xw)
+        norms = self._gather_rows(self.norms, ids, terms.shape[1])
+        return _through_stages(np.einsum("md,md->m", raw, b[owner]), terms[owner], norms)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1.
@@ -229,3 +236,12 @@ class ShardSearcher:
                 "index_shard": self.owner[s],
             }
         return meta
+
+
+def _through_stages(dots: np.ndarray, terms: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Whitened scores from raw dot products ``x·b`` (``whitened_score_terms``): per stage, subtract the
+    query's term and divide by the stored vector's norm. terms, norms: (..., stages), broadcast to dots."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # -1 ids: zero norms, masked by the callers
+        for stage in range(terms.shape[-1]):
+            dots = (dots - terms[..., stage]) / norms[..., stage]
+    return dots.astype(np.float32)
