@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from indexing import layout, storage
 from indexing.manifest import resolve
 from indexing.postprocess import whitened_score_terms
+from search.coarse import SharedCoarse
 from search.merge import carry_values, merge_topk
 from search.normalise import load_whitening, whiten
 
@@ -116,6 +117,8 @@ class ShardSearcher:
                     name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
                 }
         self.dim = int(manifest["dim"])
+        # the shards of one trained index share its coarse quantizer: quantize each query block once
+        self.coarse = SharedCoarse.of(list(self.indexes.values()))
         self.whitening = load_whitening(index_url, manifest, storage_options)
         # whitening norms of the stored vectors (indexes built since they were written): exact re-ranking
         # with one dot product per candidate instead of whitening every candidate again
@@ -143,10 +146,12 @@ class ShardSearcher:
         xw = whiten(self.whitening, xq)
         if nprobe:
             self.set_nprobe(nprobe)
-        parts = []
-        for index in self.indexes.values():
-            _, I0 = index.search(xw, min(candidates, max(int(index.ntotal), 1)))
-            parts.append(self.rerank(xq, xw, I0, k))
+        ks = [min(candidates, max(int(index.ntotal), 1)) for index in self.indexes.values()]
+        if self.coarse is not None:
+            found = self.coarse.search(xw, ks, nprobe)
+        else:
+            found = [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
+        parts = [self.rerank(xq, xw, I0, k) for I0 in found]
         D, I = merge_topk([(D, I) for D, I, _ in parts], k)
         D_raw = carry_values(I, [(I, R) for _, I, R in parts])
         return ShardResult(D, I, D_raw, self.describe(I))
