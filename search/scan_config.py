@@ -19,8 +19,10 @@ class ScanConfig:
     mode: str = "resume"
 
     k: int = 10  # results per query
-    candidates: int = 0  # ANN candidates per index shard, re-ranked exactly; 0 = max(10·k, 100)
-    nprobe: int = 0  # 0 = the index manifest's default
+    # ANN candidates per index shard, re-ranked exactly; 0 = the index's planned re-rank depth (manifest
+    # index.candidates, from its recall_target), else max(10·k, 100)
+    candidates: int = 0
+    nprobe: int = 0  # 0 = the index's planned nprobe (manifest index.nprobe)
     chunk_size: int = 1024  # queries per chunk (image folders; a query shard is one chunk)
     beta: float = 1.0  # score normalisation: score_norm = score - beta * background bias
     # is_copy = the match passes this threshold: p90 / p99 (the index's calibration, copyscan calibrate),
@@ -69,9 +71,33 @@ class ScanConfig:
         "verify_fit",
     )
 
-    @property
-    def num_candidates(self) -> int:
-        return self.candidates or max(10 * self.k, 100)
+    def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Re-rank depth and nprobe of a scan of the index described by ``manifest``, and where each
+        comes from: this config when set, else the index's plan (the planner's recall target), else the
+        default. ``{"candidates", "candidates_from", "nprobe", "nprobe_from"}``."""
+        planned = manifest.get("index", {})
+        target = (manifest.get("config") or {}).get("recall_target")
+        plan = f"index plan (recall_target {target})" if target is not None else "index plan"
+        if self.candidates:
+            candidates, candidates_from = self.candidates, "config"
+        elif int(planned.get("candidates") or 0) >= self.k:
+            candidates, candidates_from = int(planned["candidates"]), plan
+        elif int(planned.get("candidates") or 0):  # planned for top-10: never fewer than k
+            candidates, candidates_from = self.k, f"{plan}, raised to k"
+        else:  # exact indexes and manifests from before the plan recorded it
+            candidates, candidates_from = max(10 * self.k, 100), "default"
+        if self.nprobe:
+            nprobe, nprobe_from = self.nprobe, "config"
+        elif int(planned.get("nprobe") or 0):
+            nprobe, nprobe_from = int(planned["nprobe"]), plan
+        else:
+            nprobe, nprobe_from = 0, "index shards (exact index)" if planned.get("exact") else "index shards"
+        return {
+            "candidates": candidates,
+            "candidates_from": candidates_from,
+            "nprobe": nprobe,
+            "nprobe_from": nprobe_from,
+        }
 
     def validate(self) -> None:
         problems = []

@@ -84,9 +84,10 @@ def assign_shards(manifest: dict[str, Any], num_actors: int) -> list[list[int]]:
 
 
 class _Fanout:
-    def __init__(self, cfg: ScanConfig, manifest: dict[str, Any]):
+    def __init__(self, cfg: ScanConfig, manifest: dict[str, Any], settings: dict[str, Any]):
         self.cfg = cfg
         self.manifest = manifest
+        self.candidates, self.nprobe = settings["candidates"], settings["nprobe"]
         cpus = float(ray.cluster_resources().get("CPU", 1))
         wanted = cfg.scan_actors or max(1, int(cpus // 2))
         self.groups = assign_shards(manifest, wanted)
@@ -105,10 +106,9 @@ class _Fanout:
 
     def search(self, xq: np.ndarray) -> ShardResult:
         cfg = self.cfg
-        nprobe = cfg.nprobe or int(self.manifest["index"]["nprobe"])
         xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
         for attempt in range(cfg.retries + 1):
-            refs = [a.search.remote(xq_ref, cfg.k, cfg.num_candidates, nprobe) for a in self.actors]
+            refs = [a.search.remote(xq_ref, cfg.k, self.candidates, self.nprobe) for a in self.actors]
             try:
                 parts = ray.get(refs)
                 break
@@ -152,14 +152,20 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
             f"(index rebuilt since); use mode=overwrite to rescan"
         )
     todo = [c for c in chunks if c.chunk not in done]
+    settings = cfg.search_settings(manifest)
     logger.info(
-        "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s)",
+        "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s); %d candidates per index "
+        "shard (%s), nprobe %s (%s)",
         len(chunks),
         len(done),
         " (resumed)" if resumed else "",
         cfg.index,
         f"{manifest['ntotal']:,}",
         manifest["index"]["factory"],
+        settings["candidates"],
+        settings["candidates_from"],
+        settings["nprobe"] or "of the shards",
+        settings["nprobe_from"],
     )
 
     embedder = manifest["embedder"]["name"]
@@ -183,7 +189,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     verify = _verifier(cfg, manifest)
     failed: list[tuple[QueryChunk, str]] = []
     if todo:
-        fanout = _Fanout(cfg, manifest)
+        fanout = _Fanout(cfg, manifest, settings)
         try:
             failed = _scan_chunks(
                 cfg,
@@ -209,6 +215,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "embedder": manifest["embedder"]["name"],
         "queries_spec": cfg.queries,
         "k": cfg.k,
+        "search": settings,  # re-rank depth and nprobe used, and where each came from
         "threshold": threshold or {"name": str(cfg.threshold), "calibrated": False},
         "extraction_delta": cfg.extraction_delta if cfg.verify_pixels else None,
         **summarize(markers),

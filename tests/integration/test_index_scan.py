@@ -171,8 +171,16 @@ def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, g
     manifest = index(laion_shards.folder, ivf_url, flat_threshold=0, max_code_bytes=64)
     assert manifest["index"]["factory"].startswith("IVF") and manifest["index"]["factory"].endswith("np")
     # Two thirds of the collection as candidates: the PQ ordering (trained on 60 points) decides what is re-ranked.
-    scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=40, k=10)
-    scan(flat_url, str(folder), str(tmp_path / "scan_flat"), k=10)
+    ivf_run = scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=40, k=10)
+    flat_run = scan(flat_url, str(folder), str(tmp_path / "scan_flat"), k=10)
+    # what the scans used, and from where: the config's re-rank depth, the index plan's nprobe
+    assert ivf_run["search"] == {
+        "candidates": 40,
+        "candidates_from": "config",
+        "nprobe": manifest["index"]["nprobe"],
+        "nprobe_from": "index plan (recall_target 0.95)",
+    }
+    assert flat_run["search"]["candidates_from"] == "default" and flat_run["search"]["nprobe"] == 0
     ivf = pq.read_table(str(tmp_path / "scan_ivf" / "matches")).to_pylist()
     flat = pq.read_table(str(tmp_path / "scan_flat" / "matches")).to_pylist()
     found = {(r["query_id"], r["train_key"]) for r in ivf}
