@@ -1,9 +1,11 @@
 """Speed of pixel verification and of the memorised-prompt clique search on CPU: JSON on stdout.
 
 - ``verify``: aligned 512 × 512 pairs per second for ℓ2 + tiled ℓ2 alone (``pixel_distances``), then with
-  decoding included (a 512 px JPEG generation and a training JPEG of 640 × 480, decoded, aligned and
-  compared, decoding in ``threads`` threads), then ``verify_matches`` end to end on a local tar (fetch
-  included). Every pair is a distinct pair of images (no decode is shared).
+  decoding included (a 512 px JPEG generation and a training JPEG of 640 × 480, or of 1600 × 1200,
+  decoded, aligned and compared, decoding in 1 and in ``threads`` threads: wall pairs/s and pairs per
+  CPU-second, the per-core rate), then ``verify_matches`` end to end on a local tar (fetch included).
+  Every pair is a distinct pair of images (no decode is shared).
+- ``machine.load_average``: the 1-minute load before the run; near 0 means the machine was quiet.
 - ``clique``: one prompt of 500 generations (512 px JPEGs of real images and variants, 12 of them
   near-copies of one image): decode to 128 px, all-pairs tiled distances, graph and largest clique.
 
@@ -62,6 +64,27 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 1) if seconds > 0 else float("inf")
 
 
+def _decode_included(train_bytes: list[bytes], gen_bytes: list[bytes], threads: int) -> dict:
+    """Decode + align both sides of every pair in ``threads`` threads, then distances: wall pairs/s, and
+    pairs per CPU-second of this process (per-core rate, which other load on the machine barely moves)."""
+
+    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return decode_pixels(train_bytes[i]), decode_pixels(gen_bytes[i])
+
+    n = len(train_bytes)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(min(n, 8))))  # warm-up
+        wall, cpu = time.perf_counter(), time.process_time()
+        decoded = list(pool.map(one, range(n)))
+        pixel_distances(np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "pairs_per_s": _rate(n, wall),
+        "pairs_per_cpu_s": _rate(n, cpu),
+        "cpu_utilisation": round(cpu / wall, 2),
+    }
+
+
 def bench_verify(images: list[Image.Image], pairs: int, threads: int) -> dict:
     rng = np.random.default_rng(0)
     # every pair distinct: a training JPEG of 640 x 480 and a noisy 512 px JPEG copy of it as generation
@@ -82,15 +105,9 @@ def bench_verify(images: list[Image.Image], pairs: int, threads: int) -> dict:
     dist_s = time.perf_counter() - t
     del a, b
 
-    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
-        return decode_pixels(train_bytes[i]), decode_pixels(gen_bytes[i])
-
-    t = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        decoded = list(pool.map(one, range(pairs)))
-    pixel_distances(np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]))
-    decode_s = time.perf_counter() - t
-    del decoded
+    decode = {f"threads_{n}": _decode_included(train_bytes, gen_bytes, n) for n in sorted({1, threads})}
+    large = [_jpeg(im.resize((1600, 1200))) for im in train]
+    decode_large = {f"threads_{n}": _decode_included(large, gen_bytes, n) for n in sorted({1, threads})}
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = os.path.join(tmp, "00000.tar")
@@ -124,7 +141,9 @@ def bench_verify(images: list[Image.Image], pairs: int, threads: int) -> dict:
         "pairs": pairs,
         "size": 512,
         "distances_only_pairs_per_s": _rate(pairs, dist_s),
-        "decode_included_pairs_per_s": _rate(pairs, decode_s),
+        "decode_included_pairs_per_s": decode[f"threads_{threads}"]["pairs_per_s"],
+        "decode_included": decode,
+        "decode_included_train_1600x1200": decode_large,
         "verify_matches_end_to_end_pairs_per_s": _rate(pairs, e2e_s),
         "verify_matches_seconds": stats["verify_seconds"],
         "verified": stats["verified"],
@@ -177,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                     "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
+                    "load_average": round(os.getloadavg()[0], 2),
                 },
                 "threads": args.threads,
                 "verify": bench_verify(images, args.pairs, args.threads),

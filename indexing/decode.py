@@ -78,8 +78,14 @@ class Rejected(Exception):
         self.detail = detail
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Decode ``data`` fully (so truncation is detected here, not later); raise Rejected with a reason."""
+def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``data`` fully (so truncation is detected here, not later); raise Rejected with a reason.
+
+    With ``draft=(w, h)``, a JPEG is decoded once at the smallest DCT reduction (1/2, 1/4 or 1/8) that
+    keeps it at least ``w × h`` (``Image.draft``), which is several times cheaper than a full decode of a
+    large file; the whole stream is still read, so truncation is still detected. The limits apply to the
+    stored size, before any pixel is decoded. Other formats ignore ``draft``.
+    """
     try:
         with warnings.catch_warnings():
             # Size is checked against our own limit below; PIL's bomb warning would only add noise.
@@ -90,6 +96,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
                 raise Rejected(TOO_LARGE, f"{width}x{height} exceeds max_pixels={limits.max_pixels}")
             if min(width, height) < limits.min_side:
                 raise Rejected(TOO_SMALL, f"{width}x{height} is below min_side={limits.min_side}")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
     except Rejected:
         raise
