@@ -121,6 +121,93 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
+class TaskStream(Generic[T]):
+    """Stateless Ray tasks ``submit(item)`` fed as items arrive, at most ``max_in_flight`` at once.
+
+    ``add`` submits an item, first waiting (and handling results) while ``max_in_flight`` tasks run, so a
+    producer that adds faster than the tasks finish is held back; ``poll`` handles finished tasks without
+    waiting; ``finish`` waits for all. A task that raises is retried up to ``retries`` times; ``on_result``
+    runs in the driver as each result arrives. An item is dropped once its task succeeds, and with
+    ``keep_results=False`` its result too (a long stream whose results ``on_result`` consumes then holds
+    only what is in flight and what failed).
+    """
+
+    def __init__(
+        self,
+        submit: Callable[[T], ray.ObjectRef],
+        *,
+        max_in_flight: int,
+        retries: int = 2,
+        on_result: Callable[[T, Any], None] | None = None,
+        describe: Callable[[T], str] = str,
+        keep_results: bool = True,
+    ) -> None:
+        self.submit, self.max_in_flight, self.retries = submit, max(1, max_in_flight), retries
+        self.on_result, self.describe, self.keep_results = on_result, describe, keep_results
+        self.outcome: PoolOutcome[T] = PoolOutcome()
+        self.items: dict[int, T] = {}  # added and not yet done
+        self.attempts: dict[int, int] = {}
+        self.pending: list[int] = []  # a stack of item numbers waiting for a slot (retries)
+        self.in_flight: dict[ray.ObjectRef, int] = {}
+        self.added = 0
+
+    def add(self, item: T) -> None:
+        self.items[self.added] = item
+        self.attempts[self.added] = 0
+        self.pending.append(self.added)
+        self.added += 1
+        self._fill()
+
+    def poll(self) -> None:
+        """Handle the tasks that have finished, without waiting."""
+        while self.in_flight:
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0)
+            if not ready:
+                return
+            self._handle(ready[0])
+        self._fill()
+
+    def finish(self) -> PoolOutcome[T]:
+        while self.pending or self.in_flight:
+            self._fill()
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+            self._handle(ready[0])
+        return self.outcome
+
+    def _fill(self) -> None:
+        while self.pending:
+            while len(self.in_flight) >= self.max_in_flight:
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+                self._handle(ready[0])
+            if not self.pending:  # a failure handled above may have been re-queued and taken already
+                break
+            index = self.pending.pop()
+            self.attempts[index] += 1
+            self.in_flight[self.submit(self.items[index])] = index
+
+    def _handle(self, ref: ray.ObjectRef) -> None:
+        index = self.in_flight.pop(ref)
+        item = self.items[index]
+        try:
+            result = ray.get(ref)
+        except Exception as exc:  # task errors, worker crashes: retried alike
+            failed = len(self.outcome.failed)
+            _retry_or_fail(
+                index, item, exc, self.attempts, self.retries, self.pending, self.outcome, self.describe
+            )
+            if len(self.outcome.failed) > failed:
+                self._forget(index)
+        else:
+            self._forget(index)
+            if self.keep_results:
+                self.outcome.results.append((item, result))
+            if self.on_result is not None:
+                self.on_result(item, result)
+
+    def _forget(self, index: int) -> None:
+        del self.items[index], self.attempts[index]
+
+
 def run_tasks(
     submit: Callable[[T], ray.ObjectRef],
     items: Sequence[T],
@@ -131,23 +218,9 @@ def run_tasks(
     describe: Callable[[T], str] = str,
 ) -> PoolOutcome[T]:
     """Run stateless Ray tasks ``submit(item)`` with at most ``max_in_flight`` at once, retrying failures."""
-    outcome: PoolOutcome[T] = PoolOutcome()
-    pending = list(range(len(items)))[::-1]
-    attempts = [0] * len(items)
-    in_flight: dict[ray.ObjectRef, int] = {}
-    while pending or in_flight:
-        while pending and len(in_flight) < max(1, max_in_flight):
-            index = pending.pop()
-            attempts[index] += 1
-            in_flight[submit(items[index])] = index
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        index = in_flight.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except Exception as exc:  # task errors, worker crashes: retried alike
-            _retry_or_fail(index, items[index], exc, attempts, retries, pending, outcome, describe)
-        else:
-            outcome.results.append((items[index], result))
-            if on_result is not None:
-                on_result(items[index], result)
-    return outcome
+    stream = TaskStream(
+        submit, max_in_flight=max_in_flight, retries=retries, on_result=on_result, describe=describe
+    )
+    for item in items:
+        stream.add(item)
+    return stream.finish()

@@ -36,7 +36,11 @@ class ScanConfig:
     extraction_delta: float = 0.15
     verify_size: int = 512  # both images: short side resized to this, centre crop (verify_fit=crop) or squash
     verify_fit: str = "crop"
-    verify_threads: int = 8  # fetch and decode threads
+    verify_threads: int = 8  # fetch and decode threads per verification task
+    # Each chunk is verified, then written, by a Ray task of verify_cpus CPUs, overlapping the scan; at most
+    # verify_in_flight such tasks at once (0 = 2 x cluster CPUs / verify_cpus), beyond which the scan waits
+    verify_cpus: float = 0.5
+    verify_in_flight: int = 0
 
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
@@ -131,5 +135,7 @@ class ScanConfig:
             problems.append(f"verify_fit must be crop or squash, not {self.verify_fit!r}")
         if self.verify_threads <= 0:
             problems.append("verify_threads must be positive")
+        if self.verify_cpus <= 0 or self.verify_in_flight < 0:
+            problems.append("verify_cpus must be positive and verify_in_flight >= 0")
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

@@ -7,10 +7,12 @@ writes one parquet part per chunk. Embedding actors run ahead on the next chunks
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -26,7 +28,7 @@ from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed
 from indexing.errors import CopyscanError
 from indexing.manifest import check_embedder, load_manifest
 from indexing.outputs import claim_output
-from indexing.pool_ray import run_pool
+from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
 from search.merge import carry_values, merge_topk
@@ -35,7 +37,7 @@ from search.queries import QueryChunk, plan_query_chunks
 from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
 from search.scan_config import ScanConfig
 from search.searcher import ShardResult, ShardSearcher
-from search.verify import VerifySpec, verify_matches
+from search.verify import MatchVerifier, VerifySpec
 
 logger = logging.getLogger("copyscan")
 
@@ -239,7 +241,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     return summary
 
 
-def _verifier(cfg: ScanConfig, manifest: dict[str, Any]):
+def _verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier | None:
     """``verify`` for write_chunk: pixel verification of the top ``verify_pixels`` ranks, or None (off)."""
     if not cfg.verify_pixels:
         return None
@@ -263,11 +265,45 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any]):
         spec.size,
         spec.delta,
     )
+    return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options)
 
-    def verify(table):
-        return verify_matches(table, manifest, cfg.index, spec, cfg.storage_options)
 
-    return verify
+class _VerifiedWrites:
+    """``write_chunk`` with pixel verification, as one Ray task of ``verify_cpus`` CPUs per chunk.
+
+    The driver goes on with the next chunks while earlier ones are verified. A task verifies its chunk's
+    matches (in batches, decoding in threads) and only then writes the chunk's files and, last, its marker
+    with the verification counts, so resume counts a chunk as done only once it is verified. At most
+    ``verify_in_flight`` tasks run at once; beyond that the driver waits, and the embedding with it.
+    """
+
+    def __init__(self, cfg: ScanConfig, verify: MatchVerifier, on_written: Callable[[dict[str, Any]], None]):
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        in_flight = cfg.verify_in_flight or max(1, int(2 * cpus / cfg.verify_cpus))
+        self.verify_ref = ray.put(verify)  # once, not per chunk: the manifest inside can be large
+        remote = ray.remote(write_chunk).options(num_cpus=cfg.verify_cpus)
+        self.stream: TaskStream[tuple[QueryChunk, inspect.BoundArguments]] = TaskStream(
+            lambda item: remote.remote(*item[1].args, **item[1].kwargs),
+            max_in_flight=in_flight,
+            retries=cfg.retries,
+            on_result=lambda item, marker: on_written(marker),
+            describe=lambda item: f"verifying {item[0].describe()}",
+            keep_results=False,
+        )
+        logger.info(
+            "scan: verification in Ray tasks of %g CPU, at most %d at once", cfg.verify_cpus, in_flight
+        )
+
+    def __call__(self, chunk: QueryChunk, *args, **kwargs) -> None:
+        """Submit ``write_chunk(*args, **kwargs)`` for ``chunk``, verifying with this scan's verifier."""
+        bound = inspect.signature(write_chunk).bind(*args, **kwargs)
+        bound.arguments["verify"] = self.verify_ref
+        self.stream.add((chunk, bound))
+        self.stream.poll()
+
+    def finish(self) -> list[tuple[QueryChunk, str]]:
+        """Wait for every task; the chunks whose verification or write failed for good, with the error."""
+        return [(chunk, error) for (chunk, _), error in self.stream.finish().failed]
 
 
 def _scan_chunks(
@@ -279,13 +315,24 @@ def _scan_chunks(
     weights: str | None,
     options: dict,
     threshold: dict | None,
-    verify=None,
+    verify: MatchVerifier | None = None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
     num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
     progress = Progress("scan", len(todo), unit="chunks", item="queries")
     failed: list[tuple[QueryChunk, str]] = []
+
+    def written(marker: dict[str, Any]) -> None:
+        progress.update(1, marker["queries"])
+
+    verified_writes = _VerifiedWrites(cfg, verify, written) if verify is not None else None
+
+    def write(chunk: QueryChunk, *args, **kwargs) -> None:
+        if verified_writes is None:
+            written(write_chunk(*args, **kwargs))
+        else:  # verified, then written, by a Ray task; progress when it is done
+            verified_writes(chunk, *args, **kwargs)
 
     def make_actor():
         return make_embed_actor(
@@ -318,7 +365,8 @@ def _scan_chunks(
             else:
                 empty = np.zeros((0, cfg.k), dtype=np.float32)
                 result = ShardResult(empty, empty.astype(np.int64), empty, {}, empty)
-            write_chunk(
+            write(
+                chunk,
                 cfg.out,
                 chunk.chunk,
                 embedded.xb,
@@ -338,8 +386,6 @@ def _scan_chunks(
         except (CopyscanError, RayActorError, OSError) as exc:
             logger.error("%s failed: %s", chunk.describe(), exc)
             failed.append((chunk, f"{type(exc).__name__}: {exc}"))
-            return
-        progress.update(1, len(embedded.records) + len(embedded.rejections))
 
     outcome = run_pool(
         make_actor,
@@ -351,4 +397,6 @@ def _scan_chunks(
         on_result=on_result,
         describe=QueryChunk.describe,
     )
+    if verified_writes is not None:
+        failed += verified_writes.finish()
     return failed + list(outcome.failed)

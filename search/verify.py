@@ -64,6 +64,20 @@ class VerifySpec:
         return out
 
 
+@dataclass(frozen=True)
+class MatchVerifier:
+    """``verify_matches`` bound to one index: a picklable ``table -> (table, counts)`` that can travel to
+    the Ray tasks that verify scan chunks (put it in the object store once; the manifest can be large)."""
+
+    manifest: dict[str, Any]
+    index_url: str
+    spec: VerifySpec
+    storage_options: storage.StorageOptions | None = None
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+        return verify_matches(table, self.manifest, self.index_url, self.spec, self.storage_options)
+
+
 def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     """``table`` with ``columns`` replaced (or appended when absent)."""
     for name, values in columns.items():

@@ -91,3 +91,35 @@ def test_verification_settings_are_checked(flat_index, tmp_path):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), k=3, verify_pixels=4)
     with pytest.raises(CopyscanError, match="verify_size"):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), verify_pixels=1, verify_size=510)
+    with pytest.raises(CopyscanError, match="verify_cpus must be positive"):
+        scan(flat_index, str(tmp_path), str(tmp_path / "x"), verify_pixels=1, verify_cpus=0)
+
+
+def test_verification_tasks_write_chunks_and_resume(flat_index, laion_shards, tmp_path):
+    """One verification task per chunk (at most one in flight here, so the scan waits for it): each chunk's
+    marker, written by its task after verification, holds the counts; a chunk whose marker is missing (a
+    crash before the task finished) is scanned and verified again on resume, and only that chunk."""
+    folder = tmp_path / "gens"
+    folder.mkdir()
+    for sample in list(iter_tar(laion_shards.shard_urls[2]))[:3]:
+        (folder / f"{sample.key}.jpg").write_bytes(sample.image)
+    out = tmp_path / "scan"
+    settings = {"k": 2, "verify_pixels": 1, "chunk_size": 1, "verify_in_flight": 1}
+    first = scan(flat_index, str(folder), str(out), **settings)
+    assert first["chunks"] == 3 and first["verification"]["verified"] == 3
+    markers = {p.name: json.loads(p.read_text()) for p in (out / "chunks").glob("chunk_*.json")}
+    assert len(markers) == 3 and all(
+        m["verify"]["verified"] == m["verify"]["verify_pairs"] == 1 for m in markers.values()
+    )
+    before = pq.read_table(out / "matches").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+    (out / "chunks" / "chunk_00001.json").unlink()
+    (out / "matches" / "part-00001.parquet").unlink()
+    again = scan(flat_index, str(folder), str(out), **settings)
+    assert again["this_run"]["chunks"] == 1 and again["chunks"] == 3
+    assert json.loads((out / "chunks" / "chunk_00001.json").read_text())["verify"]["verified"] == 1
+    after = pq.read_table(out / "matches").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert after.select(["query_id", "train_key", "tiled_l2", "extracted"]).equals(
+        before.select(["query_id", "train_key", "tiled_l2", "extracted"])
+    )
+    assert pc.all(pc.equal(after.filter(pc.equal(after["rank"], 0))["tiled_l2"], 0.0)).as_py()
