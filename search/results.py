@@ -52,6 +52,9 @@ MATCHES_SCHEMA = pa.schema(
         ("tiled_l2", pa.float32()),  # max over 4 x 4 tiles of the tile's RMS difference
         ("extracted", pa.bool_()),  # tiled_l2 < extraction_delta (0.15)
         ("verify_error", pa.string()),  # why a selected pair has no distances (train_key_not_found, ...)
+        # scan option density_neighbours: pixel_l2 / (alpha x mean pixel_l2 to the query's top matches);
+        # < 1 = extracted by Carlini et al.'s density-relative test (unconditional models)
+        ("density_l2", pa.float32()),
     ]
 )
 
@@ -114,6 +117,7 @@ def matches_table(
         "tiled_l2": pa.nulls(len(ids), pa.float32()),
         "extracted": pa.nulls(len(ids), pa.bool_()),
         "verify_error": pa.nulls(len(ids), pa.string()),
+        "density_l2": pa.nulls(len(ids), pa.float32()),
     }
     return pa.table(columns, schema=MATCHES_SCHEMA)
 
@@ -210,7 +214,8 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
     """Run-level pixel-verification counts from the chunk markers (None when no chunk was verified).
 
     ``extracted_queries``: generations with at least one (l2, delta)-extracted match; ``errors``: pairs
-    that could not be verified, by reason."""
+    that could not be verified, by reason; ``density``: density-relative counts (scan option
+    density_neighbours), when on."""
     verified = [m["verify"] for m in markers.values() if m.get("verify")]
     if not verified:
         return None
@@ -218,7 +223,7 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
     for v in verified:
         for reason, count in v["verify_errors"].items():
             by_reason[reason] = by_reason.get(reason, 0) + count
-    return {
+    out: dict[str, Any] = {
         "chunks": len(verified),
         "pairs": sum(v["verify_pairs"] for v in verified),
         "verified": sum(v["verified"] for v in verified),
@@ -226,6 +231,10 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
         "extracted_queries": sum(v["extracted_queries"] for v in verified),  # chunks hold distinct queries
         "errors": dict(sorted(by_reason.items())),
     }
+    if any("density_scored" in v for v in verified):
+        names = ("density_scored", "density_extracted", "neighbour_pairs", "neighbour_failed")
+        out["density"] = {name: sum(v.get(name, 0) for v in verified) for name in names}
+    return out
 
 
 def open_matches(out: str, storage_options: storage.StorageOptions | None = None) -> pads.Dataset:

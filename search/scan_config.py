@@ -41,6 +41,12 @@ class ScanConfig:
     # verify_in_flight such tasks at once (0 = 2 x cluster CPUs / verify_cpus), beyond which the scan waits
     verify_cpus: float = 0.5
     verify_in_flight: int = 0
+    # Density-relative score (Carlini et al., for unconditional models): density_l2 = pixel_l2 /
+    # (density_alpha x mean pixel_l2 of the generation to its top density_neighbours matches, which are
+    # fetched and compared too; needs k >= density_neighbours and verify_pixels >= 1); < 1 = extracted.
+    # 0 = off; the paper uses 50
+    density_neighbours: int = 0
+    density_alpha: float = 0.5
 
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
@@ -73,6 +79,8 @@ class ScanConfig:
         "extraction_delta",
         "verify_size",
         "verify_fit",
+        "density_neighbours",
+        "density_alpha",
     )
 
     def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -137,5 +145,14 @@ class ScanConfig:
             problems.append("verify_threads must be positive")
         if self.verify_cpus <= 0 or self.verify_in_flight < 0:
             problems.append("verify_cpus must be positive and verify_in_flight >= 0")
+        if self.density_neighbours < 0 or self.density_alpha <= 0:
+            problems.append("density_neighbours must be >= 0 and density_alpha positive")
+        elif self.density_neighbours > self.k:
+            problems.append(
+                f"density_neighbours ({self.density_neighbours}) are the query's top matches, but the scan "
+                f"keeps only k = {self.k} per query: set k >= {self.density_neighbours}"
+            )
+        elif self.density_neighbours and not self.verify_pixels:
+            problems.append("density_neighbours scores verified matches: set verify_pixels >= 1")
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

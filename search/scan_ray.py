@@ -258,6 +258,8 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier | None
         fit=cfg.verify_fit,
         threads=cfg.verify_threads,
         limits=DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side),
+        neighbours=cfg.density_neighbours,
+        alpha=cfg.density_alpha,
     )
     logger.info(
         "scan: pixel verification of the top %d match(es) per query at %d px, extracted = tiled l2 < %g",
@@ -265,6 +267,12 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier | None
         spec.size,
         spec.delta,
     )
+    if spec.neighbours:
+        logger.info(
+            "scan: density_l2 = pixel l2 / (%g x mean pixel l2 to the query's top %d matches, fetched too)",
+            spec.alpha,
+            spec.neighbours,
+        )
     return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options)
 
 

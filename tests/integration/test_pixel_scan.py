@@ -91,6 +91,10 @@ def test_verification_settings_are_checked(flat_index, tmp_path):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), k=3, verify_pixels=4)
     with pytest.raises(CopyscanError, match="verify_size"):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), verify_pixels=1, verify_size=510)
+    with pytest.raises(CopyscanError, match="keeps only k = 3 per query: set k >= 50"):
+        scan(flat_index, str(tmp_path), str(tmp_path / "x"), k=3, verify_pixels=1, density_neighbours=50)
+    with pytest.raises(CopyscanError, match="set verify_pixels >= 1"):
+        scan(flat_index, str(tmp_path), str(tmp_path / "x"), k=3, density_neighbours=3)
     with pytest.raises(CopyscanError, match="verify_cpus must be positive"):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), verify_pixels=1, verify_cpus=0)
 
@@ -104,9 +108,16 @@ def test_verification_tasks_write_chunks_and_resume(flat_index, laion_shards, tm
     for sample in list(iter_tar(laion_shards.shard_urls[2]))[:3]:
         (folder / f"{sample.key}.jpg").write_bytes(sample.image)
     out = tmp_path / "scan"
-    settings = {"k": 2, "verify_pixels": 1, "chunk_size": 1, "verify_in_flight": 1}
+    settings = {"k": 2, "verify_pixels": 1, "chunk_size": 1, "verify_in_flight": 1, "density_neighbours": 2}
     first = scan(flat_index, str(folder), str(out), **settings)
     assert first["chunks"] == 3 and first["verification"]["verified"] == 3
+    # density-relative score from each query's top 2 matches: the pixel-identical rank 0 scores 0
+    assert first["verification"]["density"] == {
+        "density_scored": 3,
+        "density_extracted": 3,
+        "neighbour_pairs": 6,
+        "neighbour_failed": 0,
+    }
     markers = {p.name: json.loads(p.read_text()) for p in (out / "chunks").glob("chunk_*.json")}
     assert len(markers) == 3 and all(
         m["verify"]["verified"] == m["verify"]["verify_pairs"] == 1 for m in markers.values()
@@ -122,4 +133,6 @@ def test_verification_tasks_write_chunks_and_resume(flat_index, laion_shards, tm
     assert after.select(["query_id", "train_key", "tiled_l2", "extracted"]).equals(
         before.select(["query_id", "train_key", "tiled_l2", "extracted"])
     )
-    assert pc.all(pc.equal(after.filter(pc.equal(after["rank"], 0))["tiled_l2"], 0.0)).as_py()
+    top = after.filter(pc.equal(after["rank"], 0))
+    assert pc.all(pc.equal(top["tiled_l2"], 0.0)).as_py() and pc.all(pc.equal(top["density_l2"], 0.0)).as_py()
+    assert after.filter(pc.equal(after["rank"], 1))["density_l2"].null_count == 3

@@ -270,3 +270,71 @@ def test_verify_without_source_shards_reports_no_source():
     manifest = {"embedding_shards": [{"source": "img_emb/img_emb_0.npy"}]}  # imported CLIP embeddings
     table, stats = verify_matches(_matches(rows), manifest, "idx", VerifySpec())
     assert table["verify_error"].to_pylist() == ["train_no_source"] and stats["verified"] == 0
+
+
+def test_density_relative_score_from_the_query_top_matches(real_images, tmp_path):
+    """density_l2 = pixel_l2 / (alpha · mean pixel_l2 to the query's top `neighbours` matches), from
+    neighbours fetched in groups of whole queries; a neighbour that cannot be fetched leaves the mean."""
+    bases = [_base(p) for p in real_images[:4]]
+    shard = str(tmp_path / "00000.tar")
+    _tar(shard, [(f"{i:09d}.png", _png(b)) for i, b in enumerate(bases)])
+    queries = {
+        "one_tile.png": _planted(bases[0])["one_tile"][0],
+        "offset_45.png": _planted(bases[1])["offset_45"][0],
+    }
+    rows = []
+    for name, img in queries.items():
+        (tmp_path / name).write_bytes(_png(img))
+        keys = (
+            ["000000000", "000000001", "000000002"]
+            if name == "one_tile.png"
+            else ["000000001", "000000003", "000000077"]
+        )
+        rows += [
+            {
+                "query_id": name,
+                "query_source": str(tmp_path / name),
+                "rank": rank,
+                "train_key": key,
+                "embedding_shard": 0,
+            }
+            for rank, key in enumerate(keys)
+        ]
+    spec = VerifySpec(ranks=1, neighbours=3, alpha=0.5, fetch_pairs=4)
+    table, stats = verify_matches(_matches(rows), {"embedding_shards": [{"source": shard}]}, "idx", spec)
+    got = {(r["query_id"], r["rank"]): r for r in table.to_pylist()}
+
+    def l2(query, key):
+        return float(pixel.pixel_distances(queries[query][None], bases[int(key)][None])[0][0])
+
+    for name, keys in (
+        ("one_tile.png", ["0", "1", "2"]),
+        ("offset_45.png", ["1", "3"]),
+    ):  # 77: not in the shard
+        expected = l2(name, keys[0]) / (0.5 * np.mean([l2(name, k) for k in keys]))
+        assert got[(name, 0)]["density_l2"] == pytest.approx(expected, rel=1e-4)
+        assert got[(name, 0)]["pixel_l2"] == pytest.approx(l2(name, keys[0]), abs=1e-6)
+    # neighbours are compared but only the selected ranks get columns, and only they report errors
+    assert all(
+        r["pixel_l2"] is None and r["density_l2"] is None and r["verify_error"] is None
+        for (_, rank), r in got.items()
+        if rank
+    )
+    # a near-copy is far closer than the other images; a copy moved by 45 grey levels is not
+    assert got[("one_tile.png", 0)]["density_l2"] < 1 < got[("offset_45.png", 0)]["density_l2"]
+    assert stats["density_scored"] == 2 and stats["neighbour_pairs"] == 6 and stats["neighbour_failed"] == 1
+    assert stats["verified"] == 2 and stats["verify_errors"] == {}
+    # without neighbours the column stays null and the counts are absent
+    plain, plain_stats = verify_matches(
+        _matches(rows), {"embedding_shards": [{"source": shard}]}, "idx", VerifySpec()
+    )
+    assert plain["density_l2"].null_count == plain.num_rows and "density_scored" not in plain_stats
+
+
+def test_fetch_groups_hold_whole_queries():
+    from search.verify import _query_groups
+
+    query_of = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
+    assert _query_groups(list(query_of), query_of, 4) == [[0, 1, 2], [3, 4, 5]]
+    assert _query_groups(list(query_of), query_of, 2) == [[0, 1, 2], [3, 4], [5]]
+    assert _query_groups(list(query_of), query_of, 100) == [[0, 1, 2, 3, 4, 5]]
