@@ -46,11 +46,15 @@ REPEATS = 2  # every timing is the best of this many (the machine is shared)
 
 
 def write_collection(args: argparse.Namespace, out: str) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
-    """Write the synthetic collection as embedding shards (reused when ``out`` already holds the same one).
+    """Write the synthetic collection as embedding shards of ``args.part`` (default ``PART``) vectors
+    (reused when ``out`` already holds the same one).
 
     Returns (counts per shard, xq: (nq, d) float32 unit queries, is_copy: (nq,) bool).
     """
     spec = {k: getattr(args, k) for k in ("n", "queries", "base", "dup_group_mean", "dup_spread", "seed")}
+    part = getattr(args, "part", PART)
+    if part != PART:  # recorded only when not the default: collections written before stay reusable
+        spec["part"] = part
     spec_url = storage.join(out, "bench_data.json")
     if storage.exists(spec_url) and storage.read_json(spec_url) == spec:
         queries = storage.load_npz(storage.join(out, "bench_queries.npz"))
@@ -60,10 +64,10 @@ def write_collection(args: argparse.Namespace, out: str) -> tuple[dict[int, int]
     real, diff = load_real(args.base)
     model = LocalKDE.fit(real, diff)
     xb = model.collection(args.n, rng, args.dup_group_mean, args.dup_spread)
-    for shard, start in enumerate(range(0, args.n, PART)):
-        part = xb[start : start + PART]
-        records = [{"key": f"{shard:05d}{i:06d}"} for i in range(len(part))]
-        write_shard_outputs(out, shard, f"synthetic/{shard:05d}", EmbeddedSource(part, records, []), "bench")
+    for shard, start in enumerate(range(0, args.n, part)):
+        rows = xb[start : start + part]
+        records = [{"key": f"{shard:05d}{i:06d}"} for i in range(len(rows))]
+        write_shard_outputs(out, shard, f"synthetic/{shard:05d}", EmbeddedSource(rows, records, []), "bench")
     n_copy = args.queries // 2
     sources = xb[rng.choice(args.n, n_copy, replace=False)]
     xq = np.concatenate([model.copies(sources, 1.0, rng), model.images(args.queries - n_copy, rng)])

@@ -7,10 +7,17 @@ Query embedding is left out (measured by ``bench/embed_throughput.py``): this is
 
 - query scaling: ``--queries`` counts against the largest index;
 - index scaling: ``--sizes`` collections, each with the planner's index, at the largest query count;
-- memory: each actor's peak resident set after its searches.
+- memory: each actor's peak resident set after its searches;
+- shards per actor (``--shards-per-actor``, instead of the two sweeps above): one actor over the
+  ``--sizes`` collection filled into that many index shards (one trained index), searched as the scan does
+  (one coarse quantisation per query chunk for all its shards) and as it did before (``PerShardWorker``:
+  every shard quantizes on its own), best of ``--repeats`` runs each, alternated; the results are checked
+  equal; and the cost of one coarse quantisation per query on one thread (what each extra shard added).
 
     python -m bench.scan --base /tmp/bench_cd/index-whitening_pair_images=400 --work /tmp/bs \
         --sizes 100000 300000 1000000 --queries 1000 4000 16000
+    python -m bench.scan --base /tmp/bench_cd/index-whitening_pair_images=400 --work /tmp/bs \
+        --sizes 200000 --part 25000 --shards-per-actor 1 2 4 8 --queries 4000
 """
 
 from __future__ import annotations
@@ -24,14 +31,24 @@ from typing import Any
 
 import numpy as np
 
-from bench.index import build, write_collection
+from bench.index import PART, build, write_collection
 from bench.synthetic import LocalKDE, load_real
 from indexing.planner import plan_index
 from jobs._runtime import init_ray
+from search.coarse import SharedCoarse
 from search.merge import merge_topk
 from search.scan_ray import ScanWorker, assign_shards
 
 K = 10
+
+
+class PerShardWorker(ScanWorker):
+    """The scan path before one coarse quantisation per actor: every index shard searched on its own,
+    with its own copy of the centroids."""
+
+    def __init__(self, *args: Any) -> None:
+        SharedCoarse.of = classmethod(lambda cls, indexes: None)  # this actor's process only
+        super().__init__(*args)
 
 
 def _queries(args: argparse.Namespace, count: int) -> np.ndarray:
@@ -57,6 +74,116 @@ def scan(actors: list, xq: np.ndarray, chunk: int, candidates: int, nprobe: int)
     return time.perf_counter() - t0
 
 
+def _collection_args(args: argparse.Namespace, n: int, shard_vectors: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        n=n,
+        queries=1_000,
+        base=args.base,
+        dup_group_mean=1.4,
+        dup_spread=0.25,
+        seed=args.seed,
+        part=args.part,
+        shard_vectors=shard_vectors,
+        max_code_bytes=64,
+        whitening="none",
+    )
+
+
+def by_shards_per_actor(args: argparse.Namespace, xq: np.ndarray) -> list[dict[str, Any]]:
+    """Queries/s of one actor over the collection split into 1, 2, … index shards: shared coarse
+    quantisation against per-shard (the scan before). Fills run with no actor alive."""
+    import faiss
+    import ray
+
+    from indexing import layout
+    from indexing.build import read_index
+
+    n = max(args.sizes)
+    ns = _collection_args(args, n, n)
+    out = os.path.join(args.work, f"n{n}" if args.part == PART else f"n{n}-part{args.part}", "index")
+    counts, _, _ = write_collection(ns, out)
+    plan = plan_index(counts, 512, flat_threshold=0, recall_target=args.recall_target)
+    rows = []
+    for shards in sorted(args.shards_per_actor):
+        ns.shard_vectors = -(-n // shards)
+        manifest, build_seconds = build(out, plan.factory, counts, 512, ns)
+        if len(manifest["index_shards"]) != shards:
+            raise SystemExit(f"{n} vectors in parts of {args.part} cannot make {shards} index shards")
+        group = [e["index_shard"] for e in manifest["index_shards"]]
+        cache = os.path.join(args.work, "cache")
+        best = {"shared": np.inf, "per_shard": np.inf}
+        memory: dict[str, int] = {}
+        first: dict[str, np.ndarray] = {}
+        for _ in range(args.repeats):
+            for path, worker in (("shared", ScanWorker), ("per_shard", PerShardWorker)):
+                actor = ray.remote(worker).remote(out, manifest, group, cache, None)
+                ray.get(actor.ready.remote())
+                ref = ray.put(np.ascontiguousarray(xq[: args.chunk]))
+                first[path] = ray.get(actor.search.remote(ref, K, plan.candidates, plan.nprobe)).I  # warm
+                best[path] = min(best[path], scan([actor], xq, args.chunk, plan.candidates, plan.nprobe))
+                memory[path] = ray.get(actor.memory.remote())["peak_rss_bytes"]
+                ray.kill(actor, no_restart=True)
+        row = {
+            "index_vectors": n,
+            "factory": plan.factory,
+            "nprobe": plan.nprobe,
+            "candidates": plan.candidates,
+            "index_shards_per_actor": shards,
+            "queries": len(xq),
+            "queries_per_s": round(len(xq) / best["shared"], 1),
+            "queries_per_s_per_shard_quantisation": round(len(xq) / best["per_shard"], 1),
+            "speedup": round(best["per_shard"] / best["shared"], 3),
+            "peak_rss_bytes": memory["shared"],
+            "peak_rss_bytes_per_shard_quantisation": memory["per_shard"],
+            "same_results": bool(np.array_equal(first["shared"], first["per_shard"])),
+            "build_seconds": build_seconds,
+        }
+        trained = read_index(layout.trained_index_url(out, plan.factory))
+        quantizer = faiss.extract_index_ivf(trained).quantizer  # a view into ``trained``: keep both
+        row["coarse_ms_per_query_per_shard"] = round(
+            1e3 * coarse_seconds(quantizer, xq, plan.nprobe, args.repeats + 2), 4
+        )
+        print(json.dumps(row), file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def coarse_seconds(quantizer, xq: np.ndarray, nprobe: int, repeats: int) -> float:
+    """Seconds per query of one coarse quantisation by ``quantizer`` (1 thread as in a scan actor, a
+    chunk of 1,024): what each extra index shard cost per query before it was shared."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    x = np.ascontiguousarray(xq[:1024], dtype=np.float32)
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        quantizer.search(x, nprobe)
+        best = min(best, time.perf_counter() - t0)
+    faiss.omp_set_num_threads(threads)
+    return best / len(x)
+
+
+def coarse_at_scale(nlists: list[int], xq: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Coarse quantisation cost per query at LAION-size nlist (random unit centroids: the cost of a flat
+    inner-product search does not depend on their values), nprobe = nlist / 512 as the planner sets it."""
+    import faiss
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for nlist in nlists:
+        quantizer = faiss.IndexFlatIP(xq.shape[1])
+        for start in range(0, nlist, 65_536):
+            c = rng.standard_normal((min(65_536, nlist - start), xq.shape[1]), dtype=np.float32)
+            quantizer.add(c / np.linalg.norm(c, axis=1, keepdims=True))
+        nprobe = max(8, nlist // 512)
+        seconds = coarse_seconds(quantizer, xq, nprobe, repeats)
+        rows.append({"nlist": nlist, "nprobe": nprobe, "ms_per_query_1_thread": round(1e3 * seconds, 4)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,22 +197,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1024, help="queries per chunk (scan chunk_size)")
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", type=int, default=PART, help="vectors per embedding shard")
+    parser.add_argument("--repeats", type=int, default=3, help="shards per actor: best of this many runs")
+    parser.add_argument(
+        "--coarse-nlist",
+        type=int,
+        nargs="*",
+        default=[],
+        help="time one coarse quantisation per query at these nlist (e.g. 262144), alone or with "
+        "--shards-per-actor",
+    )
+    parser.add_argument(
+        "--shards-per-actor",
+        type=int,
+        nargs="+",
+        default=[],
+        help="instead of the query and size sweeps: the largest --sizes collection in this many index "
+        "shards, one actor, shared against per-shard coarse quantisation",
+    )
     args = parser.parse_args(argv)
     xq_all = _queries(args, max(args.queries))
+    machine = "shared 2-core CPU VM (other jobs running): timings are contended"
+    if args.shards_per_actor or args.coarse_nlist:
+        if args.shards_per_actor:
+            init_ray(num_cpus=os.cpu_count() or 1)
+        sweep = {
+            "bench": "scan_shards_per_actor" if args.shards_per_actor else "scan_coarse",
+            "k": K,
+            "chunk": args.chunk,
+            "cpus": os.cpu_count(),
+            "machine": machine,
+            "repeats": f"best of {args.repeats}" + (" per path, alternated" if args.shards_per_actor else ""),
+            "queries": "half copies of fresh images (real copy noise), half fresh draws (bench/synthetic.py)",
+            "by_shards_per_actor": by_shards_per_actor(args, xq_all) if args.shards_per_actor else [],
+            "coarse_quantisation": coarse_at_scale(args.coarse_nlist, xq_all, args.repeats),
+        }
+        print(json.dumps(sweep, indent=2))
+        return 0
     built = []  # every collection and index first: no Ray workers competing with the numpy work
     for n in sorted(args.sizes):
-        ns = argparse.Namespace(
-            n=n,
-            queries=1_000,
-            base=args.base,
-            dup_group_mean=1.4,
-            dup_spread=0.25,
-            seed=args.seed,
-            shard_vectors=args.shard_vectors,
-            max_code_bytes=64,
-            whitening="none",
-        )
-        out = os.path.join(args.work, f"n{n}", "index")
+        ns = _collection_args(args, n, args.shard_vectors)
+        out = os.path.join(args.work, f"n{n}" if args.part == PART else f"n{n}-part{args.part}", "index")
         counts, _, _ = write_collection(ns, out)
         plan = plan_index(counts, 512, flat_threshold=0, recall_target=args.recall_target)
         manifest, seconds = build(out, plan.factory, counts, 512, ns)
@@ -99,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunk": args.chunk,
         "actors_per_index": args.actors,
         "cpus": os.cpu_count(),
-        "machine": "shared 2-core CPU VM (other jobs running): timings are contended",
+        "machine": machine,
         "queries": "half copies of fresh images (real copy noise), half fresh draws (bench/synthetic.py)",
         "by_query_count": [],
         "by_index_size": [],
