@@ -35,6 +35,7 @@ from bench.synthetic import LocalKDE, load_real, validate
 from indexing import layout, storage
 from indexing.build import fill_index_shard, index_shard_marker, train_phase
 from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
+from indexing.index_config import IndexConfig
 from indexing.manifest import build_manifest
 from indexing.planner import plan_index
 from indexing.postprocess import apply_whitening
@@ -55,6 +56,9 @@ def write_collection(args: argparse.Namespace, out: str) -> tuple[dict[int, int]
     part = getattr(args, "part", PART)
     if part != PART:  # recorded only when not the default: collections written before stay reusable
         spec["part"] = part
+    pair_images = getattr(args, "pair_images", 0) if getattr(args, "whitening", "none") == "learned" else 0
+    if pair_images:
+        spec |= {"pair_images": pair_images, "pair_copies": args.pair_copies}
     spec_url = storage.join(out, "bench_data.json")
     if storage.exists(spec_url) and storage.read_json(spec_url) == spec:
         queries = storage.load_npz(storage.join(out, "bench_queries.npz"))
@@ -64,10 +68,16 @@ def write_collection(args: argparse.Namespace, out: str) -> tuple[dict[int, int]
     real, diff = load_real(args.base)
     model = LocalKDE.fit(real, diff)
     xb = model.collection(args.n, rng, args.dup_group_mean, args.dup_spread)
+    pair_rng = np.random.default_rng(args.seed + 1)  # its own stream: vectors and queries as without pairs
+    n_parts = -(-args.n // part)
     for shard, start in enumerate(range(0, args.n, part)):
         rows = xb[start : start + part]
         records = [{"key": f"{shard:05d}{i:06d}"} for i in range(len(rows))]
-        write_shard_outputs(out, shard, f"synthetic/{shard:05d}", EmbeddedSource(rows, records, []), "bench")
+        source = EmbeddedSource(rows, records, [])
+        if pair_images:  # as the embedding phase makes them: the shard's first images, augmented copies each
+            pair_rows = np.repeat(np.arange(min(len(rows), -(-pair_images // n_parts))), args.pair_copies)
+            source.x_pair, source.pair_rows = model.copies(rows[pair_rows], 1.0, pair_rng), pair_rows
+        write_shard_outputs(out, shard, f"synthetic/{shard:05d}", source, "bench")
     n_copy = args.queries // 2
     sources = xb[rng.choice(args.n, n_copy, replace=False)]
     xq = np.concatenate([model.copies(sources, 1.0, rng), model.images(args.queries - n_copy, rng)])
@@ -91,6 +101,7 @@ def build(
     )
     seconds: dict[str, float] = {}
     whitening = args.whitening
+    shrinkage = whitening_shrinkage(args)
     info_url = layout.train_info_url(out, plan.factory)
     if storage.exists(layout.trained_index_url(out, plan.factory)):
         info = storage.read_json(info_url)
@@ -102,7 +113,8 @@ def build(
             counts,
             train_size=plan.train_size,
             whitening=whitening,
-            whitening_shrinkage=0.3,
+            whitening_shrinkage=shrinkage,
+            whitening_pca_shrinkage=IndexConfig.whitening_pca_shrinkage,
             background_size=1_000,
             seed=args.seed,
         )
@@ -117,7 +129,14 @@ def build(
         markers[j] = marker
     seconds["fill"] = round(sum(m["seconds"] for m in markers.values()), 1)
     manifest = build_manifest(
-        cfg={"out": out, "whitening": whitening, "whitening_shrinkage": 0.3},
+        cfg={
+            "out": out,
+            "whitening": whitening,
+            "whitening_shrinkage": shrinkage,
+            "whitening_pca_shrinkage": IndexConfig.whitening_pca_shrinkage
+            if whitening == "learned"
+            else None,
+        },
         shards=[f"synthetic/{s:05d}" for s in sorted(counts)],
         stats=finished_shards(out),
         spec={"name": "bench", "dim": dim, "preprocess": None},
@@ -129,6 +148,14 @@ def build(
     )
     manifest["build_id"] = f"bench-{layout.index_name(plan.factory)}"
     return manifest, seconds
+
+
+def whitening_shrinkage(args: argparse.Namespace) -> float:
+    """The bench's shrinkage: ``--whitening-shrinkage``, else 0.3 for pca (the earlier runs) and
+    copyscan's default for learned whitening."""
+    if getattr(args, "whitening_shrinkage", None) is not None:
+        return args.whitening_shrinkage
+    return 0.3 if args.whitening == "pca" else IndexConfig.whitening_shrinkage
 
 
 def exact_search(
@@ -164,7 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dup-group-mean", type=float, default=1.4, help="mean near-duplicate group size")
     parser.add_argument("--dup-spread", type=float, default=0.25, help="near-duplicate noise × copy noise")
     parser.add_argument("--factory", nargs="+", default=["auto"], help="faiss factory strings, or auto")
-    parser.add_argument("--whitening", choices=("none", "pca"), default="none")
+    parser.add_argument(
+        "--whitening",
+        choices=("none", "pca", "learned"),
+        default="none",
+        help="learned: copyscan's default (pairs of images and augmented copies, then PCA), stored norms",
+    )
+    parser.add_argument(
+        "--whitening-shrinkage", type=float, help="default: 0.3 for pca, copyscan's for learned"
+    )
+    parser.add_argument(
+        "--pair-images",
+        type=int,
+        default=IndexConfig.whitening_pair_images,
+        help="learned whitening: images with augmented copies (copyscan's whitening_pair_images)",
+    )
+    parser.add_argument("--pair-copies", type=int, default=IndexConfig.whitening_pair_copies)
     parser.add_argument("--shard-vectors", type=int, default=1_000_000, help="vectors per index shard")
     parser.add_argument("--max-code-bytes", type=int, default=64)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -193,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "data_check": validate(*load_real(args.base), seed=args.seed),
         "whitening": args.whitening,
+        "whitening_shrinkage": whitening_shrinkage(args) if args.whitening != "none" else None,
         "write_vectors_seconds": round(write_seconds, 1),
         "cpu_threads": faiss.omp_get_max_threads(),
         "machine": "shared 2-core CPU VM (other jobs running): timings are contended",
@@ -227,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             "index_file_bytes_per_vector": round(index_bytes / n, 1),
             "rerank_bytes_per_vector": 2 * dim,
             "build_seconds": seconds,
+            "whitening": manifest["whitening"] if args.whitening != "none" else None,
+            "rerank_with_stored_norms": searcher.norms is not None,
             "flat_seconds": round(flat_seconds, 3),  # best of REPEATS, like every ANN timing
             "flat_queries_per_s": round(len(xq) / flat_seconds, 1),
             "runs": [],
