@@ -71,7 +71,51 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
     for name in SCORES:
         score = np.array([top[t["file"]][name] for t in truth], dtype=np.float64)
         result[name] = ranking_metrics(np.nan_to_num(score, nan=-np.inf), positive, len(copies))
+    if "local_rank" in table.column_names and table["local_rank"].null_count < table.num_rows:
+        result.update(_local_metrics(table, truth, key_of_source))
     return result
+
+
+def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
+    """Region matching (partial copies): the same metrics on each query's local_rank-0 row, and on the
+    row best by max(score_norm, local_score_norm) ("either": a copy is found by either path)."""
+    copies = [t for t in truth if t["is_copy"]]
+    rows = table.select(["query_id", "train_key", "local_rank", "score_norm", "local_score_norm"]).to_pylist()
+    by_query: dict[str, list[dict]] = {}
+    for r in rows:
+        by_query.setdefault(r["query_id"], []).append(r)
+    out = {}
+    nan = float("nan")
+
+    def either(r):
+        values = [v for v in (r["score_norm"], r["local_score_norm"]) if v is not None]
+        return max(values) if values else -np.inf
+
+    pickers = {
+        "local_score_norm": lambda rs: next((r for r in rs if r["local_rank"] == 0), None),
+        "either_norm": lambda rs: max(rs, key=either, default=None),
+    }
+    for name, pick in pickers.items():
+        best = {q: pick(rs) for q, rs in by_query.items()}
+        positive = np.array(
+            [
+                t["is_copy"]
+                and best.get(t["file"]) is not None
+                and best[t["file"]]["train_key"] == key_of_source[t["source_image"]]
+                for t in truth
+            ]
+        )
+        value = (lambda r: r["local_score_norm"]) if name == "local_score_norm" else either
+        score = np.array(
+            [value(best[t["file"]]) if best.get(t["file"]) is not None else nan for t in truth],
+            dtype=np.float64,
+        )
+        score = np.nan_to_num(score, nan=-np.inf)  # None (no local match) became NaN
+        out[name] = {
+            "recall@1": float(positive.sum() / len(copies)),
+            **ranking_metrics(score, positive, len(copies)),
+        }
+    return out
 
 
 def paired_keys(index_url: str, manifest: dict, pair_images: int) -> set[str]:

@@ -95,8 +95,13 @@ def train_phase(
     background_size: int = 10_000,
     seed: int = 0,
     storage_options: storage.StorageOptions | None = None,
+    whitening_from: str | None = None,
 ) -> dict[str, Any]:
     """Learn everything the index needs from one sample of its vectors, and write it.
+
+    ``whitening_from`` (the URL of another index's ``whitening.npz``) takes that whitening instead of
+    learning one: the region index uses its index's, learned from whole images and their copies, because
+    its query windows are crops, i.e. images.
 
     Writes ``whitening.npz`` (``whitening="learned"``: learned from the (vector, augmented copy) pairs the
     embedding phase stored, then ``whitening_pca_shrinkage`` PCA-whitening of the result, falling back to
@@ -114,6 +119,10 @@ def train_phase(
     # can tell a rebuilt index at the same URL from the one they saw (a resumed build keeps it).
     info: dict[str, Any] = {"build_id": uuid.uuid4().hex, "sample_vectors": int(len(xs))}
     params = None
+    if whitening_from is not None and whitening != "none":
+        params = dict(storage.load_npz(whitening_from, storage_options))
+        info["whitening_from"] = whitening_from
+        whitening = "from-index"
     if whitening == "learned":
         x_pair, x_aug = load_pairs(out, sorted(counts), storage_options)
         if len(x_pair) < MIN_PAIRS:

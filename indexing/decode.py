@@ -58,6 +58,9 @@ class DecodedBatch:
     pair_rows: np.ndarray | None = None
     # images whose augmented copies could not be made ({"key", "detail"}); the image itself is still indexed
     pair_errors: list[dict[str, Any]] = field(default_factory=list)
+    # The same images preprocessed a second time at another size (query windows for partial copies,
+    # ``indexing.regions``): (n, 3, S', S') uint8, aligned with ``pixels``.
+    region_pixels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,14 +144,17 @@ def decode_samples(
     limits: DecodeLimits = DecodeLimits(),
     image_size: int | None = None,
     pairs: PairSpec | None = None,
+    region_preprocess: Preprocess | None = None,
 ) -> Iterator[DecodedBatch]:
     """Group ``samples`` into DecodedBatch objects of at most ``batch_size`` accepted images.
 
     Rejections are attached to the batch in which they occurred; a final batch may hold only rejections
     (``pixels`` then has 0 rows), so no rejection is ever lost. With ``pairs``, the batches also carry
-    augmented copies of the source's first ``pairs.images`` accepted images.
+    augmented copies of the source's first ``pairs.images`` accepted images; with ``region_preprocess``,
+    every accepted image preprocessed by it too (``region_pixels``).
     """
     pixels: list[np.ndarray] = []
+    region_pixels: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     pair_pixels: list[np.ndarray] = []
@@ -158,7 +164,7 @@ def decode_samples(
     shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
 
     def flush() -> DecodedBatch:
-        nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors
+        nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors, region_pixels
         if pixels:
             stacked = np.stack(pixels)
         else:
@@ -167,7 +173,10 @@ def decode_samples(
         if pair_pixels:
             batch.pair_pixels = np.stack(pair_pixels)
             batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
+        if region_preprocess is not None:
+            batch.region_pixels = np.stack(region_pixels) if region_pixels else None
         pixels, records, rejections, pair_pixels, pair_rows, pair_errors = [], [], [], [], [], []
+        region_pixels = []
         return batch
 
     for sample in samples:
@@ -181,6 +190,7 @@ def decode_samples(
         try:
             img = decode_image(sample.image, limits)
             array = preprocess(img)
+            region_array = region_preprocess(img) if region_preprocess is not None else None
         except Rejected as rej:
             rejections.append({"key": sample.key, "reason": rej.reason, "detail": rej.detail})
             continue
@@ -193,6 +203,8 @@ def decode_samples(
             raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")
         shape = array.shape
         pixels.append(array)
+        if region_array is not None:
+            region_pixels.append(region_array)
         records.append(_record(sample, img))
         if pairs is not None and accepted < pairs.images:
             try:

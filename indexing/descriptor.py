@@ -269,6 +269,32 @@ class CopyDescriptor(torch.nn.Module):
             total = vec if total is None else total + vec
         return F.normalize(total, dim=1)
 
+    def pool_boxes(self, maps: list[list[torch.Tensor]], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+        """maps[scale][layer] (B, C, h, w) → (B, R, dim): each box (x0, y0, x1, y1 fractions) pooled like
+        ``pool`` pools a whole map, from the cells whose centres lie in it (``indexing.regions.box_cells``).
+        The box (0, 0, 1, 1) gives exactly ``pool(maps)``."""
+        from indexing.regions import box_cells
+
+        out = []
+        for box in boxes:
+            cropped = []
+            for per_layer in maps:
+                layer_maps = []
+                for fmap in per_layer:
+                    rows, cols = box_cells(tuple(box), fmap.shape[-2], fmap.shape[-1])
+                    layer_maps.append(fmap[:, :, rows, cols])
+                cropped.append(layer_maps)
+            out.append(self.pool(cropped))
+        return torch.stack(out, dim=1)
+
+    def forward_boxes(self, x: torch.Tensor, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+        """x: (B, 3, S, S) uint8 RGB → (B, R, dim) float32: one forward pass, every box pooled from it."""
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise CopyscanError(f"CopyDescriptor takes (B, 3, S, S) uint8, got {tuple(x.shape)} {x.dtype}")
+        if x.device.type == "cpu" and x.shape[0] > self.cpu_chunk:
+            return torch.cat([self.pool_boxes(self.feature_maps(c), boxes) for c in x.split(self.cpu_chunk)])
+        return self.pool_boxes(self.feature_maps(x), boxes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, S, S) uint8 RGB → (B, dim) float32, L2-normalised."""
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:

@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from indexing import layout, storage
 from indexing.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
-from indexing.embedders import Embedder
+from indexing.embedders import Embedder, make_preprocess
 from indexing.reader import iter_tar
+from indexing.regions import RegionSpec
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -52,11 +53,28 @@ class EmbeddedSource:
     x_pair: np.ndarray | None = None
     pair_rows: np.ndarray | None = None
     pair_errors: list[dict[str, Any]] = field(default_factory=list)
+    # region vectors (``RegionSpec``): x_regions (n, R, d) float32, box r of image i in row i
+    x_regions: np.ndarray | None = None
+    # ``aligned`` boxes (the region index's own, for the split product): (n, R', d)
+    x_aligned: np.ndarray | None = None
 
 
-def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> EmbeddedSource:
-    """Run ``embedder`` over decoded batches and concatenate the results in order."""
+def embed_batches(
+    batches: Iterable[DecodedBatch],
+    embedder: Embedder,
+    regions: RegionSpec | None = None,
+    aligned: RegionSpec | None = None,
+) -> EmbeddedSource:
+    """Run ``embedder`` over decoded batches and concatenate the results in order.
+
+    With ``regions``, also one vector per box and image (``x_regions``): pooled from the same pass
+    (mode "pool": the global vector is then box 0's, bit for bit), or crops of the batches'
+    ``region_pixels`` (mode "crop"). ``aligned`` (queries of a split-product scan: the region index's boxes
+    made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
+    """
+    aligned_parts: list[np.ndarray] = []
     parts: list[np.ndarray] = []
+    region_parts: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     pair_parts: list[np.ndarray] = []
@@ -68,11 +86,31 @@ def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> Embedd
     for batch in batches:
         wait_seconds += time.perf_counter() - t_wait
         t0 = time.perf_counter()
-        if len(batch.pixels):
-            parts.append(embedder.embed(batch.pixels))
-        if batch.pair_pixels is not None and len(batch.pair_pixels):
-            pair_parts.append(embedder.embed(batch.pair_pixels))
-            pair_rows.append(batch.pair_rows)
+        if regions is not None and regions.mode == "pool":
+            if len(batch.pixels):
+                boxed = embedder.embed_boxes(batch.pixels, regions.boxes)
+                parts.append(np.ascontiguousarray(boxed[:, 0]))
+                region_parts.append(boxed)
+            if batch.pair_pixels is not None and len(batch.pair_pixels):
+                pair_parts.append(embedder.embed(batch.pair_pixels))
+                pair_rows.append(batch.pair_rows)
+        else:
+            if len(batch.pixels):
+                parts.append(embedder.embed(batch.pixels))
+            if batch.pair_pixels is not None and len(batch.pair_pixels):
+                pair_parts.append(embedder.embed(batch.pair_pixels))
+                pair_rows.append(batch.pair_rows)
+            if regions is not None and len(batch.pixels):
+                if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
+                    raise ValueError("cropped regions need the decode step's region_pixels")
+                region_parts.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
+        if aligned is not None and len(batch.pixels):
+            if aligned.mode == "pool":
+                aligned_parts.append(embedder.embed_boxes(batch.pixels, aligned.boxes))
+            elif batch.region_pixels is None or batch.region_pixels.shape[-1] != aligned.size:
+                raise ValueError("cropped aligned boxes need region_pixels at their size")
+            else:
+                aligned_parts.append(embedder.embed_crops(batch.region_pixels, aligned.boxes))
         embed_seconds += time.perf_counter() - t0
         records.extend(batch.records)
         rejections.extend(batch.rejections)
@@ -90,6 +128,17 @@ def embed_batches(batches: Iterable[DecodedBatch], embedder: Embedder) -> Embedd
     if pair_parts:
         result.x_pair = np.concatenate(pair_parts)
         result.pair_rows = np.concatenate(pair_rows)
+    if aligned is not None:
+        result.x_aligned = (
+            np.concatenate(aligned_parts)
+            if aligned_parts
+            else np.zeros((0, len(aligned.boxes), xb.shape[1]), np.float32)
+        )
+    if regions is not None:
+        n_boxes = len(regions.boxes)
+        result.x_regions = (
+            np.concatenate(region_parts) if region_parts else np.zeros((0, n_boxes, xb.shape[1]), np.float32)
+        )
     return result
 
 
@@ -137,6 +186,9 @@ def write_shard_outputs(
             rows=result.pair_rows.astype(np.int32),
             x=result.x_pair.astype(np.float16),
         )
+    region_stats = (
+        _write_regions(out, shard, result, storage_options) if result.x_regions is not None else None
+    )
     first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
     stats: dict[str, Any] = {
         "shard": shard,
@@ -153,6 +205,7 @@ def write_shard_outputs(
         "pairs": pairs,
         "pair_errors": result.pair_errors,
         "id_range": [first_id, first_id + n],  # half-open
+        "regions": region_stats,
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),
             "embed": round(result.embed_seconds, 3),
@@ -165,6 +218,29 @@ def write_shard_outputs(
     # The marker goes last: its presence means every other output of the shard is complete.
     storage.write_json(layout.stats_url(out, shard), stats, storage_options)
     return stats
+
+
+def _write_regions(
+    out: str, shard: int, result: EmbeddedSource, storage_options: storage.StorageOptions | None
+) -> dict[str, Any]:
+    """Region vectors of a shard in the region index's own embedding layout (``layout.regions_root``):
+    (n · R, d) float16, row ``i · R + r`` for box r of image i. (The region index takes the index's
+    whitening: no augmented pairs of its own.)"""
+    n, n_boxes, dim = result.x_regions.shape
+    if n != len(result.records):
+        raise ValueError(f"{n} region rows for {len(result.records)} records")
+    root = layout.regions_root(out)
+    storage.save_npy(
+        layout.emb_url(root, shard),
+        result.x_regions.reshape(n * n_boxes, dim).astype(np.float16),
+        storage_options,
+    )
+    first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
+    return {
+        "per_image": n_boxes,
+        "count": n * n_boxes,
+        "id_range": [first_id, first_id + n * n_boxes],
+    }
 
 
 def finished_shards(
@@ -188,13 +264,21 @@ def embed_shard(
     limits: DecodeLimits = DecodeLimits(),
     storage_options: storage.StorageOptions | None = None,
     pairs: PairSpec | None = None,
+    regions: RegionSpec | None = None,
 ) -> dict[str, Any]:
     """Embed one tar shard in this process and write its outputs. Returns its stats."""
     t0 = time.perf_counter()
+    region_spec = regions.preprocess_spec(embedder.spec["preprocess"]) if regions is not None else None
     batches = decode_samples(
-        iter_tar(url, storage_options), embedder.preprocess, batch_size, limits, embedder.image_size, pairs
+        iter_tar(url, storage_options),
+        embedder.preprocess,
+        batch_size,
+        limits,
+        embedder.image_size,
+        pairs,
+        make_preprocess(region_spec) if region_spec else None,
     )
-    result = embed_batches(batches, embedder)
+    result = embed_batches(batches, embedder, regions)
     return write_shard_outputs(
         out,
         shard,

@@ -19,6 +19,7 @@ from indexing.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
 from indexing.embed import EmbeddedSource, embed_batches, write_shard_outputs
 from indexing.embedders import load_embedder, make_preprocess
 from indexing.reader import iter_image_files, iter_tar
+from indexing.regions import RegionSpec
 
 # Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
 PREFETCH_BATCHES = 4
@@ -31,6 +32,7 @@ def _decode_source(
     limits: DecodeLimits,
     storage_options: storage.StorageOptions | None,
     pairs: PairSpec | None = None,
+    region_spec: dict[str, Any] | None = None,
 ) -> Iterator[DecodedBatch]:
     kind, payload = source
     if kind == "tar":
@@ -41,7 +43,13 @@ def _decode_source(
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     yield from decode_samples(
-        samples, make_preprocess(preprocess_spec), batch_size, limits, preprocess_spec["size"], pairs
+        samples,
+        make_preprocess(preprocess_spec),
+        batch_size,
+        limits,
+        preprocess_spec["size"],
+        pairs,
+        make_preprocess(region_spec) if region_spec else None,
     )
 
 
@@ -73,12 +81,27 @@ class EmbedWorker:
         return self.embedder.spec
 
     def _embed(
-        self, source: tuple[str, Any], batch_size: int, limits: DecodeLimits, pairs: PairSpec | None = None
+        self,
+        source: tuple[str, Any],
+        batch_size: int,
+        limits: DecodeLimits,
+        pairs: PairSpec | None = None,
+        regions: RegionSpec | None = None,
+        aligned: RegionSpec | None = None,
     ) -> EmbeddedSource:
+        preprocess = self.embedder.spec["preprocess"]
         gen = decode_task.options(
             num_cpus=self.decode_cpus, _generator_backpressure_num_objects=PREFETCH_BATCHES
-        ).remote(source, self.embedder.spec["preprocess"], batch_size, limits, self.storage_options, pairs)
-        return embed_batches((ray.get(ref) for ref in gen), self.embedder)
+        ).remote(
+            source,
+            preprocess,
+            batch_size,
+            limits,
+            self.storage_options,
+            pairs,
+            regions.preprocess_spec(preprocess) if regions is not None else None,
+        )
+        return embed_batches((ray.get(ref) for ref in gen), self.embedder, regions, aligned)
 
     def embed_shard(
         self,
@@ -88,12 +111,14 @@ class EmbedWorker:
         batch_size: int,
         limits: DecodeLimits,
         pairs: PairSpec | None = None,
+        regions: RegionSpec | None = None,
     ) -> dict[str, Any]:
-        """Embed one shard (and, with ``pairs``, augmented copies of its first images) and write its outputs."""
+        """Embed one shard (and, with ``pairs``, augmented copies of its first images; with ``regions``, its
+        region vectors) and write its outputs."""
         import time
 
         t0 = time.perf_counter()
-        result = self._embed(("tar", url), batch_size, limits, pairs)
+        result = self._embed(("tar", url), batch_size, limits, pairs, regions)
         return write_shard_outputs(
             out,
             shard,
@@ -108,12 +133,27 @@ class EmbedWorker:
         )
 
     def embed_images(
-        self, urls: Sequence[str], keys: Sequence[str], batch_size: int, limits: DecodeLimits
+        self,
+        urls: Sequence[str],
+        keys: Sequence[str],
+        batch_size: int,
+        limits: DecodeLimits,
+        regions: RegionSpec | None = None,
+        aligned: RegionSpec | None = None,
     ) -> EmbeddedSource:
-        return self._embed(("images", (list(urls), list(keys))), batch_size, limits)
+        return self._embed(
+            ("images", (list(urls), list(keys))), batch_size, limits, regions=regions, aligned=aligned
+        )
 
-    def embed_tar(self, url: str, batch_size: int, limits: DecodeLimits) -> EmbeddedSource:
-        return self._embed(("tar", url), batch_size, limits)
+    def embed_tar(
+        self,
+        url: str,
+        batch_size: int,
+        limits: DecodeLimits,
+        regions: RegionSpec | None = None,
+        aligned: RegionSpec | None = None,
+    ) -> EmbeddedSource:
+        return self._embed(("tar", url), batch_size, limits, regions=regions, aligned=aligned)
 
 
 def make_embed_actor(

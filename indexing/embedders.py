@@ -77,11 +77,46 @@ class Embedder:
         """pixels: (n, 3, S, S) uint8 RGB → (n, dim) float32, L2-normalised."""
         return self._run(self.module, pixels)
 
+    @torch.inference_mode()
+    def embed_boxes(self, pixels: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """pixels: (n, 3, S, S) uint8 RGB → (n, R, dim) float32: one L2-normalised vector per box (fractions
+        x0, y0, x1, y1), all pooled from one forward pass (``indexing.regions``). Box (0, 0, 1, 1) is ``embed``'s
+        vector. Embedders without a pooled feature map cannot."""
+        raise CopyscanError(
+            f"the {self.name} embedder cannot pool region descriptors (partial copies); "
+            "use embedder=effnet-lite0 or regions=false"
+        )
+
+    @torch.inference_mode()
+    def embed_crops(self, pixels: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """pixels: (n, 3, S', S') uint8 RGB → (n, R, dim) float32: box r (fractions x0, y0, x1, y1) of every
+        image cut out, resized to the embedder's input size (bicubic, antialiased, on the model's device)
+        and embedded like an image. Works for every embedder: one forward pass per box."""
+        size = self.image_size
+        x = torch.tensor(pixels).to(self.device, non_blocking=True)
+        side_h, side_w = x.shape[-2:]
+        out = []
+        for x0, y0, x1, y1 in boxes:
+            top, left = min(side_h - 1, round(y0 * side_h)), min(side_w - 1, round(x0 * side_w))
+            bottom, right = max(top + 1, round(y1 * side_h)), max(left + 1, round(x1 * side_w))
+            crop = x[:, :, top:bottom, left:right]
+            if crop.shape[-2:] != (size, size):
+                crop = torch.nn.functional.interpolate(
+                    crop.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+                )
+                crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+            out.append(self._run(self.module, crop))
+        return np.stack(out, axis=1) if out else np.zeros((len(pixels), 0, self.dim), np.float32)
+
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray) -> np.ndarray:
         """``fn`` on ``pixels`` on this embedder's device (fp16 autocast on CUDA); L2-normalised along the last
         axis, as float32 on the host."""
         # pixels may be a read-only view of a Ray object: copy into a tensor torch may write to.
-        x = torch.tensor(pixels).to(self.device, non_blocking=True)
+        x = (
+            pixels
+            if isinstance(pixels, torch.Tensor)
+            else torch.tensor(pixels).to(self.device, non_blocking=True)
+        )
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 y = fn(x)
@@ -182,6 +217,10 @@ class EffnetLite0Embedder(Embedder):
         }
         if "dim" not in self.spec:
             self.spec["dim"] = int(self.module.dim)
+
+    @torch.inference_mode()
+    def embed_boxes(self, pixels: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        return self._run(lambda x: self.module.forward_boxes(x, boxes), pixels)
 
 
 class SSCDEmbedder(Embedder):

@@ -7,6 +7,8 @@ from typing import Any
 
 from indexing.embedders import DEFAULT_EMBEDDER
 from indexing.errors import CopyscanError
+from indexing.regions import MODES as REGION_MODES
+from indexing.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
 
 MODES = ("resume", "overwrite")
 WHITENINGS = ("learned", "pca", "none")
@@ -59,6 +61,21 @@ class IndexConfig:
     background_size: int = 10_000  # database sample kept (whitened) for score normalisation
     seed: int = 0
 
+    # Partial copies (indexing/regions.py): every image also gets one vector per box of ``region_grid``
+    # (pooled from the same forward pass) in a second, region index under OUT/regions/; scans search it with
+    # windows of ``region_query_grid`` pooled from the query at ``region_query_size`` px (the manifest
+    # records both, a scan may override the query side).
+    regions: bool = False
+    region_grid: str = TRAIN_GRID
+    # "crop": every box cut from the image preprocessed at region_size px and embedded (one pass per box:
+    # the same kind of vector as the scan's query windows); "pool": every box pooled from the forward pass
+    # of the global vector (free, effnet-lite0 only, but such vectors match cropped windows poorly)
+    region_mode: str = "crop"
+    region_size: int = QUERY_SIZE
+    region_query_grid: str = QUERY_GRID
+    region_query_size: int = QUERY_SIZE
+    region_factory: str = "auto"  # like index_factory, for the region index
+
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to every fsspec filesystem
 
     # Keys whose change makes an existing output incompatible (resume would mix two different indexes).
@@ -79,6 +96,11 @@ class IndexConfig:
         "whitening_sample",
         "background_size",
         "seed",
+        "regions",
+        "region_grid",
+        "region_mode",
+        "region_size",
+        "region_factory",
     )
 
     def validate(self) -> None:
@@ -114,5 +136,19 @@ class IndexConfig:
             problems.append(f"recall_target must be in (0, 1), not {self.recall_target}")
         if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:
             problems.append("retries, embed_actors, flat_threshold and nprobe must be >= 0")
+        if self.regions:
+            try:
+                check_train_boxes(parse_grid(self.region_grid))
+                parse_grid(self.region_query_grid)
+            except CopyscanError as exc:
+                problems.append(str(exc))
+            if self.region_query_size < 64 or self.region_query_size % 32:
+                problems.append("region_query_size must be a multiple of 32 and >= 64")
+            if self.region_mode not in REGION_MODES:
+                problems.append(
+                    f"region_mode must be one of {', '.join(REGION_MODES)}, not {self.region_mode!r}"
+                )
+            if self.region_size < 64:
+                problems.append("region_size must be >= 64")
         if problems:
             raise CopyscanError("invalid index config: " + "; ".join(problems))

@@ -27,6 +27,7 @@ from indexing.outputs import claim_output
 from indexing.planner import IndexPlan, plan_index
 from indexing.pool_ray import run_pool, run_tasks
 from indexing.progress import Progress, timed
+from indexing.regions import RegionSpec, parse_grid
 from indexing.shardlist import expand_shards
 
 logger = logging.getLogger("copyscan")
@@ -89,9 +90,13 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         len(plan.shard_groups),
     )
     with timed("train", timings):
-        train_info = _train_once(cfg, plan, counts)
+        train_info = _train_once(cfg, plan, counts, cfg.out)
     with timed("fill", timings):
-        markers = _fill_all(cfg, plan)
+        markers = _fill_all(cfg, plan, cfg.out)
+    regions = None
+    if cfg.regions:
+        with timed("regions", timings):
+            regions = _region_index(cfg, shards, stats, spec, t_start, plan.factory)
 
     manifest = build_manifest(
         cfg=to_dict(cfg),
@@ -104,6 +109,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         timings=timings,
         started_at=t_start,
     )
+    manifest["regions"] = regions
     manifest_url = storage.join(cfg.out, layout.MANIFEST_NAME)
     if storage.exists(manifest_url, so):
         # A rerun of a finished index changes nothing: keep when and how fast it was built.
@@ -159,6 +165,11 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
 
     num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    regions = (
+        RegionSpec(tuple(parse_grid(cfg.region_grid)), size=cfg.region_size, mode=cfg.region_mode)
+        if cfg.regions
+        else None
+    )
     progress = Progress("embed", len(todo), unit="shards", item="images")
     stats = dict(done)
 
@@ -191,7 +202,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         num_actors,
         todo,
         lambda actor, item: actor.embed_shard.remote(
-            item[0], item[1], cfg.out, cfg.batch_size, limits, pair_spec(cfg, len(shards), item[0])
+            item[0], item[1], cfg.out, cfg.batch_size, limits, pair_spec(cfg, len(shards), item[0]), regions
         ),
         per_actor=cfg.embed_concurrency,
         retries=cfg.retries,
@@ -251,14 +262,17 @@ def _import_all(
     return stats
 
 
-def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> dict[str, Any]:
-    url = layout.trained_index_url(cfg.out, plan.factory)
+def _train_once(
+    cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int], out: str, whitening_from: str | None = None
+) -> dict[str, Any]:
+    """Train the index at ``out`` (the output, or its region index) unless an earlier run did."""
+    url = layout.trained_index_url(out, plan.factory)
     if storage.exists(url, cfg.storage_options):
         logger.info("train: %s exists, reusing it", url)
-        return storage.read_json(layout.train_info_url(cfg.out, plan.factory), cfg.storage_options)
+        return storage.read_json(layout.train_info_url(out, plan.factory), cfg.storage_options)
     return ray.get(
         _train.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out,
+            out,
             plan.factory,
             counts,
             train_size=plan.train_size,
@@ -269,16 +283,17 @@ def _train_once(cfg: IndexConfig, plan: IndexPlan, counts: dict[int, int]) -> di
             background_size=cfg.background_size,
             seed=cfg.seed,
             storage_options=cfg.storage_options,
+            whitening_from=whitening_from,
         )
     )
 
 
-def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
+def _fill_all(cfg: IndexConfig, plan: IndexPlan, out: str) -> dict[int, dict[str, Any]]:
     so = cfg.storage_options
     markers: dict[int, dict[str, Any]] = {}
     todo = []
     for j, group in enumerate(plan.shard_groups):
-        marker = index_shard_marker(cfg.out, plan.factory, j, so)
+        marker = index_shard_marker(out, plan.factory, j, so)
         if marker is not None and marker.get("embedding_shards") == group:
             markers[j] = marker
         else:
@@ -292,7 +307,7 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
 
     outcome = run_tasks(
         lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out, plan.factory, item[0], item[1], cfg.whitening != "none", so
+            out, plan.factory, item[0], item[1], cfg.whitening != "none", so
         ),
         todo,
         max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
@@ -304,3 +319,96 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan) -> dict[int, dict[str, Any]]:
         listing = "\n".join(f"  index shard {j:05d}: {err}" for (j, _), err in outcome.failed)
         raise CopyscanError(f"{len(outcome.failed)} index shard(s) failed; rerun to resume:\n{listing}")
     return markers
+
+
+def _region_index(
+    cfg: IndexConfig,
+    shards: list[str],
+    stats: dict[int, dict[str, Any]],
+    spec: dict[str, Any],
+    started_at: float,
+    global_factory: str,
+) -> dict[str, Any]:
+    """Plan, train and fill the region index from the region vectors the embedding phase wrote, write its
+    manifest (``OUT/regions/manifest.json``, the same format as the index's) and return what the index's
+    manifest says about it."""
+    root = layout.regions_root(cfg.out)
+    boxes = parse_grid(cfg.region_grid)
+    per_image = len(boxes)
+    missing = [s for s in sorted(stats) if (stats[s].get("regions") or {}).get("per_image") != per_image]
+    if missing:
+        raise CopyscanError(
+            f"embedding shard(s) {missing[:5]} of {cfg.out} hold no region vectors of {per_image} boxes; "
+            "use mode=overwrite to embed them again"
+        )
+    region_stats = {
+        s: {
+            "count": int(st["regions"]["count"]),
+            "samples": int(st["regions"]["count"]),
+            "rejected": 0,
+            "rejected_by_reason": {},
+            "id_range": st["regions"]["id_range"],
+        }
+        for s, st in stats.items()
+    }
+    counts = {s: st["count"] for s, st in region_stats.items()}
+    plan = plan_index(
+        counts,
+        int(spec["dim"]),
+        factory=cfg.region_factory,
+        flat_threshold=cfg.flat_threshold,
+        max_shard_vectors=cfg.max_shard_vectors,
+        max_code_bytes=cfg.max_code_bytes,
+        shard_memory_bytes=cfg.shard_memory_bytes,
+        recall_target=cfg.recall_target,
+        whitened=cfg.whitening != "none",
+    )
+    logger.info(
+        "regions: %s over %d region vectors (%d per image) in %d index shard(s)",
+        plan.factory,
+        sum(counts.values()),
+        per_image,
+        len(plan.shard_groups),
+    )
+    timings: dict[str, float] = {}
+    with timed("train", timings):
+        # the index's whitening (learned from whole images and their copies): query windows are crops
+        train_info = _train_once(cfg, plan, counts, root, layout.whitening_url(cfg.out, global_factory))
+    with timed("fill", timings):
+        markers = _fill_all(cfg, plan, root)
+    sub = build_manifest(
+        cfg={**to_dict(cfg), "out": root},
+        shards=shards,
+        stats=region_stats,
+        spec=spec,
+        plan=plan,
+        markers=markers,
+        train_info=train_info,
+        timings=timings,
+        started_at=started_at,
+    )
+    for entry in sub["embedding_shards"]:  # image metadata and stats live in the index's own files
+        entry["metadata"] = None
+        entry["stats"] = None
+    described = {
+        "per_image": per_image,
+        "boxes": [list(b) for b in boxes],
+        "grid": cfg.region_grid,
+        "mode": cfg.region_mode,
+        "size": cfg.region_size if cfg.region_mode == "crop" else None,
+        "query_grid": cfg.region_query_grid,
+        "query_size": cfg.region_query_size,
+        "id_scheme": "shard << 32 | (row * per_image + box)",
+    }
+    sub["kind"] = "regions"
+    sub["regions_of"] = described
+    storage.write_json(storage.join(root, layout.MANIFEST_NAME), sub, cfg.storage_options)
+    return {
+        **described,
+        "manifest": f"{layout.REGIONS_DIR}/{layout.MANIFEST_NAME}",
+        "build_id": sub["build_id"],
+        "ntotal": sub["ntotal"],
+        "factory": plan.factory,
+        "ann_bytes_per_image": plan.ann_bytes * per_image,
+        "index_bytes": sum(int(e["bytes"]) for e in sub["index_shards"]),
+    }

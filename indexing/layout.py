@@ -15,6 +15,10 @@
     OUT/index/IVF256_PQ32np/shard-00000.json        per-index-shard success marker, written last
     OUT/index/IVF256_PQ32np/norms/norms_00042.npy   (n, stages) float32 whitening norms of embedding shard
                                                     42 (fast exact re-ranking), written before the marker
+    OUT/regions/...                                 with ``regions=true``: the region index (partial
+                                                    copies), laid out like OUT itself (embeddings/img_emb,
+                                                    pairs, index/<factory>/..., manifest.json); its row
+                                                    ``i · R + r`` is box r of image i of the shard
 
 Vector ids pack (embedding shard, row) into one int64: ``shard << 32 | row``. Ids therefore never depend
 on how many vectors other shards hold, so shards can be embedded and indexed in any order and resumed.
@@ -36,6 +40,15 @@ INDEX_DIR = "index"
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
 MAX_SHARDS = 1 << 30
+
+
+REGIONS_DIR = "regions"
+
+
+def regions_root(out: str) -> str:
+    """Root of the region index (partial copies) inside index output ``out``: the same layout as an index
+    output (``embeddings/``, ``index/``, ``manifest.json``), its row ``i · R + r`` being box r of image i."""
+    return join(out, REGIONS_DIR)
 
 
 def emb_url(out: str, shard: int) -> str:

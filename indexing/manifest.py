@@ -114,8 +114,10 @@ def build_manifest(
         },
         # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
         "whitening": {
-            # "learned" (from pairs of images and their augmented copies) or "pca"
+            # "learned" (from pairs of images and their augmented copies), "pca", or "from-index" (a region
+            # index: its index's whitening, at whitening_from)
             "kind": train_info.get("whitening_method", cfg["whitening"]),
+            "from": train_info.get("whitening_from"),
             "shrinkage": cfg["whitening_shrinkage"],
             "stages": train_info.get("whitening_stages", 1),  # 2: learned, then PCA (pca_shrinkage)
             "pca_shrinkage": cfg.get("whitening_pca_shrinkage"),

@@ -15,7 +15,7 @@ Layout of a scan output ``OUT``::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ import pyarrow.dataset as pads
 
 from indexing import layout, storage
 from search.searcher import ShardResult
+
+if TYPE_CHECKING:
+    from search.regions import LocalResult
 
 RUN_CONFIG_NAME = "run.yaml"
 SUMMARY_NAME = "summary.json"
@@ -55,6 +58,18 @@ MATCHES_SCHEMA = pa.schema(
         # scan option density_neighbours: pixel_l2 / (alpha x mean pixel_l2 to the query's top matches);
         # < 1 = extracted by Carlini et al.'s density-relative test (unconditional models)
         ("density_l2", pa.float32()),
+        # partial copies (search/regions.py, indexes built with regions=true): the image's best (query window,
+        # training region) pair. A row found only by region matching has null rank and global scores; a row
+        # found only globally has null local columns.
+        ("local_rank", pa.int32()),  # 0 = the query's best image by local_score_norm
+        ("local_score", pa.float32()),  # cosine of the pair in the region index's (whitened) space
+        ("local_score_norm", pa.float32()),  # local_score - beta * the window's background bias
+        ("local_score_raw", pa.float32()),  # cosine of the pair's raw descriptors
+        ("query_box", pa.list_(pa.float32(), 4)),  # the window in the generation: x0, y0, x1, y1 fractions
+        ("train_box", pa.list_(pa.float32(), 4)),  # the region in the training image, likewise
+        # Somepalli et al.'s split product, position-aligned, every chunk a cosine (scan split_product=true):
+        # max over the index's region boxes of cos(query box, same box of the training image); null when off
+        ("split_score", pa.float32()),
     ]
 )
 
@@ -87,10 +102,14 @@ def matches_table(
     result: ShardResult,
     chunk: int,
     threshold: dict[str, Any] | None = None,
+    local: LocalResult | None = None,
 ) -> pa.Table:
     """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``.
 
-    ``threshold`` ({"column", "value"}, ``search.calibrate.resolve_threshold``) sets ``is_copy``."""
+    ``threshold`` ({"column", "value"}, ``search.calibrate.resolve_threshold``) sets ``is_copy``. With
+    ``local`` (region matching), the local columns are filled for the images it found, and the images it
+    found that are not among the query's global top k get rows of their own (null rank and global scores).
+    """
     D, I = result.D, result.I
     q_idx, ranks = np.nonzero(I >= 0)
     ids = I[q_idx, ranks]
@@ -119,7 +138,103 @@ def matches_table(
         "verify_error": pa.nulls(len(ids), pa.string()),
         "density_l2": pa.nulls(len(ids), pa.float32()),
     }
-    return pa.table(columns, schema=MATCHES_SCHEMA)
+    for name in (
+        "local_rank",
+        "local_score",
+        "local_score_norm",
+        "local_score_raw",
+        "query_box",
+        "train_box",
+    ):
+        columns[name] = pa.nulls(len(ids), MATCHES_SCHEMA.field(name).type)
+    split = result.split[q_idx, ranks].astype(np.float32) if result.split is not None else None
+    columns["split_score"] = (
+        pa.nulls(len(ids), pa.float32()) if split is None else pa.array(split, mask=np.isnan(split))
+    )
+    table = pa.table(columns, schema=MATCHES_SCHEMA)
+    return table if local is None else _with_local(table, records, q_idx, ids, local, chunk)
+
+
+def _with_local(
+    table: pa.Table,
+    records: list[dict[str, Any]],
+    q_idx: np.ndarray,
+    ids: np.ndarray,
+    local: LocalResult,
+    chunk: int,
+) -> pa.Table:
+    """``table`` (global rows of queries ``q_idx`` / images ``ids``) with the local columns set, plus rows for
+    the images only region matching found, ordered by query then rank (local-only rows last)."""
+    lq, lr = np.nonzero(local.I >= 0)
+    lids = local.I[lq, lr]
+    row_of = {(int(q), int(i)): n for n, (q, i) in enumerate(zip(q_idx, ids, strict=True))}
+    qboxes = np.asarray(local.query_boxes, dtype=np.float32).reshape(-1, 4)
+    tboxes = np.asarray(local.train_boxes, dtype=np.float32).reshape(-1, 4)
+    n_global = table.num_rows
+    extra = [(q, r) for q, r, i in zip(lq, lr, lids, strict=True) if (int(q), int(i)) not in row_of]
+    n = n_global + len(extra)
+    local_rank = np.full(n, -1, dtype=np.int32)
+    values = {
+        name: np.full(n, np.nan, dtype=np.float32)
+        for name in ("local_score", "local_score_norm", "local_score_raw")
+    }
+    qbox = np.full((n, 4), np.nan, dtype=np.float32)
+    tbox = np.full((n, 4), np.nan, dtype=np.float32)
+    at = dict(row_of)
+    for m, (q, r) in enumerate(extra):
+        at[(int(q), int(local.I[q, r]))] = n_global + m
+    for q, r, i in zip(lq, lr, lids, strict=True):
+        row = at[(int(q), int(i))]
+        local_rank[row] = r
+        values["local_score"][row] = local.S[q, r]
+        values["local_score_norm"][row] = local.S_norm[q, r]
+        values["local_score_raw"][row] = local.S_raw[q, r]
+        qbox[row] = qboxes[local.window[q, r]]
+        tbox[row] = tboxes[local.box[q, r]]
+    if extra:
+        eq = np.array([q for q, _ in extra], dtype=np.int64)
+        eids = np.array([local.I[q, r] for q, r in extra], dtype=np.int64)
+        shard, row = layout.unpack_ids(eids)
+        meta = [local.meta[int(i)] for i in eids]
+        rows = {
+            "query_id": [records[q]["key"] for q in eq],
+            "train_key": [m["train_key"] for m in meta],
+            "is_copy": pa.nulls(len(eq), pa.bool_())
+            if table["is_copy"].null_count == n_global
+            else [False] * len(eq),
+            "train_url": [m["train_url"] for m in meta],
+            "caption": [m["caption"] for m in meta],
+            "index_shard": np.array([m["index_shard"] for m in meta], dtype=np.int32),
+            "train_id": eids,
+            "embedding_shard": shard.astype(np.int32),
+            "row": row.astype(np.int32),
+            "query_source": [records[q].get("url") for q in eq],
+            "chunk": np.full(len(eq), chunk, dtype=np.int32),
+            "prompt": [records[q].get("prompt") or records[q].get("caption") for q in eq],
+        }
+        if local.split is not None:
+            split = np.array([local.split[q, r] for q, r in extra], dtype=np.float32)
+            rows["split_score"] = pa.array(split, mask=np.isnan(split))
+        more = pa.table(
+            {f.name: rows[f.name] if f.name in rows else pa.nulls(len(eq), f.type) for f in MATCHES_SCHEMA},
+            schema=MATCHES_SCHEMA,
+        )
+        table = pa.concat_tables([table, more])
+        order = np.lexsort((np.r_[np.zeros(n_global), np.ones(len(extra))], np.r_[q_idx, eq]))
+    else:
+        order = np.arange(n)
+    table = table.set_column(
+        table.schema.get_field_index("local_rank"), "local_rank", pa.array(local_rank, mask=local_rank < 0)
+    )
+    for name, v in values.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(v, mask=np.isnan(v)))
+    for name, boxes in (("query_box", qbox), ("train_box", tbox)):
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel()), 4)
+        mask = pa.array(np.isnan(boxes[:, 0]))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.compute.if_else(mask, pa.nulls(n, flat.type), flat)
+        )
+    return table.take(pa.array(order))
 
 
 def write_chunk(
@@ -133,6 +248,7 @@ def write_chunk(
     storage_options: storage.StorageOptions | None = None,
     threshold: dict[str, Any] | None = None,
     verify: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]] | None = None,
+    local: LocalResult | None = None,
 ) -> dict[str, Any]:
     """Write a chunk's query vectors, matches and, last, its marker. Returns the marker.
 
@@ -141,7 +257,7 @@ def write_chunk(
     storage.save_npy(query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
     ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
     storage.write_parquet(query_ids_url(out, chunk), ids, storage_options)
-    table = matches_table(records, result, chunk, threshold)
+    table = matches_table(records, result, chunk, threshold, local)
     verify_stats = None
     if verify is not None:
         table, verify_stats = verify(table)
@@ -163,6 +279,16 @@ def write_chunk(
         "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
         "top1_scores_norm": [float(x) for x in top1_norm[np.isfinite(top1_norm)]],
         "verify": verify_stats,  # None: pixel verification off
+        # region matching (None: off): windows per query, and the best local_score_norm of every query
+        "local": None
+        if local is None
+        else {
+            "windows": len(local.query_boxes),
+            "local_only_rows": int(pc.sum(pc.is_null(table["rank"])).as_py() or 0),
+            "top1_local_scores_norm": [float(x) for x in local.S_norm[:, 0][np.isfinite(local.S_norm[:, 0])]]
+            if local.S_norm.shape[1]
+            else [],
+        },
     }
     storage.write_json(chunk_marker_url(out, chunk), marker, storage_options)
     return marker

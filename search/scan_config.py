@@ -48,6 +48,17 @@ class ScanConfig:
     density_neighbours: int = 0
     density_alpha: float = 0.5
 
+    # Partial copies (search/regions.py): search the index's region index with windows of every query.
+    # "auto": when the index has one (copyscan index regions=true); "on": fail without one; "off".
+    regions: str = "auto"
+    region_query_grid: str = ""  # windows (indexing/regions.py grid spec); "" = the index's
+    region_query_size: int = 0  # px the query is preprocessed at before cropping windows; 0 = the index's
+    region_hits: int = 20  # region hits per window, exactly re-ranked, before aggregating per training image
+    # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
+    # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
+    # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
+    split_product: bool = False
+
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
     max_image_pixels: int = 64_000_000
@@ -81,6 +92,11 @@ class ScanConfig:
         "verify_fit",
         "density_neighbours",
         "density_alpha",
+        "regions",
+        "region_query_grid",
+        "region_query_size",
+        "region_hits",
+        "split_product",
     )
 
     def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -154,5 +170,9 @@ class ScanConfig:
             )
         elif self.density_neighbours and not self.verify_pixels:
             problems.append("density_neighbours scores verified matches: set verify_pixels >= 1")
+        if self.regions not in ("auto", "on", "off"):
+            problems.append(f"regions must be auto, on or off, not {self.regions!r}")
+        if self.region_hits <= 0 or self.region_query_size < 0:
+            problems.append("region_hits must be positive and region_query_size >= 0")
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

@@ -32,8 +32,9 @@ from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
 from search.merge import carry_values, merge_topk
-from search.normalise import ScoreNormaliser
+from search.normalise import ScoreNormaliser, whiten
 from search.queries import QueryChunk, plan_query_chunks
+from search.regions import LocalWindows, RegionSearcher, local_windows
 from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
 from search.scan_config import ScanConfig
 from search.searcher import ShardResult, ShardSearcher
@@ -43,7 +44,8 @@ logger = logging.getLogger("copyscan")
 
 
 class ScanWorker:
-    """Actor body: a ShardSearcher over some index shards."""
+    """Actor body: a ShardSearcher over some index shards (a RegionSearcher over region index shards when
+    ``regions``: ``manifest`` is then the region index's)."""
 
     def __init__(
         self,
@@ -52,14 +54,27 @@ class ScanWorker:
         index_shards: list[int],
         cache_dir: str,
         storage_options,
+        regions: bool = False,
     ):
-        self.searcher = ShardSearcher(index_url, manifest, index_shards, cache_dir, storage_options)
+        searcher = RegionSearcher if regions else ShardSearcher
+        self.searcher = searcher(index_url, manifest, index_shards, cache_dir, storage_options)
 
     def ready(self) -> int:
         return self.searcher.ntotal
 
     def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int) -> ShardResult:
         return self.searcher.search(xq, k, candidates, nprobe)
+
+    def pair_scores(self, xq: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact scores of the pairs (raw query ``xq[owner[i]]``, stored vector ``ids[i]``) whose vectors this
+        actor holds; NaN for the others (another actor's)."""
+        out = np.full(len(ids), np.nan, dtype=np.float32)
+        shards = np.asarray(ids, dtype=np.int64) >> 32
+        mine = (np.asarray(ids) >= 0) & np.isin(shards, list(self.searcher.vectors))
+        if mine.any():
+            xw = whiten(self.searcher.whitening, np.ascontiguousarray(xq, dtype=np.float32))
+            out[mine] = self.searcher.pair_scores(xw, np.asarray(owner)[mine], np.asarray(ids)[mine])
+        return out
 
     def memory(self) -> dict[str, int]:
         """This actor's faiss threads, and its resident memory now and at its peak in bytes (with the
@@ -86,31 +101,54 @@ def assign_shards(manifest: dict[str, Any], num_actors: int) -> list[list[int]]:
 
 
 class _Fanout:
-    def __init__(self, cfg: ScanConfig, manifest: dict[str, Any], settings: dict[str, Any]):
+    """Scan actors over every shard of an index (``regions``: of its region index, ``manifest`` being the
+    region index's); ``search`` broadcasts a query block and merges their top ``k``."""
+
+    def __init__(
+        self,
+        cfg: ScanConfig,
+        manifest: dict[str, Any],
+        settings: dict[str, Any],
+        regions: bool = False,
+        k: int = 0,
+    ):
         self.cfg = cfg
         self.manifest = manifest
-        self.candidates, self.nprobe = settings["candidates"], settings["nprobe"]
+        self.regions = regions
+        self.k = k or cfg.k
+        self.candidates, self.nprobe = max(settings["candidates"], self.k), settings["nprobe"]
         cpus = float(ray.cluster_resources().get("CPU", 1))
         wanted = cfg.scan_actors or max(1, int(cpus // 2))
         self.groups = assign_shards(manifest, wanted)
         self.actors = [self._start(g) for g in self.groups]
         ntotal = ray.get([a.ready.remote() for a in self.actors])
         logger.info(
-            "scan: %d scan actor(s) hold %s vectors: %s", len(self.actors), f"{sum(ntotal):,}", self.groups
+            "scan: %d %sscan actor(s) hold %s vectors: %s",
+            len(self.actors),
+            "region " if regions else "",
+            f"{sum(ntotal):,}",
+            self.groups,
         )
 
     def _start(self, group: list[int]):
         return (
             ray.remote(ScanWorker)
             .options(num_cpus=self.cfg.scan_actor_cpus)
-            .remote(self.cfg.index, self.manifest, group, self.cfg.cache_dir, self.cfg.storage_options)
+            .remote(
+                self.cfg.index,
+                self.manifest,
+                group,
+                self.cfg.cache_dir,
+                self.cfg.storage_options,
+                self.regions,
+            )
         )
 
     def search(self, xq: np.ndarray) -> ShardResult:
         cfg = self.cfg
         xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
         for attempt in range(cfg.retries + 1):
-            refs = [a.search.remote(xq_ref, cfg.k, self.candidates, self.nprobe) for a in self.actors]
+            refs = [a.search.remote(xq_ref, self.k, self.candidates, self.nprobe) for a in self.actors]
             try:
                 parts = ray.get(refs)
                 break
@@ -119,12 +157,24 @@ class _Fanout:
                     raise
                 logger.warning("scan: a scan actor died; restarting the dead ones and retrying the chunk")
                 self._restart_dead()
-        D, I = merge_topk([(p.D, p.I) for p in parts], cfg.k)
+        D, I = merge_topk([(p.D, p.I) for p in parts], self.k)
         D_raw = carry_values(I, [(p.I, p.D_raw) for p in parts])
         meta: dict[int, dict[str, Any]] = {}
         for p in parts:
             meta.update(p.meta)
         return ShardResult(D, I, D_raw, meta)
+
+    def pair_scores(self, xq: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(m,) exact scores of the pairs (``xq[owner[i]]``, stored vector ``ids[i]``) from the actors holding
+        them; NaN where no actor does (ids of -1)."""
+        xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
+        parts = ray.get([a.pair_scores.remote(xq_ref, owner, ids) for a in self.actors])
+        with np.errstate(invalid="ignore"):
+            stacked = np.stack(parts) if parts else np.full((1, len(ids)), np.nan, np.float32)
+            found = ~np.isnan(stacked)
+            return np.where(
+                found.any(0), np.nanmax(np.where(found, stacked, -np.inf), axis=0), np.nan
+            ).astype(np.float32)
 
     def _restart_dead(self) -> None:
         for i, actor in enumerate(self.actors):
@@ -189,9 +239,22 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         )
 
     verify = _verifier(cfg, manifest)
+    local = local_windows(cfg, manifest)
+    if local is not None:
+        logger.info(
+            "scan: partial copies: %d windows per query (at %d px) against %s region vectors (%d per image)",
+            len(local.spec.boxes),
+            local.spec.size,
+            f"{local.manifest['ntotal']:,}",
+            len(local.train_boxes),
+        )
     failed: list[tuple[QueryChunk, str]] = []
     if todo:
         fanout = _Fanout(cfg, manifest, settings)
+        if local is not None:
+            local.fanout = _Fanout(
+                cfg, local.manifest, cfg.search_settings(local.manifest), regions=True, k=cfg.region_hits
+            )
         try:
             failed = _scan_chunks(
                 cfg,
@@ -203,9 +266,12 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
                 options,
                 threshold,
                 verify,
+                local,
             )
         finally:
             fanout.close()
+            if local is not None:
+                local.fanout.close()
 
     markers = finished_chunks(cfg.out, so)
     seconds = time.time() - t0
@@ -218,6 +284,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "queries_spec": cfg.queries,
         "k": cfg.k,
         "search": settings,  # re-rank depth and nprobe used, and where each came from
+        "regions": local.describe() if local is not None else None,  # partial copies: windows, region index
         "threshold": threshold or {"name": str(cfg.threshold), "calibrated": False},
         "extraction_delta": cfg.extraction_delta if cfg.verify_pixels else None,
         **summarize(markers),
@@ -324,6 +391,7 @@ def _scan_chunks(
     options: dict,
     threshold: dict | None,
     verify: MatchVerifier | None = None,
+    local: LocalWindows | None = None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -355,10 +423,13 @@ def _scan_chunks(
             storage_options=so,
         )
 
+    windows = local.spec if local is not None else None
+    aligned = local.aligned if local is not None else None
+
     def submit(actor, chunk: QueryChunk):
         if chunk.kind == "tar":
-            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits)
-        return actor.embed_images.remote(chunk.urls, chunk.keys, cfg.batch_size, limits)
+            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits, windows, aligned)
+        return actor.embed_images.remote(chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned)
 
     def on_result(chunk: QueryChunk, embedded: EmbeddedSource) -> None:
         t0 = time.perf_counter()
@@ -367,9 +438,15 @@ def _scan_chunks(
             # what pixel verification and reports re-read it from, with query_id as the key
             embedded.records = [{**r, "url": chunk.urls[0]} for r in embedded.records]
         try:
+            local_result = None
             if len(embedded.records):
                 result = fanout.search(embedded.xb)
                 result.D_norm = normalise(embedded.xb, result.D, result.I)
+                if local is not None:
+                    local_result = local.search(embedded.x_regions)
+                if aligned is not None:
+                    result.split = local.split_scores(embedded.x_aligned, result.I)
+                    local_result.split = local.split_scores(embedded.x_aligned, local_result.I)
             else:
                 empty = np.zeros((0, cfg.k), dtype=np.float32)
                 result = ShardResult(empty, empty.astype(np.int64), empty, {}, empty)
@@ -390,6 +467,7 @@ def _scan_chunks(
                 so,
                 threshold,
                 verify,
+                local=local_result,
             )
         except (CopyscanError, RayActorError, OSError) as exc:
             logger.error("%s failed: %s", chunk.describe(), exc)

@@ -71,6 +71,7 @@ class ShardResult:
     D_raw: np.ndarray
     meta: dict[int, dict[str, Any]]
     D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
+    split: np.ndarray | None = None  # (nq, k) split product (search.regions), when the scan asks for it
 
 
 class ShardSearcher:
@@ -107,6 +108,8 @@ class ShardSearcher:
                     storage_options,
                 )
                 self.vectors[s] = np.load(vec_path, mmap_mode="r")
+                if emb[s].get("metadata") is None:  # a region index: its images' metadata is the index's
+                    continue
                 meta_path = _cached(
                     resolve(index_url, emb[s]["metadata"]),
                     os.path.join(self.cache, emb[s]["metadata"]),

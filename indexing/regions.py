@@ -1,0 +1,111 @@
+"""Region descriptors for partial copies: several vectors per image, each a box of the image.
+
+A training image gets the whole image plus grids of overlapping boxes (``TRAIN_GRID``); a query gets the
+whole image plus denser, smaller windows of several shapes (``QUERY_GRID``), computed on a larger input
+(``QUERY_SIZE``) so that an object covering ~40 % of a generation is seen at about the scale the
+training image was embedded at. A box is pooled from the feature maps of *one* forward pass
+(``CopyDescriptor.pool_boxes``): the map cells whose centres fall inside the box, pooled exactly as the
+global descriptor pools a whole map (GeM, R-MAC regions, per-layer L2, concatenation), so the box
+(0, 0, 1, 1) is the global descriptor and every region score is a cosine.
+
+Boxes are fractions (x0, y0, x1, y1) of the image's width and height. A grid spec is a comma-separated
+list of ``S:N`` (square boxes of side S of each dimension, N × N positions evenly spaced from edge to
+edge) or ``SWxSH:N`` (boxes SW wide and SH high); the whole image is always box 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from indexing.errors import CopyscanError
+
+Box = tuple[float, float, float, float]
+
+WHOLE: Box = (0.0, 0.0, 1.0, 1.0)
+# 1 + 4 + 9 = 14 vectors per training image (the partial-copy issue allows at most 16)
+TRAIN_GRID = "0.6:2,0.45:3"
+# 1 + 9 + 25 = 35 windows, each one forward pass (bench/partial_copies.py measured the choice)
+QUERY_GRID = "0.5:3,0.4:5"
+QUERY_SIZE = 448
+MAX_TRAIN_REGIONS = 64
+MODES = ("crop", "pool")
+
+
+def parse_grid(spec: str) -> list[Box]:
+    """Boxes of a grid spec, whole image first, duplicates dropped (order kept). See the module doc."""
+    boxes: list[Box] = [WHOLE]
+    for part in (p.strip() for p in str(spec or "").split(",")):
+        if not part:
+            continue
+        try:
+            size, _, count = part.partition(":")
+            sw, _, sh = size.partition("x")
+            width, height = float(sw), float(sh or sw)
+            n = int(count or 1)
+        except ValueError:
+            raise CopyscanError(f"bad region grid entry {part!r} in {spec!r}: use S:N or SWxSH:N") from None
+        if not (0 < width <= 1 and 0 < height <= 1 and n >= 1):
+            raise CopyscanError(f"region grid entry {part!r}: sizes must be in (0, 1] and N >= 1")
+        xs = np.linspace(0.0, 1.0 - width, n) if n > 1 else np.array([(1.0 - width) / 2])
+        ys = np.linspace(0.0, 1.0 - height, n) if n > 1 else np.array([(1.0 - height) / 2])
+        for y in ys:
+            for x in xs:
+                boxes.append(_round((float(x), float(y), float(x) + width, float(y) + height)))
+    return list(dict.fromkeys(boxes))
+
+
+def _round(box: Sequence[float]) -> Box:
+    x0, y0, x1, y1 = (round(float(v), 6) for v in box)
+    return (x0, y0, x1, y1)
+
+
+def box_cells(box: Box, height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns of an ``height`` × ``width`` feature map whose cell centres lie in ``box``
+    (at least one cell each way, so a small box still pools the cell it falls in)."""
+    return _span(box[1], box[3], height), _span(box[0], box[2], width)
+
+
+def _span(lo: float, hi: float, n: int) -> slice:
+    # cell i covers [i/n, (i+1)/n); its centre (i + 0.5)/n lies in [lo, hi) for i in [lo·n − 0.5, hi·n − 0.5)
+    start = min(n - 1, max(0, int(np.ceil(lo * n - 0.5))))
+    stop = max(start + 1, min(n, int(np.ceil(hi * n - 0.5))))
+    return slice(start, stop)
+
+
+def boxes_array(boxes: Sequence[Box]) -> np.ndarray:
+    """(R, 4) float32 array of boxes (for tables and JSON)."""
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+def check_train_boxes(boxes: Sequence[Box]) -> None:
+    if not 1 <= len(boxes) <= MAX_TRAIN_REGIONS:
+        raise CopyscanError(f"{len(boxes)} regions per training image; allowed 1..{MAX_TRAIN_REGIONS}")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Which region vectors an embedding pass makes, and how.
+
+    - ``mode="crop"`` (any embedder): the image is preprocessed a second time at ``size`` px (by the
+      decode workers), each box is cut from that and resized to the embedder's input size on the model's
+      device, and embedded like an image; exact, one forward pass per box.
+    - ``mode="pool"`` (effnet-lite0): every box is pooled from the feature maps of the pass that makes the
+      global vector (``CopyDescriptor.pool_boxes``); free, but a box's vector also sees the context around
+      it (receptive fields), so it matches a crop of the same content less closely.
+    """
+
+    boxes: tuple[Box, ...]
+    size: int = QUERY_SIZE
+    mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise CopyscanError(f"region mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+
+    def preprocess_spec(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The embedder's preprocessing at ``size`` for the decode workers (None: nothing more to decode)."""
+        return {**spec, "size": int(self.size)} if self.mode == "crop" else None

@@ -1,0 +1,159 @@
+"""Partial copies end to end: an index with a region index, and a scan with query windows, on local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from indexing import layout
+from indexing.augment import paste_partial
+from indexing.config import resolve
+from indexing.errors import CopyscanError
+from indexing.index_config import IndexConfig
+from indexing.index_ray import run_index
+from indexing.manifest import load_manifest
+from indexing.regions import TRAIN_GRID, parse_grid
+from indexing.sample_images import open_rgb
+from search.results import MATCHES_SCHEMA
+from search.scan_config import ScanConfig
+from search.scan_ray import run_scan
+
+N_COPIES = 6
+N_NEGATIVES = 6
+TEST_QUERY_GRID = "0.3:5,0.4:4"  # 1 + 25 + 16 windows: the test's scan stays quick on 2 CPUs
+
+
+@pytest.fixture(scope="module")
+def region_index(ray_session, laion_shards, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("regions") / "index")
+    cfg = resolve(IndexConfig, {"shards": laion_shards.folder, "out": out, "regions": "true"})
+    return out, run_index(cfg)
+
+
+@pytest.fixture(scope="module")
+def pasted(laion_shards, real_images, tmp_path_factory):
+    """Training images pasted at 35–50 % into scenes from outside the training set, and outside images
+    pasted the same way; returns (folder, {file: source key or None})."""
+    train = set(laion_shards.source_images)
+    others = [p for p in real_images if p not in train]
+    scenes, objects = others[:6], others[6 : 6 + N_NEGATIVES]
+    rng = np.random.default_rng(5)
+    sources = [laion_shards.source_images[i] for i in rng.choice(len(train), N_COPIES, replace=False)]
+    folder = tmp_path_factory.mktemp("pasted")
+    truth = {}
+    for i, obj in enumerate([*sources, *objects]):
+        scene = open_rgb(scenes[i % len(scenes)])
+        scene.thumbnail((640, 640))
+        img, _box = paste_partial(open_rgb(obj), scene, rng)
+        name = f"q{i:02d}.jpg"
+        img.save(folder / name, quality=92)
+        truth[name] = laion_shards.key_of_source[obj] if i < N_COPIES else None
+    # and one training image as it is (JPEG again): every aligned box matches itself
+    exact = laion_shards.source_images[int(rng.integers(len(train)))]
+    open_rgb(exact).save(folder / "exact.jpg", quality=95)
+    truth["exact.jpg"] = laion_shards.key_of_source[exact]
+    # and the lower-right region (0.55, 0.55, 1, 1) of another training image on its own: a part of an image
+    part_source = laion_shards.source_images[int(rng.integers(len(train)))]
+    whole = open_rgb(part_source)
+    w, h = whole.size
+    whole.crop((round(0.55 * w), round(0.55 * h), w, h)).save(folder / "part.jpg", quality=95)
+    truth["part.jpg"] = laion_shards.key_of_source[part_source]
+    return folder, truth
+
+
+def test_region_index_layout_and_manifest(region_index, laion_shards):
+    out, manifest = region_index
+    boxes = parse_grid(TRAIN_GRID)
+    regions = manifest["regions"]
+    assert regions["per_image"] == len(boxes) == 14 and regions["boxes"] == [list(b) for b in boxes]
+    assert regions["ntotal"] == manifest["ntotal"] * 14
+    sub = load_manifest(layout.regions_root(out))
+    assert sub["kind"] == "regions" and sub["build_id"] == regions["build_id"]
+    assert sub["ntotal"] == regions["ntotal"] and sub["regions_of"]["per_image"] == 14
+    # the region index whitens with the index's whitening (learned from whole images and their copies)
+    assert sub["whitening"]["kind"] == "from-index" and sub["whitening"]["pairs"] == 0
+    np.testing.assert_array_equal(
+        np.load(os.path.join(layout.regions_root(out), sub["whitening"]["path"]))["proj"],
+        np.load(os.path.join(out, manifest["whitening"]["path"]))["proj"],
+    )
+    for e in manifest["embedding_shards"]:
+        xb = np.load(os.path.join(out, e["img_emb"]))
+        xr = np.load(
+            os.path.join(layout.regions_root(out), "embeddings", "img_emb", f"img_emb_{e['shard']:05d}.npy")
+        )
+        assert xr.shape == (e["count"] * 14, manifest["dim"])
+        # box 0 of every image is the whole image (cropped from its 448 px version): about the global vector
+        cos = np.sum(xr[::14].astype(np.float32) * xb.astype(np.float32), axis=1)
+        assert cos.min() > 0.95, cos.min()
+    # a rerun changes nothing
+    again = run_index(resolve(IndexConfig, {"shards": laion_shards.folder, "out": out, "regions": "true"}))
+    assert again["regions"]["build_id"] == regions["build_id"]
+
+
+def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted, tmp_path):
+    index_url, manifest = region_index
+    folder, truth = pasted
+    out = str(tmp_path / "scan")
+    cfg = {"index": index_url, "queries": str(folder), "out": out, "split_product": "true"}
+    cfg.update(region_query_grid=TEST_QUERY_GRID)
+    summary = run_scan(resolve(ScanConfig, cfg))
+    assert summary["regions"]["windows"] == len(parse_grid(TEST_QUERY_GRID))
+    assert summary["regions"]["split_product"] is True
+    table = pq.read_table(os.path.join(out, "matches"))
+    assert table.schema.equals(MATCHES_SCHEMA)
+    rows = table.to_pylist()
+    best_local = {r["query_id"]: r for r in rows if r["local_rank"] == 0}
+    best_global = {r["query_id"]: r for r in rows if r["rank"] == 0}
+    assert set(best_local) == set(best_global) == set(truth)
+    # a part of a training image: its whole-query window matches that image's lower-right region
+    part = best_local["part.jpg"]
+    assert part["train_key"] == truth["part.jpg"], part
+    assert part["train_box"] == pytest.approx([0.55, 0.55, 1.0, 1.0]) and part["query_box"] == [0, 0, 1, 1]
+    assert part["local_score"] > 0.9 and part["local_score_norm"] > max(
+        best_local[q]["local_score_norm"] for q, key in truth.items() if not key
+    )
+    # pasted objects (recall over a real set is measured by bench/partial_copies.py): boxes are well formed
+    pasted_copies = [q for q, key in truth.items() if key and q not in ("exact.jpg", "part.jpg")]
+    local_hits = [q for q in pasted_copies if best_local[q]["train_key"] == truth[q]]
+    for q in local_hits:
+        x0, y0, x1, y1 = best_local[q]["query_box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and (x1 - x0) < 1  # a window, not the whole query
+        assert best_local[q]["train_box"] in [pytest.approx(list(b)) for b in parse_grid(TRAIN_GRID)]
+    # the unmodified training image: found both ways, whole window on whole image, every aligned box matching
+    exact = best_global["exact.jpg"]
+    assert exact["train_key"] == truth["exact.jpg"] and exact["local_rank"] == 0
+    assert exact["split_score"] > 0.9 and exact["local_score"] > 0.9
+    # split_score is a cosine for every row (position-aligned: a pasted object elsewhere scores low)
+    assert all(r["split_score"] is not None and -1.0001 <= r["split_score"] <= 1.0001 for r in rows)
+    # every query keeps its k global rows; rows found only by regions have no rank and no global scores
+    ranked = [r for r in rows if r["rank"] is not None]
+    assert len(ranked) == len(truth) * min(10, manifest["ntotal"])
+    assert all(r["score"] is None for r in rows if r["rank"] is None)
+    # a rerun resumes: nothing to do
+    assert run_scan(resolve(ScanConfig, cfg))["this_run"]["chunks"] == 0
+
+
+def test_scan_regions_off(region_index, pasted, tmp_path):
+    index_url, _ = region_index
+    folder, _ = pasted
+    out = str(tmp_path / "off")
+    cfg = resolve(ScanConfig, {"index": index_url, "queries": str(folder), "out": out, "regions": "off"})
+    summary = run_scan(cfg)
+    assert summary["regions"] is None
+    table = pq.read_table(os.path.join(out, "matches"))
+    assert table["local_rank"].null_count == table.num_rows and table["rank"].null_count == 0
+
+
+def test_regions_on_needs_a_region_index(region_index):
+    from search.regions import local_windows
+
+    index_url, manifest = region_index
+    cfg = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o", "regions": "on"})
+    assert local_windows(cfg, manifest) is not None
+    with pytest.raises(CopyscanError, match="no region index"):
+        local_windows(cfg, {**manifest, "regions": None})
+    auto = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o"})
+    assert local_windows(auto, {**manifest, "regions": None}) is None
