@@ -7,6 +7,7 @@ the ``numpy.random.Generator`` passed in, so the same seed gives the same pixels
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -23,6 +24,12 @@ WORDS = (
     "sale", "new", "photo", "art", "2024", "best", "free", "copy", "stock", "preview", "sample", "hd", "wallpaper",
     "poster", "original", "dream", "fantasy", "sky", "portrait", "epic",
 )  # fmt: skip
+
+
+def key_seed(key: str) -> int:
+    """A 64-bit seed from an image's key: augmentations seeded by it do not depend on where the image sits
+    in its shard (img2dataset writes a shard's samples in download-completion order)."""
+    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from indexing.augment import copy_augment
+from indexing.augment import copy_augment, key_seed
 from indexing.reader import Sample
 
 # Stable rejection codes (stats count them by code).
@@ -66,7 +66,8 @@ class DecodedBatch:
 @dataclass(frozen=True)
 class PairSpec:
     """Which images of a source also get augmented copies: the first ``images`` accepted ones, ``copies``
-    copies each (``indexing.augment.copy_augment``, seeded by (seed, shard, row, copy))."""
+    copies each (``indexing.augment.copy_augment``, seeded by (seed, shard, the key's ``key_seed``, copy), so
+    an image's copies do not depend on its position in the shard)."""
 
     images: int = 0
     copies: int = 2
@@ -208,7 +209,7 @@ def decode_samples(
         records.append(_record(sample, img))
         if pairs is not None and accepted < pairs.images:
             try:
-                copies = _augmented(img, preprocess, pairs, accepted)
+                copies = _augmented(img, preprocess, pairs, sample.key)
             except Exception as exc:  # an odd image the augmentation cannot handle: index it, note it
                 pair_errors.append({"key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
             else:
@@ -221,9 +222,9 @@ def decode_samples(
         yield flush()
 
 
-def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, row: int) -> list[np.ndarray]:
+def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: str) -> list[np.ndarray]:
     out = []
     for copy in range(pairs.copies):
-        rng = np.random.default_rng([pairs.seed, pairs.shard, row, copy])
+        rng = np.random.default_rng([pairs.seed, pairs.shard, key_seed(key), copy])
         out.append(preprocess(copy_augment(img, rng)))
     return out

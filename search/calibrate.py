@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from indexing import layout, storage
-from indexing.augment import copy_augment
+from indexing.augment import copy_augment, key_seed
 from indexing.decode import DecodeLimits, Rejected, decode_image
 from indexing.embedders import load_embedder
 from indexing.errors import CopyscanError
@@ -78,11 +79,18 @@ class CalibrateConfig:
 
 
 def select_rows(
-    manifest: dict[str, Any], images: int, max_shards: int, seed: int
+    manifest: dict[str, Any],
+    images: int,
+    max_shards: int,
+    seed: int,
+    keys_of: Callable[[int], Sequence[str]] | None = None,
 ) -> tuple[dict[int, np.ndarray], bool]:
     """Rows to copy, by embedding shard, seeded, spread over at most ``max_shards`` shards, and whether they
     include images the learned whitening saw copies of (only when the collection has too few others: the
-    first rows of every shard are its pair images, see ``indexing.index_ray.pair_quota``)."""
+    first rows of every shard are its pair images, see ``indexing.index_ray.pair_quota``).
+
+    ``keys_of(shard)`` (the shard's keys in row order) makes the draw one of keys, not of positions: the same
+    images are chosen whatever order img2dataset wrote the shard's samples in."""
     shards = [e for e in manifest["embedding_shards"] if e["count"] > 0]
     if not shards:
         raise CopyscanError("the index holds no vectors")
@@ -100,6 +108,9 @@ def select_rows(
             n_shards = len(manifest["embedding_shards"])
             first = pair_quota(pair_images, n_shards, entry["shard"]) if avoid_pairs else 0
             free = np.arange(first, entry["count"])
+            if keys_of is not None:
+                keys = np.asarray(keys_of(entry["shard"]), dtype=object)
+                free = free[np.argsort(keys[free], kind="stable")]
             want = min(per_shard, len(free), images - taken)
             if want > 0:
                 chosen[entry["shard"]] = np.sort(rng.choice(free, size=want, replace=False))
@@ -136,7 +147,7 @@ def _copies(
                 if sample.image is None:
                     raise Rejected("missing_image", "no image member")
                 img = decode_image(sample.image, DecodeLimits())
-                copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, row]))
+                copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, key_seed(sample.key)]))
                 pixels.append(embedder.preprocess(copy))
             except Exception as exc:  # a training image that cannot be read back or copied: noted, skipped
                 skipped.append({"shard": shard, "key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
@@ -194,7 +205,15 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
     )
     check_embedder(manifest, embedder.spec)
-    rows, overlap = select_rows(manifest, cfg.images, cfg.max_shards, cfg.seed)
+
+    def keys_of(shard: int) -> list[str]:
+        entry = next(e for e in manifest["embedding_shards"] if e["shard"] == shard)
+        url = storage.join(cfg.index, entry["metadata"])
+        return (
+            pq.read_table(io.BytesIO(storage.read_bytes(url, so)), columns=["key"]).column("key").to_pylist()
+        )
+
+    rows, overlap = select_rows(manifest, cfg.images, cfg.max_shards, cfg.seed, keys_of)
     logger.info(
         "calibrate: copying %d training images from %d shard(s)", sum(map(len, rows.values())), len(rows)
     )

@@ -76,3 +76,23 @@ def test_calibration_rows_avoid_the_whitening_pairs_unless_the_index_is_too_smal
     small["config"]["whitening_pair_images"] = 10
     rows, reused = select_rows(small, images=100, max_shards=4, seed=0)
     assert reused and sorted(rows[0]) == list(range(12))
+
+
+def test_calibration_draws_keys_not_positions():
+    """The same images are chosen whatever order the shard's samples were written in."""
+    manifest = _manifest()
+    keys = {
+        e["shard"]: [f"{e['shard']}-{i:03d}" for i in range(e["count"])] for e in manifest["embedding_shards"]
+    }
+    rng = np.random.default_rng(1)
+    # the same images, shuffled except for the pair images at the front (their rows are fixed)
+    shuffled = {s: k[:2] + [k[2:][i] for i in rng.permutation(len(k) - 2)] for s, k in keys.items()}
+
+    def chosen(key_lists):
+        rows, _ = select_rows(manifest, images=6, max_shards=4, seed=0, keys_of=lambda s: key_lists[s])
+        return {key_lists[s][r] for s, rr in rows.items() for r in rr}
+
+    assert chosen(keys) == chosen(shuffled) and len(chosen(keys)) == 6
+    # without keys the draw is of positions, and changes with the order
+    rows, _ = select_rows(manifest, images=6, max_shards=4, seed=0)
+    assert {shuffled[s][r] for s, rr in rows.items() for r in rr} != chosen(keys)
