@@ -129,13 +129,14 @@ def aggregate(
     kr = hits.I.shape[1]
     I = hits.I.reshape(nq, n_windows * kr)
     order_key = np.where(I >= 0, np.nan_to_num(hits.D_norm, nan=-np.inf).reshape(nq, -1), -np.inf)
+    # region id shard << 32 | (row · R + box) → image id shard << 32 | row, and the box
+    per_image = len(train_boxes)
     images = np.full(I.shape, -1, dtype=np.int64)
     boxes = np.zeros(I.shape, dtype=np.int32)
     valid = I >= 0
-    for pos in zip(*np.nonzero(valid), strict=True):
-        m = hits.meta[int(I[pos])]
-        images[pos] = m["image_id"]
-        boxes[pos] = m["box"]
+    shard, row = layout.unpack_ids(I[valid])
+    images[valid] = (shard.astype(np.int64) << layout.ROW_BITS) | (row // per_image)
+    boxes[valid] = row % per_image
     out = LocalResult(
         I=np.full((nq, k), -1, dtype=np.int64),
         S=np.full((nq, k), np.nan, dtype=np.float32),
