@@ -71,18 +71,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
             stats = _embed_all(cfg, shards, fingerprint)
 
     counts = {shard: int(s["count"]) for shard, s in stats.items()}
-    plan = plan_index(
-        counts,
-        int(spec["dim"]),
-        factory=cfg.index_factory,
-        flat_threshold=cfg.flat_threshold,
-        max_shard_vectors=cfg.max_shard_vectors,
-        max_code_bytes=cfg.max_code_bytes,
-        nprobe=cfg.nprobe,
-        shard_memory_bytes=cfg.shard_memory_bytes,
-        recall_target=cfg.recall_target,
-        whitened=cfg.whitening != "none",
-    )
+    plan = _plan(cfg, counts, int(spec["dim"]), cfg.index_factory, cfg.nprobe)
     logger.info(
         "index: %s over %d vectors in %d index shard(s)",
         plan.factory,
@@ -125,6 +114,22 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     storage.write_json(manifest_url, manifest, so)
     logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
     return manifest
+
+
+def _plan(cfg: IndexConfig, counts: dict[int, int], dim: int, factory: str, nprobe: int) -> IndexPlan:
+    """The index plan of ``counts`` vectors under ``cfg``'s limits (the index's and its region index's)."""
+    return plan_index(
+        counts,
+        dim,
+        factory=factory,
+        flat_threshold=cfg.flat_threshold,
+        max_shard_vectors=cfg.max_shard_vectors,
+        max_code_bytes=cfg.max_code_bytes,
+        nprobe=nprobe,
+        shard_memory_bytes=cfg.shard_memory_bytes,
+        recall_target=cfg.recall_target,
+        whitened=cfg.whitening != "none",
+    )
 
 
 def pair_quota(pair_images: int, n_shards: int, shard: int) -> int:
@@ -352,17 +357,7 @@ def _region_index(
         for s, st in stats.items()
     }
     counts = {s: st["count"] for s, st in region_stats.items()}
-    plan = plan_index(
-        counts,
-        int(spec["dim"]),
-        factory=cfg.region_factory,
-        flat_threshold=cfg.flat_threshold,
-        max_shard_vectors=cfg.max_shard_vectors,
-        max_code_bytes=cfg.max_code_bytes,
-        shard_memory_bytes=cfg.shard_memory_bytes,
-        recall_target=cfg.recall_target,
-        whitened=cfg.whitening != "none",
-    )
+    plan = _plan(cfg, counts, int(spec["dim"]), cfg.region_factory, nprobe=0)
     logger.info(
         "regions: %s over %d region vectors (%d per image) in %d index shard(s)",
         plan.factory,

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
 from indexing.manifest import load_manifest
 from indexing.regions import Box, RegionSpec, parse_grid
 from search.normalise import ScoreNormaliser
-from search.searcher import ShardResult, ShardSearcher, _cached, index_cache_dir
+from search.searcher import ShardResult, ShardSearcher, index_cache_dir, load_metadata
 
 
 def region_manifest(
@@ -70,14 +69,11 @@ class RegionSearcher(ShardSearcher):
         self.per_image = int(sub_manifest["regions_of"]["per_image"])
         cache = index_cache_dir(cache_dir, index_url, sub_manifest)
         for s in self.vectors:
-            url = layout.metadata_url(index_url, s)
-            local = _cached(
-                url, os.path.join(cache, "metadata", f"metadata_{s:05d}.parquet"), storage_options
+            self.metadata[s] = load_metadata(
+                layout.metadata_url(index_url, s),
+                os.path.join(cache, "metadata", f"metadata_{s:05d}.parquet"),
+                storage_options,
             )
-            table = pq.read_table(local, columns=["key", "url", "caption"])
-            self.metadata[s] = {
-                name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
-            }
 
     def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:
         meta: dict[int, dict[str, Any]] = {}

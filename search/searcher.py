@@ -48,6 +48,14 @@ def _cached(url: str, local: str, storage_options: storage.StorageOptions | None
     return local
 
 
+def load_metadata(
+    url: str, local: str, storage_options: storage.StorageOptions | None
+) -> dict[str, np.ndarray]:
+    """The key, url and caption columns of an embedding shard's metadata (cached at ``local``) as arrays."""
+    table = pq.read_table(_cached(url, local, storage_options), columns=["key", "url", "caption"])
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def _read_index_mmap(path: str) -> faiss.Index:
     try:
         return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -110,15 +118,11 @@ class ShardSearcher:
                 self.vectors[s] = np.load(vec_path, mmap_mode="r")
                 if emb[s].get("metadata") is None:  # a region index: its images' metadata is the index's
                     continue
-                meta_path = _cached(
+                self.metadata[s] = load_metadata(
                     resolve(index_url, emb[s]["metadata"]),
                     os.path.join(self.cache, emb[s]["metadata"]),
                     storage_options,
                 )
-                table = pq.read_table(meta_path, columns=["key", "url", "caption"])
-                self.metadata[s] = {
-                    name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
-                }
         self.dim = int(manifest["dim"])
         # the shards of one trained index share its coarse quantizer: quantize each query block once
         self.coarse = SharedCoarse.of(list(self.indexes.values()))
