@@ -28,7 +28,7 @@ TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"
 DECODE_ERROR = "decode_error"
 
-# (3, S, S) uint8 from a decoded RGB/RGBA/L image.
+# (3, S, S) uint8 from a decoded RGB/RGBA/L image ((3, H, W) for an aspect-keeping preprocessing).
 Preprocess = Callable[[Image.Image], np.ndarray]
 
 
@@ -44,7 +44,8 @@ class DecodeLimits:
 class DecodedBatch:
     """Up to ``batch_size`` decoded images of one source (shard or query chunk).
 
-    pixels: (n, 3, S, S) uint8, RGB.
+    pixels: (n, 3, S, S) uint8, RGB; a list of n (3, H, W) uint8 arrays where the preprocessing keeps each
+    image's aspect (sscd ``resize=short_edge``) and the shapes differ.
     records: n metadata dicts, aligned with ``pixels`` (key, url, caption, width, height, ...).
     rejections: the samples of this stretch that could not be used, with reasons.
     """
@@ -53,7 +54,8 @@ class DecodedBatch:
     records: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     # Augmented copies of some of the source's images (``PairSpec``), for learned whitening: pair_pixels
-    # (m, 3, S, S) uint8 and pair_rows (m,) the row (accepted-image index in the source) each one copies.
+    # (m, 3, S, S) uint8 (or a list, like pixels) and pair_rows (m,) the row (accepted-image index in the
+    # source) each one copies.
     pair_pixels: np.ndarray | None = None
     pair_rows: np.ndarray | None = None
     # images whose augmented copies could not be made ({"key", "detail"}); the image itself is still indexed
@@ -167,12 +169,12 @@ def decode_samples(
     def flush() -> DecodedBatch:
         nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors, region_pixels
         if pixels:
-            stacked = np.stack(pixels)
+            stacked = _stack(pixels)
         else:
             stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
         batch = DecodedBatch(stacked, records, rejections, pair_errors=pair_errors)
         if pair_pixels:
-            batch.pair_pixels = np.stack(pair_pixels)
+            batch.pair_pixels = _stack(pair_pixels)
             batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
         if region_preprocess is not None:
             batch.region_pixels = np.stack(region_pixels) if region_pixels else None
@@ -220,6 +222,13 @@ def decode_samples(
             yield flush()
     if pixels or rejections or pair_errors:
         yield flush()
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """(n, 3, H, W) when the n arrays share one shape (always, for a fixed-size preprocessing); else the
+    arrays as a list: an aspect-keeping preprocessing is neither padded nor cropped here."""
+    first = arrays[0].shape
+    return np.stack(arrays) if all(a.shape == first for a in arrays) else list(arrays)
 
 
 def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: str) -> list[np.ndarray]:

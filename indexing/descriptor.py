@@ -95,6 +95,38 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
+def short_edge_size(width: int, height: int, size: int, max_size: int) -> tuple[int, int]:
+    """(new width, new height) of a ``width`` × ``height`` image whose shorter side is resized to ``size``,
+    aspect kept, the longer side capped at ``max_size`` (then the shorter side is below ``size``).
+
+    The arithmetic of torchvision's ``Resize(size, max_size=max_size)`` (SSCD's evaluation transform is
+    ``Resize(288)``): the longer side is truncated, ``int(size · long / short)``; when it exceeds
+    ``max_size`` the sizes become ``int(max_size · size / long')`` × ``max_size``. Never below 1 pixel.
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    if new_long > max_size:
+        new_short, new_long = max(1, int(max_size * new_short / new_long)), max_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_short_edge_rgb(
+    img: Image.Image,
+    size: int,
+    max_size: int,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+    background: tuple[int, int, int] = BACKGROUND_RGB,
+) -> np.ndarray:
+    """PIL image (any mode) → (3, H, W) uint8 RGB: shorter side resized to ``size``, aspect kept, longer side
+    at most ``max_size`` (``short_edge_size``), no crop; an image already at that size is not resampled.
+    Transparency is composited on ``background``; 16-bit and float greyscale images are scaled to 8 bits."""
+    rgb = composite_rgb(_to_8bit(img), background)
+    new_size = short_edge_size(rgb.size[0], rgb.size[1], size, max_size)
+    if rgb.size != new_size:
+        rgb = rgb.resize(new_size, resample)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+
+
 def resize_crop_rgb(
     img: Image.Image,
     size: int,

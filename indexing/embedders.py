@@ -1,8 +1,9 @@
 """Embedder registry: an embedder turns decoded uint8 pixels into L2-normalised descriptors.
 
 An embedder has two halves that run in different places:
-- ``preprocess`` (CPU, in the decode tasks): PIL image → (3, S, S) uint8. Built from the spec alone
-  (``make_preprocess``), so decode workers never load model weights.
+- ``preprocess`` (CPU, in the decode tasks): PIL image → (3, S, S) uint8 ((3, H, W), per image, for sscd's
+  ``resize=short_edge``). Built from the spec alone (``make_preprocess``), so decode workers never load
+  model weights.
 - ``embed`` (GPU if present, in the embedding actors): (n, 3, S, S) uint8 → (n, d) float32, unit norm.
 
 ``spec`` records everything that changes the vectors (network, weights digest, input size, pooling,
@@ -75,6 +76,11 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: (n, 3, S, S) uint8 RGB → (n, dim) float32, L2-normalised."""
+        if isinstance(pixels, list):  # the decode workers send a list when the images' shapes differ
+            raise CopyscanError(
+                f"the {self.name} embedder takes fixed-size batches, got images of shapes "
+                f"{sorted({tuple(p.shape) for p in pixels})[:4]}; only sscd with resize=short_edge takes those"
+            )
         return self._run(self.module, pixels)
 
     @torch.inference_mode()
@@ -157,8 +163,10 @@ RESAMPLE = {
 def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
     """The preprocessing a spec describes: PIL image → (3, S, S) uint8.
 
-    Kinds: "squash" (the effnet-lite0 descriptor's, ``indexing.descriptor.preprocess``) and "resize" (RGB,
-    transparency composited on ``background``, both sides resized to ``size`` with filter ``resample``).
+    Kinds: "squash" (the effnet-lite0 descriptor's, ``indexing.descriptor.preprocess``), "resize" (RGB,
+    transparency composited on ``background``, both sides resized to ``size`` with filter ``resample``),
+    "clip" (shorter side to ``size``, centre crop) and "short-edge" (like "resize" but the shorter side to
+    ``size``, aspect kept, longer side at most ``max_size``, no crop: (3, H, W) uint8, H and W per image).
     """
     kind = spec.get("kind")
     if kind == "squash":
@@ -173,7 +181,7 @@ def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]
         from indexing.descriptor import resize_crop_rgb
 
         return lambda img: resize_crop_rgb(img, size, resample, background)
-    if kind == "resize":
+    if kind in ("resize", "short-edge"):
         size = int(spec["size"])
         if spec.get("resample") not in RESAMPLE:
             raise CopyscanError(
@@ -181,8 +189,11 @@ def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]
             )
         resample = RESAMPLE[spec["resample"]]
         background = tuple(int(c) for c in spec["background"])
-        from indexing.descriptor import resize_rgb
+        from indexing.descriptor import resize_rgb, resize_short_edge_rgb
 
+        if kind == "short-edge":
+            max_size = int(spec["max_size"])
+            return lambda img: resize_short_edge_rgb(img, size, max_size, resample, background)
         return lambda img: resize_rgb(img, size, resample, background)
     raise CopyscanError(f"unknown preprocessing kind {kind!r} in embedder spec")
 
@@ -227,14 +238,16 @@ class SSCDEmbedder(Embedder):
     """SSCD (Pizzi et al. 2022) from a released TorchScript file, e.g. ``sscd_disc_mixup.torchscript.pt``.
 
     ``weights`` (local path or fsspec URL) is required: copyscan ships no SSCD weights and downloads nothing
-    itself. Preprocessing is the published batched one: RGB (transparency on white), both sides resized to
-    ``size`` (option, default 320) with PIL's antialiased bilinear filter, ImageNet mean/std (applied in the
-    module, on the GPU). The paper's evaluation mode (short edge to 288 keeping aspect, batch 1) is not offered:
-    the pipeline needs fixed-shape batches. ``dim`` is read off one forward pass at load time (512 for
-    disc_mixup, 1024 for disc_large).
+    itself. Preprocessing: RGB (transparency on white), PIL's antialiased bilinear filter, ImageNet mean/std
+    (applied in the module, on the GPU), resized by option ``resize`` (``indexing.sscd``):
+    - ``square`` (default): both sides to ``size`` (default 320), SSCD's batched setup;
+    - ``short_edge``: the paper's evaluation mode, the shorter side to ``size`` (default 288), aspect kept,
+      no crop, the longer side capped at ``max_size`` (default 4 × size); each image keeps its own shape and
+      the model runs on groups of identical shape (batch 1 when all differ).
+    ``dim`` is read off one forward pass at load time (512 for disc_mixup, 1024 for disc_large).
     """
 
-    OPTIONS = ("size",)
+    OPTIONS = ("size", "resize", "max_size")
 
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
@@ -246,23 +259,66 @@ class SSCDEmbedder(Embedder):
                 "the sscd embedder needs its weights: give a local path or URL of a released SSCD TorchScript "
                 "file, e.g. weights=/models/sscd_disc_mixup.torchscript.pt (copyscan does not download them)"
             )
-        _, size = size_option("sscd", options, self.OPTIONS, sscd.DEFAULT_SIZE)
+        preprocess = self._preprocess_spec(options)
 
         local = _fetch_weights(weights)
         self.device = pick_device(device)
         self.module = sscd.SSCDModule(sscd.load_torchscript(local, self.device)).eval().to(self.device)
+        size = preprocess["size"]
+        # short_edge: probe a 3:2 input, so a model that only takes squares is refused at load time
+        width = size + size // 2 if preprocess["kind"] == sscd.SHORT_EDGE_KIND else None
         self.spec = {
             "name": "sscd",
             "weights_sha256": _weights_digest(local, os.path.getmtime(local)),
-            "preprocess": {
-                "kind": "resize",
-                "size": size,
-                "resample": sscd.RESAMPLE,
-                "background": list(sscd.BACKGROUND_RGB),
-            },
+            "preprocess": preprocess,
             "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)},
-            "dim": sscd.probe_dim(self.module, size, self.device),
+            "dim": sscd.probe_dim(self.module, size, self.device, width),
         }
+
+    @classmethod
+    def _preprocess_spec(cls, options: dict[str, Any] | None) -> dict[str, Any]:
+        """The spec's ``preprocess`` for ``options``, validated (before any weights are read)."""
+        from indexing import sscd
+
+        resize = (options or {}).get("resize", "square")
+        default = sscd.SHORT_EDGE_SIZE if resize == "short_edge" else sscd.DEFAULT_SIZE
+        options, size = size_option("sscd", options, cls.OPTIONS, default)
+        if resize not in sscd.RESIZE_MODES:
+            raise CopyscanError(
+                f"sscd option resize must be square (both sides to size, default {sscd.DEFAULT_SIZE}; batched) "
+                f"or short_edge (the shorter side to size, default {sscd.SHORT_EDGE_SIZE}, aspect kept; the "
+                f"paper's evaluation), got {resize!r}"
+            )
+        common = {"resample": sscd.RESAMPLE, "background": list(sscd.BACKGROUND_RGB)}
+        if resize == "square":
+            if "max_size" in options:
+                raise CopyscanError(
+                    "sscd option max_size caps the longer side with resize=short_edge; "
+                    "resize=square makes every image size × size"
+                )
+            # unchanged from before resize existed, so indexes built then still match
+            return {"kind": "resize", "size": size, **common}
+        max_size = options.get("max_size", sscd.MAX_ASPECT * size)
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= size:
+            raise CopyscanError(
+                f"sscd option max_size (the cap on the longer side with resize=short_edge) must be an integer "
+                f"above size={size} (pixels), got {max_size!r}"
+            )
+        return {"kind": sscd.SHORT_EDGE_KIND, "size": size, "max_size": max_size, **common}
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """pixels: (n, 3, S, S) uint8 RGB, or with resize=short_edge n arrays (3, H_i, W_i) uint8 (a list, as
+        the decode workers send images of different shapes) → (n, dim) float32, L2-normalised. Images of one
+        shape share a forward pass (``sscd.shape_groups``); nothing is padded or cropped."""
+        from indexing import sscd
+
+        if self.spec["preprocess"]["kind"] != sscd.SHORT_EDGE_KIND:
+            return super().embed(pixels)
+        out = np.empty((len(pixels), self.dim), dtype=np.float32)
+        for rows in sscd.shape_groups([image.shape for image in pixels], sscd.GROUP_PIXELS):
+            out[rows] = self._run(self.module, np.stack([pixels[i] for i in rows]))
+        return out
 
 
 class DinoEmbedder(Embedder):

@@ -63,6 +63,8 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
             )
         )
     fingerprint = spec_fingerprint(spec)
+    if cfg.regions:  # refuse an embedder input that regions cannot be cut from before any shard is embedded
+        RegionSpec((), size=cfg.region_size, mode=cfg.region_mode).preprocess_spec(spec["preprocess"])
 
     with timed("embed", timings):
         if imported:

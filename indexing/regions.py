@@ -107,5 +107,13 @@ class RegionSpec:
             raise CopyscanError(f"region mode must be one of {', '.join(MODES)}, not {self.mode!r}")
 
     def preprocess_spec(self, spec: dict[str, Any]) -> dict[str, Any] | None:
-        """The embedder's preprocessing at ``size`` for the decode workers (None: nothing more to decode)."""
+        """The embedder's preprocessing at ``size`` for the decode workers (None: nothing more to decode).
+
+        Mode "crop" cuts boxes from fixed-size images: an aspect-keeping preprocessing (sscd
+        ``resize=short_edge``) is refused."""
+        if self.mode == "crop" and spec.get("kind") == "short-edge":
+            raise CopyscanError(
+                "region vectors (regions=true) need a fixed-size input; sscd with resize=short_edge keeps each "
+                "image's aspect: use the default resize=square for an index with regions"
+            )
         return {**spec, "size": int(self.size)} if self.mode == "crop" else None
