@@ -169,12 +169,12 @@ def decode_samples(
     def flush() -> DecodedBatch:
         nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors, region_pixels
         if pixels:
-            stacked = _stack(pixels)
+            stacked = stack_pixels(pixels)
         else:
             stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
         batch = DecodedBatch(stacked, records, rejections, pair_errors=pair_errors)
         if pair_pixels:
-            batch.pair_pixels = _stack(pair_pixels)
+            batch.pair_pixels = stack_pixels(pair_pixels)
             batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
         if region_preprocess is not None:
             batch.region_pixels = np.stack(region_pixels) if region_pixels else None
@@ -224,7 +224,7 @@ def decode_samples(
         yield flush()
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+def stack_pixels(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     """(n, 3, H, W) when the n arrays share one shape (always, for a fixed-size preprocessing); else the
     arrays as a list: an aspect-keeping preprocessing is neither padded nor cropped here."""
     first = arrays[0].shape

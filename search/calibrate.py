@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from indexing import layout, storage
 from indexing.augment import copy_augment, key_seed
-from indexing.decode import DecodeLimits, Rejected, decode_image
+from indexing.decode import DecodeLimits, Rejected, decode_image, stack_pixels
 from indexing.embedders import load_embedder
 from indexing.errors import CopyscanError
 from indexing.index_ray import pair_quota
@@ -154,13 +154,13 @@ def _copies(
                 continue
             sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
             if len(pixels) >= cfg.batch_size:
-                vectors.append(embedder.embed(np.stack(pixels)))
+                vectors.append(embedder.embed(stack_pixels(pixels)))
                 pixels = []
             if not row_of:
                 break
         skipped.extend({"shard": shard, "key": k, "detail": "not found in the source shard"} for k in row_of)
     if pixels:
-        vectors.append(embedder.embed(np.stack(pixels)))
+        vectors.append(embedder.embed(stack_pixels(pixels)))
     if not vectors:
         raise CopyscanError("no training image could be read back from the index's source shards")
     return np.concatenate(vectors), np.asarray(sources, dtype=np.int64), skipped
