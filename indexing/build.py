@@ -19,7 +19,13 @@ import numpy as np
 
 from indexing import layout, storage
 from indexing.errors import CopyscanError
-from indexing.postprocess import apply_whitening, fit_learned_whitening, fit_whitening, whiten_with_norms
+from indexing.postprocess import (
+    apply_whitening,
+    fit_learned_whitening,
+    fit_whitening,
+    pair_background_bias,
+    whiten_with_norms,
+)
 
 ADD_BATCH = 65_536
 
@@ -209,18 +215,23 @@ def fill_index_shard(
     emb_shards: Sequence[int],
     whitening: bool,
     storage_options: storage.StorageOptions | None = None,
+    density_per_image: int = 0,
 ) -> dict[str, Any]:
     """Add the vectors of ``emb_shards`` (whitened when ``whitening``) to a copy of the trained index and
     write index shard ``index_shard``. Returns the marker dict (also written, last, to ``shard-NNNNN.json``).
+
+    ``density_per_image`` (a region index: its regions per image) also writes every vector's density
+    (``region_density``) to ``layout.density_url``.
     """
     t0 = time.perf_counter()
     index = read_index(layout.trained_index_url(out, factory), storage_options)
     params = storage.load_npz(layout.whitening_url(out, factory), storage_options) if whitening else None
+    background = _Background(out, factory, storage_options) if density_per_image else None
     counts: dict[str, int] = {}
     for shard in emb_shards:
         xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
         n = xb.shape[0]
-        norms = []
+        norms, density = [], []
         for start in range(0, n, ADD_BATCH):
             chunk = np.ascontiguousarray(xb[start : start + ADD_BATCH], dtype=np.float32)
             if params is not None:
@@ -228,10 +239,15 @@ def fill_index_shard(
                 norms.append(chunk_norms)
             ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
             index.add_with_ids(chunk, ids)
+            if background is not None:
+                density.append(background.density(chunk, ids, density_per_image))
         if params is not None:
             stages = 2 if "proj2" in params else 1
             table = np.concatenate(norms) if norms else np.zeros((0, stages), np.float32)
             storage.save_npy(layout.norms_url(out, factory, shard), table, storage_options)
+        if background is not None:
+            values = np.concatenate(density) if density else np.zeros(0, np.float32)
+            storage.save_npy(layout.density_url(out, factory, shard), values, storage_options)
         counts[str(shard)] = int(n)
     size = write_index(index, layout.index_shard_url(out, factory, index_shard), storage_options)
     marker = {
@@ -242,11 +258,37 @@ def fill_index_shard(
         "embedding_shards": [int(s) for s in emb_shards],
         "counts": counts,
         "norms": params is not None,  # whitening norms of every embedding shard written (re-ranking)
+        "density": background is not None,  # region densities of every embedding shard written
         "bytes": size,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     storage.write_json(layout.index_shard_marker_url(out, factory, index_shard), marker, storage_options)
     return marker
+
+
+# The region density of a region vector is the mean cosine (in the index's space) of its DENSITY_RANKS
+# nearest vectors of the index's background sample that belong to other images.
+DENSITY_RANKS = (1, 3)
+
+
+class _Background:
+    """The index's background sample (``background.npz``, already in the index's space) as a flat index."""
+
+    def __init__(self, out: str, factory: str, storage_options: storage.StorageOptions | None) -> None:
+        data = storage.load_npz(layout.background_url(out, factory), storage_options)
+        self.ids = data["ids"].astype(np.int64)
+        self.index = faiss.IndexFlatIP(int(data["xb"].shape[1]))
+        self.index.add(np.ascontiguousarray(data["xb"], dtype=np.float32))
+
+    def density(self, xw: np.ndarray, ids: np.ndarray, per_image: int) -> np.ndarray:
+        """(n,) float32: for region vectors ``xw`` (the index's space) with packed region ``ids``, the mean
+        cosine of their DENSITY_RANKS nearest background vectors of other images; NaN if too few."""
+        first, last = DENSITY_RANKS
+        m = min(last + per_image, self.index.ntotal)  # up to per_image neighbours are the vector's own image
+        D, pos = self.index.search(np.ascontiguousarray(xw, dtype=np.float32), m)
+        I = np.where(pos >= 0, layout.image_ids(self.ids[np.maximum(pos, 0)], per_image), -1)
+        own = layout.image_ids(ids, per_image)[:, None]
+        return pair_background_bias(D, I, own, DENSITY_RANKS)[:, 0]
 
 
 def index_shard_marker(

@@ -295,13 +295,20 @@ def _train_once(
     )
 
 
-def _fill_all(cfg: IndexConfig, plan: IndexPlan, out: str) -> dict[int, dict[str, Any]]:
+def _fill_all(
+    cfg: IndexConfig, plan: IndexPlan, out: str, density_per_image: int = 0
+) -> dict[int, dict[str, Any]]:
+    """Fill every index shard not yet filled (``density_per_image``: a region index's, with densities)."""
     so = cfg.storage_options
     markers: dict[int, dict[str, Any]] = {}
     todo = []
     for j, group in enumerate(plan.shard_groups):
         marker = index_shard_marker(out, plan.factory, j, so)
-        if marker is not None and marker.get("embedding_shards") == group:
+        if (
+            marker is not None
+            and marker.get("embedding_shards") == group
+            and bool(marker.get("density")) == bool(density_per_image)
+        ):
             markers[j] = marker
         else:
             todo.append((j, group))
@@ -314,7 +321,7 @@ def _fill_all(cfg: IndexConfig, plan: IndexPlan, out: str) -> dict[int, dict[str
 
     outcome = run_tasks(
         lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
-            out, plan.factory, item[0], item[1], cfg.whitening != "none", so
+            out, plan.factory, item[0], item[1], cfg.whitening != "none", so, density_per_image
         ),
         todo,
         max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
@@ -372,7 +379,7 @@ def _region_index(
         # the index's whitening (learned from whole images and their copies): query windows are crops
         train_info = _train_once(cfg, plan, counts, root, layout.whitening_url(cfg.out, global_factory))
     with timed("fill", timings):
-        markers = _fill_all(cfg, plan, root)
+        markers = _fill_all(cfg, plan, root, density_per_image=per_image)
     sub = build_manifest(
         cfg={**to_dict(cfg), "out": root},
         shards=shards,

@@ -15,6 +15,9 @@
     OUT/index/IVF256_PQ32np/shard-00000.json        per-index-shard success marker, written last
     OUT/index/IVF256_PQ32np/norms/norms_00042.npy   (n, stages) float32 whitening norms of embedding shard
                                                     42 (fast exact re-ranking), written before the marker
+    OUT/regions/index/<factory>/density/density_00042.npy   (n,) float32 region densities (region index
+                                                    only: mean cosine to the 3 nearest background regions
+                                                    of other images), written before the marker
     OUT/regions/...                                 with ``regions=true``: the region index (partial
                                                     copies), laid out like OUT itself (embeddings/img_emb,
                                                     pairs, index/<factory>/..., manifest.json); its row
@@ -109,6 +112,11 @@ def index_shard_url(out: str, factory: str, shard: int) -> str:
     return join(index_dir(out, factory), f"shard-{shard:05d}.index")
 
 
+def density_url(out: str, factory: str, shard: int) -> str:
+    """(n,) float32: region densities of a region index's embedding shard ``shard`` (``indexing.build``)."""
+    return join(index_dir(out, factory), "density", f"density_{shard:05d}.npy")
+
+
 def norms_url(out: str, factory: str, shard: int) -> str:
     """(n, stages) float32: the norms each whitening stage divided embedding shard ``shard``'s vectors by."""
     return join(index_dir(out, factory), "norms", f"norms_{shard:05d}.npy")
@@ -123,6 +131,15 @@ def pack_ids(shard: int, rows: np.ndarray) -> np.ndarray:
     if not 0 <= shard < MAX_SHARDS:
         raise ValueError(f"shard id {shard} out of range")
     return (np.int64(shard) << ROW_BITS) | rows.astype(np.int64)
+
+
+def image_ids(region_ids: np.ndarray, per_image: int) -> np.ndarray:
+    """Region ids ``shard << 32 | (row · per_image + box)`` → the ids ``shard << 32 | row`` of their images;
+    -1 stays -1 (per_image 1: unchanged)."""
+    ids = np.asarray(region_ids, dtype=np.int64)
+    if per_image == 1:
+        return ids
+    return np.where(ids >= 0, (ids >> ROW_BITS << ROW_BITS) | ((ids & ROW_MASK) // per_image), -1)
 
 
 def unpack_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

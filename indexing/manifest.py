@@ -111,6 +111,8 @@ def build_manifest(
             # every index shard's fill also wrote its embedding shards' whitening norms (layout.norms_url):
             # scans re-rank raw stored vectors in the whitened space with one dot product each
             "whitened_norms": bool(markers) and all(m.get("norms") for m in markers.values()),
+            # a region index: every region vector's density (layout.density_url, build.DENSITY_RANKS)
+            "region_density": bool(markers) and all(m.get("density") for m in markers.values()),
         },
         # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
         "whitening": {

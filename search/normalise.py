@@ -12,7 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexing import storage
+from indexing import layout, storage
 from indexing.manifest import resolve
 from indexing.postprocess import apply_whitening, pair_background_bias
 
@@ -42,16 +42,25 @@ class ScoreNormaliser:
         manifest: dict[str, Any],
         beta: float = 1.0,
         storage_options: storage.StorageOptions | None = None,
+        per_image: int = 1,
     ) -> None:
         spec = manifest["background"]
         data = storage.load_npz(resolve(index_url, spec["path"]), storage_options)
-        self.ids = data["ids"].astype(np.int64)
+        # a region index (per_image > 1) leaves a hit's whole image out of its background, not just the
+        # region: the image's other regions overlap the hit and would raise its own bias
+        self.per_image = int(per_image)
+        self.ids = self.image_of(data["ids"].astype(np.int64))
         xbg = np.ascontiguousarray(data["xb"], dtype=np.float32)
         self.index = faiss.IndexFlatIP(xbg.shape[1])
         self.index.add(xbg)
         self.first, self.last = (int(r) for r in spec["ranks"])
         self.beta = float(beta)
         self.whitening = load_whitening(index_url, manifest, storage_options)
+
+    def image_of(self, ids: np.ndarray) -> np.ndarray:
+        """Packed ids → the ids of their images (region ids ``shard << 32 | row · R + box`` → ``shard << 32 |
+        row``); unchanged for a whole-image index; -1 stays -1."""
+        return layout.image_ids(ids, self.per_image)
 
     def __call__(
         self, xq: np.ndarray, D: np.ndarray, I: np.ndarray, exclude: np.ndarray | None = None
@@ -62,12 +71,13 @@ class ScoreNormaliser:
         to score it as if its source were not in the index). NaN where the background has too few vectors.
         """
         extra = 0 if exclude is None else 1
-        m = min(self.last + 1 + extra, self.index.ntotal)
+        # up to per_image background vectors belong to the hit's image (and to ``exclude``'s) and are skipped
+        m = min(self.last + self.per_image * (1 + extra), self.index.ntotal)
         D_bg, pos = self.index.search(whiten(self.whitening, xq), m)
         I_bg = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
         if exclude is not None:
-            I_bg = np.where(I_bg == np.asarray(exclude, dtype=np.int64)[:, None], -1, I_bg)
-        bias = pair_background_bias(D_bg, I_bg, I, (self.first, self.last))
+            I_bg = np.where(I_bg == self.image_of(np.asarray(exclude, dtype=np.int64))[:, None], -1, I_bg)
+        bias = pair_background_bias(D_bg, I_bg, self.image_of(I), (self.first, self.last))
         out = (D - self.beta * bias).astype(np.float32)
         out[I < 0] = np.nan
         return out

@@ -63,9 +63,10 @@ class RegionSearcher(ShardSearcher):
         index_shards: Sequence[int],
         cache_dir: str = "",
         storage_options: storage.StorageOptions | None = None,
+        density_beta: float = 0.0,
     ) -> None:
         root = layout.regions_root(index_url)
-        super().__init__(root, sub_manifest, index_shards, cache_dir, storage_options)
+        super().__init__(root, sub_manifest, index_shards, cache_dir, storage_options, density_beta)
         self.per_image = int(sub_manifest["regions_of"]["per_image"])
         cache = index_cache_dir(cache_dir, index_url, sub_manifest)
         for s in self.vectors:
@@ -127,12 +128,8 @@ def aggregate(
     order_key = np.where(I >= 0, np.nan_to_num(hits.D_norm, nan=-np.inf).reshape(nq, -1), -np.inf)
     # region id shard << 32 | (row · R + box) → image id shard << 32 | row, and the box
     per_image = len(train_boxes)
-    images = np.full(I.shape, -1, dtype=np.int64)
-    boxes = np.zeros(I.shape, dtype=np.int32)
-    valid = I >= 0
-    shard, row = layout.unpack_ids(I[valid])
-    images[valid] = (shard.astype(np.int64) << layout.ROW_BITS) | (row // per_image)
-    boxes[valid] = row % per_image
+    images = layout.image_ids(I, per_image)
+    boxes = np.where(I >= 0, (I & layout.ROW_MASK) % per_image, 0).astype(np.int32)
     out = LocalResult(
         I=np.full((nq, k), -1, dtype=np.int64),
         S=np.full((nq, k), np.nan, dtype=np.float32),
@@ -145,6 +142,8 @@ def aggregate(
         train_boxes=train_boxes,
     )
     D = hits.D.reshape(nq, -1)
+    if hits.prior is not None:  # hits ranked by cosine − β · region density: report the cosine
+        D = D + hits.prior.reshape(nq, -1)
     D_norm = hits.D_norm.reshape(nq, -1)
     D_raw = hits.D_raw.reshape(nq, -1)
     for q in range(nq):
@@ -178,6 +177,7 @@ class LocalWindows:
     train_boxes: list[Box]
     normalise: ScoreNormaliser
     k: int
+    density_beta: float = 1.0  # ScanConfig.region_density_beta
     fanout: Any = None  # scan_ray._Fanout over the region index (regions=True, k=region_hits)
     # the region index's own boxes, made like the index made them (split product), or None
     aligned: RegionSpec | None = None
@@ -191,6 +191,9 @@ class LocalWindows:
             "region_index_vectors": self.manifest["ntotal"],
             "region_index_factory": self.manifest["index"]["factory"],
             "region_hits_per_window": self.fanout.k if self.fanout is not None else None,
+            # hits rank by cosine − beta · region density; 0 when off or the index has no densities (built
+            # before copyscan stored them: rebuild its region index to get them)
+            "region_density_beta": self.density_beta if self.manifest["index"].get("region_density") else 0.0,
             "split_product": self.aligned is not None,
         }
 
@@ -262,7 +265,14 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
         spec=spec,
         manifest=sub,
         train_boxes=[tuple(b) for b in manifest["regions"]["boxes"]],
-        normalise=ScoreNormaliser(layout.regions_root(cfg.index), sub, cfg.beta, cfg.storage_options),
+        normalise=ScoreNormaliser(
+            layout.regions_root(cfg.index),
+            sub,
+            cfg.beta,
+            cfg.storage_options,
+            per_image=len(manifest["regions"]["boxes"]),
+        ),
         k=cfg.k,
+        density_beta=cfg.region_density_beta,
         aligned=aligned,
     )

@@ -54,6 +54,10 @@ class ScanConfig:
     region_query_grid: str = ""  # windows (indexing/regions.py grid spec); "" = the index's
     region_query_size: int = 0  # px the query is preprocessed at before cropping windows; 0 = the index's
     region_hits: int = 20  # region hits per window, exactly re-ranked, before aggregating per training image
+    # region hits rank by cosine − region_density_beta · the training region's density (its mean cosine to
+    # its 3 nearest background regions of other images; stored by the index): generic regions (sky,
+    # texture) are near every window and would otherwise crowd out real matches. 0 = off
+    region_density_beta: float = 1.0
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
     # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
@@ -96,6 +100,7 @@ class ScanConfig:
         "region_query_grid",
         "region_query_size",
         "region_hits",
+        "region_density_beta",
         "split_product",
     )
 
@@ -172,6 +177,8 @@ class ScanConfig:
             problems.append("density_neighbours scores verified matches: set verify_pixels >= 1")
         if self.regions not in ("auto", "on", "off"):
             problems.append(f"regions must be auto, on or off, not {self.regions!r}")
+        if self.region_density_beta < 0:
+            problems.append("region_density_beta must be >= 0")
         if self.region_hits <= 0 or self.region_query_size < 0:
             problems.append("region_hits must be positive and region_query_size >= 0")
         if problems:

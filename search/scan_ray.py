@@ -55,9 +55,14 @@ class ScanWorker:
         cache_dir: str,
         storage_options,
         regions: bool = False,
+        density_beta: float = 0.0,
     ):
-        searcher = RegionSearcher if regions else ShardSearcher
-        self.searcher = searcher(index_url, manifest, index_shards, cache_dir, storage_options)
+        if regions:
+            self.searcher = RegionSearcher(
+                index_url, manifest, index_shards, cache_dir, storage_options, density_beta
+            )
+        else:
+            self.searcher = ShardSearcher(index_url, manifest, index_shards, cache_dir, storage_options)
 
     def ready(self) -> int:
         return self.searcher.ntotal
@@ -141,6 +146,7 @@ class _Fanout:
                 self.cfg.cache_dir,
                 self.cfg.storage_options,
                 self.regions,
+                self.cfg.region_density_beta if self.regions else 0.0,
             )
         )
 
@@ -159,10 +165,13 @@ class _Fanout:
                 self._restart_dead()
         D, I = merge_topk([(p.D, p.I) for p in parts], self.k)
         D_raw = carry_values(I, [(p.I, p.D_raw) for p in parts])
+        prior = None
+        if any(p.prior is not None for p in parts):
+            prior = carry_values(I, [(p.I, p.prior) for p in parts if p.prior is not None], fill=0.0)
         meta: dict[int, dict[str, Any]] = {}
         for p in parts:
             meta.update(p.meta)
-        return ShardResult(D, I, D_raw, meta)
+        return ShardResult(D, I, D_raw, meta, prior=prior)
 
     def pair_scores(self, xq: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(m,) exact scores of the pairs (``xq[owner[i]]``, stored vector ``ids[i]``) from the actors holding

@@ -68,8 +68,9 @@ def _read_index_mmap(path: str) -> faiss.Index:
 class ShardResult:
     """Exact top-k of one searcher for a block of queries, with the metadata of the returned ids.
 
-    D: (nq, k) float32 cosine in the index's (whitened) space, descending; I: (nq, k) int64 packed ids
-    (-1 = none); D_raw: (nq, k) float32 cosine of the raw descriptors of the same pairs;
+    D: (nq, k) float32 cosine in the index's (whitened) space, descending (a region index with densities:
+    that cosine minus ``prior``); I: (nq, k) int64 packed ids (-1 = none); D_raw: (nq, k) float32 cosine of
+    the raw descriptors of the same pairs; prior: (nq, k) float32 β · region density of each hit, or None;
     D_norm: (nq, k) float32 score-normalised D (search.normalise), set after merging;
     meta: id → {"train_key", "train_url", "caption", "index_shard"}.
     """
@@ -80,6 +81,7 @@ class ShardResult:
     meta: dict[int, dict[str, Any]]
     D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
     split: np.ndarray | None = None  # (nq, k) split product (search.regions), when the scan asks for it
+    prior: np.ndarray | None = None  # (nq, k) subtracted from the hits' cosines (region densities)
 
 
 class ShardSearcher:
@@ -92,6 +94,7 @@ class ShardSearcher:
         index_shards: Sequence[int],
         cache_dir: str = "",
         storage_options: storage.StorageOptions | None = None,
+        density_beta: float = 0.0,
     ) -> None:
         self.index_url = index_url
         self.manifest = manifest
@@ -136,6 +139,16 @@ class ShardSearcher:
                 rel = f"{manifest['index']['dir']}/norms/norms_{s:05d}.npy"
                 path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
                 self.norms[s] = np.load(path, mmap_mode="r")
+        # a region index's densities (indexing.build.DENSITY_RANKS): hits rank by cosine − β · density, so
+        # generic regions (sky, texture, that are near everything) do not crowd out the real match
+        self.density: dict[int, np.ndarray] | None = None
+        self.density_beta = float(density_beta)
+        if self.density_beta and manifest["index"].get("region_density"):
+            self.density = {}
+            for s in self.vectors:
+                rel = f"{manifest['index']['dir']}/density/density_{s:05d}.npy"
+                path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
+                self.density[s] = np.load(path, mmap_mode="r")[:, None]  # (n, 1), like the norms
 
     @property
     def ntotal(self) -> int:
@@ -159,21 +172,24 @@ class ShardSearcher:
         else:
             found = [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
         parts = [self.rerank(xq, xw, I0, k) for I0 in found]
-        D, I = merge_topk([(D, I) for D, I, _ in parts], k)
-        D_raw = carry_values(I, [(I, R) for _, I, R in parts])
-        return ShardResult(D, I, D_raw, self.describe(I))
+        D, I = merge_topk([(D, I) for D, I, _, _ in parts], k)
+        D_raw = carry_values(I, [(I, R) for _, I, R, _ in parts])
+        prior = carry_values(I, [(I, P) for _, I, _, P in parts]) if self.density is not None else None
+        return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
 
     def rerank(
         self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw).
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw, prior).
 
-        xq: raw queries, xw: the same in the index's space. D ranks in the index's space; D_raw is the
-        cosine of the raw descriptors of the same pairs.
+        xq: raw queries, xw: the same in the index's space. D ranks in the index's space (minus the prior:
+        β · region density, 0 without densities); D_raw is the cosine of the raw descriptors of the same
+        pairs.
         """
         nq, c = I0.shape
         D_out = np.full((nq, k), -np.inf, dtype=np.float32)
         R_out = np.full((nq, k), np.nan, dtype=np.float32)
+        P_out = np.zeros((nq, k), dtype=np.float32)
         I_out = np.full((nq, k), -1, dtype=np.int64)
         for q0 in range(0, nq, RERANK_BLOCK):
             ids = I0[q0 : q0 + RERANK_BLOCK]
@@ -188,16 +204,23 @@ class ShardSearcher:
                 vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
                 scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
             raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
+            if self.density is not None:
+                prior = self.density_beta * self._gather_rows(self.density, ids.ravel(), 1)[:, 0]
+                prior = np.nan_to_num(prior.reshape(nb, c), nan=0.0)  # too few background neighbours: none
+                scores = scores - prior
             scores[ids < 0] = -np.inf
             top = min(k, c)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
             D_out[q0 : q0 + nb, :top] = np.take_along_axis(scores, order, axis=1)
             R_out[q0 : q0 + nb, :top] = np.take_along_axis(raw_scores, order, axis=1)
             I_out[q0 : q0 + nb, :top] = np.take_along_axis(ids, order, axis=1)
+            if self.density is not None:
+                P_out[q0 : q0 + nb, :top] = np.take_along_axis(prior, order, axis=1)
         invalid = ~np.isfinite(D_out)
         I_out[invalid] = -1
         R_out[invalid] = np.nan
-        return D_out, I_out, R_out
+        P_out[invalid] = 0.0
+        return D_out, I_out, R_out, P_out
 
     def pair_scores(self, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored

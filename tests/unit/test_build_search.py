@@ -207,3 +207,76 @@ def test_gather_returns_stored_rows_in_request_order(tmp_path):
     want = np.where((ids >= 0)[:, None], stored[shards * 300 + rows], 0.0)
     np.testing.assert_array_equal(got, want)
     assert searcher.gather(np.full(3, -1)).shape == (3, d) and not searcher.gather(np.full(3, -1)).any()
+
+
+def region_collection(rng, n_images, per_image, d, n_hubs):
+    """Region vectors of ``n_images`` images, row ``i · per_image + r``: an image's regions are noisy views of
+    its own content (so they resemble each other), and the last region of the first ``n_hubs`` images is a
+    noisy copy of one generic vector (sky, texture: a hub near all of them)."""
+    centres = rng.standard_normal((n_images, d)).astype(np.float32)
+    x = np.repeat(centres, per_image, axis=0) + 0.3 * rng.standard_normal((n_images * per_image, d))
+    generic = rng.standard_normal(d).astype(np.float32)
+    generic /= np.linalg.norm(generic)
+    hubs = np.arange(n_hubs) * per_image + per_image - 1
+    x[hubs] = generic + 0.05 * rng.standard_normal((n_hubs, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, generic, hubs
+
+
+def test_region_densities_and_image_level_background(tmp_path):
+    """A region index: each vector's density leaves its own image out; hubs rank below a real match once
+    their density is subtracted; score normalisation leaves the hit's whole image out of its background."""
+    rng = np.random.default_rng(7)
+    R, n_images, d = 4, 100, 32
+    xb, generic, hubs = region_collection(rng, n_images, R, d, n_hubs=10)
+    out = str(tmp_path / "regions")
+    stats = write_collection(out, xb, len(xb))
+    counts = {s: st["count"] for s, st in stats.items()}
+    plan = plan_index(counts, d, flat_threshold=10_000)
+    info = train_phase(
+        out, plan.factory, counts, train_size=plan.train_size, whitening="none", background_size=500
+    )
+    marker = fill_index_shard(out, plan.factory, 0, [0], False, density_per_image=R)
+    assert marker["density"]
+    density = np.load(layout.density_url(out, plan.factory, 0))
+    sims = xb @ xb.T
+    image = np.arange(len(xb)) // R
+    for row in (0, 5, int(hubs[3]), len(xb) - 1):
+        others = sims[row][image != image[row]]  # background = the whole (small) index, own image left out
+        assert abs(density[row] - np.sort(others)[::-1][:3].mean()) < 2e-3  # vectors stored as float16
+    assert density[hubs].min() > 0.9 > np.delete(density, hubs).max()
+
+    manifest = build_manifest(
+        cfg={"out": out, "whitening": "none", "whitening_shrinkage": 0.3},
+        shards=["/shards/00000.tar"],
+        stats=stats,
+        spec={"name": "synthetic", "dim": d, "preprocess": {"kind": "none"}},
+        plan=plan,
+        markers={0: marker},
+        train_info=info,
+        timings={},
+        started_at=0,
+    )
+    assert manifest["index"]["region_density"]
+    # a query between the generic content and image 50's region 1, a little nearer the generic content
+    target = 50 * R + 1
+    q = 0.75 * generic + 0.66 * xb[target]
+    q = (q / np.linalg.norm(q))[None].astype(np.float32)
+    plain = ShardSearcher(out, manifest, [0]).search(q, 5, candidates=100)
+    assert int(plain.I[0, 0]) in set(hubs.tolist()) and plain.prior is None
+    corrected = ShardSearcher(out, manifest, [0], density_beta=1.0).search(q, 5, candidates=100)
+    assert int(corrected.I[0, 0]) // R == 50 and target in corrected.I[0]  # image 50's regions look alike
+    assert not set(corrected.I[0, :3].tolist()) & set(hubs.tolist())
+    cosine = (q @ xb[corrected.I[0]].T)[0]
+    np.testing.assert_allclose(corrected.D[0] + corrected.prior[0], cosine, atol=2e-3)
+    np.testing.assert_allclose(corrected.prior[0], density[corrected.I[0]], atol=1e-6)
+
+    # an exact copy of region 0 of image 20: its own image's other regions are not its background
+    xq = xb[20 * R : 20 * R + 1]
+    hit = ShardSearcher(out, manifest, [0]).search(xq, 3, candidates=100)
+    assert int(hit.I[0, 0]) == 20 * R
+    by_region = ScoreNormaliser(out, manifest, beta=1.0)(xq, hit.D, hit.I)
+    by_image = ScoreNormaliser(out, manifest, beta=1.0, per_image=R)(xq, hit.D, hit.I)
+    others = (xq @ xb.T)[0][image != 20]
+    assert abs(by_image[0, 0] - (hit.D[0, 0] - np.sort(others)[::-1][:3].mean())) < 1e-3
+    assert by_image[0, 0] > by_region[0, 0] + 0.2  # the image's own regions had inflated its bias
