@@ -228,6 +228,7 @@ def fill_index_shard(
     params = storage.load_npz(layout.whitening_url(out, factory), storage_options) if whitening else None
     background = _Background(out, factory, storage_options) if density_per_image else None
     counts: dict[str, int] = {}
+    density_sum, density_count = 0.0, 0
     for shard in emb_shards:
         xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
         n = xb.shape[0]
@@ -248,6 +249,8 @@ def fill_index_shard(
         if background is not None:
             values = np.concatenate(density) if density else np.zeros(0, np.float32)
             storage.save_npy(layout.density_url(out, factory, shard), values, storage_options)
+            density_sum += float(np.nansum(values, dtype=np.float64))
+            density_count += int(np.isfinite(values).sum())
         counts[str(shard)] = int(n)
     size = write_index(index, layout.index_shard_url(out, factory, index_shard), storage_options)
     marker = {
@@ -259,6 +262,8 @@ def fill_index_shard(
         "counts": counts,
         "norms": params is not None,  # whitening norms of every embedding shard written (re-ranking)
         "density": background is not None,  # region densities of every embedding shard written
+        "density_sum": density_sum,
+        "density_count": density_count,
         "bytes": size,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -113,6 +113,12 @@ def build_manifest(
             "whitened_norms": bool(markers) and all(m.get("norms") for m in markers.values()),
             # a region index: every region vector's density (layout.density_url, build.DENSITY_RANKS)
             "region_density": bool(markers) and all(m.get("density") for m in markers.values()),
+            # their mean: a scan subtracts β · (density − mean), so local_score_norm stays centred like
+            # score_norm (only a region's excess density counts against it)
+            "region_density_mean": (
+                sum(m.get("density_sum", 0.0) for m in markers.values())
+                / max(1, sum(m.get("density_count", 0) for m in markers.values()))
+            ),
         },
         # Applied to every vector before it is indexed, and to queries and re-ranked vectors at scan time.
         "whitening": {

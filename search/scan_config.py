@@ -54,9 +54,10 @@ class ScanConfig:
     region_query_grid: str = ""  # windows (indexing/regions.py grid spec); "" = the index's
     region_query_size: int = 0  # px the query is preprocessed at before cropping windows; 0 = the index's
     region_hits: int = 20  # region hits per window, exactly re-ranked, before aggregating per training image
-    # region hits rank by cosine − region_density_beta · the training region's density (its mean cosine to
-    # its 3 nearest background regions of other images; stored by the index): generic regions (sky,
-    # texture) are near every window and would otherwise crowd out real matches. 0 = off
+    # region hits rank by cosine − region_density_beta · (the training region's density − the index's mean
+    # density); density = its mean cosine to its 3 nearest background regions of other images, stored by
+    # the index: generic regions (sky, texture) are near every window and would otherwise crowd out real
+    # matches. 0 = off
     region_density_beta: float = 1.0
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region

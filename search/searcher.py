@@ -70,7 +70,8 @@ class ShardResult:
 
     D: (nq, k) float32 cosine in the index's (whitened) space, descending (a region index with densities:
     that cosine minus ``prior``); I: (nq, k) int64 packed ids (-1 = none); D_raw: (nq, k) float32 cosine of
-    the raw descriptors of the same pairs; prior: (nq, k) float32 β · region density of each hit, or None;
+    the raw descriptors of the same pairs; prior: (nq, k) float32 β · (region density − the index's mean
+    density) of each hit, or None;
     D_norm: (nq, k) float32 score-normalised D (search.normalise), set after merging;
     meta: id → {"train_key", "train_url", "caption", "index_shard"}.
     """
@@ -139,10 +140,12 @@ class ShardSearcher:
                 rel = f"{manifest['index']['dir']}/norms/norms_{s:05d}.npy"
                 path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
                 self.norms[s] = np.load(path, mmap_mode="r")
-        # a region index's densities (indexing.build.DENSITY_RANKS): hits rank by cosine − β · density, so
-        # generic regions (sky, texture, that are near everything) do not crowd out the real match
+        # a region index's densities (indexing.build.DENSITY_RANKS): hits rank by cosine − β · (density −
+        # the index's mean density), so generic regions (sky, texture: near everything) do not crowd out
+        # the real match; the mean keeps the scores centred as without densities
         self.density: dict[int, np.ndarray] | None = None
         self.density_beta = float(density_beta)
+        self.density_mean = float(manifest["index"].get("region_density_mean") or 0.0)
         if self.density_beta and manifest["index"].get("region_density"):
             self.density = {}
             for s in self.vectors:
@@ -183,8 +186,8 @@ class ShardSearcher:
         """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw, prior).
 
         xq: raw queries, xw: the same in the index's space. D ranks in the index's space (minus the prior:
-        β · region density, 0 without densities); D_raw is the cosine of the raw descriptors of the same
-        pairs.
+        β · (region density − mean density), 0 without densities); D_raw is the cosine of the raw
+        descriptors of the same pairs.
         """
         nq, c = I0.shape
         D_out = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -205,7 +208,8 @@ class ShardSearcher:
                 scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
             raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
             if self.density is not None:
-                prior = self.density_beta * self._gather_rows(self.density, ids.ravel(), 1)[:, 0]
+                density = self._gather_rows(self.density, ids.ravel(), 1)[:, 0]
+                prior = self.density_beta * (density - self.density_mean)
                 prior = np.nan_to_num(prior.reshape(nb, c), nan=0.0)  # too few background neighbours: none
                 scores = scores - prior
             scores[ids < 0] = -np.inf
