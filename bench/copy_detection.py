@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         help="index whitening_pair_images: training images whose augmented copies the learned whitening sees "
         "(never used as copy sources)",
     )
+    parser.add_argument(
+        "--scan", action="append", default=[], metavar="KEY=VALUE", help="a scan config override (repeatable)"
+    )
     parser.add_argument("overrides", nargs="*", help="index config overrides, e.g. whitening=pca")
     args = parser.parse_args(argv)
     setup_logging()
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = [f"whitening_pair_images={args.pair_images}", *args.overrides]
     tag = "-".join(sorted(overrides))
-    index_out, scan_out = work / f"index-{tag}", work / f"scan-{tag}-seed{args.seed}"
+    scan_tag = "".join(f"-{o}" for o in sorted(args.scan))
+    index_out, scan_out = work / f"index-{tag}", work / f"scan-{tag}{scan_tag}-seed{args.seed}"
     queries = work / f"queries-{tag}-seed{args.seed}"
     if args.fresh:
         for folder in (index_out, scan_out, queries):
@@ -209,13 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scan_out)  # scanned against an earlier build of this index
         reused = reused[0], False
     t_scan = time.time()
-    run_scan(resolve(ScanConfig, {"index": str(index_out), "queries": str(queries), "out": str(scan_out)}))
+    run_scan(
+        resolve(
+            ScanConfig,
+            {"index": str(index_out), "queries": str(queries), "out": str(scan_out)},
+            parse_overrides(args.scan),
+        )
+    )
     result = {
         "bench": "copy_detection",
         "train_images": manifest["ntotal"],
         "negatives": args.negatives,
         "seed": args.seed,
         "overrides": args.overrides,
+        "scan_overrides": args.scan,
         "embedder": {"name": manifest["embedder"]["name"], "fingerprint": manifest["embedder_fingerprint"]},
         "index": manifest["index"]["factory"],
         "whitening": manifest["whitening"],
