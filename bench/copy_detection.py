@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # they are ~10k of billions, so a query copying one of them is rare; here they would flatter the result.
     seen = paired_keys(str(index_out), manifest, args.pair_images)
     sources = [p for p in staged if key_of_source[str(p)] not in seen]
+    shutil.rmtree(queries, ignore_errors=True)  # a run with other --copies/--negatives left its files there
     truth = demo_data.make_generated_images(
         sources, unseen, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=args.seed
     )
