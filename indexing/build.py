@@ -226,7 +226,10 @@ def fill_index_shard(
     t0 = time.perf_counter()
     index = read_index(layout.trained_index_url(out, factory), storage_options)
     params = storage.load_npz(layout.whitening_url(out, factory), storage_options) if whitening else None
-    background = _Background(out, factory, storage_options) if density_per_image else None
+    background = None
+    if density_per_image:
+        url = layout.background_url(out, factory)
+        background = BackgroundSample(url, DENSITY_RANKS, density_per_image, storage_options)
     counts: dict[str, int] = {}
     density_sum, density_count = 0.0, 0
     for shard in emb_shards:
@@ -241,7 +244,7 @@ def fill_index_shard(
             ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
             index.add_with_ids(chunk, ids)
             if background is not None:
-                density.append(background.density(chunk, ids, density_per_image))
+                density.append(background.bias(chunk, ids[:, None])[:, 0])  # the vector's own image left out
         if params is not None:
             stages = 2 if "proj2" in params else 1
             table = np.concatenate(norms) if norms else np.zeros((0, stages), np.float32)
@@ -276,24 +279,40 @@ def fill_index_shard(
 DENSITY_RANKS = (1, 3)
 
 
-class _Background:
-    """The index's background sample (``background.npz``, already in the index's space) as a flat index."""
+class BackgroundSample:
+    """An index's background sample (``background.npz``: vectors already in the index's space, and their
+    ids) as a flat index. ``bias`` gives (vector, hit) pairs their background bias with the hit's whole
+    image left out: ``per_image`` > 1 is a region index, whose other boxes of the hit's image overlap it.
+    Score normalisation (``search.normalise``) and region densities both use it."""
 
-    def __init__(self, out: str, factory: str, storage_options: storage.StorageOptions | None) -> None:
-        data = storage.load_npz(layout.background_url(out, factory), storage_options)
-        self.ids = data["ids"].astype(np.int64)
-        self.index = faiss.IndexFlatIP(int(data["xb"].shape[1]))
-        self.index.add(np.ascontiguousarray(data["xb"], dtype=np.float32))
+    def __init__(
+        self,
+        url: str,
+        ranks: Sequence[int],
+        per_image: int = 1,
+        storage_options: storage.StorageOptions | None = None,
+    ) -> None:
+        data = storage.load_npz(url, storage_options)
+        self.per_image = int(per_image)
+        self.ids = layout.image_ids(data["ids"].astype(np.int64), self.per_image)
+        xb = np.ascontiguousarray(data["xb"], dtype=np.float32)
+        self.index = faiss.IndexFlatIP(int(xb.shape[1]))
+        self.index.add(xb)
+        self.ranks = (int(ranks[0]), int(ranks[1]))
 
-    def density(self, xw: np.ndarray, ids: np.ndarray, per_image: int) -> np.ndarray:
-        """(n,) float32: for region vectors ``xw`` (the index's space) with packed region ``ids``, the mean
-        cosine of their DENSITY_RANKS nearest background vectors of other images; NaN if too few."""
-        first, last = DENSITY_RANKS
-        m = min(last + per_image, self.index.ntotal)  # up to per_image neighbours are the vector's own image
-        D, pos = self.index.search(np.ascontiguousarray(xw, dtype=np.float32), m)
-        I = np.where(pos >= 0, layout.image_ids(self.ids[np.maximum(pos, 0)], per_image), -1)
-        own = layout.image_ids(ids, per_image)[:, None]
-        return pair_background_bias(D, I, own, DENSITY_RANKS)[:, 0]
+    def bias(self, xw: np.ndarray, I: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """xw: (nq, d) in the index's space; I: (nq, k) packed ids of each one's hits → (nq, k) float32: the
+        mean cosine of the ranks[0]-th..ranks[1]-th nearest background vectors of other images than the
+        hit's (and than ``exclude``'s: (nq,) ids); NaN where too few remain."""
+        extra = 0 if exclude is None else 1
+        # up to per_image background vectors belong to the hit's image (and to ``exclude``'s) and are skipped
+        m = min(self.ranks[1] + self.per_image * (1 + extra), self.index.ntotal)
+        D_bg, pos = self.index.search(np.ascontiguousarray(xw, dtype=np.float32), m)
+        I_bg = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        if exclude is not None:
+            left_out = layout.image_ids(np.asarray(exclude, dtype=np.int64), self.per_image)
+            I_bg = np.where(I_bg == left_out[:, None], -1, I_bg)
+        return pair_background_bias(D_bg, I_bg, layout.image_ids(I, self.per_image), self.ranks)
 
 
 def index_shard_marker(

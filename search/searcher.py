@@ -135,11 +135,7 @@ class ShardSearcher:
         # with one dot product per candidate instead of whitening every candidate again
         self.norms: dict[int, np.ndarray] | None = None
         if self.whitening is not None and manifest["index"].get("whitened_norms"):
-            self.norms = {}
-            for s in self.vectors:
-                rel = f"{manifest['index']['dir']}/norms/norms_{s:05d}.npy"
-                path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
-                self.norms[s] = np.load(path, mmap_mode="r")
+            self.norms = self._per_shard("norms", storage_options)
         # a region index's densities (indexing.build.DENSITY_RANKS): hits rank by cosine − β · (density −
         # the index's mean density), so generic regions (sky, texture: near everything) do not crowd out
         # the real match; the mean keeps the scores centred as without densities
@@ -147,11 +143,18 @@ class ShardSearcher:
         self.density_beta = float(density_beta)
         self.density_mean = float(manifest["index"].get("region_density_mean") or 0.0)
         if self.density_beta and manifest["index"].get("region_density"):
-            self.density = {}
-            for s in self.vectors:
-                rel = f"{manifest['index']['dir']}/density/density_{s:05d}.npy"
-                path = _cached(resolve(index_url, rel), os.path.join(self.cache, rel), storage_options)
-                self.density[s] = np.load(path, mmap_mode="r")[:, None]  # (n, 1), like the norms
+            densities = self._per_shard("density", storage_options)
+            self.density = {s: d[:, None] for s, d in densities.items()}  # (n, 1), like the norms
+
+    def _per_shard(self, name: str, storage_options: storage.StorageOptions | None) -> dict[int, np.ndarray]:
+        """Each embedding shard's ``<index dir>/<name>/<name>_NNNNN.npy`` (``layout.norms_url``,
+        ``layout.density_url``), cached locally and memory-mapped."""
+        out = {}
+        for s in self.vectors:
+            rel = f"{self.manifest['index']['dir']}/{name}/{name}_{s:05d}.npy"
+            path = _cached(resolve(self.index_url, rel), os.path.join(self.cache, rel), storage_options)
+            out[s] = np.load(path, mmap_mode="r")
+        return out
 
     @property
     def ntotal(self) -> int:

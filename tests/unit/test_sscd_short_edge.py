@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_sscd import TinySSCD  # conv → ReLU → mean pool → linear → L2: takes any H, W
 
 from indexing import layout, sscd, storage
 from indexing.decode import PairSpec, decode_samples
@@ -31,18 +32,6 @@ STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
 SIZE = 16  # small inputs keep the forward passes cheap on CPU; 288 is checked on preprocessing only
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|save)` is deprecated:DeprecationWarning")
-
-
-class AnyShapeNet(torch.nn.Module):
-    """conv → ReLU → global mean pool → linear → L2: (B, 3, H, W) float → (B, d) for any H, W."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(8, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3))), dim=1)
 
 
 class Flatten(torch.nn.Module):
@@ -81,7 +70,7 @@ def one_thread():
 @pytest.fixture
 def weights(tmp_path):
     path = tmp_path / "sscd_any_shape.torchscript.pt"
-    return path, _save(AnyShapeNet(6), path)
+    return path, _save(TinySSCD(6), path)
 
 
 def _sscd(path, **options):
