@@ -80,7 +80,9 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
     """Region matching (partial copies): the same metrics on each query's local_rank-0 row, and on the
     row best by max(score_norm, local_score_norm) ("either": a copy is found by either path)."""
     copies = [t for t in truth if t["is_copy"]]
-    rows = table.select(["query_id", "train_key", "local_rank", "score_norm", "local_score_norm"]).to_pylist()
+    names = ["query_id", "train_key", "local_rank", "score_norm", "local_score_norm"]
+    names += ["crop_score_norm"] if "crop_score_norm" in table.column_names else []
+    rows = table.select(names).to_pylist()
     by_query: dict[str, list[dict]] = {}
     for r in rows:
         by_query.setdefault(r["query_id"], []).append(r)
@@ -115,6 +117,15 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
             "recall@1": float(positive.sum() / len(copies)),
             **ranking_metrics(score, positive, len(copies)),
         }
+        if name == "local_score_norm" and "crop_score_norm" in names:
+            # localise, then search (scan region_refine): local rank-0 rows a query crop searched in the
+            # global index found too, over all queries and over the copies found
+            by_crop = [
+                bool(best.get(f) and best[f]["crop_score_norm"] is not None)
+                for f in (t["file"] for t in truth)
+            ]
+            out[name]["top1_found_by_crop"] = int(sum(by_crop))
+            out[name]["copies_found_by_crop"] = int(np.sum(positive & np.array(by_crop)))
     return out
 
 

@@ -57,6 +57,9 @@ class EmbeddedSource:
     x_regions: np.ndarray | None = None
     # ``aligned`` boxes (the region index's own, for the split product): (n, R', d)
     x_aligned: np.ndarray | None = None
+    # the pixels the windows were cut from (n, 3, S, S) uint8, when asked for (``keep_pixels``: a scan that
+    # crops the query again where region matching located a training image, search/regions.py)
+    region_pixels: np.ndarray | None = None
 
 
 def embed_batches(
@@ -64,6 +67,7 @@ def embed_batches(
     embedder: Embedder,
     regions: RegionSpec | None = None,
     aligned: RegionSpec | None = None,
+    keep_pixels: bool = False,
 ) -> EmbeddedSource:
     """Run ``embedder`` over decoded batches and concatenate the results in order.
 
@@ -71,7 +75,9 @@ def embed_batches(
     (mode "pool": the global vector is then box 0's, bit for bit), or crops of the batches'
     ``region_pixels`` (mode "crop"). ``aligned`` (queries of a split-product scan: the region index's boxes
     made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
+    ``keep_pixels`` (mode "crop") keeps the batches' ``region_pixels`` in the result.
     """
+    pixel_parts: list[np.ndarray] = []
     aligned_parts: list[np.ndarray] = []
     parts: list[np.ndarray] = []
     region_parts: list[np.ndarray] = []
@@ -104,6 +110,8 @@ def embed_batches(
                 if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
                     raise ValueError("cropped regions need the decode step's region_pixels")
                 region_parts.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
+                if keep_pixels:
+                    pixel_parts.append(batch.region_pixels)
         if aligned is not None and len(batch.pixels):
             if aligned.mode == "pool":
                 aligned_parts.append(embedder.embed_boxes(batch.pixels, aligned.boxes))
@@ -133,6 +141,14 @@ def embed_batches(
             np.concatenate(aligned_parts)
             if aligned_parts
             else np.zeros((0, len(aligned.boxes), xb.shape[1]), np.float32)
+        )
+    if keep_pixels:
+        if regions is None or regions.mode != "crop":
+            raise ValueError("keep_pixels keeps the pixels of cropped regions (a RegionSpec in mode 'crop')")
+        result.region_pixels = (
+            np.concatenate(pixel_parts)
+            if pixel_parts
+            else np.zeros((0, 3, regions.size, regions.size), np.uint8)
         )
     if regions is not None:
         n_boxes = len(regions.boxes)

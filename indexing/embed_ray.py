@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import ray
 
 from indexing import storage
@@ -88,6 +89,7 @@ class EmbedWorker:
         pairs: PairSpec | None = None,
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
+        keep_pixels: bool = False,
     ) -> EmbeddedSource:
         preprocess = self.embedder.spec["preprocess"]
         gen = decode_task.options(
@@ -101,7 +103,7 @@ class EmbedWorker:
             pairs,
             regions.preprocess_spec(preprocess) if regions is not None else None,
         )
-        return embed_batches((ray.get(ref) for ref in gen), self.embedder, regions, aligned)
+        return embed_batches((ray.get(ref) for ref in gen), self.embedder, regions, aligned, keep_pixels)
 
     def embed_shard(
         self,
@@ -140,9 +142,15 @@ class EmbedWorker:
         limits: DecodeLimits,
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
+        keep_pixels: bool = False,
     ) -> EmbeddedSource:
         return self._embed(
-            ("images", (list(urls), list(keys))), batch_size, limits, regions=regions, aligned=aligned
+            ("images", (list(urls), list(keys))),
+            batch_size,
+            limits,
+            regions=regions,
+            aligned=aligned,
+            keep_pixels=keep_pixels,
         )
 
     def embed_tar(
@@ -152,8 +160,15 @@ class EmbedWorker:
         limits: DecodeLimits,
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
+        keep_pixels: bool = False,
     ) -> EmbeddedSource:
-        return self._embed(("tar", url), batch_size, limits, regions=regions, aligned=aligned)
+        return self._embed(
+            ("tar", url), batch_size, limits, regions=regions, aligned=aligned, keep_pixels=keep_pixels
+        )
+
+    def embed_crops_each(self, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``Embedder.embed_crops_each``: boxes (n, B, 4) of their own cut from every image → (n, B, d)."""
+        return self.embedder.embed_crops_each(pixels, boxes)
 
 
 def make_embed_actor(

@@ -47,6 +47,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+CROP_BATCH = 64  # crops per forward pass in embed_crops_each
+
+
 class Embedder:
     """Base class. Subclasses set ``spec`` (JSON-able) and ``module`` (uint8 batch → unit vectors)."""
 
@@ -98,21 +101,42 @@ class Embedder:
         """pixels: (n, 3, S', S') uint8 RGB → (n, R, dim) float32: box r (fractions x0, y0, x1, y1) of every
         image cut out, resized to the embedder's input size (bicubic, antialiased, on the model's device)
         and embedded like an image. Works for every embedder: one forward pass per box."""
-        size = self.image_size
         x = torch.tensor(pixels).to(self.device, non_blocking=True)
-        side_h, side_w = x.shape[-2:]
-        out = []
-        for x0, y0, x1, y1 in boxes:
-            top, left = min(side_h - 1, round(y0 * side_h)), min(side_w - 1, round(x0 * side_w))
-            bottom, right = max(top + 1, round(y1 * side_h)), max(left + 1, round(x1 * side_w))
-            crop = x[:, :, top:bottom, left:right]
-            if crop.shape[-2:] != (size, size):
-                crop = torch.nn.functional.interpolate(
-                    crop.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
-                )
-                crop = crop.round_().clamp_(0, 255).to(torch.uint8)
-            out.append(self._run(self.module, crop))
+        out = [self._run(self.module, self._crop(x, box)) for box in boxes]
         return np.stack(out, axis=1) if out else np.zeros((len(pixels), 0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def embed_crops_each(self, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Like ``embed_crops`` with boxes of their own for every image: pixels (n, 3, S', S') uint8, boxes
+        (n, B, 4) fractions, a row of NaN = no crop → (n, B, dim) float32, NaN rows where there was no crop.
+        All crops run as one batch."""
+        boxes = np.asarray(boxes, dtype=np.float32)
+        out = np.full((*boxes.shape[:2], self.dim), np.nan, dtype=np.float32)
+        images, slots = np.nonzero(np.isfinite(boxes).all(axis=-1))
+        if not len(images):
+            return out
+        x = torch.tensor(pixels).to(self.device, non_blocking=True)
+        for start in range(0, len(images), CROP_BATCH):
+            i, b = images[start : start + CROP_BATCH], slots[start : start + CROP_BATCH]
+            crops = torch.cat([self._crop(x[n : n + 1], boxes[n, m]) for n, m in zip(i, b, strict=True)])
+            out[i, b] = self._run(self.module, crops)
+        return out
+
+    def _crop(self, x: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
+        """Box (fractions x0, y0, x1, y1) of the uint8 batch ``x`` (n, 3, H, W), at least one pixel, resized
+        to the embedder's input size (bicubic, antialiased) → (n, 3, S, S) uint8."""
+        size = self.image_size
+        side_h, side_w = x.shape[-2:]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        top, left = min(side_h - 1, round(y0 * side_h)), min(side_w - 1, round(x0 * side_w))
+        bottom, right = max(top + 1, round(y1 * side_h)), max(left + 1, round(x1 * side_w))
+        crop = x[:, :, top:bottom, left:right]
+        if crop.shape[-2:] != (size, size):
+            crop = torch.nn.functional.interpolate(
+                crop.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
+            crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+        return crop
 
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray) -> np.ndarray:
         """``fn`` on ``pixels`` on this embedder's device (fp16 autocast on CUDA); L2-normalised along the last

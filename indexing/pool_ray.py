@@ -36,12 +36,17 @@ def run_pool(
     retries: int = 2,
     on_result: Callable[[T, Any], None] | None = None,
     describe: Callable[[T], str] = str,
+    with_actor: bool = False,
+    keep_results: bool = True,
 ) -> PoolOutcome[T]:
     """Call ``submit(actor, item)`` for every item; return results and the items that failed for good.
 
     An item that raises is retried up to ``retries`` times (possibly on another actor). An actor that dies
     is replaced by ``make_actor()``; its in-flight items are retried. ``on_result`` runs in the driver as
-    each result arrives (progress, bookkeeping).
+    each result arrives (progress, bookkeeping); ``with_actor``: as ``on_result(item, result, actor)``, the
+    actor that made the result, for a second call on it (its other calls in flight keep running).
+    ``keep_results=False``: results are not kept in the outcome (a long run whose ``on_result`` consumes
+    them holds only what is in flight).
     """
     outcome: PoolOutcome[T] = PoolOutcome()
     if not items:
@@ -78,9 +83,13 @@ def run_pool(
         except (RayTaskError, GetTimeoutError, Exception) as exc:  # noqa: B014 - all task errors are retried
             _retry_or_fail(index, item, exc, attempts, retries, pending, outcome, describe)
         else:
-            outcome.results.append((item, result))
+            if keep_results:
+                outcome.results.append((item, result))
             if on_result is not None:
-                on_result(item, result)
+                if with_actor:
+                    on_result(item, result, actors[slot])
+                else:
+                    on_result(item, result)
         fill()
     for actor in actors:
         ray.kill(actor, no_restart=True)

@@ -67,6 +67,12 @@ MATCHES_SCHEMA = pa.schema(
         ("local_score_raw", pa.float32()),  # cosine of the pair's raw descriptors
         ("query_box", pa.list_(pa.float32(), 4)),  # the window in the generation: x0, y0, x1, y1 fractions
         ("train_box", pa.list_(pa.float32(), 4)),  # the region in the training image, likewise
+        # localise, then search (scan region_refine): the image's best score_norm when crops of the generation,
+        # cut where region matching located training images, were searched in the global index, and that
+        # crop; null when no crop found it. Added (clipped at 0) to local_score_norm. An image only a crop
+        # found has the crop's local_score / local_score_raw, query_box = the crop, train_box = 0, 0, 1, 1
+        ("crop_score_norm", pa.float32()),
+        ("crop_box", pa.list_(pa.float32(), 4)),
         # Somepalli et al.'s split product, position-aligned, every chunk a cosine (scan split_product=true):
         # max over the index's region boxes of cos(query box, same box of the training image); null when off
         ("split_score", pa.float32()),
@@ -145,6 +151,8 @@ def matches_table(
         "local_score_raw",
         "query_box",
         "train_box",
+        "crop_score_norm",
+        "crop_box",
     ):
         columns[name] = pa.nulls(len(ids), MATCHES_SCHEMA.field(name).type)
     split = result.split[q_idx, ranks].astype(np.float32) if result.split is not None else None
@@ -170,6 +178,8 @@ def _with_local(
     row_of = {(int(q), int(i)): n for n, (q, i) in enumerate(zip(q_idx, ids, strict=True))}
     qboxes = np.asarray(local.query_boxes, dtype=np.float32).reshape(-1, 4)
     tboxes = np.asarray(local.train_boxes, dtype=np.float32).reshape(-1, 4)
+    lqbox = local.qbox if local.qbox is not None else qboxes[local.window]
+    ltbox = local.tbox if local.tbox is not None else tboxes[local.box]
     n_global = table.num_rows
     extra = [(q, r) for q, r, i in zip(lq, lr, lids, strict=True) if (int(q), int(i)) not in row_of]
     n = n_global + len(extra)
@@ -180,6 +190,8 @@ def _with_local(
     }
     qbox = np.full((n, 4), np.nan, dtype=np.float32)
     tbox = np.full((n, 4), np.nan, dtype=np.float32)
+    crop = np.full(n, np.nan, dtype=np.float32)
+    cbox = np.full((n, 4), np.nan, dtype=np.float32)
     at = dict(row_of)
     for m, (q, r) in enumerate(extra):
         at[(int(q), int(local.I[q, r]))] = n_global + m
@@ -189,8 +201,10 @@ def _with_local(
         values["local_score"][row] = local.S[q, r]
         values["local_score_norm"][row] = local.S_norm[q, r]
         values["local_score_raw"][row] = local.S_raw[q, r]
-        qbox[row] = qboxes[local.window[q, r]]
-        tbox[row] = tboxes[local.box[q, r]]
+        qbox[row] = lqbox[q, r]
+        tbox[row] = ltbox[q, r]
+        if local.crop is not None:
+            crop[row], cbox[row] = local.crop[q, r], local.crop_box[q, r]
     if extra:
         eq = np.array([q for q, _ in extra], dtype=np.int64)
         eids = np.array([local.I[q, r] for q, r in extra], dtype=np.int64)
@@ -228,7 +242,12 @@ def _with_local(
     )
     for name, v in values.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(v, mask=np.isnan(v)))
-    for name, boxes in (("query_box", qbox), ("train_box", tbox)):
+    table = table.set_column(
+        table.schema.get_field_index("crop_score_norm"),
+        "crop_score_norm",
+        pa.array(crop, mask=np.isnan(crop)),
+    )
+    for name, boxes in (("query_box", qbox), ("train_box", tbox), ("crop_box", cbox)):
         flat = pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel()), 4)
         mask = pa.array(np.isnan(boxes[:, 0]))
         table = table.set_column(
@@ -285,6 +304,10 @@ def write_chunk(
         else {
             "windows": len(local.query_boxes),
             "local_only_rows": int(pc.sum(pc.is_null(table["rank"])).as_py() or 0),
+            # queries whose best local match a crop searched in the global index found (region_refine)
+            "top1_found_by_crop": int(np.isfinite(local.crop[:, 0]).sum())
+            if local.crop is not None and local.I.shape[1]
+            else 0,
             "top1_local_scores_norm": [float(x) for x in local.S_norm[:, 0][np.isfinite(local.S_norm[:, 0])]]
             if local.S_norm.shape[1]
             else [],

@@ -59,6 +59,11 @@ class ScanConfig:
     # the index: generic regions (sky, texture) are near every window and would otherwise crowd out real
     # matches. 0 = off
     region_density_beta: float = 1.0
+    # Localise, then search: the frames (where the whole training image lies in the query, from its best
+    # window/region pairs) of the best region_refine images are cut from the query, embedded like images and
+    # searched in the global index; a pasted object cut out that way matches its source like a whole copy.
+    # Costs up to region_refine forward passes and global searches per query. 0 = off
+    region_refine: int = 5
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
     # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
@@ -102,6 +107,7 @@ class ScanConfig:
         "region_query_size",
         "region_hits",
         "region_density_beta",
+        "region_refine",
         "split_product",
     )
 
@@ -182,5 +188,7 @@ class ScanConfig:
             problems.append("region_density_beta must be >= 0")
         if self.region_hits <= 0 or self.region_query_size < 0:
             problems.append("region_hits must be positive and region_query_size >= 0")
+        if self.region_refine < 0:
+            problems.append("region_refine must be >= 0 (0 = off)")
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

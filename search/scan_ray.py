@@ -434,13 +434,21 @@ def _scan_chunks(
 
     windows = local.spec if local is not None else None
     aligned = local.aligned if local is not None else None
+    refine = local is not None and local.refine > 0
 
     def submit(actor, chunk: QueryChunk):
         if chunk.kind == "tar":
-            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits, windows, aligned)
-        return actor.embed_images.remote(chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned)
+            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits, windows, aligned, refine)
+        return actor.embed_images.remote(
+            chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned, refine
+        )
 
-    def on_result(chunk: QueryChunk, embedded: EmbeddedSource) -> None:
+    def search_crops(x: np.ndarray) -> ShardResult:
+        hits = fanout.search(x)
+        hits.D_norm = normalise(x, hits.D, hits.I)
+        return hits
+
+    def on_result(chunk: QueryChunk, embedded: EmbeddedSource, actor: Any) -> None:
         t0 = time.perf_counter()
         if chunk.kind == "tar":
             # a query's source is its shard (the sample's JSON url, if any, is not where its bytes are):
@@ -453,6 +461,14 @@ def _scan_chunks(
                 result.D_norm = normalise(embedded.xb, result.D, result.I)
                 if local is not None:
                     local_result = local.search(embedded.x_regions)
+                if refine:  # the query crops are embedded by the actor that embedded the chunk
+                    local_result = local.refine_result(
+                        local_result,
+                        embedded.region_pixels,
+                        lambda pixels, boxes: ray.get(actor.embed_crops_each.remote(pixels, boxes)),
+                        search_crops,
+                    )
+                    embedded.region_pixels = None
                 if aligned is not None:
                     result.split = local.split_scores(embedded.x_aligned, result.I)
                     local_result.split = local.split_scores(embedded.x_aligned, local_result.I)
@@ -491,6 +507,8 @@ def _scan_chunks(
         retries=cfg.retries,
         on_result=on_result,
         describe=QueryChunk.describe,
+        with_actor=True,
+        keep_results=False,  # on_result wrote each chunk; its vectors (and windows) need not stay in memory
     )
     if verified_writes is not None:
         failed += verified_writes.finish()

@@ -120,10 +120,24 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     local_hits = [q for q in pasted_copies if best_local[q]["train_key"] == truth[q]]
     for q in local_hits:
         x0, y0, x1, y1 = best_local[q]["query_box"]
-        # a window of the query (the whole query too: it may best match one of the source's regions)
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        if best_local[q]["train_box"] == [0, 0, 1, 1] and best_local[q]["crop_box"] == [x0, y0, x1, y1]:
+            continue  # found by a crop of the query only (localise, then search): the crop on the whole image
+        # a window of the query (the whole query too: it may best match one of the source's regions)
         assert [x0, y0, x1, y1] in [pytest.approx(list(b)) for b in parse_grid(TEST_QUERY_GRID)]
         assert best_local[q]["train_box"] in [pytest.approx(list(b)) for b in parse_grid(TRAIN_GRID)]
+    # localise, then search: crops where region matching located training images, searched in the global
+    # index; an image's best crop score adds to its local_score_norm
+    assert summary["regions"]["refine"] == 5
+    by_crop = [r for r in rows if r["crop_score_norm"] is not None]
+    assert by_crop, "no crop found anything"
+    for r in by_crop:
+        x0, y0, x1, y1 = r["crop_box"]
+        assert r["local_rank"] is not None and 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        assert (x1 - x0) * (y1 - y0) < 0.8  # the whole query is the global search's, never a crop
+    assert all(
+        r["crop_score_norm"] is None and r["crop_box"] is None for r in rows if r["local_rank"] is None
+    )
     # the unmodified training image: found both ways, whole window on whole image, every aligned box matching
     exact = best_global["exact.jpg"]
     assert exact["train_key"] == truth["exact.jpg"] and exact["local_rank"] == 0

@@ -1,0 +1,225 @@
+"""Localise, then search: frames from (window, region) pairs, the crops they give, and merging the crops'
+global hits into region matching's (search/regions.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexing import layout
+from indexing.embedders import load_embedder
+from indexing.regions import WHOLE
+from search.regions import (
+    CROP_IOU,
+    REFINE_PAIRS,
+    LocalResult,
+    LocalWindows,
+    aggregate,
+    crop_boxes,
+    frames,
+    merge_crops,
+)
+from search.searcher import ShardResult
+
+
+def _image(shard: int, row: int) -> int:
+    return int(layout.pack_ids(shard, np.array([row]))[0])
+
+
+def test_frames_by_hand():
+    # the query window (0.5, 0.5, 0.7, 0.7) shows the training box (0.5, 0.5, 1, 1): the image is 0.4 wide
+    # in the query and its corner at 0.5 - 0.5 * 0.4
+    got = frames(np.array([[0.5, 0.5, 0.7, 0.7]]), np.array([[0.5, 0.5, 1.0, 1.0]]))
+    np.testing.assert_allclose(got, [[0.3, 0.3, 0.7, 0.7]], atol=1e-6)
+    # whole on whole: the query itself; a window showing the whole image: that window
+    np.testing.assert_allclose(frames(np.array([WHOLE]), np.array([WHOLE])), [WHOLE])
+    np.testing.assert_allclose(
+        frames(np.array([[0.1, 0.2, 0.4, 0.6]]), np.array([WHOLE])), [[0.1, 0.2, 0.4, 0.6]]
+    )
+    # other scales along x and y
+    got = frames(np.array([[0.2, 0.2, 0.4, 0.3]]), np.array([[0.0, 0.5, 0.5, 1.0]]))
+    np.testing.assert_allclose(got, [[0.2, 0.1, 0.6, 0.3]], atol=1e-6)
+
+
+def _hits(pairs: list[list[tuple[int, int, int, float]]], per_image: int) -> ShardResult:
+    """pairs[w] = [(shard, row, box, score)] for window w of one query."""
+    kr = max(len(p) for p in pairs)
+    I = np.full((len(pairs), kr), -1, np.int64)
+    D = np.full((len(pairs), kr), np.nan, np.float32)
+    meta = {}
+    for w, hits in enumerate(pairs):
+        for j, (shard, row, box, score) in enumerate(hits):
+            rid = int(layout.pack_ids(shard, np.array([row * per_image + box]))[0])
+            I[w, j], D[w, j] = rid, score
+            meta[rid] = {"train_key": f"k{row}", "train_url": "u", "caption": None, "index_shard": 0}
+    return ShardResult(D, I, D, meta, D_norm=D)
+
+
+def test_aggregate_frame_is_the_median_over_the_images_best_pairs():
+    tboxes = [WHOLE, (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    # windows 1-3 each show one quarter box of image 7; three of them say its frame is (0.2, 0.2, 0.6, 0.6),
+    # the worst-scoring one says (0.0, 0.0, 0.4, 0.4); window 0 sees another image
+    qboxes = [WHOLE, (0.2, 0.2, 0.4, 0.4), (0.4, 0.4, 0.6, 0.6), (0.2, 0.2, 0.4, 0.4), (0.2, 0.2, 0.4, 0.4)]
+    hits = _hits(
+        [[(0, 3, 0, 0.1)], [(0, 7, 1, 0.9)], [(0, 7, 2, 0.8)], [(0, 7, 1, 0.7)], [(0, 7, 2, 0.2)]],
+        len(tboxes),
+    )
+    local = aggregate(hits, nq=1, n_windows=5, k=2, query_boxes=qboxes, train_boxes=tboxes)
+    assert local.I[0].tolist() == [_image(0, 7), _image(0, 3)]
+    np.testing.assert_allclose(local.frame[0, 0], [0.2, 0.2, 0.6, 0.6], atol=1e-6)
+    np.testing.assert_allclose(local.qbox[0, 0], qboxes[1])
+    np.testing.assert_allclose(local.tbox[0, 0], tboxes[1])
+    np.testing.assert_allclose(local.frame[0, 1], WHOLE)
+    assert local.crop is None
+    assert REFINE_PAIRS >= 4
+
+
+def _local(frames_: list[list[tuple[float, float, float, float]]]) -> LocalResult:
+    nq, k = len(frames_), max(len(f) for f in frames_)
+    out = LocalResult(
+        I=np.full((nq, k), -1, np.int64),
+        S=np.full((nq, k), np.nan, np.float32),
+        S_norm=np.full((nq, k), np.nan, np.float32),
+        S_raw=np.full((nq, k), np.nan, np.float32),
+        window=np.zeros((nq, k), np.int32),
+        box=np.zeros((nq, k), np.int32),
+        meta={},
+        query_boxes=[WHOLE],
+        train_boxes=[WHOLE],
+        qbox=np.full((nq, k, 4), np.nan, np.float32),
+        tbox=np.full((nq, k, 4), np.nan, np.float32),
+        frame=np.full((nq, k, 4), np.nan, np.float32),
+    )
+    for q, fs in enumerate(frames_):
+        for r, f in enumerate(fs):
+            image = _image(0, 10 * q + r)
+            out.I[q, r], out.frame[q, r] = image, f
+            out.S[q, r] = out.S_norm[q, r] = out.S_raw[q, r] = 0.5 - 0.1 * r
+            out.qbox[q, r], out.tbox[q, r] = (0.1, 0.1, 0.3, 0.3), (0.0, 0.0, 0.5, 0.5)
+            out.meta[image] = {
+                "train_key": f"k{10 * q + r}",
+                "train_url": "u",
+                "caption": None,
+                "index_shard": 0,
+            }
+    return out
+
+
+def test_crop_boxes_clip_drop_small_and_repeated_ones():
+    local = _local(
+        [
+            [
+                (-0.2, 0.1, 0.5, 0.6),  # clipped to (0, 0.1, 0.5, 0.6)
+                (0.0, 0.1, 0.5, 0.62),  # the same crop again (IoU >= CROP_IOU): dropped
+                (0.5, 0.5, 0.52, 0.9),  # 2 % wide: dropped
+                (-0.5, -0.5, 1.4, 1.3),  # the whole query, which the global search has searched: dropped
+                (0.6, 0.0, 1.0, 0.4),
+            ],
+            [(0.1, 0.1, 0.4, 0.4)],
+        ]
+    )
+    boxes = crop_boxes(local, 5)
+    assert boxes.shape == (2, 5, 4)
+    np.testing.assert_allclose(boxes[0, 0], [0.0, 0.1, 0.5, 0.6], atol=1e-6)
+    np.testing.assert_allclose(boxes[0, 1], [0.6, 0.0, 1.0, 0.4], atol=1e-6)
+    assert np.isnan(boxes[0, 2:]).all() and np.isnan(boxes[1, 1:]).all()
+    np.testing.assert_allclose(boxes[1, 0], [0.1, 0.1, 0.4, 0.4], atol=1e-6)
+    # only the best m images give crops
+    assert np.isfinite(crop_boxes(local, 1)[0, 0]).all() and crop_boxes(local, 1).shape == (2, 1, 4)
+    assert CROP_IOU < 1
+
+
+def test_merge_crops_adds_each_images_best_crop_score_to_its_region_score():
+    local = _local([[(0.1, 0.1, 0.5, 0.5), (0.5, 0.5, 0.9, 0.9)], [(0.2, 0.2, 0.6, 0.6)]])
+    a, b, c = _image(0, 0), _image(0, 1), _image(0, 10)  # region scores: a 0.5, b 0.4; c 0.5
+    new = _image(3, 4)
+    boxes = crop_boxes(local, 2)  # query 0: two crops; query 1: one
+    # query 0's first crop finds a new image at 0.3 and image b at 0.35; its second finds b at 0.2 (b keeps
+    # its best, 0.35) and a at -0.1 (clipped to 0); query 1's crop finds c at 0.05
+    hits = ShardResult(
+        D=np.array([[0.5, 0.45], [0.3, 0.1], [0.2, -1]], np.float32),
+        I=np.array([[new, b], [b, a], [c, -1]], np.int64),
+        D_raw=np.array([[0.95, 0.9], [0.8, 0.7], [0.85, 0]], np.float32),
+        meta={new: {"train_key": "new", "train_url": "u", "caption": None, "index_shard": 1}},
+        D_norm=np.array([[0.3, 0.35], [0.2, -0.1], [0.05, np.nan]], np.float32),
+    )
+    out = merge_crops(local, boxes, hits)
+    # b 0.4 + 0.35; new: the lowest region score kept (0.4) + 0.3; a 0.5 + 0; k = 2
+    assert out.I[0].tolist() == [b, new]
+    np.testing.assert_allclose(out.S_norm[0], [0.75, 0.7], atol=1e-6)
+    np.testing.assert_allclose(out.crop[0], [0.35, 0.3], atol=1e-6)
+    np.testing.assert_allclose(out.crop_box[0], boxes[0, :1].repeat(2, 0))
+    # b keeps its region pair's cosine and boxes; new (a crop only) has the crop's, against the whole image
+    np.testing.assert_allclose(out.S[0], [0.4, 0.5], atol=1e-6)
+    np.testing.assert_allclose(out.S_raw[0], [0.4, 0.95], atol=1e-6)
+    np.testing.assert_allclose(out.qbox[0, 0], [0.1, 0.1, 0.3, 0.3])
+    np.testing.assert_allclose(out.tbox[0, 0], [0, 0, 0.5, 0.5])
+    np.testing.assert_allclose(out.qbox[0, 1], boxes[0, 0])
+    np.testing.assert_allclose(out.tbox[0, 1], WHOLE)
+    assert out.meta[new]["train_key"] == "new"
+    # query 1: c 0.5 + 0.05
+    assert out.I[1].tolist() == [c, -1] and out.S_norm[1, 0] == pytest.approx(0.55)
+    assert np.isnan(out.S_norm[1, 1]) and np.isnan(out.crop[1, 1])
+    # a query whose crops find nothing keeps region matching's ranking, with no crop scores
+    none = ShardResult(
+        np.full((3, 2), np.nan, np.float32), np.full((3, 2), -1, np.int64), np.zeros((3, 2), np.float32), {},
+        D_norm=np.full((3, 2), np.nan, np.float32),
+    )  # fmt: skip
+    same = merge_crops(local, boxes, none)
+    np.testing.assert_array_equal(same.I, local.I)
+    np.testing.assert_allclose(same.S_norm, local.S_norm)
+    assert np.isnan(same.crop).all()
+    # the input is left as it was
+    assert local.I[0].tolist() == [a, b] and local.crop is None
+    with pytest.raises(ValueError, match="crop results"):
+        merge_crops(
+            local, boxes, ShardResult(hits.D[:2], hits.I[:2], hits.D_raw[:2], hits.meta, hits.D_norm[:2])
+        )
+
+
+def test_refine_result_embeds_the_crops_and_searches_them():
+    local = _local([[(0.1, 0.1, 0.5, 0.5)], [(-0.5, -0.5, 1.5, 1.5)]])  # query 1: only the whole query
+    windows = LocalWindows(spec=None, manifest={}, train_boxes=[WHOLE], normalise=None, k=1, refine=3)
+    pixels = np.zeros((2, 3, 8, 8), np.uint8)
+    seen = {}
+
+    def embed(px, boxes):
+        seen["boxes"] = boxes
+        return np.ones((*boxes.shape[:2], 4), np.float32)
+
+    def search(x):
+        seen["x"] = x
+        return ShardResult(
+            np.array([[0.9]], np.float32),
+            np.array([[_image(2, 2)]], np.int64),
+            np.array([[0.9]], np.float32),
+            {_image(2, 2): {"train_key": "found", "train_url": "u", "caption": None, "index_shard": 0}},
+            D_norm=np.array([[0.8]], np.float32),
+        )
+
+    out = windows.refine_result(local, pixels, embed, search)
+    assert seen["boxes"].shape == (2, 3, 4) and seen["x"].shape == (1, 4)  # one crop searched
+    # query 0: the crop's image (0.5, the lowest region score, + 0.8) beats region matching's (0.5)
+    assert out.I[:, 0].tolist() == [_image(2, 2), local.I[1, 0]]
+    np.testing.assert_allclose(out.crop[:, 0], [0.8, np.nan])
+    # nothing to crop: nothing embedded
+    seen.clear()
+    assert windows.refine_result(_local([[(-1, -1, 2, 2)]]), pixels[:1], embed, search).I.shape == (1, 1)
+    assert not seen
+
+
+def test_embed_crops_each_is_embed_crops_per_image():
+    emb = load_embedder("effnet-lite0", None, "cpu", {})
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (2, 3, 96, 96), dtype=np.uint8)
+    boxes = np.full((2, 3, 4), np.nan, np.float32)
+    boxes[0, 0] = (0.1, 0.2, 0.6, 0.9)
+    boxes[0, 2] = (0.0, 0.0, 1.0, 1.0)
+    boxes[1, 1] = (0.5, 0.5, 0.9, 0.8)
+    got = emb.embed_crops_each(pixels, boxes)
+    assert got.shape == (2, 3, emb.dim)
+    np.testing.assert_allclose(got[0, 0], emb.embed_crops(pixels[:1], [boxes[0, 0]])[0, 0], atol=1e-5)
+    np.testing.assert_allclose(got[0, 2], emb.embed_crops(pixels[:1], [boxes[0, 2]])[0, 0], atol=1e-5)
+    np.testing.assert_allclose(got[1, 1], emb.embed_crops(pixels[1:], [boxes[1, 1]])[0, 0], atol=1e-5)
+    assert np.isnan(got[0, 1]).all() and np.isnan(got[1, 0]).all() and np.isnan(got[1, 2]).all()
+    assert np.isnan(emb.embed_crops_each(pixels, np.full((2, 1, 4), np.nan))).all()
