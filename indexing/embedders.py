@@ -109,7 +109,7 @@ class Embedder:
     def embed_crops_each(self, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Like ``embed_crops`` with boxes of their own for every image: pixels (n, 3, S', S') uint8, boxes
         (n, B, 4) fractions, a row of NaN = no crop → (n, B, dim) float32, NaN rows where there was no crop.
-        All crops run as one batch."""
+        The crops of all images run together, ``CROP_BATCH`` per forward pass."""
         boxes = np.asarray(boxes, dtype=np.float32)
         out = np.full((*boxes.shape[:2], self.dim), np.nan, dtype=np.float32)
         images, slots = np.nonzero(np.isfinite(boxes).all(axis=-1))
