@@ -162,6 +162,29 @@ class LocalResult:
     crop: np.ndarray | None = None
     crop_box: np.ndarray | None = None
 
+    @classmethod
+    def empty(
+        cls, nq: int, k: int, query_boxes: Sequence[Box], train_boxes: Sequence[Box], crops: bool = False
+    ) -> LocalResult:
+        """No image for any of ``nq`` queries' ``k`` ranks (``crops``: with the crop columns too)."""
+        blank = lambda *shape: np.full((nq, k, *shape), np.nan, dtype=np.float32)  # noqa: E731
+        return cls(
+            I=np.full((nq, k), -1, dtype=np.int64),
+            S=blank(),
+            S_norm=blank(),
+            S_raw=blank(),
+            window=np.zeros((nq, k), dtype=np.int32),
+            box=np.zeros((nq, k), dtype=np.int32),
+            meta={},
+            query_boxes=query_boxes,
+            train_boxes=train_boxes,
+            qbox=blank(4),
+            tbox=blank(4),
+            frame=blank(4),
+            crop=blank() if crops else None,
+            crop_box=blank(4) if crops else None,
+        )
+
 
 def aggregate(
     hits: ShardResult, nq: int, n_windows: int, k: int, query_boxes: Sequence[Box], train_boxes: Sequence[Box]
@@ -177,20 +200,7 @@ def aggregate(
     per_image = len(train_boxes)
     images = layout.image_ids(I, per_image)
     boxes = np.where(I >= 0, (I & layout.ROW_MASK) % per_image, 0).astype(np.int32)
-    out = LocalResult(
-        I=np.full((nq, k), -1, dtype=np.int64),
-        S=np.full((nq, k), np.nan, dtype=np.float32),
-        S_norm=np.full((nq, k), np.nan, dtype=np.float32),
-        S_raw=np.full((nq, k), np.nan, dtype=np.float32),
-        window=np.zeros((nq, k), dtype=np.int32),
-        box=np.zeros((nq, k), dtype=np.int32),
-        meta={},
-        query_boxes=query_boxes,
-        train_boxes=train_boxes,
-        qbox=np.full((nq, k, 4), np.nan, dtype=np.float32),
-        tbox=np.full((nq, k, 4), np.nan, dtype=np.float32),
-        frame=np.full((nq, k, 4), np.nan, dtype=np.float32),
-    )
+    out = LocalResult.empty(nq, k, query_boxes, train_boxes)
     qb = np.asarray(query_boxes, dtype=np.float32).reshape(-1, 4)
     tb = np.asarray(train_boxes, dtype=np.float32).reshape(-1, 4)
     D = hits.D.reshape(nq, -1)
@@ -267,22 +277,9 @@ def merge_crops(local: LocalResult, boxes: np.ndarray, hits: ShardResult) -> Loc
     if len(cq) != hits.I.shape[0]:
         raise ValueError(f"{hits.I.shape[0]} crop results for {len(cq)} crops")
     copied = ("S", "S_raw", "window", "box", "qbox", "tbox", "frame")
-    out = LocalResult(
-        I=np.full((nq, k), -1, dtype=np.int64),
-        S_norm=np.full((nq, k), np.nan, dtype=np.float32),
-        meta=dict(local.meta),
-        query_boxes=local.query_boxes,
-        train_boxes=local.train_boxes,
-        split=None if local.split is None else np.full_like(local.split, np.nan),
-        crop=np.full((nq, k), np.nan, dtype=np.float32),
-        crop_box=np.full((nq, k, 4), np.nan, dtype=np.float32),
-        **{name: np.zeros_like(getattr(local, name)) for name in ("window", "box")},
-        **{
-            name: np.full_like(getattr(local, name), np.nan)
-            for name in copied
-            if name not in ("window", "box")
-        },
-    )
+    out = LocalResult.empty(nq, k, local.query_boxes, local.train_boxes, crops=True)
+    out.meta = dict(local.meta)
+    out.split = None if local.split is None else np.full_like(local.split, np.nan)
     whole = np.asarray(WHOLE, dtype=np.float32)
     for q in range(nq):
         region = {int(i): r for r, i in enumerate(local.I[q]) if i >= 0}

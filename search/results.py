@@ -176,10 +176,6 @@ def _with_local(
     lq, lr = np.nonzero(local.I >= 0)
     lids = local.I[lq, lr]
     row_of = {(int(q), int(i)): n for n, (q, i) in enumerate(zip(q_idx, ids, strict=True))}
-    qboxes = np.asarray(local.query_boxes, dtype=np.float32).reshape(-1, 4)
-    tboxes = np.asarray(local.train_boxes, dtype=np.float32).reshape(-1, 4)
-    lqbox = local.qbox if local.qbox is not None else qboxes[local.window]
-    ltbox = local.tbox if local.tbox is not None else tboxes[local.box]
     n_global = table.num_rows
     extra = [(q, r) for q, r, i in zip(lq, lr, lids, strict=True) if (int(q), int(i)) not in row_of]
     n = n_global + len(extra)
@@ -201,8 +197,8 @@ def _with_local(
         values["local_score"][row] = local.S[q, r]
         values["local_score_norm"][row] = local.S_norm[q, r]
         values["local_score_raw"][row] = local.S_raw[q, r]
-        qbox[row] = lqbox[q, r]
-        tbox[row] = ltbox[q, r]
+        qbox[row] = local.qbox[q, r]
+        tbox[row] = local.tbox[q, r]
         if local.crop is not None:
             crop[row], cbox[row] = local.crop[q, r], local.crop_box[q, r]
     if extra:

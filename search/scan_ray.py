@@ -443,7 +443,8 @@ def _scan_chunks(
             chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned, refine
         )
 
-    def search_crops(x: np.ndarray) -> ShardResult:
+    def search_global(x: np.ndarray) -> ShardResult:
+        """x: (n, d) raw descriptors (queries, or crops of them) → merged top k with score_norm."""
         hits = fanout.search(x)
         hits.D_norm = normalise(x, hits.D, hits.I)
         return hits
@@ -457,8 +458,7 @@ def _scan_chunks(
         try:
             local_result = None
             if len(embedded.records):
-                result = fanout.search(embedded.xb)
-                result.D_norm = normalise(embedded.xb, result.D, result.I)
+                result = search_global(embedded.xb)
                 if local is not None:
                     local_result = local.search(embedded.x_regions)
                 if refine:  # the query crops are embedded by the actor that embedded the chunk
@@ -466,7 +466,7 @@ def _scan_chunks(
                         local_result,
                         embedded.region_pixels,
                         lambda pixels, boxes: ray.get(actor.embed_crops_each.remote(pixels, boxes)),
-                        search_crops,
+                        search_global,
                     )
                     embedded.region_pixels = None
                 if aligned is not None:
