@@ -39,6 +39,27 @@ MAX_TRAIN_REGIONS = 64
 MODES = ("crop", "pool")
 
 
+def parse_slide(spec: str) -> tuple[float, ...]:
+    """``ScanConfig.region_slide`` ("0.5,0.4"; "" = none) → the window sides, fractions of the query's
+    shorter side, each in (0, 1]."""
+    sizes = []
+    for part in (p.strip() for p in str(spec or "").split(",")):
+        if not part:
+            continue
+        try:
+            size = float(part)
+        except ValueError:
+            raise CopyscanError(
+                f"bad region_slide entry {part!r} in {spec!r}: use sides like 0.5,0.4"
+            ) from None
+        if not 0 < size <= 1:
+            raise CopyscanError(
+                f"region_slide entry {part!r}: sides are fractions of the shorter side, in (0, 1]"
+            )
+        sizes.append(size)
+    return tuple(sizes)
+
+
 def parse_grid(spec: str) -> list[Box]:
     """Boxes of a grid spec, whole image first, duplicates dropped (order kept). See the module doc."""
     boxes: list[Box] = [WHOLE]

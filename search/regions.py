@@ -14,6 +14,11 @@ best ``ScanConfig.region_refine`` images are cut from the query, embedded like w
 in the global index (``crop_boxes`` / ``merge_crops``). A pasted object cut out this way matches its
 source like a whole copy does, and that search is not limited to the images region matching found; an
 image's best crop score adds to its region score.
+
+Sliding windows (``slide``, ``ScanConfig.region_slide``) are crops too, made without region matching:
+squares of the query at a few sides (fractions of its shorter side, ``slide_boxes``), ``SLIDE_STEP`` of a
+side apart, searched in the global index with the frames. They find pasted objects whose source region
+matching ranked too low to get a frame.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 from indexing import layout, storage
 from indexing.errors import CopyscanError
 from indexing.manifest import load_manifest
-from indexing.regions import WHOLE, Box, RegionSpec, parse_grid
+from indexing.regions import WHOLE, Box, RegionSpec, parse_grid, parse_slide
 from search.normalise import ScoreNormaliser
 from search.searcher import ShardResult, ShardSearcher, index_cache_dir, load_metadata
 
@@ -109,6 +114,10 @@ class RegionSearcher(ShardSearcher):
 REFINE_PAIRS = 8
 MIN_CROP = 0.05
 CROP_IOU = 0.8
+# sliding windows: neighbours SLIDE_STEP of the side apart (the last one flush with the far edge), at most
+# SLIDE_MAX_AXIS along an axis (then evenly spread), so an extreme panorama costs a bounded number of crops
+SLIDE_STEP = 0.34
+SLIDE_MAX_AXIS = 12
 
 
 def frames(query_boxes: np.ndarray, train_boxes: np.ndarray) -> np.ndarray:
@@ -121,6 +130,27 @@ def frames(query_boxes: np.ndarray, train_boxes: np.ndarray) -> np.ndarray:
     sy = (q[:, 3] - q[:, 1]) / (t[:, 3] - t[:, 1])
     x0, y0 = q[:, 0] - t[:, 0] * sx, q[:, 1] - t[:, 1] * sy
     return np.stack([x0, y0, x0 + sx, y0 + sy], axis=1).astype(np.float32)
+
+
+def _positions(extent: float) -> np.ndarray:
+    """Starts (fractions) of windows ``extent`` wide along one axis of length 1 (``SLIDE_STEP`` apart)."""
+    room = 1.0 - extent
+    if room <= 1e-9:
+        return np.zeros(1)
+    starts = np.append(np.arange(0.0, room - 1e-9, SLIDE_STEP * extent), room)
+    return starts if len(starts) <= SLIDE_MAX_AXIS else np.linspace(0.0, room, SLIDE_MAX_AXIS)
+
+
+def slide_boxes(sizes: Sequence[float], width: int, height: int) -> np.ndarray:
+    """The sliding windows of a ``width`` × ``height`` px query: for every side in ``sizes`` (fractions of
+    its shorter side), squares in its pixels, row by row → (n, 4) float32 fractions x0, y0, x1, y1."""
+    short = min(width, height)
+    out = []
+    for size in sizes:
+        w, h = size * short / width, size * short / height
+        for y in _positions(h):
+            out.extend((x, y, x + w, y + h) for x in _positions(w))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -330,6 +360,12 @@ class LocalWindows:
     # the region index's own boxes, made like the index made them (split product), or None
     aligned: RegionSpec | None = None
     refine: int = 0  # ScanConfig.region_refine: crops of the best images' frames searched in the global index
+    slide: tuple[float, ...] = ()  # ScanConfig.region_slide: sliding-window sides, searched like the crops
+
+    @property
+    def crops(self) -> bool:
+        """Whether the scan cuts crops from the queries (frames or sliding windows), so keeps their pixels."""
+        return self.refine > 0 or bool(self.slide)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -348,6 +384,11 @@ class LocalWindows:
             # the global index; an image's best crop score (crop_score_norm) adds to its local_score_norm
             "refine": self.refine,
             "refine_pairs": REFINE_PAIRS if self.refine else None,
+            # squares of these sides (fractions of the query's shorter side), SLIDE_STEP of a side apart,
+            # searched in the global index like the frames
+            "slide": list(self.slide),
+            "slide_step": SLIDE_STEP if self.slide else None,
+            "slide_max_per_axis": SLIDE_MAX_AXIS if self.slide else None,
         }
 
     def search(self, x_windows: np.ndarray) -> LocalResult:
@@ -364,12 +405,23 @@ class LocalWindows:
         pixels: np.ndarray,
         embed: Callable[[np.ndarray, np.ndarray], np.ndarray],
         search: Callable[[np.ndarray], ShardResult],
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> LocalResult:
-        """Localise, then search: cut the frames of every query's best ``refine`` images (``crop_boxes``) from
-        ``pixels`` (nq, 3, S, S), embed them (``embed(pixels, boxes)`` → (nq, m, d), an embed actor's
-        ``embed_crops_each``), search them in the global index (``search(x)`` → ShardResult with D_norm)
-        and merge the hits into ``local`` (``merge_crops``)."""
+        """Localise, then search: cut the frames of every query's best ``refine`` images (``crop_boxes``) and
+        its sliding windows (``slide_boxes``; ``sizes``: every query's (width, height) in px, needed when
+        ``slide`` is set) from ``pixels`` (nq, 3, S, S), embed them (``embed(pixels, boxes)`` → (nq, m, d),
+        an embed actor's ``embed_crops_each``), search them in the global index (``search(x)`` → ShardResult
+        with D_norm) and merge the hits into ``local`` (``merge_crops``)."""
+        nq = local.I.shape[0]
         boxes = crop_boxes(local, self.refine)
+        if self.slide:
+            if sizes is None or len(sizes) != nq:
+                raise ValueError(f"sliding windows need the sizes of all {nq} queries")
+            windows = [slide_boxes(self.slide, int(w), int(h)) for w, h in sizes]
+            slid = np.full((nq, max(len(b) for b in windows), 4), np.nan, dtype=np.float32)
+            for q, b in enumerate(windows):
+                slid[q, : len(b)] = b
+            boxes = np.concatenate([boxes, slid], axis=1)
         found = np.isfinite(boxes[..., 0])
         if not found.any():
             return local
@@ -450,4 +502,5 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
         density_beta=cfg.region_density_beta,
         aligned=aligned,
         refine=int(getattr(cfg, "region_refine", 0)),
+        slide=parse_slide(getattr(cfg, "region_slide", "")),
     )

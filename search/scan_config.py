@@ -7,6 +7,7 @@ from typing import Any
 
 from indexing.errors import CopyscanError
 from indexing.index_config import MODES
+from indexing.regions import parse_slide
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ class ScanConfig:
     # window/region pairs) of the best region_refine images are cut from the query, embedded like images and
     # searched in the global index; a pasted object cut out that way matches its source like a whole copy.
     # Costs up to region_refine forward passes and global searches per query. 0 = off
-    region_refine: int = 5
+    region_refine: int = 10
+    # Sliding windows, searched in the global index like the frames: squares of these sides (fractions of
+    # the query's shorter side; search/regions.py slide_boxes), a third of a side apart. They find pasted
+    # objects region matching ranked too low to get a frame. "0.5,0.4": 36 windows on a square query,
+    # 68 on a 3:2 one (forward passes and global searches). "" = off
+    region_slide: str = "0.5,0.4"
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
     # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
@@ -108,6 +114,7 @@ class ScanConfig:
         "region_hits",
         "region_density_beta",
         "region_refine",
+        "region_slide",
         "split_product",
     )
 
@@ -190,5 +197,9 @@ class ScanConfig:
             problems.append("region_hits must be positive and region_query_size >= 0")
         if self.region_refine < 0:
             problems.append("region_refine must be >= 0 (0 = off)")
+        try:
+            parse_slide(self.region_slide)
+        except CopyscanError as exc:
+            problems.append(str(exc))
         if problems:
             raise CopyscanError("invalid scan config: " + "; ".join(problems))

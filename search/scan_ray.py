@@ -434,7 +434,7 @@ def _scan_chunks(
 
     windows = local.spec if local is not None else None
     aligned = local.aligned if local is not None else None
-    refine = local is not None and local.refine > 0
+    refine = local is not None and local.crops  # frames or sliding windows cut from the queries
 
     def submit(actor, chunk: QueryChunk):
         if chunk.kind == "tar":
@@ -467,6 +467,7 @@ def _scan_chunks(
                         embedded.region_pixels,
                         lambda pixels, boxes: ray.get(actor.embed_crops_each.remote(pixels, boxes)),
                         search_global,
+                        [(r["width"], r["height"]) for r in embedded.records],
                     )
                     embedded.region_pixels = None
                 if aligned is not None:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from indexing import layout
 from indexing.augment import paste_partial
@@ -15,8 +16,9 @@ from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
 from indexing.index_ray import run_index
 from indexing.manifest import load_manifest
-from indexing.regions import TRAIN_GRID, parse_grid
+from indexing.regions import TRAIN_GRID, parse_grid, parse_slide
 from indexing.sample_images import open_rgb
+from search.regions import slide_boxes
 from search.results import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
@@ -126,11 +128,19 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
         # a window of the query (the whole query too: it may best match one of the source's regions)
         assert [x0, y0, x1, y1] in [pytest.approx(list(b)) for b in parse_grid(TEST_QUERY_GRID)]
         assert best_local[q]["train_box"] in [pytest.approx(list(b)) for b in parse_grid(TRAIN_GRID)]
-    # localise, then search: crops where region matching located training images, searched in the global
-    # index; an image's best crop score adds to its local_score_norm
-    assert summary["regions"]["refine"] == 5
+    # localise, then search: crops where region matching located training images, and sliding windows,
+    # searched in the global index; an image's best crop score adds to its local_score_norm
+    assert summary["regions"]["refine"] == ScanConfig.region_refine
+    assert summary["regions"]["slide"] == list(parse_slide(ScanConfig.region_slide))
     by_crop = [r for r in rows if r["crop_score_norm"] is not None]
     assert by_crop, "no crop found anything"
+    slid = [
+        r
+        for r in by_crop
+        for box in slide_boxes(parse_slide(ScanConfig.region_slide), *Image.open(folder / r["query_id"]).size)
+        if np.allclose(r["crop_box"], box, atol=1e-6)
+    ]
+    assert slid, "no sliding window found anything"
     for r in by_crop:
         x0, y0, x1, y1 = r["crop_box"]
         assert r["local_rank"] is not None and 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1

@@ -1,5 +1,5 @@
-"""Localise, then search: frames from (window, region) pairs, the crops they give, and merging the crops'
-global hits into region matching's (search/regions.py)."""
+"""Localise, then search: frames from (window, region) pairs, the crops they give, sliding windows, and
+merging the crops' global hits into region matching's (search/regions.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import pytest
 
 from indexing import layout
 from indexing.embedders import load_embedder
-from indexing.regions import WHOLE
+from indexing.errors import CopyscanError
+from indexing.regions import WHOLE, parse_slide
 from search.regions import (
     CROP_IOU,
     REFINE_PAIRS,
+    SLIDE_MAX_AXIS,
     LocalResult,
     LocalWindows,
     aggregate,
     crop_boxes,
     frames,
     merge_crops,
+    slide_boxes,
 )
+from search.scan_config import ScanConfig
 from search.searcher import ShardResult
 
 
@@ -223,3 +227,74 @@ def test_embed_crops_each_is_embed_crops_per_image():
     np.testing.assert_allclose(got[1, 1], emb.embed_crops(pixels[1:], [boxes[1, 1]])[0, 0], atol=1e-5)
     assert np.isnan(got[0, 1]).all() and np.isnan(got[1, 0]).all() and np.isnan(got[1, 2]).all()
     assert np.isnan(emb.embed_crops_each(pixels, np.full((2, 1, 4), np.nan))).all()
+
+
+def test_slide_boxes_are_squares_a_third_of_a_side_apart():
+    # square query, side 0.5: starts 0, 0.17, 0.34 (0.34 of the side apart) and 0.5, flush with the edge
+    square = slide_boxes([0.5], 100, 100)
+    assert square.shape == (16, 4)
+    np.testing.assert_allclose(square[:4, 0], [0.0, 0.17, 0.34, 0.5], atol=1e-6)
+    np.testing.assert_allclose(square[0], [0.0, 0.0, 0.5, 0.5])
+    np.testing.assert_allclose(square[-1], [0.5, 0.5, 1.0, 1.0])
+    # 2:1 query: squares in its pixels (50 x 50 px), 0.25 of the width wide, 10 along x, 4 along y
+    wide = slide_boxes([0.5], 200, 100)
+    assert wide.shape == (40, 4)
+    np.testing.assert_allclose((wide[:, 2] - wide[:, 0]) * 200, 50, rtol=1e-5)
+    np.testing.assert_allclose((wide[:, 3] - wide[:, 1]) * 100, 50, rtol=1e-5)
+    assert wide[:, 2].max() == pytest.approx(1.0) and wide[:, 0].min() == 0.0
+    # two sides, row by row; side 1 of a square query is the query
+    both = slide_boxes([1.0, 0.5], 100, 100)
+    assert both.shape == (17, 4)
+    np.testing.assert_allclose(both[0], WHOLE)
+    # a panorama stays bounded: at most SLIDE_MAX_AXIS windows along an axis, spread evenly to the edge
+    pano = slide_boxes([0.5], 1000, 100)
+    assert pano.shape == (4 * SLIDE_MAX_AXIS, 4)  # 4 rows of SLIDE_MAX_AXIS
+    np.testing.assert_allclose(np.diff(pano[:SLIDE_MAX_AXIS, 0]), 0.95 / (SLIDE_MAX_AXIS - 1), rtol=1e-5)
+    assert slide_boxes([], 100, 100).shape == (0, 4)
+
+
+def test_parse_slide_and_its_config_check():
+    assert parse_slide("0.5, 0.4") == (0.5, 0.4)
+    assert parse_slide("") == ()
+    for bad in ("1.5", "0", "half"):
+        with pytest.raises(CopyscanError, match="region_slide"):
+            parse_slide(bad)
+    with pytest.raises(CopyscanError, match="region_slide"):
+        ScanConfig(index="i", queries="q", out="o", region_slide="0.5,2").validate()
+    ScanConfig(index="i", queries="q", out="o", region_slide="").validate()
+
+
+def test_refine_result_searches_the_sliding_windows_with_the_frames():
+    local = _local([[(0.1, 0.1, 0.5, 0.5)], [(-0.5, -0.5, 1.5, 1.5)]])  # query 1: no frame to crop
+    windows = LocalWindows(
+        spec=None, manifest={}, train_boxes=[WHOLE], normalise=None, k=2, refine=1, slide=(0.5,)
+    )
+    assert windows.crops
+    pixels = np.zeros((2, 3, 8, 8), np.uint8)
+    seen = {}
+    pasted = _image(3, 7)
+
+    def embed(px, boxes):
+        seen["boxes"] = boxes
+        return np.ones((*boxes.shape[:2], 4), np.float32)
+
+    def search(x):
+        # every crop finds nothing but `pasted`, weakly; query 1's window 5 finds it well
+        n = len(x)
+        D_norm = np.full((n, 1), 0.05, np.float32)
+        D_norm[1 + 16 + 5] = 0.6  # rows: query 0's frame, its 16 windows, then query 1's 16 windows
+        meta = {pasted: {"train_key": "pasted", "train_url": "u", "caption": None, "index_shard": 3}}
+        return ShardResult(D_norm + 0.3, np.full((n, 1), pasted, np.int64), D_norm + 0.2, meta, D_norm=D_norm)
+
+    out = windows.refine_result(local, pixels, embed, search, sizes=[(100, 100), (100, 100)])
+    # query 0: its frame then 16 windows; query 1: no frame, 16 windows (a NaN row where the frame was)
+    assert seen["boxes"].shape == (2, 17, 4)
+    assert np.isnan(seen["boxes"][1, 0]).all()
+    np.testing.assert_allclose(seen["boxes"][1, 1:], slide_boxes([0.5], 100, 100))
+    # query 1: region matching's image (0.5) loses to the window's (its lowest region score 0.5 + 0.6)
+    assert out.I[1, 0] == pasted
+    assert out.S_norm[1, 0] == pytest.approx(1.1)
+    np.testing.assert_allclose(out.crop_box[1, 0], slide_boxes([0.5], 100, 100)[5])
+    np.testing.assert_allclose(out.qbox[1, 0], out.crop_box[1, 0])
+    with pytest.raises(ValueError, match="sizes"):
+        windows.refine_result(local, pixels, embed, search)
