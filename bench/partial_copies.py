@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             "scenes": len(scenes),
         },
         **evaluate(scan_out, truth, key_of_source),
+        # the region settings the scan ran with, defaults included (summary.json's "regions")
+        "regions": {
+            key: summary["regions"][key]
+            for key in ("windows", "refine", "slide")
+            if key in summary["regions"]
+        }
+        if summary.get("regions")
+        else None,
         "seconds": {
             "total": round(time.time() - t0, 1),
             "make_queries": round(t_scan - t_queries, 1),

@@ -26,6 +26,7 @@ from search.scan_ray import run_scan
 N_COPIES = 6
 N_NEGATIVES = 6
 TEST_QUERY_GRID = "0.3:5,0.4:4"  # 1 + 25 + 16 windows: the test's scan stays quick on 2 CPUs
+SLIDE = "0.5,0.4"  # sliding windows (off by default) searched in the global index with the frames
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     folder, truth = pasted
     out = str(tmp_path / "scan")
     cfg = {"index": index_url, "queries": str(folder), "out": out, "split_product": "true"}
-    cfg.update(region_query_grid=TEST_QUERY_GRID)
+    cfg.update(region_query_grid=TEST_QUERY_GRID, region_slide=SLIDE)
     summary = run_scan(resolve(ScanConfig, cfg))
     assert summary["regions"]["windows"] == len(parse_grid(TEST_QUERY_GRID))
     assert summary["regions"]["split_product"] is True
@@ -131,13 +132,13 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     # localise, then search: crops where region matching located training images, and sliding windows,
     # searched in the global index; an image's best crop score adds to its local_score_norm
     assert summary["regions"]["refine"] == ScanConfig.region_refine
-    assert summary["regions"]["slide"] == list(parse_slide(ScanConfig.region_slide))
+    assert summary["regions"]["slide"] == list(parse_slide(SLIDE))
     by_crop = [r for r in rows if r["crop_score_norm"] is not None]
     assert by_crop, "no crop found anything"
     slid = [
         r
         for r in by_crop
-        for box in slide_boxes(parse_slide(ScanConfig.region_slide), *Image.open(folder / r["query_id"]).size)
+        for box in slide_boxes(parse_slide(SLIDE), *Image.open(folder / r["query_id"]).size)
         if np.allclose(r["crop_box"], box, atol=1e-6)
     ]
     assert slid, "no sliding window found anything"
