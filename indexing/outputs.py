@@ -8,7 +8,7 @@ written into, whatever the mode, so a typo cannot clobber someone else's data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -24,10 +24,14 @@ def claim_output(
     mode: str,
     resume_keys: Sequence[str],
     storage_options: storage.StorageOptions | None = None,
+    absent: Mapping[str, Any] | None = None,
 ) -> bool:
     """Prepare ``out`` for a run with ``config``; returns True when an earlier run is being resumed.
 
-    Writes ``out/config_name`` (the resolved config) before returning.
+    ``absent``: for resume keys added to copyscan after a run may have started, the value that run's
+    behaviour had (a run that recorded no ``region_slide`` cut no sliding windows: ""), so it resumes under
+    a newer copyscan when the setting still means the same. Writes ``out/config_name`` (the resolved
+    config) before returning.
     """
     config_url = storage.join(out, config_name)
     existing = storage.list_files(out, storage_options)
@@ -42,9 +46,11 @@ def claim_output(
         if mode == "overwrite":
             storage.remove(out, storage_options, recursive=True)
         else:
-            changed = [k for k in resume_keys if _norm(previous.get(k)) != _norm(config.get(k))]
+            absent = absent or {}
+            before = {k: previous[k] if k in previous else absent.get(k) for k in resume_keys}
+            changed = [k for k in resume_keys if _norm(before[k]) != _norm(config.get(k))]
             if changed:
-                details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                details = "; ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in changed)
                 raise CopyscanError(
                     f"{out} holds a run with different settings ({details}); resuming would mix them. "
                     f"Use mode=overwrite to replace it, or another output location."

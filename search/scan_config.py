@@ -118,6 +118,8 @@ class ScanConfig:
         "region_slide",
         "split_product",
     )
+    # what a run recorded before these settings existed did (claim_output's ``absent``): no crops
+    RESUME_ABSENT = {"region_refine": 0, "region_slide": ""}
 
     def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Re-rank depth and nprobe of a scan of the index described by ``manifest``, and where each

@@ -204,7 +204,9 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     t0 = time.time()
     manifest = load_manifest(cfg.index, so)
     chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
-    resumed = claim_output(cfg.out, RUN_CONFIG_NAME, to_dict(cfg), cfg.mode, ScanConfig.RESUME_KEYS, so)
+    resumed = claim_output(
+        cfg.out, RUN_CONFIG_NAME, to_dict(cfg), cfg.mode, ScanConfig.RESUME_KEYS, so, ScanConfig.RESUME_ABSENT
+    )
     done = finished_chunks(cfg.out, so)
     stale = sorted(c for c, m in done.items() if m.get("index_build_id") != manifest["build_id"])
     if stale:

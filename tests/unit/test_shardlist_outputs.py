@@ -60,6 +60,21 @@ def test_claim_output_resume_overwrite_and_foreign(tmp_path):
     assert (foreign / "precious.txt").exists()
 
 
+def test_claim_output_reads_keys_a_run_did_not_record_as_their_old_behaviour(tmp_path):
+    out = str(tmp_path / "out")
+    old = {"shards": "a"}  # written before "crops" existed, when there were none
+    claim_output(out, "scan.yaml", old, "resume", ["shards"])
+    storage.write_bytes(out + "/chunks/x", b"1")
+    keys = ["shards", "crops"]
+    assert claim_output(out, "scan.yaml", {**old, "crops": 0}, "resume", keys, absent={"crops": 0})
+    claim_output(out, "scan.yaml", old, "resume", ["shards"])  # the old config file again
+    with pytest.raises(CopyscanError, match=r"crops: 0 -> 5"):
+        claim_output(out, "scan.yaml", {**old, "crops": 5}, "resume", keys, absent={"crops": 0})
+    with pytest.raises(CopyscanError, match=r"crops: None -> 0"):  # no absent value known: a change
+        claim_output(out, "scan.yaml", {**old, "crops": 0}, "resume", keys)
+    assert storage.exists(out + "/chunks/x")
+
+
 def test_atomic_writes_leave_no_temp_files(tmp_path):
     storage.write_json(str(tmp_path / "a" / "b.json"), {"x": 1})
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
