@@ -18,7 +18,7 @@ image's best crop score adds to its region score.
 Sliding windows (``slide``, ``ScanConfig.region_slide``) are crops too, made without region matching:
 squares of the query at a few sides (fractions of its shorter side, ``slide_boxes``), ``SLIDE_STEP`` of a
 side apart, searched in the global index with the frames. They find pasted objects whose source region
-matching ranked too low to get a frame.
+matching ranked too low to get a frame, but bring about as many false matches (off by default; README).
 """
 
 from __future__ import annotations
