@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--work", help="work folder, kept for reruns (default: a temporary one, removed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--machine",
+        default="shared 2-core CPU VM (other jobs running): timings are contended",
+        help="what else the machine was doing, recorded with the timings (the load averages are recorded too)",
+    )
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     work = args.work or tempfile.mkdtemp(prefix="copyscan-bench-index-")
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "whitening_shrinkage": whitening_shrinkage(args) if args.whitening != "none" else None,
         "write_vectors_seconds": round(write_seconds, 1),
         "cpu_threads": faiss.omp_get_max_threads(),
-        "machine": "shared 2-core CPU VM (other jobs running): timings are contended",
+        "machine": args.machine,
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "indexes": [],
     }
     baseline: dict[str, tuple[np.ndarray, float]] = {}
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["runs"].append(run)
                 print(json.dumps({"factory": entry["factory"], **run}), file=sys.stderr)
         result["indexes"].append(entry)
+    result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result, indent=2))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
