@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         **evaluate(scan_out, truth, key_of_source),
         # the region settings the scan ran with, defaults included (summary.json's "regions")
-        "regions": {
-            key: summary["regions"][key]
-            for key in ("windows", "refine", "slide")
-            if key in summary["regions"]
-        }
+        "regions": {key: summary["regions"][key] for key in ("windows", "refine", "slide")}
         if summary.get("regions")
         else None,
         "seconds": {

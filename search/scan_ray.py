@@ -436,13 +436,13 @@ def _scan_chunks(
 
     windows = local.spec if local is not None else None
     aligned = local.aligned if local is not None else None
-    refine = local is not None and local.crops  # frames or sliding windows cut from the queries
+    crops = local is not None and local.crops  # frames or sliding windows cut from the queries
 
     def submit(actor, chunk: QueryChunk):
         if chunk.kind == "tar":
-            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits, windows, aligned, refine)
+            return actor.embed_tar.remote(chunk.urls[0], cfg.batch_size, limits, windows, aligned, crops)
         return actor.embed_images.remote(
-            chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned, refine
+            chunk.urls, chunk.keys, cfg.batch_size, limits, windows, aligned, crops
         )
 
     def search_global(x: np.ndarray) -> ShardResult:
@@ -463,7 +463,7 @@ def _scan_chunks(
                 result = search_global(embedded.xb)
                 if local is not None:
                     local_result = local.search(embedded.x_regions)
-                if refine:  # the query crops are embedded by the actor that embedded the chunk
+                if crops:  # the query crops are embedded by the actor that embedded the chunk
                     local_result = local.refine_result(
                         local_result,
                         embedded.region_pixels,
