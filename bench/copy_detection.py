@@ -77,11 +77,15 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
 
 
 def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
-    """Region matching (partial copies): the same metrics on each query's local_rank-0 row, and on the
-    row best by max(score_norm, local_score_norm) ("either": a copy is found by either path)."""
+    """Region matching (partial copies): the same metrics on each query's local_rank-0 row, on the row
+    best by max(score_norm, local_score_norm) ("either": a copy is found by either path), and, when the
+    scan ran dense verification (dense_verify), on the row best by dense_score (the local_rank-0 row for a
+    query none of whose candidates was verified)."""
     copies = [t for t in truth if t["is_copy"]]
     names = ["query_id", "train_key", "local_rank", "score_norm", "local_score_norm"]
     names += ["crop_score_norm"] if "crop_score_norm" in table.column_names else []
+    dense = "dense_score" in table.column_names and table["dense_score"].null_count < table.num_rows
+    names += ["dense_score"] if dense else []
     rows = table.select(names).to_pylist()
     by_query: dict[str, list[dict]] = {}
     for r in rows:
@@ -93,10 +97,23 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
         values = [v for v in (r["score_norm"], r["local_score_norm"]) if v is not None]
         return max(values) if values else -np.inf
 
+    def local_top(rs):
+        return next((r for r in rs if r["local_rank"] == 0), None)
+
+    def dense_score(r):
+        return r["dense_score"] if r["dense_score"] is not None else r["local_score_norm"]
+
     pickers = {
-        "local_score_norm": lambda rs: next((r for r in rs if r["local_rank"] == 0), None),
+        "local_score_norm": local_top,
         "either_norm": lambda rs: max(rs, key=either, default=None),
     }
+    values = {"local_score_norm": lambda r: r["local_score_norm"], "either_norm": either}
+    if dense:
+        pickers["dense_score"] = lambda rs: (
+            max((r for r in rs if r["dense_score"] is not None), key=dense_score, default=None)
+            or local_top(rs)
+        )
+        values["dense_score"] = dense_score
     for name, pick in pickers.items():
         best = {q: pick(rs) for q, rs in by_query.items()}
         positive = np.array(
@@ -107,7 +124,7 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
                 for t in truth
             ]
         )
-        value = (lambda r: r["local_score_norm"]) if name == "local_score_norm" else either
+        value = values[name]
         score = np.array(
             [value(best[t["file"]]) if best.get(t["file"]) is not None else nan for t in truth],
             dtype=np.float64,

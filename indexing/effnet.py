@@ -104,13 +104,14 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def forward_stages(
-        self, x: torch.Tensor, taps: tuple[int, ...] = ()
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self, x: torch.Tensor, taps: tuple[int, ...] = (), head: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """x: (B, 3, H, W) ImageNet-normalised float.
 
         Returns ``(tapped, head)``: ``tapped[i]`` is the output of block ``taps[i]`` (an index into ``_blocks``;
         e.g. 15 → (B, 320, H/32, W/32), 10 → (B, 112, H/16, W/16)), and ``head`` the (B, 1280, H/32, W/32)
-        map after the 1×1 head convolution, BN and ReLU6.
+        map after the 1×1 head convolution, BN and ReLU6. ``head=False``: stop after the last tapped block
+        (``head`` is None).
         """
         if any(not 0 <= t < len(self._blocks) for t in taps):
             raise CopyscanError(f"taps {taps} must be block indices in 0..{len(self._blocks) - 1}")
@@ -120,6 +121,8 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
             if index in taps:
                 tapped[index] = x
+            if not head and len(tapped) == len(set(taps)):
+                return [tapped[t] for t in taps], None
         head = F.relu6(self._bn1(self._conv_head(x)))
         return [tapped[t] for t in taps], head
 

@@ -14,7 +14,7 @@ Layout of a scan output ``OUT``::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +76,15 @@ MATCHES_SCHEMA = pa.schema(
         # Somepalli et al.'s split product, position-aligned, every chunk a cosine (scan split_product=true):
         # max over the index's region boxes of cos(query box, same box of the training image); null when off
         ("split_score", pa.float32()),
+        # dense verification (scan dense_verify, search/dense.py) of the region candidates of local_rank <
+        # dense_verify; null where not verified. dense_z: by how many standard deviations the training
+        # image's best placement in the generation (block-10 feature maps, searched over offset and scale)
+        # stands out from its other placements; dense_box: that placement; dense_score = local_score_norm +
+        # dense_weight * dense_z; dense_error: why a selected row could not be verified
+        ("dense_z", pa.float32()),
+        ("dense_box", pa.list_(pa.float32(), 4)),
+        ("dense_score", pa.float32()),
+        ("dense_error", pa.string()),
     ]
 )
 
@@ -153,6 +162,10 @@ def matches_table(
         "train_box",
         "crop_score_norm",
         "crop_box",
+        "dense_z",
+        "dense_box",
+        "dense_score",
+        "dense_error",
     ):
         columns[name] = pa.nulls(len(ids), MATCHES_SCHEMA.field(name).type)
     split = result.split[q_idx, ranks].astype(np.float32) if result.split is not None else None
@@ -355,31 +368,60 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """``table`` with ``columns`` replaced (or appended when absent)."""
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
+    return table
+
+
 def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     """Run-level pixel-verification counts from the chunk markers (None when no chunk was verified).
 
     ``extracted_queries``: generations with at least one (l2, delta)-extracted match; ``errors``: pairs
     that could not be verified, by reason; ``density``: density-relative counts (scan option
-    density_neighbours), when on."""
-    verified = [m["verify"] for m in markers.values() if m.get("verify")]
-    if not verified:
+    density_neighbours), when on; ``dense``: dense-verification counts (scan option dense_verify), when on."""
+    markers_verify = [m["verify"] for m in markers.values() if m.get("verify")]
+    verified = [v for v in markers_verify if "verify_pairs" in v]
+    dense = [v for v in markers_verify if "dense_pairs" in v]
+    if not verified and not dense:
         return None
-    by_reason: dict[str, int] = {}
-    for v in verified:
-        for reason, count in v["verify_errors"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + count
-    out: dict[str, Any] = {
-        "chunks": len(verified),
-        "pairs": sum(v["verify_pairs"] for v in verified),
-        "verified": sum(v["verified"] for v in verified),
-        "extracted": sum(v["extracted"] for v in verified),
-        "extracted_queries": sum(v["extracted_queries"] for v in verified),  # chunks hold distinct queries
-        "errors": dict(sorted(by_reason.items())),
-    }
+    out: dict[str, Any] = {}
+    if verified:
+        out.update(
+            {
+                "chunks": len(verified),
+                "pairs": sum(v["verify_pairs"] for v in verified),
+                "verified": sum(v["verified"] for v in verified),
+                "extracted": sum(v["extracted"] for v in verified),
+                # chunks hold distinct queries
+                "extracted_queries": sum(v["extracted_queries"] for v in verified),
+                "errors": _sum_counts(v["verify_errors"] for v in verified),
+            }
+        )
     if any("density_scored" in v for v in verified):
         names = ("density_scored", "density_extracted", "neighbour_pairs", "neighbour_failed")
         out["density"] = {name: sum(v.get(name, 0) for v in verified) for name in names}
+    if dense:
+        out["dense"] = {
+            "chunks": len(dense),
+            "pairs": sum(v["dense_pairs"] for v in dense),
+            "verified": sum(v["dense_verified"] for v in dense),
+            "no_fit": sum(v["dense_no_fit"] for v in dense),
+            "errors": _sum_counts(v["dense_errors"] for v in dense),
+            "seconds": round(sum(v["dense_seconds"]["total"] for v in dense), 1),
+        }
     return out
+
+
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """{reason: count} dicts added up, sorted by reason."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
 
 
 def open_matches(out: str, storage_options: storage.StorageOptions | None = None) -> pads.Dataset:

@@ -75,6 +75,14 @@ class ScanConfig:
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
     # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
     split_product: bool = False
+    # Dense verification (search/dense.py): the region candidates of local_rank < dense_verify are re-fetched
+    # (training image from its shard, generation from its source), and the training image is searched in
+    # the generation over offset and scale, cell by cell on EfficientNet-Lite0's block-10 feature maps:
+    # dense_z (how far its best placement stands out), dense_box (where) and dense_score = local_score_norm
+    # + dense_weight * dense_z rank the candidates. Runs in the verification tasks (verify_cpus each, like
+    # verify_pixels); costs 7 forward passes per query and one per candidate. Needs a region index. 0 = off
+    dense_verify: int = 0
+    dense_weight: float = 0.05
 
     weights: str | None = None  # query embedder weights; None = the ones the index was built with
     batch_size: int = 64
@@ -117,9 +125,11 @@ class ScanConfig:
         "region_refine",
         "region_slide",
         "split_product",
+        "dense_verify",
+        "dense_weight",
     )
     # what a run recorded before these settings existed did (claim_output's ``absent``): no crops
-    RESUME_ABSENT = {"region_refine": 0, "region_slide": ""}
+    RESUME_ABSENT = {"region_refine": 0, "region_slide": "", "dense_verify": 0, "dense_weight": 0.05}
 
     def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Re-rank depth and nprobe of a scan of the index described by ``manifest``, and where each
@@ -196,6 +206,10 @@ class ScanConfig:
             problems.append(f"regions must be auto, on or off, not {self.regions!r}")
         if self.region_density_beta < 0:
             problems.append("region_density_beta must be >= 0")
+        if self.dense_verify < 0 or self.dense_weight < 0:
+            problems.append("dense_verify and dense_weight must be >= 0")
+        elif self.dense_verify and self.regions == "off":
+            problems.append("dense_verify verifies region candidates: it needs regions on (or auto)")
         if self.region_hits <= 0 or self.region_query_size < 0:
             problems.append("region_hits must be positive and region_query_size >= 0")
         if self.region_refine < 0:

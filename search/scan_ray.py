@@ -13,10 +13,12 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 
@@ -31,6 +33,7 @@ from indexing.outputs import claim_output
 from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
+from search.dense import DenseSpec, DenseVerifier
 from search.merge import carry_values, merge_topk
 from search.normalise import ScoreNormaliser, whiten
 from search.queries import QueryChunk, plan_query_chunks
@@ -249,8 +252,8 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
             "scan: is_copy = %s >= %.4f (%s)", threshold["column"], threshold["value"], threshold["source"]
         )
 
-    verify = _verifier(cfg, manifest)
     local = local_windows(cfg, manifest)
+    verify = _verifier(cfg, manifest, local)
     if local is not None:
         logger.info(
             "scan: partial copies: %d windows per query (at %d px) against %s region vectors (%d per image)",
@@ -319,16 +322,58 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     return summary
 
 
-def _verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier | None:
-    """``verify`` for write_chunk: pixel verification of the top ``verify_pixels`` ranks, or None (off)."""
-    if not cfg.verify_pixels:
+@dataclass(frozen=True)
+class ChunkVerifier:
+    """What write_chunk runs on a chunk's matches before writing them: dense verification of the region
+    candidates, then pixel verification of the top ranks (each None when off). Counts of both go into the
+    chunk marker's ``verify``."""
+
+    pixels: MatchVerifier | None = None
+    dense: DenseVerifier | None = None
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+        stats: dict[str, Any] = {}
+        for verifier in (self.dense, self.pixels):
+            if verifier is not None:
+                table, counts = verifier(table)
+                stats.update(counts)
+        return table, stats
+
+
+def _verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None) -> ChunkVerifier | None:
+    """``verify`` for write_chunk: dense verification of the region candidates of local_rank <
+    ``dense_verify`` and pixel verification of the top ``verify_pixels`` ranks; None when both are off."""
+    if not cfg.verify_pixels and not cfg.dense_verify:
         return None
     if not any(str(e.get("source", "")).endswith(".tar") for e in manifest.get("embedding_shards", [])):
         logger.warning(
-            "scan: %s holds no image shards (imported embeddings?); every pixel verification will fail "
+            "scan: %s holds no image shards (imported embeddings?); every verification will fail "
             "with train_no_source",
             cfg.index,
         )
+    dense = None
+    if cfg.dense_verify:
+        if local is None:
+            raise CopyscanError(
+                f"dense_verify={cfg.dense_verify} verifies region candidates, but {cfg.index} has no region "
+                "index (build it with regions=true) or regions=off"
+            )
+        spec = DenseSpec(
+            ranks=cfg.dense_verify,
+            weight=cfg.dense_weight,
+            threads=cfg.verify_threads,
+            limits=DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side),
+        )
+        logger.info(
+            "scan: dense verification of the best %d region candidates per query (block-10 maps, "
+            "fractions %s of the query's shorter side); dense_score = local_score_norm + %g x dense_z",
+            spec.ranks,
+            ", ".join(f"{f:g}" for f in spec.fractions),
+            spec.weight,
+        )
+        dense = DenseVerifier(manifest, cfg.index, spec, cfg.storage_options)
+    if not cfg.verify_pixels:
+        return ChunkVerifier(dense=dense)
     spec = VerifySpec(
         ranks=cfg.verify_pixels,
         size=cfg.verify_size,
@@ -351,7 +396,7 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier | None
             spec.alpha,
             spec.neighbours,
         )
-    return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options)
+    return ChunkVerifier(MatchVerifier(manifest, cfg.index, spec, cfg.storage_options), dense)
 
 
 class _VerifiedWrites:
@@ -363,7 +408,7 @@ class _VerifiedWrites:
     ``verify_in_flight`` tasks run at once; beyond that the driver waits, and the embedding with it.
     """
 
-    def __init__(self, cfg: ScanConfig, verify: MatchVerifier, on_written: Callable[[dict[str, Any]], None]):
+    def __init__(self, cfg: ScanConfig, verify: ChunkVerifier, on_written: Callable[[dict[str, Any]], None]):
         cpus = float(ray.cluster_resources().get("CPU", 1))
         in_flight = cfg.verify_in_flight or max(1, int(2 * cpus / cfg.verify_cpus))
         self.verify_ref = ray.put(verify)  # once, not per chunk: the manifest inside can be large
@@ -401,7 +446,7 @@ def _scan_chunks(
     weights: str | None,
     options: dict,
     threshold: dict | None,
-    verify: MatchVerifier | None = None,
+    verify: ChunkVerifier | None = None,
     local: LocalWindows | None = None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options

@@ -42,6 +42,7 @@ from search.pixel import (
     density_relative,
     pixel_distances,
 )
+from search.results import with_columns
 
 VERIFY_FIELDS = (
     pa.field("pixel_l2", pa.float32()),
@@ -104,14 +105,6 @@ class MatchVerifier:
         return verify_matches(table, self.manifest, self.index_url, self.spec, self.storage_options)
 
 
-def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-    """``table`` with ``columns`` replaced (or appended when absent)."""
-    for name, values in columns.items():
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
-    return table
-
-
 def verify_matches(
     table: pa.Table,
     manifest: dict[str, Any],
@@ -147,7 +140,7 @@ def verify_matches(
         train_req = {int(r): (sources[int(shards[r])], train_keys[r]) for r in rows}
         query_req = {int(r): (query_sources[r], query_ids[r]) for r in rows}
         with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
-            for group in _query_groups(rows.tolist(), query_req, spec.fetch_pairs):
+            for group in query_groups(rows.tolist(), query_req, spec.fetch_pairs):
                 t = time.perf_counter()
                 fetched = fetch_images(
                     [*(train_req[r] for r in group), *(query_req[r] for r in group)],
@@ -244,7 +237,7 @@ def verify_matches(
     return table, stats
 
 
-def _query_groups(rows: list[int], query_of: dict[int, Any], max_pairs: int) -> list[list[int]]:
+def query_groups(rows: list[int], query_of: dict[int, Any], max_pairs: int) -> list[list[int]]:
     """``rows`` cut into groups of whole queries, each of at most ``max_pairs`` rows (unless one query
     alone has more)."""
     by_query: dict[Any, list[int]] = {}

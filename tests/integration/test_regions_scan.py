@@ -18,7 +18,7 @@ from indexing.index_ray import run_index
 from indexing.manifest import load_manifest
 from indexing.regions import TRAIN_GRID, parse_grid, parse_slide
 from indexing.sample_images import open_rgb
-from search.regions import slide_boxes
+from search.regions import box_iou, slide_boxes
 from search.results import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
@@ -27,6 +27,7 @@ N_COPIES = 6
 N_NEGATIVES = 6
 TEST_QUERY_GRID = "0.3:5,0.4:4"  # 1 + 25 + 16 windows: the test's scan stays quick on 2 CPUs
 SLIDE = "0.5,0.4"  # sliding windows (off by default) searched in the global index with the frames
+DENSE = 3  # region candidates per query dense-verified (off by default)
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +40,22 @@ def region_index(ray_session, laion_shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pasted(laion_shards, real_images, tmp_path_factory):
     """Training images pasted at 35–50 % into scenes from outside the training set, and outside images
-    pasted the same way; returns (folder, {file: source key or None})."""
+    pasted the same way; returns (folder, {file: source key or None}, {pasted file: its box, fractions})."""
     train = set(laion_shards.source_images)
     others = [p for p in real_images if p not in train]
     scenes, objects = others[:6], others[6 : 6 + N_NEGATIVES]
     rng = np.random.default_rng(5)
     sources = [laion_shards.source_images[i] for i in rng.choice(len(train), N_COPIES, replace=False)]
     folder = tmp_path_factory.mktemp("pasted")
-    truth = {}
+    truth, boxes = {}, {}
     for i, obj in enumerate([*sources, *objects]):
         scene = open_rgb(scenes[i % len(scenes)])
         scene.thumbnail((640, 640))
-        img, _box = paste_partial(open_rgb(obj), scene, rng)
+        img, (x0, y0, x1, y1) = paste_partial(open_rgb(obj), scene, rng)
         name = f"q{i:02d}.jpg"
         img.save(folder / name, quality=92)
         truth[name] = laion_shards.key_of_source[obj] if i < N_COPIES else None
+        boxes[name] = [x0 / img.width, y0 / img.height, x1 / img.width, y1 / img.height]
     # and one training image as it is (JPEG again): every aligned box matches itself
     exact = laion_shards.source_images[int(rng.integers(len(train)))]
     open_rgb(exact).save(folder / "exact.jpg", quality=95)
@@ -64,7 +66,7 @@ def pasted(laion_shards, real_images, tmp_path_factory):
     w, h = whole.size
     whole.crop((round(0.55 * w), round(0.55 * h), w, h)).save(folder / "part.jpg", quality=95)
     truth["part.jpg"] = laion_shards.key_of_source[part_source]
-    return folder, truth
+    return folder, truth, boxes
 
 
 def test_region_index_layout_and_manifest(region_index, laion_shards):
@@ -98,10 +100,10 @@ def test_region_index_layout_and_manifest(region_index, laion_shards):
 
 def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted, tmp_path):
     index_url, manifest = region_index
-    folder, truth = pasted
+    folder, truth, boxes = pasted
     out = str(tmp_path / "scan")
     cfg = {"index": index_url, "queries": str(folder), "out": out, "split_product": "true"}
-    cfg.update(region_query_grid=TEST_QUERY_GRID, region_slide=SLIDE)
+    cfg.update(region_query_grid=TEST_QUERY_GRID, region_slide=SLIDE, dense_verify=DENSE)
     summary = run_scan(resolve(ScanConfig, cfg))
     assert summary["regions"]["windows"] == len(parse_grid(TEST_QUERY_GRID))
     assert summary["regions"]["split_product"] is True
@@ -159,13 +161,33 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     ranked = [r for r in rows if r["rank"] is not None]
     assert len(ranked) == len(truth) * min(10, manifest["ntotal"])
     assert all(r["score"] is None for r in rows if r["rank"] is None)
+    # dense verification of each query's best DENSE region candidates: fetched, placed, scored
+    selected = [r for r in rows if r["local_rank"] is not None and r["local_rank"] < DENSE]
+    dense = summary["verification"]["dense"]
+    assert dense["pairs"] == len(selected) and dense["errors"] == {}
+    assert dense["verified"] + dense["no_fit"] == len(selected) and dense["verified"] > 0
+    for r in rows:
+        if r["dense_z"] is None:
+            assert r["dense_score"] is None and r["dense_box"] is None and r["dense_error"] is None
+            continue
+        assert r in selected
+        assert r["dense_score"] == pytest.approx(r["local_score_norm"] + 0.05 * r["dense_z"], rel=1e-5)
+        x0, y0, x1, y1 = r["dense_box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    # where a pasted source was verified, it is placed where it was pasted
+    placed = [
+        box_iou(r["dense_box"], boxes[r["query_id"]])
+        for r in selected
+        if r["dense_z"] is not None and r["query_id"] in boxes and r["train_key"] == truth[r["query_id"]]
+    ]
+    assert placed and np.median(placed) >= 0.5, placed
     # a rerun resumes: nothing to do
     assert run_scan(resolve(ScanConfig, cfg))["this_run"]["chunks"] == 0
 
 
 def test_scan_regions_off(region_index, pasted, tmp_path):
     index_url, _ = region_index
-    folder, _ = pasted
+    folder, _, _ = pasted
     out = str(tmp_path / "off")
     cfg = resolve(ScanConfig, {"index": index_url, "queries": str(folder), "out": out, "regions": "off"})
     summary = run_scan(cfg)

@@ -332,9 +332,9 @@ def test_density_relative_score_from_the_query_top_matches(real_images, tmp_path
 
 
 def test_fetch_groups_hold_whole_queries():
-    from search.verify import _query_groups
+    from search.verify import query_groups
 
     query_of = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
-    assert _query_groups(list(query_of), query_of, 4) == [[0, 1, 2], [3, 4, 5]]
-    assert _query_groups(list(query_of), query_of, 2) == [[0, 1, 2], [3, 4], [5]]
-    assert _query_groups(list(query_of), query_of, 100) == [[0, 1, 2, 3, 4, 5]]
+    assert query_groups(list(query_of), query_of, 4) == [[0, 1, 2], [3, 4, 5]]
+    assert query_groups(list(query_of), query_of, 2) == [[0, 1, 2], [3, 4], [5]]
+    assert query_groups(list(query_of), query_of, 100) == [[0, 1, 2, 3, 4, 5]]
