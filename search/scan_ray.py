@@ -365,8 +365,9 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | N
             limits=DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side),
         )
         logger.info(
-            "scan: dense verification of the best %d region candidates per query (block-10 maps, "
-            "fractions %s of the query's shorter side); dense_score = local_score_norm + %g x dense_z",
+            "scan: dense verification of the best %d region candidates per query (block-10 maps; the "
+            "training image's longer side at %s of the query's shorter side); dense_score = "
+            "local_score_norm + %g x dense_z",
             spec.ranks,
             ", ".join(f"{f:g}" for f in spec.fractions),
             spec.weight,
@@ -400,7 +401,7 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | N
 
 
 class _VerifiedWrites:
-    """``write_chunk`` with pixel verification, as one Ray task of ``verify_cpus`` CPUs per chunk.
+    """``write_chunk`` with verification (pixels, dense), as one Ray task of ``verify_cpus`` CPUs per chunk.
 
     The driver goes on with the next chunks while earlier ones are verified. A task verifies its chunk's
     matches (in batches, decoding in threads) and only then writes the chunk's files and, last, its marker
