@@ -79,13 +79,14 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
 def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
     """Region matching (partial copies): the same metrics on each query's local_rank-0 row, on the row
     best by max(score_norm, local_score_norm) ("either": a copy is found by either path), and, when the
-    scan ran dense verification (dense_verify), on the row best by dense_score (the local_rank-0 row for a
-    query none of whose candidates was verified)."""
+    scan ran dense verification (dense_verify), on the verified row with the highest dense_z (dense_rank
+    0) scored by its dense_score (the local_rank-0 row and its local_score_norm for a query none of whose
+    candidates was verified)."""
     copies = [t for t in truth if t["is_copy"]]
     names = ["query_id", "train_key", "local_rank", "score_norm", "local_score_norm"]
     names += ["crop_score_norm"] if "crop_score_norm" in table.column_names else []
     dense = "dense_score" in table.column_names and table["dense_score"].null_count < table.num_rows
-    names += ["dense_score"] if dense else []
+    names += ["dense_z", "dense_score"] if dense else []
     rows = table.select(names).to_pylist()
     by_query: dict[str, list[dict]] = {}
     for r in rows:
@@ -110,7 +111,7 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
     values = {"local_score_norm": lambda r: r["local_score_norm"], "either_norm": either}
     if dense:
         pickers["dense_score"] = lambda rs: (
-            max((r for r in rs if r["dense_score"] is not None), key=dense_score, default=None)
+            max((r for r in rs if r["dense_z"] is not None), key=lambda r: r["dense_z"], default=None)
             or local_top(rs)
         )
         values["dense_score"] = dense_score

@@ -25,9 +25,14 @@ map; a wrong image's map is flat. A level where the template fits at fewer than 
 offsets gives no z (its mean and spread are meaningless), so fractions stop well below 1: objects that
 fill most of the generation are what the global descriptor and region frames find.
 
-``dense_score = local_score_norm + weight * dense_z`` ranks the verified candidates; it is null where a
-candidate was not verified. Cost per generation: one forward pass per level (the largest is the
-generation at ``template_side / min(fractions)`` px on its shorter side) and one per candidate.
+The verified candidates of a generation are ranked by ``dense_z`` (``dense_rank``, 0 = best): their z
+come from the same generation's maps, so they compare directly, and on the partial-copy bench the source
+had the highest z for every copy whose source was among the candidates (98 of 120). Across generations z
+is less comparable (a busy scene gives every wrong image a higher peak than a flat one), so the
+confidence of a generation's answer is ``dense_score = local_score_norm + weight * dense_z``, which adds
+the region score's normalisation against the background. Both are null where a candidate was not
+verified. Cost per generation: one forward pass per level (the largest is the generation at
+``template_side / min(fractions)`` px on its shorter side) and one per candidate.
 """
 
 from __future__ import annotations
@@ -60,13 +65,6 @@ MIN_POSITIONS = 25  # offsets a level needs for its z (mean and std of the corre
 DEFAULT_FRACTIONS = (0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.72)
 MAX_SIDE = 2048  # a level's longer side is capped here (very wide generations at small fractions)
 EXAMPLES_KEPT = 5
-
-DENSE_FIELDS = (
-    pa.field("dense_z", pa.float32()),
-    pa.field("dense_box", pa.list_(pa.float32(), 4)),
-    pa.field("dense_score", pa.float32()),
-    pa.field("dense_error", pa.string()),
-)
 
 
 @dataclass(frozen=True)
@@ -186,10 +184,10 @@ def verify_dense(
     """Dense-verify the rows of ``local_rank < spec.ranks`` in ``table`` (MATCHES_SCHEMA columns).
 
     Images are fetched and decoded for at most ``spec.fetch_pairs`` pairs (whole generations) at a time.
-    Returns the table with ``dense_z``, ``dense_box``, ``dense_score`` and ``dense_error`` set (null where
-    not verified; ``dense_error`` says why a selected row could not be), and counts: ``dense_pairs``
-    (selected), ``dense_verified``, ``dense_no_fit`` (the template fits no level of the generation),
-    ``dense_errors`` ({reason: count}), ``dense_error_examples`` and ``dense_seconds``.
+    Returns the table with ``dense_rank``, ``dense_z``, ``dense_box``, ``dense_score`` and ``dense_error``
+    set (null where not verified; ``dense_error`` says why a selected row could not be), and counts:
+    ``dense_pairs`` (selected), ``dense_verified``, ``dense_no_fit`` (the template fits no level of the
+    generation), ``dense_errors`` ({reason: count}), ``dense_error_examples`` and ``dense_seconds``.
     """
     t0 = time.perf_counter()
     n = table.num_rows
@@ -255,9 +253,18 @@ def verify_dense(
     done = np.isfinite(z)
     local_norm = np.asarray(table["local_score_norm"].to_numpy(zero_copy_only=False), dtype=np.float32)
     score = local_norm + np.float32(spec.weight) * z
+    rank = np.full(n, -1, dtype=np.int32)
+    query_of = table["query_id"].to_pylist()
+    by_query_rows: dict[Any, list[int]] = defaultdict(list)
+    for r in np.nonzero(done)[0].tolist():
+        by_query_rows[query_of[r]].append(r)
+    for verified in by_query_rows.values():
+        order = sorted(verified, key=lambda r: (-float(z[r]), r))  # ties: the table's order
+        rank[order] = np.arange(len(order), dtype=np.int32)
     table = with_columns(
         table,
         {
+            "dense_rank": pa.array(rank, pa.int32(), mask=rank < 0),
             "dense_z": pa.array(z, pa.float32(), mask=~done),
             "dense_box": pa.array(boxes, pa.list_(pa.float32(), 4)),
             "dense_score": pa.array(score, pa.float32(), mask=~np.isfinite(score)),

@@ -79,8 +79,10 @@ MATCHES_SCHEMA = pa.schema(
         # dense verification (scan dense_verify, search/dense.py) of the region candidates of local_rank <
         # dense_verify; null where not verified. dense_z: by how many standard deviations the training
         # image's best placement in the generation (block-10 feature maps, searched over offset and scale)
-        # stands out from its other placements; dense_box: that placement; dense_score = local_score_norm +
-        # dense_weight * dense_z; dense_error: why a selected row could not be verified
+        # stands out from its other placements; dense_rank: rank by dense_z among the generation's verified
+        # candidates (0 = its answer); dense_box: that placement; dense_score = local_score_norm +
+        # dense_weight * dense_z, the answer's confidence; dense_error: why a selected row was not verified
+        ("dense_rank", pa.int32()),
         ("dense_z", pa.float32()),
         ("dense_box", pa.list_(pa.float32(), 4)),
         ("dense_score", pa.float32()),
@@ -162,6 +164,7 @@ def matches_table(
         "train_box",
         "crop_score_norm",
         "crop_box",
+        "dense_rank",
         "dense_z",
         "dense_box",
         "dense_score",

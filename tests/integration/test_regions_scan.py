@@ -169,11 +169,18 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     for r in rows:
         if r["dense_z"] is None:
             assert r["dense_score"] is None and r["dense_box"] is None and r["dense_error"] is None
+            assert r["dense_rank"] is None
             continue
         assert r in selected
         assert r["dense_score"] == pytest.approx(r["local_score_norm"] + 0.05 * r["dense_z"], rel=1e-5)
         x0, y0, x1, y1 = r["dense_box"]
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    # each query's verified candidates are ranked 0, 1, ... by dense_z
+    for q in truth:
+        verified = sorted((r for r in selected if r["query_id"] == q and r["dense_z"] is not None),
+                          key=lambda r: r["dense_rank"])  # fmt: skip
+        assert [r["dense_rank"] for r in verified] == list(range(len(verified)))
+        assert all(a["dense_z"] >= b["dense_z"] for a, b in zip(verified, verified[1:], strict=False))
     # where a pasted source was verified, it is placed where it was pasted
     placed = [
         box_iou(r["dense_box"], boxes[r["query_id"]])

@@ -133,11 +133,14 @@ def test_verify_dense_sets_columns_for_selected_rows_and_records_failures(matche
     assert stats["dense_errors"] == {"train_key_not_found": 1, "train_not_an_image": 1}
     assert [r["dense_error"] for r in rows] == [None, None, "train_not_an_image", "train_key_not_found", None]
     assert rows[0]["dense_z"] > rows[1]["dense_z"] + 2  # the source, over an image not in the scene
+    assert [r["dense_rank"] for r in rows] == [0, 1, None, None, None]  # by dense_z, verified rows only
     for r in rows[:2]:
         assert r["dense_score"] == pytest.approx(r["local_score_norm"] + spec.weight * r["dense_z"], rel=1e-6)
         assert len(r["dense_box"]) == 4
     for r in rows[2:]:  # not verifiable, or not selected (no local rank)
         assert r["dense_z"] is None and r["dense_box"] is None and r["dense_score"] is None
+        assert r["dense_rank"] is None
     # only the selected ranks: ranks=1 verifies the best candidate alone
     out1, stats1 = verify_dense(table, manifest, "index", DenseSpec(ranks=1), matcher=matcher)
     assert stats1["dense_pairs"] == 1 and out1["dense_z"].null_count == 4
+    assert out1["dense_rank"].to_pylist() == [0, None, None, None, None]
