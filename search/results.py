@@ -380,7 +380,7 @@ def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
 
 
 def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """Run-level pixel-verification counts from the chunk markers (None when no chunk was verified).
+    """Run-level verification counts (pixels, dense) from the chunk markers (None when none was verified).
 
     ``extracted_queries``: generations with at least one (l2, delta)-extracted match; ``errors``: pairs
     that could not be verified, by reason; ``density``: density-relative counts (scan option
