@@ -159,20 +159,6 @@ def _decode(fetched: Fetched, limits: DecodeLimits) -> Image.Image | tuple[str, 
         return rej.reason, rej.detail
 
 
-@dataclass(frozen=True)
-class DenseVerifier:
-    """``verify_dense`` bound to one index: a picklable ``table -> (table, counts)`` for the Ray tasks that
-    verify scan chunks (the network is loaded once per worker process)."""
-
-    manifest: dict[str, Any]
-    index_url: str
-    spec: DenseSpec
-    storage_options: storage.StorageOptions | None = None
-
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        return verify_dense(table, self.manifest, self.index_url, self.spec, self.storage_options)
-
-
 def verify_dense(
     table: pa.Table,
     manifest: dict[str, Any],

@@ -33,7 +33,7 @@ from indexing.outputs import claim_output
 from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
-from search.dense import DenseSpec, DenseVerifier
+from search.dense import DenseSpec, verify_dense
 from search.merge import carry_values, merge_topk
 from search.normalise import ScoreNormaliser, whiten
 from search.queries import QueryChunk, plan_query_chunks
@@ -329,7 +329,7 @@ class ChunkVerifier:
     chunk marker's ``verify``."""
 
     pixels: MatchVerifier | None = None
-    dense: DenseVerifier | None = None
+    dense: MatchVerifier | None = None
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
         stats: dict[str, Any] = {}
@@ -372,7 +372,7 @@ def _verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | N
             ", ".join(f"{f:g}" for f in spec.fractions),
             spec.weight,
         )
-        dense = DenseVerifier(manifest, cfg.index, spec, cfg.storage_options)
+        dense = MatchVerifier(manifest, cfg.index, spec, cfg.storage_options, verify_dense)
     if not cfg.verify_pixels:
         return ChunkVerifier(dense=dense)
     spec = VerifySpec(

@@ -23,6 +23,7 @@ by those whatever the number of matches.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -93,16 +94,20 @@ class VerifySpec:
 
 @dataclass(frozen=True)
 class MatchVerifier:
-    """``verify_matches`` bound to one index: a picklable ``table -> (table, counts)`` that can travel to
-    the Ray tasks that verify scan chunks (put it in the object store once; the manifest can be large)."""
+    """A verification bound to one index: a picklable ``table -> (table, counts)`` that can travel to the
+    Ray tasks that verify scan chunks (put it in the object store once; the manifest can be large).
+    ``verify`` is ``verify_matches`` (pixels, with a VerifySpec) or ``search.dense.verify_dense`` (with a
+    DenseSpec)."""
 
     manifest: dict[str, Any]
     index_url: str
-    spec: VerifySpec
+    spec: Any
     storage_options: storage.StorageOptions | None = None
+    verify: Callable[..., tuple[pa.Table, dict[str, Any]]] | None = None  # None: verify_matches
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        return verify_matches(table, self.manifest, self.index_url, self.spec, self.storage_options)
+        verify = self.verify or verify_matches
+        return verify(table, self.manifest, self.index_url, self.spec, self.storage_options)
 
 
 def verify_matches(
