@@ -55,16 +55,15 @@ from indexing import storage
 from indexing.decode import DecodeLimits, Rejected, decode_image
 from indexing.descriptor import IMAGENET_MEAN, IMAGENET_STD, resize_short_edge_rgb
 from indexing.effnet import EfficientNetLite0, load_efficientnet_lite0
-from search.fetch import Fetched, fetch_images, training_source
+from search.fetch import Fetched, fetch_images
 from search.results import with_columns
-from search.verify import query_groups
+from search.verify import EXAMPLES_KEPT, count_reasons, error_example, pair_requests, query_groups
 
 TAP = 10  # EfficientNet-Lite0 block 10: (112, H/16, W/16)
 STRIDE = 16
 MIN_POSITIONS = 25  # offsets a level needs for its z (mean and std of the correlation map)
 DEFAULT_FRACTIONS = (0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.72)
 MAX_SIDE = 2048  # a level's longer side is capped here (very wide generations at small fractions)
-EXAMPLES_KEPT = 5
 
 
 @dataclass(frozen=True)
@@ -187,13 +186,7 @@ def verify_dense(
     no_fit = 0
     if len(rows):
         matcher = matcher or DenseMatcher(spec)
-        shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
-        train_keys = table["train_key"].to_pylist()
-        query_ids = table["query_id"].to_pylist()
-        query_sources = table["query_source"].to_pylist()
-        sources = {int(s): training_source(manifest, index_url, int(s)) for s in np.unique(shards[rows])}
-        train_req = {int(r): (sources[int(shards[r])], train_keys[r]) for r in rows}
-        query_req = {int(r): (query_sources[r], query_ids[r]) for r in rows}
+        train_req, query_req = pair_requests(table, rows, manifest, index_url)
         with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
             for group in query_groups(rows.tolist(), query_req, spec.fetch_pairs):
                 t = time.perf_counter()
@@ -223,9 +216,8 @@ def verify_dense(
                             errors[r] = f"{failed[0]}_{failed[1][0]}"
                             if len(examples) < EXAMPLES_KEPT:
                                 examples.append(
-                                    {"query_id": query_ids[r], "train_key": train_keys[r], "reason": errors[r],
-                                     "detail": failed[1][1][:300]}
-                                )  # fmt: skip
+                                    error_example(train_req[r], query_req[r], errors[r], failed[1][1])
+                                )
                             continue
                         if train_req[r] not in templates:
                             templates[train_req[r]] = matcher.template(timg)
@@ -257,15 +249,11 @@ def verify_dense(
             "dense_error": pa.array(errors, pa.string()),
         },
     )
-    by_reason: dict[str, int] = {}
-    for reason in errors:
-        if reason is not None:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
     stats = {
         "dense_pairs": len(rows),
         "dense_verified": int(done.sum()),
         "dense_no_fit": no_fit,
-        "dense_errors": dict(sorted(by_reason.items())),
+        "dense_errors": count_reasons(errors),
         "dense_error_examples": examples,
         "dense_seconds": {k: round(v, 3) for k, v in timings.items()}
         | {"total": round(time.perf_counter() - t0, 3)},

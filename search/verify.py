@@ -137,13 +137,7 @@ def verify_matches(
     examples: list[dict[str, Any]] = []
     timings = {"fetch": 0.0, "decode": 0.0, "distance": 0.0}
     if len(rows):
-        shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
-        train_keys = table["train_key"].to_pylist()
-        query_ids = table["query_id"].to_pylist()
-        query_sources = table["query_source"].to_pylist()
-        sources = {int(s): training_source(manifest, index_url, int(s)) for s in np.unique(shards[rows])}
-        train_req = {int(r): (sources[int(shards[r])], train_keys[r]) for r in rows}
-        query_req = {int(r): (query_sources[r], query_ids[r]) for r in rows}
+        train_req, query_req = pair_requests(table, rows, manifest, index_url)
         with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
             for group in query_groups(rows.tolist(), query_req, spec.fetch_pairs):
                 t = time.perf_counter()
@@ -185,12 +179,7 @@ def verify_matches(
                                     errors[r] = f"{side}_{result[0]}"
                                     if len(examples) < EXAMPLES_KEPT:
                                         examples.append(
-                                            {
-                                                "query_id": query_ids[r],
-                                                "train_key": train_keys[r],
-                                                "reason": errors[r],
-                                                "detail": result[1][:300],
-                                            }
+                                            error_example(train_req[r], query_req[r], errors[r], result[1])
                                         )
                                 break
                         else:
@@ -223,23 +212,50 @@ def verify_matches(
             }
         )
     table = with_columns(table, columns)
-    by_reason: dict[str, int] = {}
-    for reason in errors:
-        if reason is not None:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
     query_col = table["query_id"].to_numpy(zero_copy_only=False)
     stats.update(
         {
             "verified": int(done.sum()),
             "extracted": int(extracted.sum()),
             "extracted_queries": len(set(query_col[extracted].tolist())),
-            "verify_errors": dict(sorted(by_reason.items())),
+            "verify_errors": count_reasons(errors),
             "verify_error_examples": examples,
             "verify_seconds": {k: round(v, 3) for k, v in timings.items()}
             | {"total": round(time.perf_counter() - t0, 3)},
         }
     )
     return table, stats
+
+
+def pair_requests(
+    table: pa.Table, rows: np.ndarray, manifest: dict[str, Any], index_url: str
+) -> tuple[dict[int, tuple[str, str]], dict[int, tuple[str, str]]]:
+    """The images to fetch for ``rows`` of ``table`` (MATCHES_SCHEMA columns), as ``search.fetch``
+    requests: {row: (the training shard's source tar, train_key)} and {row: (query_source, query_id)}."""
+    shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
+    train_keys = table["train_key"].to_pylist()
+    query_ids = table["query_id"].to_pylist()
+    query_sources = table["query_source"].to_pylist()
+    sources = {int(s): training_source(manifest, index_url, int(s)) for s in np.unique(shards[rows])}
+    train_req = {int(r): (sources[int(shards[r])], train_keys[r]) for r in rows}
+    query_req = {int(r): (query_sources[r], query_ids[r]) for r in rows}
+    return train_req, query_req
+
+
+def error_example(
+    train_req: tuple[str, str], query_req: tuple[str, str], reason: str, detail: str
+) -> dict[str, str]:
+    """One failed pair as listed in a chunk marker (at most EXAMPLES_KEPT per chunk)."""
+    return {"query_id": query_req[1], "train_key": train_req[1], "reason": reason, "detail": detail[:300]}
+
+
+def count_reasons(errors: list[str | None]) -> dict[str, int]:
+    """{reason: rows} of the rows that could not be verified (None: verified or not selected)."""
+    counts: dict[str, int] = {}
+    for reason in errors:
+        if reason is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def query_groups(rows: list[int], query_of: dict[int, Any], max_pairs: int) -> list[list[int]]:
