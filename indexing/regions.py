@@ -39,24 +39,28 @@ MAX_TRAIN_REGIONS = 64
 MODES = ("crop", "pool")
 
 
-def parse_slide(spec: str) -> tuple[float, ...]:
-    """``ScanConfig.region_slide`` ("0.5,0.4"; "" = none) → the window sides, fractions of the query's
-    shorter side, each in (0, 1]."""
+def parse_slide(spec: str) -> tuple[tuple[float, float], ...]:
+    """``ScanConfig.region_slide`` ("0.5,0.4,0.5x0.25"; "" = none) → the windows' (width, height), fractions
+    of the query's shorter side, each in (0, 1]: ``S`` is a square of side S, ``WxH`` a rectangle (for
+    pasted objects of another shape than the query's windows: a 2:1 object fills at most half a square)."""
     sizes = []
     for part in (p.strip() for p in str(spec or "").split(",")):
         if not part:
             continue
         try:
-            size = float(part)
+            sides = [float(v) for v in part.lower().split("x")]
         except ValueError:
+            sides = []
+        if len(sides) not in (1, 2):
             raise CopyscanError(
-                f"bad region_slide entry {part!r} in {spec!r}: use sides like 0.5,0.4"
-            ) from None
-        if not 0 < size <= 1:
+                f"bad region_slide entry {part!r} in {spec!r}: use sides like 0.5,0.4 or rectangles like "
+                "0.5x0.25 (width x height)"
+            )
+        if not all(0 < v <= 1 for v in sides):
             raise CopyscanError(
                 f"region_slide entry {part!r}: sides are fractions of the shorter side, in (0, 1]"
             )
-        sizes.append(size)
+        sizes.append((sides[0], sides[-1]))
     return tuple(sizes)
 
 

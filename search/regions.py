@@ -16,8 +16,8 @@ source like a whole copy does, and that search is not limited to the images regi
 image's best crop score adds to its region score.
 
 Sliding windows (``slide``, ``ScanConfig.region_slide``) are crops too, made without region matching:
-squares of the query at a few sides (fractions of its shorter side, ``slide_boxes``), ``SLIDE_STEP`` of a
-side apart, searched in the global index with the frames. They find pasted objects whose source region
+squares (or rectangles) of the query at a few sides (fractions of its shorter side, ``slide_boxes``),
+``SLIDE_STEP`` of a side apart, searched in the global index with the frames. They find pasted objects whose source region
 matching ranked too low to get a frame, but bring about as many false matches (off by default; README).
 """
 
@@ -141,13 +141,15 @@ def _positions(extent: float) -> np.ndarray:
     return starts if len(starts) <= SLIDE_MAX_AXIS else np.linspace(0.0, room, SLIDE_MAX_AXIS)
 
 
-def slide_boxes(sizes: Sequence[float], width: int, height: int) -> np.ndarray:
-    """The sliding windows of a ``width`` × ``height`` px query: for every side in ``sizes`` (fractions of
-    its shorter side), squares in its pixels, row by row → (n, 4) float32 fractions x0, y0, x1, y1."""
+def slide_boxes(sizes: Sequence[float | tuple[float, float]], width: int, height: int) -> np.ndarray:
+    """The sliding windows of a ``width`` × ``height`` px query: for every size in ``sizes`` (a side, or a
+    (width, height) pair, fractions of its shorter side), squares (rectangles) in its pixels, row by row
+    → (n, 4) float32 fractions x0, y0, x1, y1."""
     short = min(width, height)
     out = []
     for size in sizes:
-        w, h = size * short / width, size * short / height
+        sw, sh = (size, size) if np.isscalar(size) else size
+        w, h = sw * short / width, sh * short / height
         for y in _positions(h):
             out.extend((x, y, x + w, y + h) for x in _positions(w))
     return np.asarray(out, dtype=np.float32).reshape(-1, 4)
@@ -360,7 +362,8 @@ class LocalWindows:
     # the region index's own boxes, made like the index made them (split product), or None
     aligned: RegionSpec | None = None
     refine: int = 0  # ScanConfig.region_refine: crops of the best images' frames searched in the global index
-    slide: tuple[float, ...] = ()  # ScanConfig.region_slide: sliding-window sides, searched like the crops
+    # ScanConfig.region_slide: sliding windows' (width, height), searched like the crops
+    slide: tuple[tuple[float, float], ...] = ()
 
     @property
     def crops(self) -> bool:
@@ -386,7 +389,7 @@ class LocalWindows:
             "refine_pairs": REFINE_PAIRS if self.refine else None,
             # squares of these sides (fractions of the query's shorter side), SLIDE_STEP of a side apart,
             # searched in the global index like the frames
-            "slide": list(self.slide),
+            "slide": [list(size) for size in self.slide],  # [width, height] of the shorter side
             "slide_step": SLIDE_STEP if self.slide else None,
             "slide_max_per_axis": SLIDE_MAX_AXIS if self.slide else None,
         }

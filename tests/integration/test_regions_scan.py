@@ -134,7 +134,7 @@ def test_scan_finds_pasted_training_images_with_their_boxes(region_index, pasted
     # localise, then search: crops where region matching located training images, and sliding windows,
     # searched in the global index; an image's best crop score adds to its local_score_norm
     assert summary["regions"]["refine"] == ScanConfig.region_refine
-    assert summary["regions"]["slide"] == list(parse_slide(SLIDE))
+    assert summary["regions"]["slide"] == [list(size) for size in parse_slide(SLIDE)]
     by_crop = [r for r in rows if r["crop_score_norm"] is not None]
     assert by_crop, "no crop found anything"
     slid = [

@@ -251,12 +251,26 @@ def test_slide_boxes_are_squares_a_third_of_a_side_apart():
     assert pano.shape == (4 * SLIDE_MAX_AXIS, 4)  # 4 rows of SLIDE_MAX_AXIS
     np.testing.assert_allclose(np.diff(pano[:SLIDE_MAX_AXIS, 0]), 0.95 / (SLIDE_MAX_AXIS - 1), rtol=1e-5)
     assert slide_boxes([], 100, 100).shape == (0, 4)
+    # rectangles: 0.5 x 0.25 of the shorter side of a 200 x 100 query is 50 x 25 px, i.e. 0.25 of each
+    # dimension, each axis stepping 0.34 of its own extent (0.085): 10 starts along x and 10 along y
+    rect = slide_boxes([(0.5, 0.25)], 200, 100)
+    np.testing.assert_allclose((rect[:, 2] - rect[:, 0]) * 200, 50, rtol=1e-5)
+    np.testing.assert_allclose((rect[:, 3] - rect[:, 1]) * 100, 25, rtol=1e-5)
+    assert rect.shape == (10 * 10, 4)
+    np.testing.assert_allclose(rect[:4, 0], [0.0, 0.085, 0.17, 0.255], atol=1e-6)
+    np.testing.assert_allclose(rect[-1], [0.75, 0.75, 1.0, 1.0], atol=1e-6)
+    tall = slide_boxes([(0.25, 0.5)], 100, 100)  # 25 x 50 px on a square query
+    np.testing.assert_allclose(tall[0], [0.0, 0.0, 0.25, 0.5])
+    assert tall.shape == (10 * 4, 4)
+    # a pair equal on both sides is the square of that side
+    np.testing.assert_allclose(slide_boxes([(0.5, 0.5)], 200, 100), wide)
 
 
 def test_parse_slide_and_its_config_check():
-    assert parse_slide("0.5, 0.4") == (0.5, 0.4)
+    assert parse_slide("0.5, 0.4") == ((0.5, 0.5), (0.4, 0.4))
+    assert parse_slide("0.5x0.25,0.25X0.5") == ((0.5, 0.25), (0.25, 0.5))
     assert parse_slide("") == ()
-    for bad in ("1.5", "0", "half"):
+    for bad in ("1.5", "0", "half", "0.5x", "0.5x1.2", "0.2x0.2x0.2"):
         with pytest.raises(CopyscanError, match="region_slide"):
             parse_slide(bad)
     with pytest.raises(CopyscanError, match="region_slide"):
