@@ -16,9 +16,10 @@ source like a whole copy does, and that search is not limited to the images regi
 image's best crop score adds to its region score.
 
 Sliding windows (``slide``, ``ScanConfig.region_slide``) are crops too, made without region matching:
-squares (or rectangles) of the query at a few sides (fractions of its shorter side, ``slide_boxes``),
-``SLIDE_STEP`` of a side apart, searched in the global index with the frames. They find pasted objects whose source region
-matching ranked too low to get a frame, but bring about as many false matches (off by default; README).
+squares or rectangles of the query (sides in fractions of its shorter side, ``slide_boxes``),
+``SLIDE_STEP`` of a side apart, searched in the global index with the frames. They find pasted objects
+whose source region matching ranked too low to get a frame, but bring about as many false matches (off by
+default; README).
 """
 
 from __future__ import annotations
@@ -387,9 +388,9 @@ class LocalWindows:
             # the global index; an image's best crop score (crop_score_norm) adds to its local_score_norm
             "refine": self.refine,
             "refine_pairs": REFINE_PAIRS if self.refine else None,
-            # squares of these sides (fractions of the query's shorter side), SLIDE_STEP of a side apart,
-            # searched in the global index like the frames
-            "slide": [list(size) for size in self.slide],  # [width, height] of the shorter side
+            # windows of these [width, height] (fractions of the query's shorter side), SLIDE_STEP of a side
+            # apart, searched in the global index like the frames
+            "slide": [list(size) for size in self.slide],
             "slide_step": SLIDE_STEP if self.slide else None,
             "slide_max_per_axis": SLIDE_MAX_AXIS if self.slide else None,
         }
