@@ -314,6 +314,18 @@ class BackgroundSample:
             I_bg = np.where(I_bg == left_out[:, None], -1, I_bg)
         return pair_background_bias(D_bg, I_bg, layout.image_ids(I, self.per_image), self.ranks)
 
+    def floor(self, xw: np.ndarray) -> np.ndarray:
+        """(nq,) float32: the lowest ``bias`` any hit can give query ``xw[i]``, the one of a hit that is the
+        nearest background vector (leaving it out shifts every later rank up the most); NaN where too few.
+        A lower bound of score normalisation for range search (``search.radius``); a global index only
+        (``per_image`` 1): one region image holds several background vectors."""
+        if self.per_image != 1:
+            raise ValueError("floor is defined for a global index (per_image 1)")
+        m = min(self.ranks[1] + 1, self.index.ntotal)
+        D_bg, pos = self.index.search(np.ascontiguousarray(xw, dtype=np.float32), m)
+        I_bg = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        return pair_background_bias(D_bg, I_bg, I_bg[:, :1], self.ranks)[:, 0]
+
 
 def index_shard_marker(
     out: str, factory: str, index_shard: int, storage_options: storage.StorageOptions | None = None

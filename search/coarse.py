@@ -47,16 +47,37 @@ class SharedCoarse:
         """Top ``ks[i]`` ids of each query in shard ``i``: [(nq, ks[i]) int64], as each shard's own
         ``search`` returns them. xq: (nq, d) float32 in the index's space (before its transforms);
         nprobe: lists per query (0: the shards' own setting)."""
+        x, Iq, Dq = self.assign(xq, nprobe)
+        return [ivf.search_preassigned(x, k, Iq, Dq)[1] for ivf, k in zip(self.ivfs, ks, strict=True)]
+
+    def range_search(
+        self, xq: np.ndarray, tau: np.ndarray, nprobe: int = 0
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every vector of each shard whose approximate score with query ``i`` is at least ``tau[i]``:
+        [(lims, D, I)] per shard, as faiss' ``range_search`` returns them, D in score units.
+
+        One radius per query, folded into the query (``search.radius``): lists are assigned with the
+        query itself, then scanned with ``xq[i] / tau[i]`` against radius 1. tau: (nq,) float32, > 0."""
+        x, Iq, Dq = self.assign(xq, nprobe)
+        scale = np.asarray(tau, dtype=np.float32)[:, None]
+        xs, Ds = np.ascontiguousarray(x / scale), np.ascontiguousarray(Dq / scale)
+        out = []
+        for ivf in self.ivfs:
+            lims, D, I = ivf.range_search_preassigned(xs, 1.0, Iq, Ds)
+            out.append((lims, D * np.repeat(scale[:, 0], np.diff(lims).astype(np.int64)), I))
+        return out
+
+    def assign(self, xq: np.ndarray, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The query block through the shards' transforms, and its ``nprobe`` nearest lists (Iq) with their
+        scores (Dq), once for every shard; sets every shard's nprobe, which the preassigned scans read."""
         x = np.ascontiguousarray(xq, dtype=np.float32)
         for transform in self.transforms:
             x = transform.apply(x)
         nprobe = min(nprobe or self.ivfs[0].nprobe, self.ivfs[0].nlist)
         Dq, Iq = self.quantizer.search(x, nprobe)
-        found = []
-        for ivf, k in zip(self.ivfs, ks, strict=True):
+        for ivf in self.ivfs:
             ivf.nprobe = nprobe  # search_preassigned reads the number of lists from the index
-            found.append(ivf.search_preassigned(x, k, Iq, Dq)[1])
-        return found
+        return x, Iq, Dq
 
 
 def _split(index: faiss.Index) -> tuple[list, faiss.IndexIVF] | None:

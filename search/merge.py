@@ -48,3 +48,21 @@ def carry_values(
             found = match.any(axis=1)
             out[found, j] = Vp[rows[found], match.argmax(axis=1)[found]]
     return out
+
+
+def merge_sorted_with(parts: Sequence[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
+    """Merge ``parts`` [(D, I, *values)], each (nq, k_i) of any width, into the best ``k`` by D of each query
+    with every result's values carried along: (D, I, *values) of min(k, Σ k_i) columns, D descending,
+    (-inf, -1, NaN) where a query has fewer results.
+
+    For wide rows (range search: k + hundreds of extra matches), where ``carry_values``' search of every
+    id in every part would cost nq · k · k_i."""
+    D = np.hstack([np.where(p[1] < 0, -np.inf, p[0]).astype(np.float32) for p in parts])
+    I = np.hstack([p[1] for p in parts]).astype(np.int64)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    I = np.take_along_axis(I, order, 1)
+    out = [np.take_along_axis(D, order, 1), I]
+    for j in range(2, len(parts[0])):
+        values = np.take_along_axis(np.hstack([p[j] for p in parts]).astype(np.float32), order, 1)
+        out.append(np.where(I < 0, np.nan, values))
+    return tuple(out)

@@ -65,3 +65,8 @@ class ScoreNormaliser:
         out = (D - self.beta * bias).astype(np.float32)
         out[I < 0] = np.nan
         return out
+
+    def floor(self, xq: np.ndarray) -> np.ndarray:
+        """xq: (nq, d) raw query descriptors → (nq,) float32, the lowest β · bias any training image can get
+        against each (``BackgroundSample.floor``): score_norm >= t needs score >= t + floor."""
+        return (self.beta * self.sample.floor(whiten(self.whitening, xq))).astype(np.float32)

@@ -361,6 +361,9 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if any(m.get("flagged") is None for m in markers.values())
         else sum(m["flagged"] for m in markers.values()),
     }
+    radius = [m["radius"] for m in markers.values() if m.get("radius")]
+    if radius:  # scan option radius: matches past the top k (search.radius.radius_counts)
+        summary["radius"] = {name: sum(r[name] for r in radius) for name in radius[0]}
     verification = summarize_verification(markers)
     if verification is not None:
         summary["verification"] = verification

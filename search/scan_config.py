@@ -29,6 +29,14 @@ class ScanConfig:
     # is_copy = the match passes this threshold: p90 / p99 (the index's calibration, copyscan calibrate),
     # somepalli (score_raw >= 0.5), duplicate (score_raw >= 0.95), a score_norm value, or none
     threshold: str | float = "p90"
+    # Every match above a threshold, not only the top k (search/radius.py): each query's k best plus every
+    # further training image with score_norm >= radius, at most radius_max more per query (a training
+    # image duplicated 500 times shows up 500 times): p90 / p99 (copyscan calibrate) or a score_norm
+    # value. A range search with the score normalisation folded into the query; approximate scores down
+    # to radius_margin below a query's floor are re-ranked exactly. "" = off (top k only)
+    radius: str | float = ""
+    radius_max: int = 1000
+    radius_margin: float = 0.1
 
     # Pixel verification (Carlini et al.): the top ``verify_pixels`` matches of every query are re-fetched
     # (training image from its shard, generation from its source), aligned to verify_size px, and get
@@ -118,6 +126,9 @@ class ScanConfig:
         "weights",
         "beta",
         "threshold",
+        "radius",
+        "radius_max",
+        "radius_margin",
         "verify_pixels",
         "extraction_delta",
         "verify_size",
@@ -136,7 +147,15 @@ class ScanConfig:
         "dense_weight",
     )
     # what a run recorded before these settings existed did (claim_output's ``absent``): no crops
-    RESUME_ABSENT = {"region_refine": 0, "region_slide": "", "dense_verify": 0, "dense_weight": 0.05}
+    RESUME_ABSENT = {
+        "region_refine": 0,
+        "region_slide": "",
+        "dense_verify": 0,
+        "dense_weight": 0.05,
+        "radius": "",
+        "radius_max": 1000,
+        "radius_margin": 0.1,
+    }
 
     def search_settings(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Re-rank depth and nprobe of a scan of the index described by ``manifest``, and where each
@@ -184,6 +203,21 @@ class ScanConfig:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
         if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
             problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        if str(self.radius) != "":
+            if str(self.radius) in ("none", "somepalli", "duplicate"):
+                problems.append(
+                    f"radius is a score_norm threshold (p90, p99 or a value), not {self.radius!r}: the "
+                    "index is range-searched in its own space, where score_raw thresholds do not apply"
+                )
+            elif str(self.radius) not in ("p90", "p99"):
+                try:
+                    float(self.radius)
+                except ValueError:
+                    problems.append(f"radius must be p90, p99 or a score_norm value, not {self.radius!r}")
+            if self.radius_max <= 0 or self.radius_margin < 0:
+                problems.append("radius_max must be positive and radius_margin >= 0")
+            if self.beta < 0:
+                problems.append("radius needs beta >= 0 (its range search bounds beta x background bias)")
         if not 0 <= self.verify_pixels <= self.k:
             problems.append(
                 f"verify_pixels must be between 0 (off) and k ({self.k}), not {self.verify_pixels}"

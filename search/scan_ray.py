@@ -34,9 +34,10 @@ from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
 from search.dense import DenseSpec, verify_dense
-from search.merge import carry_values, merge_topk
+from search.merge import carry_values, merge_sorted_with, merge_topk
 from search.normalise import ScoreNormaliser, whiten
 from search.queries import QueryChunk, plan_query_chunks
+from search.radius import Above, keep_above, radius_counts
 from search.regions import LocalWindows, RegionSearcher, local_windows
 from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
 from search.scan_config import ScanConfig
@@ -70,8 +71,10 @@ class ScanWorker:
     def ready(self) -> int:
         return self.searcher.ntotal
 
-    def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int) -> ShardResult:
-        return self.searcher.search(xq, k, candidates, nprobe)
+    def search(
+        self, xq: np.ndarray, k: int, candidates: int, nprobe: int, above: Above | None = None
+    ) -> ShardResult:
+        return self.searcher.search(xq, k, candidates, nprobe, above)
 
     def pair_scores(self, xq: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact scores of the pairs (raw query ``xq[owner[i]]``, stored vector ``ids[i]``) whose vectors this
@@ -153,11 +156,13 @@ class _Fanout:
             )
         )
 
-    def search(self, xq: np.ndarray) -> ShardResult:
+    def search(self, xq: np.ndarray, above: Above | None = None) -> ShardResult:
+        """Top k of every query from all actors, merged; with ``above``, followed by each query's further
+        matches of score >= above.lo (``search.radius``)."""
         cfg = self.cfg
         xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
         for attempt in range(cfg.retries + 1):
-            refs = [a.search.remote(xq_ref, self.k, self.candidates, self.nprobe) for a in self.actors]
+            refs = [a.search.remote(xq_ref, self.k, self.candidates, self.nprobe, above) for a in self.actors]
             try:
                 parts = ray.get(refs)
                 break
@@ -166,14 +171,19 @@ class _Fanout:
                     raise
                 logger.warning("scan: a scan actor died; restarting the dead ones and retrying the chunk")
                 self._restart_dead()
+        meta: dict[int, dict[str, Any]] = {}
+        for p in parts:
+            meta.update(p.meta)
+        if above is not None:  # rows of k + extra matches: merged with their raw scores, not carried by id
+            D, I, D_raw = merge_sorted_with([(p.D, p.I, p.D_raw) for p in parts], self.k + above.extra)
+            found = sum((p.I >= 0).sum(1) for p in parts)  # more than the merge keeps: truncated too
+            truncated = np.logical_or.reduce([p.truncated for p in parts]) | (found > self.k + above.extra)
+            return ShardResult(D, I, D_raw, meta, truncated=truncated)
         D, I = merge_topk([(p.D, p.I) for p in parts], self.k)
         D_raw = carry_values(I, [(p.I, p.D_raw) for p in parts])
         prior = None
         if any(p.prior is not None for p in parts):
             prior = carry_values(I, [(p.I, p.prior) for p in parts if p.prior is not None], fill=0.0)
-        meta: dict[int, dict[str, Any]] = {}
-        for p in parts:
-            meta.update(p.meta)
         return ShardResult(D, I, D_raw, meta, prior=prior)
 
     def pair_scores(self, xq: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -252,6 +262,16 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
             "scan: is_copy = %s >= %.4f (%s)", threshold["column"], threshold["value"], threshold["source"]
         )
 
+    radius = _radius(cfg, manifest)
+    if radius is not None:
+        settings["radius"] = {**radius, "max": cfg.radius_max, "margin": cfg.radius_margin}
+        logger.info(
+            "scan: every match with score_norm >= %.4f (%s), up to %d more than the top %d per query",
+            radius["value"],
+            radius["source"],
+            cfg.radius_max,
+            cfg.k,
+        )
     local = local_windows(cfg, manifest)
     verify = _verifier(cfg, manifest, local)
     if local is not None:
@@ -281,6 +301,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
                 threshold,
                 verify,
                 local,
+                radius,
             )
         finally:
             fanout.close()
@@ -320,6 +341,19 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         listing = "\n".join(f"  {c.describe()}: {err}" for c, err in failed)
         raise CopyscanError(f"{len(failed)} query chunk(s) failed; rerun to resume:\n{listing}")
     return summary
+
+
+def _radius(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``radius`` means for this index ({"name", "column", "value", "source"}), or None when off."""
+    if str(cfg.radius) == "":
+        return None
+    radius = resolve_threshold(manifest, cfg.radius)
+    if radius is None:
+        raise CopyscanError(
+            f"radius={cfg.radius}: {cfg.index} is not calibrated (or was rebuilt since); run `copyscan "
+            f"calibrate --index {cfg.index}` or give a score_norm value"
+        )
+    return radius
 
 
 @dataclass(frozen=True)
@@ -449,6 +483,7 @@ def _scan_chunks(
     threshold: dict | None,
     verify: ChunkVerifier | None = None,
     local: LocalWindows | None = None,
+    radius: dict[str, Any] | None = None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -497,6 +532,17 @@ def _scan_chunks(
         hits.D_norm = normalise(x, hits.D, hits.I)
         return hits
 
+    def search_queries(x: np.ndarray) -> tuple[ShardResult, dict[str, int] | None]:
+        """The chunk's own queries: ``search_global``, and with ``radius`` every further match of score_norm
+        >= radius (search/radius.py) with the counts for the chunk marker."""
+        if radius is None:
+            return search_global(x), None
+        above = Above(radius["value"] + normalise.floor(x), cfg.radius_max, cfg.radius_margin)
+        hits = fanout.search(x, above)
+        hits.D_norm = normalise(x, hits.D, hits.I)
+        hits = keep_above(hits, cfg.k, radius["value"])
+        return hits, radius_counts(hits, cfg.k, above)
+
     def on_result(chunk: QueryChunk, embedded: EmbeddedSource, actor: Any) -> None:
         t0 = time.perf_counter()
         if chunk.kind == "tar":
@@ -505,8 +551,9 @@ def _scan_chunks(
             embedded.records = [{**r, "url": chunk.urls[0]} for r in embedded.records]
         try:
             local_result = None
+            radius_marker = None
             if len(embedded.records):
-                result = search_global(embedded.xb)
+                result, radius_marker = search_queries(embedded.xb)
                 if local is not None:
                     local_result = local.search(embedded.x_regions)
                 if crops:  # the query crops are embedded by the actor that embedded the chunk
@@ -537,6 +584,7 @@ def _scan_chunks(
                     "index_build_id": fanout.manifest["build_id"],
                     "search_seconds": round(time.perf_counter() - t0, 3),
                     "embed_seconds": round(embedded.embed_seconds, 3),
+                    "radius": radius_marker,  # None: top k only
                 },
                 so,
                 threshold,

@@ -24,10 +24,13 @@ from indexing.postprocess import whitened_score_terms
 from search.coarse import SharedCoarse
 from search.merge import carry_values, merge_topk
 from search.normalise import load_whitening, whiten
+from search.radius import Above, capped, range_search_index
 
 logger = logging.getLogger("copyscan")
 
 RERANK_BLOCK = 64  # queries re-ranked at once: bounds the gathered candidate block to 64·candidates·d floats
+# queries range-searched at once (scan radius): bounds a block's results to 64·(k + radius_max) per shard
+RANGE_BLOCK = 64
 
 
 def default_cache_dir() -> str:
@@ -73,7 +76,9 @@ class ShardResult:
     the raw descriptors of the same pairs; prior: (nq, k) float32 β · (region density − the index's mean
     density) of each hit, or None;
     D_norm: (nq, k) float32 score-normalised D (search.normalise), set after merging;
-    meta: id → {"train_key", "train_url", "caption", "index_shard"}.
+    meta: id → {"train_key", "train_url", "caption", "index_shard"};
+    truncated: (nq,) bool, with a range search (``search.radius``): queries that had more matches above
+    their floor than the extra ones kept.
     """
 
     D: np.ndarray
@@ -83,6 +88,7 @@ class ShardResult:
     D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
     split: np.ndarray | None = None  # (nq, k) split product (search.regions), when the scan asks for it
     prior: np.ndarray | None = None  # (nq, k) subtracted from the hits' cosines (region densities)
+    truncated: np.ndarray | None = None  # (nq,) bool: more matches above the radius than were kept
 
 
 class ShardSearcher:
@@ -166,22 +172,106 @@ class ShardSearcher:
             if ivf is not None and nprobe > 0:
                 ivf.nprobe = min(nprobe, ivf.nlist)
 
-    def search(self, xq: np.ndarray, k: int, candidates: int, nprobe: int = 0) -> ShardResult:
-        """xq: (nq, d) float32 raw (unwhitened) unit descriptors. Exact top-k over this searcher's shards."""
+    def search(
+        self, xq: np.ndarray, k: int, candidates: int, nprobe: int = 0, above: Above | None = None
+    ) -> ShardResult:
+        """xq: (nq, d) float32 raw (unwhitened) unit descriptors. Exact top-k over this searcher's shards;
+        with ``above``, each query's row continues with every further vector of exact score >= above.lo
+        (at most above.extra, best first; ``search.radius``), so rows are k + (the most any query got)
+        wide, padded with -1."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         xw = whiten(self.whitening, xq)
         if nprobe:
             self.set_nprobe(nprobe)
-        ks = [min(candidates, max(int(index.ntotal), 1)) for index in self.indexes.values()]
-        if self.coarse is not None:
-            found = self.coarse.search(xw, ks, nprobe)
-        else:
-            found = [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
-        parts = [self.rerank(xq, xw, I0, k) for I0 in found]
+        parts = [self.rerank(xq, xw, I0, k) for I0 in self._candidates(xw, candidates, nprobe)]
         D, I = merge_topk([(D, I) for D, I, _, _ in parts], k)
         D_raw = carry_values(I, [(I, R) for _, I, R, _ in parts])
         prior = carry_values(I, [(I, P) for _, I, _, P in parts]) if self.density is not None else None
-        return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
+        if above is None:
+            return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
+        if self.density is not None:
+            raise ValueError("a range search is for the global index (region hits rank with densities)")
+        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe)
+        return ShardResult(D, I, D_raw, self.describe(I), truncated=truncated)
+
+    def _candidates(self, xw: np.ndarray, candidates: int, nprobe: int = 0) -> list[np.ndarray]:
+        """The approximate top ``candidates`` of every query in each index shard: [(nq, c) int64 ids]."""
+        ks = [min(candidates, max(int(index.ntotal), 1)) for index in self.indexes.values()]
+        if self.coarse is not None:
+            return self.coarse.search(xw, ks, nprobe)
+        return [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
+
+    def _with_above(
+        self,
+        xq: np.ndarray,
+        xw: np.ndarray,
+        D: np.ndarray,
+        I: np.ndarray,
+        D_raw: np.ndarray,
+        above: Above,
+        k: int,
+        nprobe: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The top k (D, I, D_raw: (nq, k)) followed by each query's extra vectors of exact score >= lo.
+
+        Candidates per query and shard: range search down to lo - margin with the floor folded into the
+        query, cut to the k + extra best approximate scores; a query whose floor is too low to range-search
+        (``Above.tau``) takes its approximate top k + extra instead. They are scored exactly and kept when
+        they reach lo and are not among the top k. truncated: (nq,) bool, the queries that may have more
+        than were kept (a cut range list, a top k + extra whose last still reaches lo, more than ``extra``).
+        Returns (D, I, D_raw, truncated)."""
+        nq = len(xq)
+        tau, deep = above.tau()
+        cap = k + above.extra
+        found: list[tuple[np.ndarray, ...]] = []  # (owner, ids, exact, raw) of the kept extras
+        truncated = np.zeros(nq, dtype=bool)
+        for q0 in range(0, nq, RANGE_BLOCK):
+            block = np.arange(q0, min(q0 + RANGE_BLOCK, nq))
+            lists = []  # (owner, ids, cut) per shard: cut = the rows whose candidates may go on
+            ranged = block[np.isfinite(tau[block]) & ~deep[block]]
+            if len(ranged):
+                if self.coarse is not None:
+                    results = self.coarse.range_search(xw[ranged], tau[ranged], nprobe)
+                else:
+                    results = [
+                        range_search_index(ix, xw[ranged], tau[ranged]) for ix in self.indexes.values()
+                    ]
+                for lims, D_ann, I_ann in results:
+                    owner, ids, _, more = capped(lims, D_ann, I_ann, cap)
+                    lists.append((ranged[owner], ids, ranged[more]))
+            if deep[block].any():
+                rows = block[deep[block]]
+                for I_top in self._candidates(xw[rows], cap, nprobe):
+                    r, c = np.nonzero(I_top >= 0)
+                    # a full list whose last (lowest) candidate still reaches the floor may go on
+                    full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))
+                    last = self.pair_scores(xw, rows[full], I_top[full, -1])
+                    lists.append((rows[r], I_top[r, c], rows[full[last >= above.lo[rows[full]]]]))
+            for owner, ids, cut in lists:
+                truncated[cut] = True
+                new = ~(I[owner] == ids[:, None]).any(1)  # not one of the query's top k
+                owner, ids = owner[new], ids[new]
+                raw = self.gather(ids)
+                exact = self._pair_scores(raw, xw, owner, ids)
+                passing = exact >= above.lo[owner]
+                raw_scores = np.einsum("md,md->m", raw[passing], xq[owner[passing]])
+                found.append((owner[passing], ids[passing], exact[passing], raw_scores))
+        if not found:
+            return D, I, D_raw, truncated
+        owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
+        order = np.lexsort((-exact, owner))
+        owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
+        counts = np.bincount(owner, minlength=nq)
+        position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+        truncated |= counts > above.extra
+        keep = position < above.extra
+        width = int(min(counts.max(initial=0), above.extra))
+        D_x = np.full((nq, width), -np.inf, dtype=np.float32)
+        I_x = np.full((nq, width), -1, dtype=np.int64)
+        R_x = np.full((nq, width), np.nan, dtype=np.float32)
+        at = (owner[keep], position[keep])
+        D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
+        return np.hstack([D, D_x]), np.hstack([I, I_x]), np.hstack([D_raw, R_x]), truncated
 
     def rerank(
         self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
@@ -232,7 +322,10 @@ class ShardSearcher:
     def pair_scores(self, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored
         vector ``ids[i]``), for ragged candidate lists (range search); xw: (nq, k) in the index's space."""
-        raw = self.gather(ids)
+        return self._pair_scores(self.gather(ids), xw, owner, ids)
+
+    def _pair_scores(self, raw: np.ndarray, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``pair_scores`` of stored vectors ``raw`` (gathered rows of ``ids``)."""
         if self.norms is None:
             return np.einsum("md,md->m", whiten(self.whitening, raw), xw[owner])
         b, terms = whitened_score_terms(self.whitening, xw)

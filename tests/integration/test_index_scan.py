@@ -361,6 +361,57 @@ def test_cli_refuses_a_foreign_output(ray_session, laion_shards, tmp_path):
     assert (foreign / "thesis.tex").read_text() == "do not delete"
 
 
+def test_radius_keeps_every_match_above_it(local_index, generated, tmp_path):
+    """radius=V: each generation's top k plus every further training image with score_norm >= V, the same
+    rows as asking for all of them (k = the whole index) and keeping those, through both of its searches:
+    the folded range search, and the deep top k for floors too low to range-search; radius_max caps and
+    says so."""
+    index_url, manifest = local_index
+    folder, _ = generated
+    deep = scan(index_url, str(folder), str(tmp_path / "deep"), k=manifest["ntotal"])
+    rows = pq.read_table(str(tmp_path / "deep" / "matches")).to_pylist()
+    assert deep["matches"] == 16 * manifest["ntotal"]
+    # this 60-image index's whitened background bias is small (0.02-0.1): at radius 0 without a margin
+    # most floors are range-searched, at a negative radius none are
+    low = float(np.quantile([r["score_norm"] for r in rows if r["rank"] >= 2], 0.9))
+    assert low < 0
+    for k, radius, margin, range_searched in ((2, low, 0.1, False), (1, 0.0, 0.0, True)):
+        kept = sorted(
+            (r["query_id"], r["rank"], r["train_key"])
+            for r in rows
+            if r["rank"] < k or r["score_norm"] >= radius
+        )
+        # the same training images in the same order; their ranks count the rows kept
+        want = {(q, sum(1 for p, rank, _ in kept if p == q and rank < r), key) for q, r, key in kept}
+        out = tmp_path / f"radius-{k}"
+        summary = scan(index_url, str(folder), str(out), k=k, radius=radius, radius_margin=margin)
+        got_rows = pq.read_table(str(out / "matches")).to_pylist()
+        assert {(r["query_id"], r["rank"], r["train_key"]) for r in got_rows} == want
+        extra = [r for r in got_rows if r["rank"] >= k]
+        assert extra and all(r["score_norm"] >= radius for r in extra)
+        assert summary["radius"]["extra_matches"] == len(extra) == len(want) - 16 * k
+        assert summary["radius"]["truncated"] == 0
+        assert (summary["radius"]["deep"] < 16) == range_searched
+        assert summary["search"]["radius"] == {
+            "name": str(radius),
+            "column": "score_norm",
+            "value": radius,
+            "source": "given",
+            "max": 1000,
+            "margin": margin,
+        }
+
+    extra = [r for r in rows if r["rank"] >= 2 and r["score_norm"] >= low]
+    capped = scan(index_url, str(folder), str(tmp_path / "capped"), k=2, radius=low, radius_max=1)
+    per_query = (
+        pq.read_table(str(tmp_path / "capped" / "matches")).group_by("query_id").aggregate([("rank", "max")])
+    )
+    assert max(per_query["rank_max"].to_pylist()) == 2
+    many = sum(1 for q in {r["query_id"] for r in extra} if sum(r["query_id"] == q for r in extra) > 1)
+    # every generation that lost a match is counted (and at most those whose candidates may have gone on)
+    assert 16 >= capped["radius"]["truncated"] >= many >= 1
+
+
 @pytest.fixture(scope="module")
 def calibrated(ray_session, local_index, generated, tmp_path_factory):
     """A copy of the local index (calibration rewrites the manifest), scanned once before calibration."""
