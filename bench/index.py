@@ -165,12 +165,12 @@ def exact_search(
 
     I: (nq, K) int64 row numbers in shard order. Timed: the search only, IndexFlatIP on float32.
     """
-    stored = np.concatenate([np.load(layout.emb_url(out, s)) for s in sorted(counts)]).astype(np.float32)
     if params is not None:
-        stored = apply_whitening(params, stored)
         xq = apply_whitening(params, xq)
-    flat = faiss.IndexFlatIP(stored.shape[1])
-    flat.add(stored)
+    flat = faiss.IndexFlatIP(xq.shape[1])
+    for s in sorted(counts):  # one embedding shard at a time: memory is the flat index's, not 2-3 copies
+        stored = np.load(layout.emb_url(out, s)).astype(np.float32)
+        flat.add(apply_whitening(params, stored) if params is not None else stored)
     del stored
     flat.search(xq[:20], K)
     best = np.inf

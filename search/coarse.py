@@ -47,18 +47,23 @@ class SharedCoarse:
         """Top ``ks[i]`` ids of each query in shard ``i``: [(nq, ks[i]) int64], as each shard's own
         ``search`` returns them. xq: (nq, d) float32 in the index's space (before its transforms);
         nprobe: lists per query (0: the shards' own setting)."""
-        x, Iq, Dq = self.assign(xq, nprobe)
+        return self.search_assigned(self.assign(xq, nprobe), ks)
+
+    def search_assigned(self, assigned: tuple[np.ndarray, ...], ks: Sequence[int]) -> list[np.ndarray]:
+        """``search`` of a block already through ``assign``."""
+        x, Iq, Dq = assigned
         return [ivf.search_preassigned(x, k, Iq, Dq)[1] for ivf, k in zip(self.ivfs, ks, strict=True)]
 
     def range_search(
-        self, xq: np.ndarray, tau: np.ndarray, nprobe: int = 0
+        self, assigned: tuple[np.ndarray, ...], tau: np.ndarray
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Every vector of each shard whose approximate score with query ``i`` is at least ``tau[i]``:
-        [(lims, D, I)] per shard, as faiss' ``range_search`` returns them, D in score units.
+        [(lims, D, I)] per shard, as faiss' ``range_search`` returns them, D in score units. ``assigned``:
+        the query block through ``assign`` (the same lists as its top-k search).
 
         One radius per query, folded into the query (``search.radius``): lists are assigned with the
         query itself, then scanned with ``xq[i] / tau[i]`` against radius 1. tau: (nq,) float32, > 0."""
-        x, Iq, Dq = self.assign(xq, nprobe)
+        x, Iq, Dq = assigned
         scale = np.asarray(tau, dtype=np.float32)[:, None]
         xs, Ds = np.ascontiguousarray(x / scale), np.ascontiguousarray(Dq / scale)
         out = []

@@ -183,7 +183,10 @@ class ShardSearcher:
         xw = whiten(self.whitening, xq)
         if nprobe:
             self.set_nprobe(nprobe)
-        parts = [self.rerank(xq, xw, I0, k) for I0 in self._candidates(xw, candidates, nprobe)]
+        # the block's coarse assignment, once for its top k and its range search (SharedCoarse.assign)
+        assigned = self.coarse.assign(xw, nprobe) if self.coarse is not None else None
+        found = self._candidates(xw, candidates, nprobe, assigned)
+        parts = [self.rerank(xq, xw, I0, k) for I0 in found]
         D, I = merge_topk([(D, I) for D, I, _, _ in parts], k)
         D_raw = carry_values(I, [(I, R) for _, I, R, _ in parts])
         prior = carry_values(I, [(I, P) for _, I, _, P in parts]) if self.density is not None else None
@@ -191,14 +194,17 @@ class ShardSearcher:
             return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
         if self.density is not None:
             raise ValueError("a range search is for the global index (region hits rank with densities)")
-        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe)
+        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe, assigned)
         return ShardResult(D, I, D_raw, self.describe(I), truncated=truncated)
 
-    def _candidates(self, xw: np.ndarray, candidates: int, nprobe: int = 0) -> list[np.ndarray]:
-        """The approximate top ``candidates`` of every query in each index shard: [(nq, c) int64 ids]."""
+    def _candidates(
+        self, xw: np.ndarray, candidates: int, nprobe: int = 0, assigned: tuple | None = None
+    ) -> list[np.ndarray]:
+        """The approximate top ``candidates`` of every query in each index shard: [(nq, c) int64 ids].
+        ``assigned``: the block's ``SharedCoarse.assign``, when the shards share one."""
         ks = [min(candidates, max(int(index.ntotal), 1)) for index in self.indexes.values()]
         if self.coarse is not None:
-            return self.coarse.search(xw, ks, nprobe)
+            return self.coarse.search_assigned(assigned or self.coarse.assign(xw, nprobe), ks)
         return [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
 
     def _with_above(
@@ -211,6 +217,7 @@ class ShardSearcher:
         above: Above,
         k: int,
         nprobe: int = 0,
+        assigned: tuple | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The top k (D, I, D_raw: (nq, k)) followed by each query's extra vectors of exact score >= lo.
 
@@ -230,8 +237,8 @@ class ShardSearcher:
             lists = []  # (owner, ids, cut) per shard: cut = the rows whose candidates may go on
             ranged = block[np.isfinite(tau[block]) & ~deep[block]]
             if len(ranged):
-                if self.coarse is not None:
-                    results = self.coarse.range_search(xw[ranged], tau[ranged], nprobe)
+                if assigned is not None:
+                    results = self.coarse.range_search(tuple(a[ranged] for a in assigned), tau[ranged])
                 else:
                     results = [
                         range_search_index(ix, xw[ranged], tau[ranged]) for ix in self.indexes.values()
@@ -241,7 +248,8 @@ class ShardSearcher:
                     lists.append((ranged[owner], ids, ranged[more]))
             if deep[block].any():
                 rows = block[deep[block]]
-                for I_top in self._candidates(xw[rows], cap, nprobe):
+                part = tuple(a[rows] for a in assigned) if assigned is not None else None
+                for I_top in self._candidates(xw[rows], cap, nprobe, part):
                     r, c = np.nonzero(I_top >= 0)
                     # a full list whose last (lowest) candidate still reaches the floor may go on
                     full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))

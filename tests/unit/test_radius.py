@@ -74,7 +74,7 @@ def test_folded_range_search_is_one_range_search_per_query(tmp_path, whitening, 
     xw = whiten(searcher.whitening, xq)
     rng = np.random.default_rng(3)
     tau = rng.uniform(0.3, 0.8, len(xq)).astype(np.float32)
-    folded = searcher.coarse.range_search(xw, tau, plan.nprobe)
+    folded = searcher.coarse.range_search(searcher.coarse.assign(xw, plan.nprobe), tau)
     for (lims, D, I), index in zip(folded, searcher.indexes.values(), strict=True):
         faiss.extract_index_ivf(index).nprobe = plan.nprobe
         for i in range(len(xq)):  # faiss' own range search, one query and its own radius at a time
