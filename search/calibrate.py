@@ -23,12 +23,13 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from indexing import layout, storage
 from indexing.augment import copy_augment, key_seed
@@ -38,6 +39,7 @@ from indexing.errors import CopyscanError
 from indexing.index_ray import pair_quota
 from indexing.manifest import check_embedder, load_manifest
 from indexing.reader import iter_tar
+from search.calibrate_partial import PARTIAL_SCAN, calibrate_partial
 from search.normalise import ScoreNormaliser
 from search.searcher import ShardSearcher
 
@@ -65,9 +67,27 @@ class CalibrateConfig:
     device: str = "auto"
     cache_dir: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Partial copies (an index with a region index; search/calibrate_partial.py): ``partial`` training
+    # images pasted into scenes from ``outside`` (a folder of image files not in the training set), and as
+    # many outside images pasted the same way, scanned on Ray with the copyscan scan settings
+    # ``partial_scan``, give the thresholds of the partial answer (dense_score of dense_rank 0 with
+    # dense_verify, else local_score_norm of local_rank 0). 0 = off
+    partial: int = 0
+    outside: str = ""
+    partial_scan: dict[str, Any] = field(default_factory=lambda: dict(PARTIAL_SCAN))
 
     def validate(self) -> None:
         problems = []
+        if self.partial < 0:
+            problems.append("partial must be >= 0 (0 = whole copies only)")
+        elif self.partial and not self.outside:
+            problems.append(
+                f"partial={self.partial} pastes into scenes from outside the training set: give outside=URL, "
+                "a folder of images that are not in the index"
+            )
+        fixed = sorted(set(self.partial_scan) & {"index", "queries", "out", "threshold", "partial_threshold"})
+        if fixed:
+            problems.append(f"partial_scan cannot set {', '.join(fixed)} (the calibration sets them)")
         if self.images < 10:
             problems.append("images must be >= 10")
         if not 0.0 < self.prevalence < 1.0:
@@ -120,6 +140,37 @@ def select_rows(
     raise CopyscanError(f"the index has {taken} image(s): too few to calibrate (at least {MIN_IMAGES})")
 
 
+def read_back(
+    index_url: str,
+    manifest: dict[str, Any],
+    rows: dict[int, np.ndarray],
+    storage_options: storage.StorageOptions | None = None,
+) -> Iterator[tuple[int, int, str, Image.Image | None, str | None]]:
+    """The training images at ``rows`` ({embedding shard: rows}) read back from the index's source shards, one
+    streamed read per shard: (shard, row, key, image, None), or (shard, row, key, None, why) for an image
+    that cannot be decoded or is not in its shard any more."""
+    entries = {e["shard"]: e for e in manifest["embedding_shards"]}
+    for shard, wanted in sorted(rows.items()):
+        meta_url = storage.join(index_url, entries[shard]["metadata"])
+        keys = pq.read_table(io.BytesIO(storage.read_bytes(meta_url, storage_options)), columns=["key"])
+        key_list = keys.column("key").to_pylist()
+        row_of = {key_list[r]: int(r) for r in wanted}
+        for sample in iter_tar(entries[shard]["source"], storage_options):
+            row = row_of.pop(sample.key, None)
+            if row is None:
+                continue
+            try:
+                if sample.image is None:
+                    raise Rejected("missing_image", "no image member")
+                yield shard, row, sample.key, decode_image(sample.image, DecodeLimits()), None
+            except Exception as exc:  # noted by the caller, skipped
+                yield shard, row, sample.key, None, f"{type(exc).__name__}: {exc}"
+            if not row_of:
+                break
+        for key, row in row_of.items():
+            yield shard, row, key, None, "not found in the source shard"
+
+
 def _copies(
     index_url: str,
     manifest: dict[str, Any],
@@ -128,37 +179,24 @@ def _copies(
     cfg: CalibrateConfig,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Embedded copies (n, d) and their sources' packed ids (n,), reading the images from the source shards."""
-    so = cfg.storage_options
-    entries = {e["shard"]: e for e in manifest["embedding_shards"]}
     pixels: list[np.ndarray] = []
     sources: list[int] = []
     skipped: list[dict[str, Any]] = []
     vectors: list[np.ndarray] = []
-    for shard, wanted in sorted(rows.items()):
-        meta_url = storage.join(index_url, entries[shard]["metadata"])
-        keys = pq.read_table(io.BytesIO(storage.read_bytes(meta_url, so)), columns=["key"])
-        key_list = keys.column("key").to_pylist()
-        row_of = {key_list[r]: int(r) for r in wanted}
-        for sample in iter_tar(entries[shard]["source"], so):
-            row = row_of.pop(sample.key, None)
-            if row is None:
-                continue
-            try:
-                if sample.image is None:
-                    raise Rejected("missing_image", "no image member")
-                img = decode_image(sample.image, DecodeLimits())
-                copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, key_seed(sample.key)]))
-                pixels.append(embedder.preprocess(copy))
-            except Exception as exc:  # a training image that cannot be read back or copied: noted, skipped
-                skipped.append({"shard": shard, "key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
-                continue
-            sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
-            if len(pixels) >= cfg.batch_size:
-                vectors.append(embedder.embed(stack_pixels(pixels)))
-                pixels = []
-            if not row_of:
-                break
-        skipped.extend({"shard": shard, "key": k, "detail": "not found in the source shard"} for k in row_of)
+    for shard, row, key, img, why in read_back(index_url, manifest, rows, cfg.storage_options):
+        try:
+            if img is None:
+                raise CopyscanError(why)
+            copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, key_seed(key)]))
+            pixels.append(embedder.preprocess(copy))
+        except Exception as exc:  # a training image that cannot be read back or copied: noted, skipped
+            detail = why if img is None else f"{type(exc).__name__}: {exc}"
+            skipped.append({"shard": shard, "key": key, "detail": detail})
+            continue
+        sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
+        if len(pixels) >= cfg.batch_size:
+            vectors.append(embedder.embed(stack_pixels(pixels)))
+            pixels = []
     if pixels:
         vectors.append(embedder.embed(stack_pixels(pixels)))
     if not vectors:
@@ -268,12 +306,18 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
             for r in rows_out
             if r["precision"] in (0.9, 0.99)
         }
+    if cfg.partial:
+        partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
+        report["partial"] = calibrate_partial(cfg, manifest, partial_rows)
     report["seconds"] = round(time.time() - t0, 1)
     storage.write_json(storage.join(cfg.index, CALIBRATION_NAME), report, so)
     manifest["calibration"] = {
         k: report[k]
         for k in ("build_id", "images", "prevalence", "recall@1", "whitening_images_reused", "thresholds")
     }
+    if cfg.partial:  # what a scan needs to flag partial answers, and under which settings they hold
+        keys = ("copies", "negatives", "answer", "settings", "recall@1", "thresholds")
+        manifest["calibration"]["partial"] = {k: report["partial"][k] for k in keys}
     manifest["calibration"]["path"] = CALIBRATION_NAME
     storage.write_json(storage.join(cfg.index, layout.MANIFEST_NAME), manifest, so)
     return report
@@ -294,6 +338,19 @@ def format_table(report: dict[str, Any]) -> str:
         for row in report["table"][name]:
             t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
             lines.append(f"  {name:<11} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}")
+    partial = report.get("partial")
+    if partial:
+        answer = partial["answer"]
+        lines.append(
+            f"partial copies: {partial['copies']} training images and {partial['negatives']} outside images "
+            f"pasted into {partial['scenes']} outside scenes; answer = {answer['rank']} 0, recall@1 "
+            f"{partial['recall@1']:.3f}:"
+        )
+        for row in partial["table"]:
+            t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
+            lines.append(f"  {answer['score']:<16} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}")
+        settings = " ".join(f"{k}={v}" for k, v in partial["settings"].items())
+        lines.append(f"  (these hold for scans with {settings})")
     return "\n".join(lines)
 
 

@@ -87,6 +87,10 @@ MATCHES_SCHEMA = pa.schema(
         ("dense_box", pa.list_(pa.float32(), 4)),
         ("dense_score", pa.float32()),
         ("dense_error", pa.string()),
+        # the partial answer (dense_rank 0 with dense verification, else local_rank 0) passes the scan's
+        # partial threshold (copyscan calibrate partial=N; summary.json's partial_threshold says which); null
+        # on other rows and without one
+        ("is_partial_copy", pa.bool_()),
     ]
 )
 
@@ -169,6 +173,7 @@ def matches_table(
         "dense_box",
         "dense_score",
         "dense_error",
+        "is_partial_copy",
     ):
         columns[name] = pa.nulls(len(ids), MATCHES_SCHEMA.field(name).type)
     split = result.split[q_idx, ranks].astype(np.float32) if result.split is not None else None
@@ -280,11 +285,14 @@ def write_chunk(
     threshold: dict[str, Any] | None = None,
     verify: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]] | None = None,
     local: LocalResult | None = None,
+    partial_threshold: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a chunk's query vectors, matches and, last, its marker. Returns the marker.
 
     ``verify`` (``search.verify.verify_matches`` bound to the index) sets the pixel columns of the
-    matches before they are written; its counts go into the marker under ``verify``."""
+    matches before they are written; its counts go into the marker under ``verify``. ``partial_threshold``
+    ({"rank", "column", "value"}, ``search.calibrate_partial.resolve_partial_threshold``) then sets
+    ``is_partial_copy`` on each query's partial answer."""
     storage.save_npy(query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
     ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
     storage.write_parquet(query_ids_url(out, chunk), ids, storage_options)
@@ -292,6 +300,12 @@ def write_chunk(
     verify_stats = None
     if verify is not None:
         table, verify_stats = verify(table)
+    if partial_threshold is not None:  # after verification: dense_rank and dense_score come from it
+        answer = pc.equal(table[partial_threshold["rank"]], 0)
+        passes = pc.greater_equal(table[partial_threshold["column"]], partial_threshold["value"])
+        table = with_columns(
+            table, {"is_partial_copy": pc.if_else(answer, passes, pa.scalar(None, pa.bool_()))}
+        )
     storage.write_parquet(matches_url(out, chunk), table, storage_options)
     top1 = result.D[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
     top1_norm = result.D_norm[:, 0] if result.D.shape[1] else np.zeros(0, dtype=np.float32)
@@ -307,6 +321,22 @@ def write_chunk(
         "flagged": None
         if threshold is None
         else int(pc.sum(pc.and_(pc.equal(table["rank"], 0), table["is_copy"])).as_py() or 0),
+        # queries whose partial answer passes the partial threshold, and flagged either way (None: none)
+        "flagged_partial": None
+        if partial_threshold is None
+        else int(pc.sum(table["is_partial_copy"]).as_py() or 0),
+        "flagged_any": None
+        if threshold is None or partial_threshold is None
+        else len(
+            set(
+                table.filter(
+                    pc.or_kleene(
+                        pc.and_kleene(pc.equal(table["rank"], 0), table["is_copy"]),
+                        table["is_partial_copy"],
+                    )
+                )["query_id"].to_pylist()
+            )
+        ),
         "top1_scores": [float(x) for x in top1[np.isfinite(top1)]],
         "top1_scores_norm": [float(x) for x in top1_norm[np.isfinite(top1_norm)]],
         "verify": verify_stats,  # None: pixel verification off
@@ -361,6 +391,9 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if any(m.get("flagged") is None for m in markers.values())
         else sum(m["flagged"] for m in markers.values()),
     }
+    for name in ("flagged_partial", "flagged_any"):  # scans with a partial threshold
+        if markers and all(m.get(name) is not None for m in markers.values()):
+            summary[name] = sum(m[name] for m in markers.values())
     radius = [m["radius"] for m in markers.values() if m.get("radius")]
     if radius:  # scan option radius: matches past the top k (search.radius.radius_counts)
         summary["radius"] = {name: sum(r[name] for r in radius) for name in radius[0]}

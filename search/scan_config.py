@@ -29,6 +29,11 @@ class ScanConfig:
     # is_copy = the match passes this threshold: p90 / p99 (the index's calibration, copyscan calibrate),
     # somepalli (score_raw >= 0.5), duplicate (score_raw >= 0.95), a score_norm value, or none
     threshold: str | float = "p90"
+    # is_partial_copy = a query's partial answer (dense_rank 0 with dense_verify, else local_rank 0) passes
+    # this: p90 / p99 (copyscan calibrate partial=N, for scans with the same partial settings), a value of
+    # the answer's score (dense_score, else local_score_norm), or none; "" = p90 / p99 when threshold is,
+    # else none (search/calibrate_partial.py)
+    partial_threshold: str | float = ""
     # Every match above a threshold, not only the top k (search/radius.py): each query's k best plus every
     # further training image with score_norm >= radius, at most radius_max more per query (a training
     # image duplicated 500 times shows up 500 times): p90 / p99 (copyscan calibrate) or a score_norm
@@ -126,6 +131,7 @@ class ScanConfig:
         "weights",
         "beta",
         "threshold",
+        "partial_threshold",
         "radius",
         "radius_max",
         "radius_margin",
@@ -152,6 +158,7 @@ class ScanConfig:
         "region_slide": "",
         "dense_verify": 0,
         "dense_weight": 0.05,
+        "partial_threshold": "",
         "radius": "",
         "radius_max": 1000,
         "radius_margin": 0.1,
@@ -218,6 +225,14 @@ class ScanConfig:
                 problems.append("radius_max must be positive and radius_margin >= 0")
             if self.beta < 0:
                 problems.append("radius needs beta >= 0 (its range search bounds beta x background bias)")
+        if str(self.partial_threshold) not in ("", "none", "p90", "p99"):
+            try:
+                float(self.partial_threshold)
+            except ValueError:
+                problems.append(
+                    f"partial_threshold must be p90, p99, none or a value of the partial answer's score, "
+                    f"not {self.partial_threshold!r}"
+                )
         if not 0 <= self.verify_pixels <= self.k:
             problems.append(
                 f"verify_pixels must be between 0 (off) and k ({self.k}), not {self.verify_pixels}"

@@ -33,6 +33,7 @@ from indexing.outputs import claim_output
 from indexing.pool_ray import TaskStream, run_pool
 from indexing.progress import Progress
 from search.calibrate import resolve_threshold
+from search.calibrate_partial import resolve_partial_threshold
 from search.dense import DenseSpec, verify_dense
 from search.merge import carry_values, merge_sorted_with, merge_topk
 from search.normalise import ScoreNormaliser, whiten
@@ -274,6 +275,18 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         )
     local = local_windows(cfg, manifest)
     verify = _verifier(cfg, manifest, local)
+    partial_threshold, why = resolve_partial_threshold(manifest, cfg, local is not None)
+    if partial_threshold is not None:
+        logger.info(
+            "scan: is_partial_copy = %s >= %.4f on %s 0 (%s)",
+            partial_threshold["column"],
+            partial_threshold["value"],
+            partial_threshold["rank"],
+            partial_threshold["source"],
+        )
+    elif why is not None:  # a warning when asked for by name, else (implied by threshold) a note
+        log = logger.warning if str(cfg.partial_threshold) else logger.info
+        log("scan: is_partial_copy stays empty: %s", why)
     if local is not None:
         logger.info(
             "scan: partial copies: %d windows per query (at %d px) against %s region vectors (%d per image)",
@@ -302,6 +315,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
                 verify,
                 local,
                 radius,
+                partial_threshold,
             )
         finally:
             fanout.close()
@@ -321,6 +335,8 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         "search": settings,  # re-rank depth and nprobe used, and where each came from
         "regions": local.describe() if local is not None else None,  # partial copies: windows, region index
         "threshold": threshold or {"name": str(cfg.threshold), "calibrated": False},
+        "partial_threshold": partial_threshold
+        or {"name": str(cfg.partial_threshold), "calibrated": False, "why": why},
         "extraction_delta": cfg.extraction_delta if cfg.verify_pixels else None,
         **summarize(markers),
         "chunks_total": len(chunks),
@@ -484,6 +500,7 @@ def _scan_chunks(
     verify: ChunkVerifier | None = None,
     local: LocalWindows | None = None,
     radius: dict[str, Any] | None = None,
+    partial_threshold: dict[str, Any] | None = None,
 ) -> list[tuple[QueryChunk, str]]:
     so = cfg.storage_options
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
@@ -590,6 +607,7 @@ def _scan_chunks(
                 threshold,
                 verify,
                 local=local_result,
+                partial_threshold=partial_threshold,
             )
         except (CopyscanError, RayActorError, OSError) as exc:
             logger.error("%s failed: %s", chunk.describe(), exc)

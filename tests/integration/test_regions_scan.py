@@ -213,3 +213,95 @@ def test_regions_on_needs_a_region_index(region_index):
         local_windows(cfg, {**manifest, "regions": None})
     auto = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o"})
     assert local_windows(auto, {**manifest, "regions": None}) is None
+
+
+def test_calibrate_partial_then_scan_flags_partial_answers(
+    region_index, pasted, laion_shards, real_images, tmp_path
+):
+    """copyscan calibrate partial=N outside=URL pastes training images and outside images into outside scenes,
+    scans them with the partial settings and stores the answer's thresholds; a scan with those settings
+    flags is_partial_copy on each query's answer, one with other settings leaves it empty and says why."""
+    import shutil
+
+    from search.calibrate import CalibrateConfig, format_table, run_calibrate
+
+    index_url = str(tmp_path / "index")
+    shutil.copytree(region_index[0], index_url)  # calibration rewrites the manifest
+    train = set(laion_shards.source_images)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for path in [p for p in real_images if p not in train][12:20]:  # not used by ``pasted``
+        shutil.copy(path, outside / path.name)
+    settings = {"region_query_grid": TEST_QUERY_GRID, "region_slide": SLIDE, "dense_verify": DENSE}
+    report = run_calibrate(
+        resolve(
+            CalibrateConfig,
+            {
+                "index": index_url,
+                "images": 20,
+                "partial": 6,
+                "outside": str(outside),
+                "partial_scan": settings,
+            },
+        )
+    )
+    partial = report["partial"]
+    assert (partial["copies"], partial["negatives"], partial["scenes"]) == (6, 6, 2) and not partial[
+        "skipped"
+    ]
+    assert partial["answer"] == {"rank": "dense_rank", "score": "dense_score"}
+    assert partial["settings"]["dense_verify"] == DENSE and partial["settings"]["region_refine"] == 5
+    assert partial["recall@1"] >= 0.5
+    assert [r["precision"] for r in partial["table"]] == [0.5, 0.8, 0.9, 0.95, 0.99]
+    assert "dense_score" in format_table(report)
+    stored = load_manifest(index_url)["calibration"]["partial"]
+    assert stored["thresholds"] == partial["thresholds"] and stored["settings"] == partial["settings"]
+    p90 = partial["thresholds"]["p90"]
+    assert p90 is not None
+    # the set and its scan are kept: a rerun resumes them
+    again = run_calibrate(
+        resolve(
+            CalibrateConfig,
+            {
+                "index": index_url,
+                "images": 20,
+                "partial": 6,
+                "outside": str(outside),
+                "partial_scan": settings,
+            },
+        )
+    )
+    assert again["partial"]["thresholds"] == partial["thresholds"] and again["partial"]["scan_seconds"] < 30
+
+    folder, truth, _ = pasted
+    out = tmp_path / "scan"
+    summary = run_scan(
+        resolve(ScanConfig, {"index": index_url, "queries": str(folder), "out": str(out), **settings})
+    )
+    assert (
+        summary["partial_threshold"]["value"] == p90
+        and summary["partial_threshold"]["column"] == "dense_score"
+    )
+    rows = pq.read_table(str(out / "matches")).to_pylist()
+    for r in rows:
+        if r["dense_rank"] == 0 and r["dense_score"] is not None:
+            assert r["is_partial_copy"] == (r["dense_score"] >= p90)
+        else:
+            assert r["is_partial_copy"] is None
+    flagged = {r["query_id"] for r in rows if r["is_partial_copy"]}
+    assert summary["flagged_partial"] == len(flagged)
+    whole = {r["query_id"] for r in rows if r["rank"] == 0 and r["is_copy"]}
+    assert summary["flagged_any"] == len(flagged | whole)
+    copies = {q for q, key in truth.items() if key}
+    assert len(flagged & copies) >= len(flagged - copies)
+
+    other = tmp_path / "other"
+    summary = run_scan(
+        resolve(
+            ScanConfig,
+            {"index": index_url, "queries": str(folder), "out": str(other), **settings, "dense_verify": 0},
+        )
+    )
+    assert summary["partial_threshold"]["calibrated"] is False
+    assert "dense_verify=3 (this scan: 0)" in summary["partial_threshold"]["why"]
+    assert pq.read_table(str(other / "matches"))["is_partial_copy"].null_count == summary["matches"]

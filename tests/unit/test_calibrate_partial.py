@@ -1,0 +1,91 @@
+"""The partial-copy threshold: which scans it applies to, and which row of a query it marks."""
+
+import pyarrow as pa
+import pytest
+
+from indexing.config import resolve
+from indexing.errors import CopyscanError
+from search.calibrate import CalibrateConfig
+from search.calibrate_partial import PARTIAL_KEYS, PARTIAL_SCAN, partial_answers, resolve_partial_threshold
+from search.scan_config import ScanConfig
+
+
+def _scan(**over):
+    base = {"index": "i", "queries": "q", "out": "o", **PARTIAL_SCAN}
+    return resolve(ScanConfig, {**base, **over})
+
+
+def _manifest(cfg, build="b1", **over):
+    settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
+    partial = {
+        "copies": 40,
+        "negatives": 40,
+        "answer": {"rank": "dense_rank", "score": "dense_score"},
+        "settings": {**settings, **over},
+        "recall@1": 0.85,
+        "thresholds": {"p90": 0.42, "p99": None},
+    }
+    return {"build_id": "b1", "calibration": {"build_id": build, "partial": partial}}
+
+
+def test_calibrated_thresholds_hold_for_the_calibrated_settings_only():
+    cfg = _scan()
+    assert resolve_partial_threshold(_manifest(cfg), cfg, regions=True) == (
+        {
+            "name": "p90",
+            "rank": "dense_rank",
+            "column": "dense_score",
+            "value": 0.42,
+            "source": "copyscan calibrate partial: 90% precision, 40 pasted copies",
+        },
+        None,
+    )
+    threshold, why = resolve_partial_threshold(_manifest(cfg, region_refine=5), cfg, regions=True)
+    assert threshold is None and "region_refine=5 (this scan: 10)" in why
+    threshold, why = resolve_partial_threshold(_manifest(cfg, build="old"), cfg, regions=True)
+    assert threshold is None and "no partial-copy calibration" in why  # calibrated before a rebuild
+    threshold, why = resolve_partial_threshold(_manifest(cfg), _scan(partial_threshold="p99"), regions=True)
+    assert threshold is None and "no 99 % precision" in why
+
+
+def test_the_partial_threshold_follows_threshold_unless_named():
+    manifest = _manifest(_scan())
+    assert resolve_partial_threshold(manifest, _scan(threshold="none"), regions=True) == (None, None)
+    assert resolve_partial_threshold(manifest, _scan(threshold="somepalli"), regions=True) == (None, None)
+    # implied by threshold=p90 on a scan without regions: nothing to flag, nothing to warn about
+    assert resolve_partial_threshold(manifest, _scan(), regions=False) == (None, None)
+    threshold, why = resolve_partial_threshold(manifest, _scan(partial_threshold="p90"), regions=False)
+    assert threshold is None and "no region index" in why
+    given, _ = resolve_partial_threshold({}, _scan(partial_threshold=0.3, dense_verify=0), regions=True)
+    assert given == {"name": "0.3", "rank": "local_rank", "column": "local_score_norm", "value": 0.3,
+                     "source": "given"}  # fmt: skip
+    with pytest.raises(CopyscanError, match="partial_threshold"):
+        _scan(partial_threshold="strict")
+
+
+def test_the_answer_is_the_row_of_rank_zero_in_the_answer_column():
+    table = pa.table(
+        {
+            "query_id": ["a", "a", "b", "b", "c"],
+            "train_key": ["x", "y", "z", "x", "w"],
+            "dense_rank": [1, 0, 0, None, None],
+            "dense_score": [0.9, 0.5, 0.2, None, None],
+            "local_rank": [0, 1, None, 0, 0],
+            "local_score_norm": [0.3, 0.1, None, 0.4, None],
+        }
+    )
+    assert partial_answers(table, {"dense_verify": 10}) == {"a": ("y", 0.5), "b": ("z", 0.2)}
+    # without dense verification: local_rank 0; a row without a score is no answer
+    assert partial_answers(table, {"dense_verify": 0}) == {"a": ("x", 0.3), "b": ("x", 0.4)}
+
+
+def test_calibrate_config_checks_the_partial_options():
+    base = {"index": "i"}
+    cfg = resolve(CalibrateConfig, {**base, "partial": 20, "outside": "/scenes"})
+    assert cfg.partial_scan == PARTIAL_SCAN
+    with pytest.raises(CopyscanError, match="outside"):
+        resolve(CalibrateConfig, {**base, "partial": 20})
+    with pytest.raises(CopyscanError, match="partial_scan cannot set out"):
+        resolve(CalibrateConfig, {**base, "partial": 20, "outside": "/s", "partial_scan": {"out": "/x"}})
+    with pytest.raises(CopyscanError, match="partial must be"):
+        resolve(CalibrateConfig, {**base, "partial": -1})
