@@ -73,7 +73,50 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
         result[name] = ranking_metrics(np.nan_to_num(score, nan=-np.inf), positive, len(copies))
     if "local_rank" in table.column_names and table["local_rank"].null_count < table.num_rows:
         result.update(_local_metrics(table, truth, key_of_source))
+    result["flags"] = flag_metrics(table, truth, key_of_source)
     return result
+
+
+def flag_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
+    """How the scan's verdicts did, for each flag column the scan set (``is_copy`` on rank 0,
+    ``is_partial_copy`` on the partial answer, and either): generations flagged, right ones (a copy flagged on
+    the row of its source), copies flagged on another image's row, non-copies flagged, the share of copies
+    found (recall), the share of non-copies flagged (false-positive rate), the precision on this set, and
+    the precision at 50 % copies, the prevalence ``copyscan calibrate`` assumes by default."""
+    names = [c for c in ("is_copy", "is_partial_copy") if c in table.column_names]
+    rows = table.select(["query_id", "train_key", "rank", *names]).to_pylist()
+    flagged: dict[str, dict[str, set]] = {"is_copy": {}, "is_partial_copy": {}, "either": {}}
+    for r in rows:
+        hits = []
+        if r.get("is_copy") and r["rank"] == 0:
+            hits.append("is_copy")
+        if r.get("is_partial_copy"):
+            hits.append("is_partial_copy")
+        for name in hits + (["either"] if hits else []):
+            flagged[name].setdefault(r["query_id"], set()).add(r["train_key"])
+    copies = [t for t in truth if t["is_copy"]]
+    negatives = len(truth) - len(copies)
+    set_by_scan = [c for c in names if table[c].null_count < table.num_rows]
+    out = {}
+    for name in set_by_scan + (["either"] if len(set_by_scan) == 2 else []):
+        by_query = flagged[name]
+        right = sum(key_of_source[t["source_image"]] in by_query.get(t["file"], ()) for t in copies)
+        wrong_source = sum(t["file"] in by_query for t in copies) - right
+        false_flags = sum(t["file"] in by_query for t in truth if not t["is_copy"])
+        recall = right / len(copies) if copies else float("nan")
+        fpr = false_flags / negatives if negatives else float("nan")
+        wrong_rate = wrong_source / len(copies) if copies else float("nan")
+        out[name] = {
+            "flagged": len(by_query),
+            "right": right,
+            "wrong_source": wrong_source,
+            "false_flags": false_flags,
+            "recall": recall,
+            "false_positive_rate": fpr,
+            "precision": right / len(by_query) if by_query else None,
+            "precision_at_50pct": recall / (recall + wrong_rate + fpr) if recall + wrong_rate + fpr else None,
+        }
+    return out
 
 
 def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:

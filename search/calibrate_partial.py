@@ -53,6 +53,19 @@ PARTIAL_KEYS = (
 SCENE_SIDE = 768  # scenes downsized to at most this (generations are 512–1024 px)
 
 
+def partial_settings(cfg: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``PARTIAL_KEYS`` of scan config ``cfg`` as they apply to the index of ``manifest``: the query
+    windows' grid and size resolved to the index's when left to it, grids without spaces, so that
+    ``region_query_grid=`` and the index's own grid given by name compare equal."""
+    settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
+    described = manifest.get("regions") or {}
+    settings["region_query_grid"] = settings["region_query_grid"] or described.get("query_grid", "")
+    settings["region_query_size"] = int(settings["region_query_size"] or described.get("query_size", 0))
+    for key in ("region_query_grid", "region_slide"):
+        settings[key] = "".join(str(settings[key]).split())
+    return settings
+
+
 def answer_columns(settings: dict[str, Any]) -> tuple[str, str]:
     """(rank column, score column) of a generation's partial answer under scan ``settings``."""
     return (
@@ -174,7 +187,7 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
         ", ".join(f"{k}={v}" for k, v in sorted(cfg.partial_scan.items())),
     )
     summary = run_scan(scan_cfg)
-    settings = {key: getattr(scan_cfg, key) for key in PARTIAL_KEYS}
+    settings = partial_settings(scan_cfg, manifest)
     answers = partial_answers(open_matches(storage.join(work, "scan"), so).to_table(), settings)
     positives = [q for q, key in truth.items() if key is not None]
     negatives = [q for q, key in truth.items() if key is None]
@@ -221,7 +234,7 @@ def resolve_partial_threshold(
         return None, None
     if not regions:  # asked for by name: say why it stays empty; implied by threshold: nothing to say
         return None, ("the scan searches no region index" if str(cfg.partial_threshold) else None)
-    settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
+    settings = partial_settings(cfg, manifest)
     rank, column = answer_columns(settings)
     if name not in ("p90", "p99"):
         return {"name": name, "rank": rank, "column": column, "value": float(name), "source": "given"}, None

@@ -6,7 +6,12 @@ import pytest
 from indexing.config import resolve
 from indexing.errors import CopyscanError
 from search.calibrate import CalibrateConfig
-from search.calibrate_partial import PARTIAL_KEYS, PARTIAL_SCAN, partial_answers, resolve_partial_threshold
+from search.calibrate_partial import (
+    PARTIAL_SCAN,
+    partial_answers,
+    partial_settings,
+    resolve_partial_threshold,
+)
 from search.scan_config import ScanConfig
 
 
@@ -15,8 +20,11 @@ def _scan(**over):
     return resolve(ScanConfig, {**base, **over})
 
 
+REGIONS = {"query_grid": "0.3:7,0.25:8", "query_size": 448}
+
+
 def _manifest(cfg, build="b1", **over):
-    settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
+    settings = partial_settings(cfg, {"regions": REGIONS})
     partial = {
         "copies": 40,
         "negatives": 40,
@@ -25,7 +33,7 @@ def _manifest(cfg, build="b1", **over):
         "recall@1": 0.85,
         "thresholds": {"p90": 0.42, "p99": None},
     }
-    return {"build_id": "b1", "calibration": {"build_id": build, "partial": partial}}
+    return {"build_id": "b1", "regions": REGIONS, "calibration": {"build_id": build, "partial": partial}}
 
 
 def test_calibrated_thresholds_hold_for_the_calibrated_settings_only():
@@ -40,6 +48,11 @@ def test_calibrated_thresholds_hold_for_the_calibrated_settings_only():
         },
         None,
     )
+    # the index's own query windows, given by name (with a space), are the windows left to the index
+    named = _scan(region_query_grid="0.3:7, 0.25:8", region_query_size=448)
+    assert resolve_partial_threshold(_manifest(cfg), named, regions=True)[0]["value"] == 0.42
+    threshold, why = resolve_partial_threshold(_manifest(cfg), _scan(region_query_size=320), regions=True)
+    assert threshold is None and "region_query_size=448 (this scan: 320)" in why
     threshold, why = resolve_partial_threshold(_manifest(cfg, region_refine=5), cfg, regions=True)
     assert threshold is None and "region_refine=5 (this scan: 10)" in why
     threshold, why = resolve_partial_threshold(_manifest(cfg, build="old"), cfg, regions=True)
