@@ -184,14 +184,14 @@ def _copies(
     skipped: list[dict[str, Any]] = []
     vectors: list[np.ndarray] = []
     for shard, row, key, img, why in read_back(index_url, manifest, rows, cfg.storage_options):
+        if img is None:  # a training image that cannot be read back: noted, skipped
+            skipped.append({"shard": shard, "key": key, "detail": why})
+            continue
         try:
-            if img is None:
-                raise CopyscanError(why)
             copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, key_seed(key)]))
             pixels.append(embedder.preprocess(copy))
-        except Exception as exc:  # a training image that cannot be read back or copied: noted, skipped
-            detail = why if img is None else f"{type(exc).__name__}: {exc}"
-            skipped.append({"shard": shard, "key": key, "detail": detail})
+        except Exception as exc:  # or copied
+            skipped.append({"shard": shard, "key": key, "detail": f"{type(exc).__name__}: {exc}"})
             continue
         sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
         if len(pixels) >= cfg.batch_size:
@@ -292,20 +292,9 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for name, (top, rest) in scores.items():
-        top = np.nan_to_num(top.astype(np.float64), nan=-np.inf)
-        rest = np.nan_to_num(rest.astype(np.float64), nan=-np.inf)
-        thresholds, precision, recall = precision_recall(top, correct, rest, cfg.prevalence)
-        rows_out = []
-        for target in PRECISIONS:
-            t = threshold_for(thresholds, precision, target)
-            r = float(recall[thresholds >= t].max()) if t is not None else 0.0
-            rows_out.append({"precision": target, "threshold": t, "recall": r})
-        report["table"][name] = rows_out
-        report["thresholds"][name] = {
-            f"p{round(r['precision'] * 100)}": r["threshold"]
-            for r in rows_out
-            if r["precision"] in (0.9, 0.99)
-        }
+        report["table"][name], report["thresholds"][name] = precision_table(
+            top, correct, rest, cfg.prevalence
+        )
     if cfg.partial:
         partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
         report["partial"] = calibrate_partial(cfg, manifest, partial_rows)
@@ -323,6 +312,28 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     return report
 
 
+def precision_table(
+    top: np.ndarray, correct: np.ndarray, other: np.ndarray, prevalence: float
+) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """The calibration table of one score (``precision_recall``'s arguments; NaN = no match): for each of
+    ``PRECISIONS`` its threshold and recall, and the p90 / p99 thresholds by name."""
+    top = np.nan_to_num(np.asarray(top, dtype=np.float64), nan=-np.inf)
+    other = np.nan_to_num(np.asarray(other, dtype=np.float64), nan=-np.inf)
+    thresholds, precision, recall = precision_recall(top, correct, other, prevalence)
+    rows = []
+    for target in PRECISIONS:
+        t = threshold_for(thresholds, precision, target)
+        r = float(recall[thresholds >= t].max()) if t is not None else 0.0
+        rows.append({"precision": target, "threshold": t, "recall": r})
+    named = {f"p{round(r['precision'] * 100)}": r["threshold"] for r in rows if r["precision"] in (0.9, 0.99)}
+    return rows, named
+
+
+def _table_line(name: str, row: dict[str, Any], width: int) -> str:
+    t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
+    return f"  {name:<{width}} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The precision/recall table a user reads before trusting a threshold."""
     lines = [
@@ -335,9 +346,7 @@ def format_table(report: dict[str, Any]) -> str:
             1, "  (small index: some copied images also trained the whitening; thresholds are optimistic)"
         )
     for name in SCORES:
-        for row in report["table"][name]:
-            t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
-            lines.append(f"  {name:<11} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}")
+        lines.extend(_table_line(name, row, 11) for row in report["table"][name])
     partial = report.get("partial")
     if partial:
         answer = partial["answer"]
@@ -346,9 +355,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"pasted into {partial['scenes']} outside scenes; answer = {answer['rank']} 0, recall@1 "
             f"{partial['recall@1']:.3f}:"
         )
-        for row in partial["table"]:
-            t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
-            lines.append(f"  {answer['score']:<16} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}")
+        lines.extend(_table_line(answer["score"], row, 16) for row in partial["table"])
         settings = " ".join(f"{k}={v}" for k, v in partial["settings"].items())
         lines.append(f"  (these hold for scans with {settings})")
     return "\n".join(lines)

@@ -144,7 +144,7 @@ def make_partial_queries(
 
 def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.ndarray]) -> dict[str, Any]:
     """Paste, scan and score (module docstring); the ``partial`` entry of the calibration report."""
-    from search.calibrate import PRECISIONS, precision_recall, threshold_for
+    from search.calibrate import precision_table
     from search.results import open_matches
     from search.scan_config import ScanConfig
     from search.scan_ray import run_scan
@@ -194,26 +194,14 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
     top = np.array([answers.get(q, (None, -np.inf))[1] for q in positives], dtype=np.float64)
     correct = np.array([answers.get(q, (None, 0))[0] == truth[q] for q in positives])
     other = np.array([answers.get(q, (None, -np.inf))[1] for q in negatives], dtype=np.float64)
-    thresholds, precision, recall = precision_recall(top, correct, other, cfg.prevalence)
-    table = []
-    for target in PRECISIONS:
-        t = threshold_for(thresholds, precision, target)
-        table.append(
-            {
-                "precision": target,
-                "threshold": t,
-                "recall": float(recall[thresholds >= t].max()) if t is not None else 0.0,
-            }
-        )
+    table, named = precision_table(top, correct, other, cfg.prevalence)
     rank, score = answer_columns(settings)
     return {
         **counts,
         "answer": {"rank": rank, "score": score},
         "settings": settings,
         "recall@1": float(correct.mean()),
-        "thresholds": {
-            f"p{round(r['precision'] * 100)}": r["threshold"] for r in table if r["precision"] in (0.9, 0.99)
-        },
+        "thresholds": named,
         "table": table,
         "skipped": skipped,
         "scan": storage.join(work, "scan"),

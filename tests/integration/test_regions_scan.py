@@ -233,18 +233,11 @@ def test_calibrate_partial_then_scan_flags_partial_answers(
     for path in [p for p in real_images if p not in train][12:20]:  # not used by ``pasted``
         shutil.copy(path, outside / path.name)
     settings = {"region_query_grid": TEST_QUERY_GRID, "region_slide": SLIDE, "dense_verify": DENSE}
-    report = run_calibrate(
-        resolve(
-            CalibrateConfig,
-            {
-                "index": index_url,
-                "images": 20,
-                "partial": 6,
-                "outside": str(outside),
-                "partial_scan": settings,
-            },
-        )
+    cal_cfg = resolve(
+        CalibrateConfig,
+        {"index": index_url, "images": 20, "partial": 6, "outside": str(outside), "partial_scan": settings},
     )
+    report = run_calibrate(cal_cfg)
     partial = report["partial"]
     assert (partial["copies"], partial["negatives"], partial["scenes"]) == (6, 6, 2) and not partial[
         "skipped"
@@ -259,18 +252,7 @@ def test_calibrate_partial_then_scan_flags_partial_answers(
     p90 = partial["thresholds"]["p90"]
     assert p90 is not None
     # the set and its scan are kept: a rerun resumes them
-    again = run_calibrate(
-        resolve(
-            CalibrateConfig,
-            {
-                "index": index_url,
-                "images": 20,
-                "partial": 6,
-                "outside": str(outside),
-                "partial_scan": settings,
-            },
-        )
-    )
+    again = run_calibrate(cal_cfg)
     assert again["partial"]["thresholds"] == partial["thresholds"] and again["partial"]["scan_seconds"] < 30
 
     folder, truth, _ = pasted
