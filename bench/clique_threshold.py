@@ -1,7 +1,7 @@
 """Calibrate the edge threshold of the memorised-prompt graph (``copyscan memorized``): JSON on stdout.
 
 Carlini et al. connect two generations of one prompt when their tiled ℓ2 is below a threshold they do not
-publish. Two distributions bound it, both on real images (``indexing.sample_images``) aligned as the job
+publish. Two distributions bound it, both on real images (``jobs.demo.sample_images``) aligned as the job
 aligns generations (short side, centre crop, ``graph_size`` px, 4 × 4 tiles):
 
 - **different images**: every pair of N distinct real images (what unrelated generations look like at
@@ -24,8 +24,9 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from indexing.sample_images import open_rgb, real_image_files
-from search.pixel import align, pairwise_tiled, pixel_distances
+from indexing.read.images import open_rgb
+from jobs.demo.sample_images import real_image_files
+from search.verify.pixel import align, pairwise_tiled, pixel_distances
 
 
 def _shift_crop(img: Image.Image, fraction: float) -> Image.Image:

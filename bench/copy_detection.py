@@ -1,8 +1,8 @@
 """Copy-detection quality of the whole system, measured the way a user runs it. Prints JSON.
 
-The training set is ``--train`` real images (``indexing.sample_images``) downloaded by img2dataset from a
+The training set is ``--train`` real images (``jobs.demo.sample_images``) downloaded by img2dataset from a
 loopback HTTP server into LAION-format shards; the queries are ``--copies`` transformed copies of distinct
-training images (``indexing.augment.copy_augment``: crop 60–90 %, rotation ±8°, brightness/contrast/colour,
+training images (``indexing.embed.augment.copy_augment``: crop 60–90 %, rotation ±8°, brightness/contrast/colour,
 rescale 0.7–1.4×, JPEG 40–85, overlaid text) and ``--negatives`` images from outside the training set
 passed through the same transformations. ``copyscan index`` and ``copyscan scan`` run with their defaults on
 a local Ray, except that the learned whitening sees augmented copies of ``--pair-images`` training images
@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.config import resolve
 from indexing.index_config import IndexConfig
-from indexing.sample_images import real_image_files
-from jobs import demo_data
+from indexing.runtime.config import resolve
 from jobs._runtime import init_ray, setup_logging
+from jobs.demo import data as demo_data
+from jobs.demo.sample_images import real_image_files
 
 SCORES = ("score", "score_norm", "score_raw")
 
@@ -194,8 +194,8 @@ def paired_keys(index_url: str, manifest: dict, pair_images: int) -> set[str]:
     """Keys of the training images the learned whitening gets augmented copies of: the first
     ``pair_quota`` rows of each shard (``indexing.index_ray.pair_spec``), whichever whitening this index
     uses, so that every configuration is measured on the same queries."""
-    from indexing import layout, storage
-    from indexing.index_ray import pair_quota
+    from indexing.embed.decode import pair_quota
+    from indexing.store import layout, storage
 
     shards = manifest["embedding_shards"]
     keys: set[str] = set()
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = demo_data.source_keys(str(work / "shards"))
     key_of_source = {str(p): keys[p.relative_to(www).as_posix()] for p in staged}
 
-    from indexing.config import parse_overrides
     from indexing.index_ray import run_index
+    from indexing.runtime.config import parse_overrides
     from search.scan_config import ScanConfig
     from search.scan_ray import run_scan
 

@@ -32,14 +32,14 @@ import faiss
 import numpy as np
 
 from bench.synthetic import LocalKDE, load_real, validate
-from indexing import layout, storage
-from indexing.build import fill_index_shard, index_shard_marker, train_phase
-from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
+from indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
+from indexing.build.planner import plan_index
+from indexing.build.postprocess import apply_whitening
+from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
 from indexing.index_config import IndexConfig
-from indexing.manifest import build_manifest
-from indexing.planner import plan_index
-from indexing.postprocess import apply_whitening
-from search.searcher import ShardSearcher
+from indexing.store import layout, storage
+from indexing.store.manifest import build_manifest
+from search.ann.searcher import ShardSearcher
 
 PART = 100_000  # vectors per embedding shard
 K = 10

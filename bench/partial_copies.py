@@ -2,7 +2,7 @@
 
 The evaluation set of the partial-copy issue: a real training image, scaled so its longer side is 35–50 % of
 a different real image's shorter side, pasted at a random position into it, then JPEG
-(``indexing.augment.paste_partial``). Negatives are images from outside the training set pasted the same way
+(``indexing.embed.augment.paste_partial``). Negatives are images from outside the training set pasted the same way
 into the same pool of scenes, so neither the scenes nor the pasting tell copies apart. The scenes are images
 from outside the training set, downsized to at most 768 px (generations are 512–1024 px).
 
@@ -28,12 +28,13 @@ import numpy as np
 from PIL import Image
 
 from bench.copy_detection import evaluate, paired_keys
-from indexing.augment import paste_partial
-from indexing.config import parse_overrides, resolve
-from indexing.manifest import load_manifest
-from indexing.sample_images import composite_rgb, real_image_files
-from jobs import demo_data
+from indexing.embed.augment import paste_partial
+from indexing.read.images import composite_rgb
+from indexing.runtime.config import parse_overrides, resolve
+from indexing.store.manifest import load_manifest
 from jobs._runtime import init_ray, setup_logging
+from jobs.demo import data as demo_data
+from jobs.demo.sample_images import real_image_files
 
 SCENE_SIDE = 768
 

@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 
-from indexing.build import fill_index_shard, train_phase
-from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.manifest import build_manifest
-from indexing.planner import plan_index
-from search.normalise import whiten
-from search.searcher import ShardSearcher
+from indexing.build.ivf import fill_index_shard, train_phase
+from indexing.build.planner import plan_index
+from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from indexing.store.manifest import build_manifest
+from search.ann.normalise import whiten
+from search.ann.searcher import ShardSearcher
 
 
 def clustered(n: int, d: int, clusters: int, rng: np.random.Generator, noise: float = 0.35) -> np.ndarray:

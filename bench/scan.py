@@ -33,10 +33,10 @@ import numpy as np
 
 from bench.index import PART, build, write_collection
 from bench.synthetic import LocalKDE, load_real
-from indexing.planner import plan_index
+from indexing.build.planner import plan_index
 from jobs._runtime import init_ray
-from search.coarse import SharedCoarse
-from search.merge import merge_topk
+from search.ann.coarse import SharedCoarse
+from search.ann.topk import merge_topk
 from search.scan_ray import ScanWorker, assign_shards
 
 K = 10
@@ -95,8 +95,8 @@ def by_shards_per_actor(args: argparse.Namespace, xq: np.ndarray) -> list[dict[s
     import faiss
     import ray
 
-    from indexing import layout
-    from indexing.build import read_index
+    from indexing.build.ivf import read_index
+    from indexing.store import layout
 
     n = max(args.sizes)
     ns = _collection_args(args, n, n)

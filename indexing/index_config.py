@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexing.embedders import DEFAULT_EMBEDDER
 from indexing.errors import CopyscanError
-from indexing.regions import MODES as REGION_MODES
-from indexing.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
+from indexing.models.embedders import DEFAULT_EMBEDDER
+from indexing.models.regions import MODES as REGION_MODES
+from indexing.models.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
 
 MODES = ("resume", "overwrite")
 WHITENINGS = ("learned", "pca", "none")
@@ -48,7 +48,7 @@ class IndexConfig:
     fill_cpus: float = 1.0  # CPUs per index-fill task
     # "learned": whitening learned from pairs (image, augmented copy) made while embedding, so the directions
     # along which copies move count less; "pca": shrunk PCA-whitening of the database vectors; "none".
-    # See indexing/postprocess.py and the README's evaluation.
+    # See indexing/build/postprocess.py and the README's evaluation.
     whitening: str = "learned"
     whitening_pair_images: int = (
         10_000  # images (in all) that get augmented copies: the first ones of each shard
@@ -61,7 +61,7 @@ class IndexConfig:
     background_size: int = 10_000  # database sample kept (whitened) for score normalisation
     seed: int = 0
 
-    # Partial copies (indexing/regions.py): every image also gets one vector per box of ``region_grid``
+    # Partial copies (indexing/models/regions.py): every image also gets one vector per box of ``region_grid``
     # (pooled from the same forward pass) in a second, region index under OUT/regions/; scans search it with
     # windows of ``region_query_grid`` pooled from the query at ``region_query_size`` px (the manifest
     # records both, a scan may override the query side).

@@ -12,23 +12,25 @@ from typing import Any
 
 import ray
 
-from indexing import clip_import, layout, storage
-from indexing.build import fill_index_shard, index_shard_marker, train_phase
-from indexing.config import to_dict
-from indexing.decode import DecodeLimits, PairSpec
-from indexing.embed import finished_shards
-from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
-from indexing.embedders import spec_fingerprint
+from indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
+from indexing.build.merge_shards import keep_merged_layout
+from indexing.build.planner import IndexPlan, plan_index
+from indexing.embed import clip_import
+from indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
+from indexing.embed.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
+from indexing.embed.stage import finished_shards
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
-from indexing.manifest import build_manifest
-from indexing.merge_shards import keep_merged_layout
-from indexing.outputs import claim_output
-from indexing.planner import IndexPlan, plan_index
-from indexing.pool_ray import run_pool, run_tasks
-from indexing.progress import Progress, timed
-from indexing.regions import RegionSpec, parse_grid
-from indexing.shardlist import expand_shards
+from indexing.models import clip
+from indexing.models.embedder import spec_fingerprint
+from indexing.models.regions import RegionSpec, parse_grid
+from indexing.read.shardlist import expand_shards
+from indexing.runtime.config import to_dict
+from indexing.runtime.pool_ray import run_pool, run_tasks
+from indexing.runtime.progress import Progress, timed
+from indexing.store import layout, storage
+from indexing.store.manifest import build_manifest
+from indexing.store.outputs import claim_output
 
 logger = logging.getLogger("copyscan")
 
@@ -42,7 +44,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     so = cfg.storage_options
     t_start = time.time()
     timings: dict[str, float] = {}
-    imported = cfg.embedder == clip_import.NAME  # precomputed vectors: no images, no model
+    imported = cfg.embedder == clip.NAME  # precomputed vectors: no images, no model
     if imported:
         parts = clip_import.list_parts(cfg.shards, so)
         shards = [emb for emb, _ in parts]
@@ -55,7 +57,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
 
     if imported:
         shape = clip_import.npy_shape(shards[0], so)
-        spec = clip_import.clip_spec(cfg.embedder_options, shape[-1])
+        spec = clip.clip_spec(cfg.embedder_options, shape[-1])
     else:
         spec = ray.get(
             embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
@@ -132,14 +134,6 @@ def _plan(cfg: IndexConfig, counts: dict[int, int], dim: int, factory: str, npro
         recall_target=cfg.recall_target,
         whitened=cfg.whitening != "none",
     )
-
-
-def pair_quota(pair_images: int, n_shards: int, shard: int) -> int:
-    """How many of ``shard``'s first images get augmented copies: ``pair_images`` spread evenly over the
-    shards (each gets ⌊·⌋ or ⌈·⌉ of pair_images / n_shards; with more shards than pair images, evenly
-    spaced shards get one each), so the total is ``pair_images`` however many shards there are."""
-    n = max(n_shards, 1)
-    return (shard + 1) * pair_images // n - shard * pair_images // n
 
 
 def pair_spec(cfg: IndexConfig, n_shards: int, shard: int) -> PairSpec | None:

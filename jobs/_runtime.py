@@ -115,7 +115,7 @@ def run_job(args: argparse.Namespace, body: Callable[[], Any], use_ray: bool = T
 
 def layers(args: argparse.Namespace, explicit: dict[str, Any]) -> Sequence[dict[str, Any]]:
     """Config layers in precedence order: file, then the named flags, then key=value overrides."""
-    from indexing.config import load_yaml_file, parse_overrides
+    from indexing.runtime.config import load_yaml_file, parse_overrides
 
     return (
         load_yaml_file(args.config),

@@ -22,10 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
+    from indexing.runtime.config import resolve
 
     def body() -> None:
-        from search.calibrate import CalibrateConfig, format_table, run_calibrate
+        from search.calibrate.config import CalibrateConfig
+        from search.calibrate.whole import format_table, run_calibrate
 
         cfg = resolve(CalibrateConfig, *layers(args, {"index": args.index}))
         if cfg.partial:  # partial copies are calibrated with a real scan

@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
     from indexing.index_config import IndexConfig
+    from indexing.runtime.config import resolve
 
     def body() -> None:
         from indexing.index_ray import run_index

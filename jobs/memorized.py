@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
-    from search.memorized import MemorizedConfig
+    from indexing.runtime.config import resolve
+    from search.memorized.discover import MemorizedConfig
 
     def body() -> None:
-        from search.memorized_ray import run_memorized
+        from search.memorized.memorized_ray import run_memorized
 
         explicit = {"generations": args.generations, "out": args.out, "mode": args.mode}
         cfg = resolve(MemorizedConfig, *layers(args, explicit))

@@ -39,11 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
+    from indexing.runtime.config import resolve
 
     def body() -> None:
-        from indexing.manifest import load_manifest
-        from indexing.merge_shards import merge_index_shards
+        from indexing.build.merge_shards import merge_index_shards
+        from indexing.store.manifest import load_manifest
 
         cfg = resolve(MergeConfig, *layers(args, {"index": args.index}))
         before = len(load_manifest(cfg.index, cfg.storage_options)["index_shards"])

@@ -3,7 +3,7 @@
 Scans the generations (made elsewhere: copyscan does not run the diffusion model) into
 ``HISTORY/runs/CHECKPOINT``, appends the checkpoint's row to ``HISTORY/history/``, compares its replication
 rate with the previous checkpoint and the pinned ``--baseline``, and writes
-``HISTORY/regression/CHECKPOINT.json`` (see ``search/history.py``) and the checkpoint's report with the trend
+``HISTORY/regression/CHECKPOINT.json`` (see ``search/report/history.py``) and the checkpoint's report with the trend
 across checkpoints, ``HISTORY/reports/CHECKPOINT/report.html`` (``copyscan report``). Exit status: 0 when the rate did not rise
 significantly, 3 when it did, 2 on errors. Rerunning a night resumes its scan.
 """
@@ -35,17 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing import storage
-    from indexing.config import resolve
+    from indexing.runtime.config import resolve
+    from indexing.store import layout, storage
     from search.scan_config import ScanConfig
 
     outcome: dict[str, bool] = {}
 
     def body() -> None:
-        from search import history
+        from search.report import history
         from search.scan_ray import run_scan
 
-        scan_out = storage.join(args.history, "runs", history._safe(args.checkpoint))
+        scan_out = layout.history_run_dir(args.history, args.checkpoint)
         explicit = {"index": args.index, "queries": args.generations, "out": scan_out}
         cfg = resolve(ScanConfig, *layers(args, explicit))
         so = cfg.storage_options
@@ -55,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
         report = history.regression_report(
             row, history.read_history(args.history, so), args.baseline, args.alpha
         )
-        storage.write_json(storage.join(args.history, "regression", f"{args.checkpoint}.json"), report, so)
+        storage.write_json(layout.regression_url(args.history, args.checkpoint), report, so)
         print(json.dumps(report, indent=2))
         outcome["regression"] = report["regression"]
         if not args.no_report:
-            from search.report import ReportConfig, run_report
+            from search.report.run import ReportConfig, run_report
 
-            report_out = storage.join(args.history, "reports", history._safe(args.checkpoint))
+            report_out = layout.history_report_dir(args.history, args.checkpoint)
             run_report(
                 ReportConfig(
                     run=scan_out,

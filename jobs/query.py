@@ -1,7 +1,7 @@
 """``copyscan query RUN [RUN ...] "SQL"`` / ``python -m jobs.query``: SQL over scan results (DuckDB).
 
 The SQL sees ``matches`` (every match of the runs given, with a ``run`` column) and ``runs`` (one row per run
-from its summary.json); see search/query.py. Prints the result as a table, or writes it with ``--out``
+from its summary.json); see search/results/sql.py. Prints the result as a table, or writes it with ``--out``
 (.parquet, .csv or .json). Runs in this process; no cluster needed.
 """
 
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         from indexing.errors import CopyscanError
-        from search.query import run_query
+        from search.results.sql import run_query
 
         if len(args.runs) < 2:
             raise CopyscanError('give the scan output(s), then the SQL: copyscan query RUN "SELECT ..."')

@@ -21,10 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
+    from indexing.runtime.config import resolve
 
     def body() -> None:
-        from search.report import ReportConfig, run_report
+        from search.report.run import ReportConfig, run_report
 
         given = {"run": args.run_url}
         if args.history:

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexing.config import resolve
+    from indexing.runtime.config import resolve
     from search.scan_config import ScanConfig
 
     def body() -> None:

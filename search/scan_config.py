@@ -7,7 +7,7 @@ from typing import Any
 
 from indexing.errors import CopyscanError
 from indexing.index_config import MODES
-from indexing.regions import parse_slide
+from indexing.models.regions import parse_slide
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class ScanConfig:
     # is_partial_copy = a query's partial answer (dense_rank 0 with dense_verify, else local_rank 0) passes
     # this: p90 / p99 (copyscan calibrate partial=N, for scans with the same partial settings), a value of
     # the answer's score (dense_score, else local_score_norm), or none; "" = p90 / p99 when threshold is,
-    # else none (search/calibrate_partial.py)
+    # else none (search/calibrate/partial.py)
     partial_threshold: str | float = ""
-    # Every match above a threshold, not only the top k (search/radius.py): each query's k best plus every
+    # Every match above a threshold, not only the top k (search/ann/radius.py): each query's k best plus every
     # further training image with score_norm >= radius, at most radius_max more per query (a training
     # image duplicated 500 times shows up 500 times): p90 / p99 (copyscan calibrate) or a score_norm
     # value. A range search with the score normalisation folded into the query; approximate scores down
@@ -45,7 +45,7 @@ class ScanConfig:
 
     # Pixel verification (Carlini et al.): the top ``verify_pixels`` matches of every query are re-fetched
     # (training image from its shard, generation from its source), aligned to verify_size px, and get
-    # pixel_l2, tiled_l2 and extracted = tiled_l2 < extraction_delta; 0 = off. search/verify.py
+    # pixel_l2, tiled_l2 and extracted = tiled_l2 < extraction_delta; 0 = off. search/verify/matches.py
     verify_pixels: int = 0
     extraction_delta: float = 0.15
     verify_size: int = 512  # both images: short side resized to this, centre crop (verify_fit=crop) or squash
@@ -62,10 +62,10 @@ class ScanConfig:
     density_neighbours: int = 0
     density_alpha: float = 0.5
 
-    # Partial copies (search/regions.py): search the index's region index with windows of every query.
+    # Partial copies (search/regions/local.py): search the index's region index with windows of every query.
     # "auto": when the index has one (copyscan index regions=true); "on": fail without one; "off".
     regions: str = "auto"
-    region_query_grid: str = ""  # windows (indexing/regions.py grid spec); "" = the index's
+    region_query_grid: str = ""  # windows (indexing/models/regions.py grid spec); "" = the index's
     region_query_size: int = 0  # px the query is preprocessed at before cropping windows; 0 = the index's
     region_hits: int = 20  # region hits per window, exactly re-ranked, before aggregating per training image
     # region hits rank by cosine − region_density_beta · (the training region's density − the index's mean
@@ -79,7 +79,7 @@ class ScanConfig:
     # Costs up to region_refine forward passes and global searches per query. 0 = off
     region_refine: int = 5
     # Sliding windows, searched in the global index like the frames: squares of these sides (fractions of
-    # the query's shorter side; search/regions.py slide_boxes), a third of a side apart, e.g. "0.5,0.4":
+    # the query's shorter side; search/regions/local.py slide_boxes), a third of a side apart, e.g. "0.5,0.4":
     # 52 windows on a square query, 88 on a 3:2 one (forward passes and global searches); "WxH" entries
     # are rectangles: "0.5,0.4,0.45x0.3,0.3x0.45" is 132 windows on a square query, 212 on a 3:2 one. They
     # put the source among the best 10 images for more pasted copies (98 instead of 91 of 120 with the
@@ -88,9 +88,9 @@ class ScanConfig:
     region_slide: str = ""
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
-    # index's space (needs a region index; query boxes made like the index's, indexing/regions.py)
+    # index's space (needs a region index; query boxes made like the index's, indexing/models/regions.py)
     split_product: bool = False
-    # Dense verification (search/dense.py): the region candidates of local_rank < dense_verify are re-fetched
+    # Dense verification (search/verify/dense.py): the region candidates of local_rank < dense_verify are re-fetched
     # (training image from its shard, generation from its source), and the training image is searched in
     # the generation over offset and scale, cell by cell on EfficientNet-Lite0's block-10 feature maps:
     # dense_z (how far its best placement stands out), dense_box (where) and dense_score = local_score_norm

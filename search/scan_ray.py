@@ -22,28 +22,27 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 
-from indexing import storage
-from indexing.config import to_dict
-from indexing.decode import DecodeLimits
-from indexing.embed import EmbeddedSource
-from indexing.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
+from indexing.embed.decode import DecodeLimits
+from indexing.embed.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
+from indexing.embed.stage import EmbeddedSource
 from indexing.errors import CopyscanError
-from indexing.manifest import check_embedder, load_manifest
-from indexing.outputs import claim_output
-from indexing.pool_ray import TaskStream, run_pool
-from indexing.progress import Progress
-from search.calibrate import resolve_threshold
-from search.calibrate_partial import resolve_partial_threshold
-from search.dense import DenseSpec, verify_dense
-from search.merge import carry_values, merge_sorted_with, merge_topk
-from search.normalise import ScoreNormaliser, whiten
-from search.queries import QueryChunk, plan_query_chunks
-from search.radius import Above, keep_above, radius_counts
-from search.regions import LocalWindows, RegionSearcher, local_windows
-from search.results import RUN_CONFIG_NAME, SUMMARY_NAME, finished_chunks, summarize, write_chunk
+from indexing.runtime.config import to_dict
+from indexing.runtime.pool_ray import TaskStream, run_pool
+from indexing.runtime.progress import Progress
+from indexing.store import layout, storage
+from indexing.store.manifest import check_embedder, load_manifest
+from indexing.store.outputs import claim_output
+from search.ann.normalise import ScoreNormaliser, whiten
+from search.ann.radius import Above, keep_above, radius_counts
+from search.ann.searcher import ShardSearcher
+from search.ann.topk import ShardResult, carry_values, merge_sorted_with, merge_topk
+from search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
+from search.regions.local import LocalWindows, RegionSearcher, local_windows
+from search.results.matches import finished_chunks, summarize, write_chunk
+from search.scan_chunks import QueryChunk, plan_query_chunks
 from search.scan_config import ScanConfig
-from search.searcher import ShardResult, ShardSearcher
-from search.verify import MatchVerifier, VerifySpec
+from search.verify.dense import DenseSpec, verify_dense
+from search.verify.matches import MatchVerifier, VerifySpec
 
 logger = logging.getLogger("copyscan")
 
@@ -159,7 +158,7 @@ class _Fanout:
 
     def search(self, xq: np.ndarray, above: Above | None = None) -> ShardResult:
         """Top k of every query from all actors, merged; with ``above``, followed by each query's further
-        matches of score >= above.lo (``search.radius``)."""
+        matches of score >= above.lo (``search.ann.radius``)."""
         cfg = self.cfg
         xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
         for attempt in range(cfg.retries + 1):
@@ -219,7 +218,13 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
     manifest = load_manifest(cfg.index, so)
     chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
     resumed = claim_output(
-        cfg.out, RUN_CONFIG_NAME, to_dict(cfg), cfg.mode, ScanConfig.RESUME_KEYS, so, ScanConfig.RESUME_ABSENT
+        cfg.out,
+        layout.RUN_CONFIG_NAME,
+        to_dict(cfg),
+        cfg.mode,
+        ScanConfig.RESUME_KEYS,
+        so,
+        ScanConfig.RESUME_ABSENT,
     )
     done = finished_chunks(cfg.out, so)
     stale = sorted(c for c, m in done.items() if m.get("index_build_id") != manifest["build_id"])
@@ -352,7 +357,7 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
         },
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_json(storage.join(cfg.out, SUMMARY_NAME), summary, so)
+    storage.write_json(layout.summary_url(cfg.out), summary, so)
     if failed:
         listing = "\n".join(f"  {c.describe()}: {err}" for c, err in failed)
         raise CopyscanError(f"{len(failed)} query chunk(s) failed; rerun to resume:\n{listing}")
@@ -551,7 +556,7 @@ def _scan_chunks(
 
     def search_queries(x: np.ndarray) -> tuple[ShardResult, dict[str, int] | None]:
         """The chunk's own queries: ``search_global``, and with ``radius`` every further match of score_norm
-        >= radius (search/radius.py) with the counts for the chunk marker."""
+        >= radius (search/ann/radius.py) with the counts for the chunk marker."""
         if radius is None:
             return search_global(x), None
         above = Above(radius["value"] + normalise.floor(x), cfg.radius_max, cfg.radius_margin)

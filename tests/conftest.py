@@ -21,7 +21,7 @@ import pytest
 N_REAL_IMAGES = 80
 N_TRAIN = 60
 SAMPLES_PER_SHARD = 16  # 60 good + 3 bad rows → 4 shards of 16, 16, 16 and 15 rows
-# Planted failures: path in the served folder → the status img2dataset records (see jobs/demo_data.py).
+# Planted failures: path in the served folder → the status img2dataset records (see jobs/demo/data.py).
 BAD_ROWS = {
     "bad/missing.jpg": "failed_to_download",  # not on disk: HTTP 404
     "bad/not_an_image.jpg": "failed_to_resize",  # HTML served as .jpg: "Image decoding error"
@@ -158,7 +158,7 @@ def real_images() -> list[Path]:
     Unpacked once into the copyscan cache (``$COPYSCAN_CACHE``); the first call on a fresh machine runs
     ``apt-get download`` (≈ 47 MB).
     """
-    from indexing.sample_images import DEMO_PACKAGES, real_image_files
+    from jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
 
     return real_image_files(N_REAL_IMAGES, packages=DEMO_PACKAGES)
 
@@ -186,7 +186,7 @@ def laion_shards(real_images: list[Path], tmp_path_factory: pytest.TempPathFacto
     session) with three bad rows appended (a 404, HTML named .jpg, a truncated JPEG), listed in a
     metadata parquet, and downloaded by img2dataset into 4 shards of ≤ 16 rows. Runs once per session.
     """
-    from jobs.demo_data import run_img2dataset, serve_directory, source_keys, stage_images, write_url_list
+    from jobs.demo.data import run_img2dataset, serve_directory, source_keys, stage_images, write_url_list
 
     work = tmp_path_factory.mktemp("laion")
     served = work / "served"
@@ -238,7 +238,7 @@ def laion_shards_s3(s3_server: S3Server, laion_shards: LaionShards) -> LaionShar
     Uploaded rather than downloaded again: img2dataset writing straight to S3 is tested once in
     tests/integration/test_demo_data.py; every other S3 test reuses these bytes.
     """
-    from indexing import storage
+    from indexing.store import storage
 
     bucket = s3_server.make_bucket("laion")
     folder = f"s3://{bucket}/shards"

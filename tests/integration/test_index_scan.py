@@ -15,15 +15,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from indexing import layout, storage
-from indexing.config import resolve
 from indexing.index_config import IndexConfig
 from indexing.index_ray import run_index
-from indexing.manifest import load_manifest
-from search.results import MATCHES_SCHEMA
+from indexing.runtime.config import resolve
+from indexing.store import layout, storage
+from indexing.store.manifest import load_manifest
+from search.ann.searcher import ShardSearcher
+from search.results.matches import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
-from search.searcher import ShardSearcher
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def _fs(url: str, storage_options=None):
 @pytest.fixture(scope="module")
 def generated(laion_shards, real_images, tmp_path_factory):
     """Generated images: 8 planted copies of training images, 8 images from outside the training set."""
-    from jobs.demo_data import make_generated_images
+    from jobs.demo.data import make_generated_images
 
     train = set(laion_shards.source_images)
     others = [p for p in real_images if p not in train]
@@ -417,7 +417,8 @@ def calibrated(ray_session, local_index, generated, tmp_path_factory):
     """A copy of the local index (calibration rewrites the manifest), scanned once before calibration."""
     import shutil
 
-    from search.calibrate import CalibrateConfig, run_calibrate
+    from search.calibrate.config import CalibrateConfig
+    from search.calibrate.whole import run_calibrate
 
     root = tmp_path_factory.mktemp("calibrated")
     index_url = str(root / "index")
@@ -508,8 +509,8 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
 def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page, tmp_path):
     """copyscan report: Somepalli statistics, duplicates, and a self-contained page that works in Chromium."""
     from jobs import report as report_job
-    from search import html
-    from search.report import _thumbnail
+    from search.report import html
+    from search.report.run import _thumbnail
 
     index_url = calibrated[0]
     folder, truth = generated

@@ -106,7 +106,7 @@ def ray_head():
 def test_index_and_scan_as_a_ray_job(ray_head, laion_shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.demo_data import make_generated_images
+    from jobs.demo.data import make_generated_images
 
     queries = tmp_path / "generated"
     truth = make_generated_images(

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from indexing.sample_images import open_rgb
-from search.fetch import fetch_images
-from search.memorized import MEMORIZED_SCHEMA, memorized_for_report
-from search.pixel import align
+from indexing.read.fetch import fetch_images
+from indexing.read.images import open_rgb
+from search.memorized.discover import MEMORIZED_SCHEMA, memorized_for_report
+from search.verify.pixel import align
 
 
 def _write(folder: Path, name: str, x: np.ndarray) -> str:
@@ -71,8 +71,8 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     fetched = fetch_images([(m["source"], m["key"]) for m in members])
     assert all(f.data for f in fetched.values()) and len(fetched) == 12
     # the HTML report's section: every clique member inlined, the prompt as text
-    from search import html
-    from search.report import thumbnails
+    from search.report import html
+    from search.report.run import thumbnails
 
     thumbs = thumbnails([(m["source"], m["key"]) for m in members], 64)
     section = html.memorized_section(out, report, thumbs, per_prompt=16)

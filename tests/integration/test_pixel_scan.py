@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.config import resolve
 from indexing.index_config import IndexConfig
 from indexing.index_ray import run_index
-from indexing.reader import iter_tar
-from search import pixel
-from search.results import MATCHES_SCHEMA
+from indexing.read.reader import iter_tar
+from indexing.runtime.config import resolve
+from search.results.matches import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
+from search.verify import pixel
 
 
 def scan(index_url: str, queries: str, out: str, **overrides) -> dict:

@@ -1,4 +1,4 @@
-"""indexing.pool_ray.TaskStream: Ray tasks fed as items arrive, bounded in flight, retried, then listed."""
+"""indexing.runtime.pool_ray.TaskStream: Ray tasks fed as items arrive, bounded in flight, retried, then listed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 def test_task_stream_bounds_in_flight_retries_and_forgets(ray_session, tmp_path):
     import ray
 
-    from indexing.pool_ray import TaskStream, run_tasks
+    from indexing.runtime.pool_ray import TaskStream, run_tasks
 
     def square(x: int, folder: str) -> int:  # nested: pickled by value, so workers need not import tests
         mark = Path(folder) / f"tried_{x}"
@@ -43,7 +43,7 @@ def test_task_stream_bounds_in_flight_retries_and_forgets(ray_session, tmp_path)
 def test_run_pool_hands_on_result_the_actor_and_can_drop_results(ray_session):
     import ray
 
-    from indexing.pool_ray import run_pool
+    from indexing.runtime.pool_ray import run_pool
 
     class Doubler:  # nested: pickled by value
         def double(self, x: int) -> int:

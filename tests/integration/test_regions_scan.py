@@ -9,17 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing import layout
-from indexing.augment import paste_partial
-from indexing.config import resolve
+from indexing.embed.augment import paste_partial
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
 from indexing.index_ray import run_index
-from indexing.manifest import load_manifest
-from indexing.regions import TRAIN_GRID, parse_grid, parse_slide
-from indexing.sample_images import open_rgb
-from search.regions import box_iou, slide_boxes
-from search.results import MATCHES_SCHEMA
+from indexing.models.regions import TRAIN_GRID, parse_grid, parse_slide
+from indexing.read.images import open_rgb
+from indexing.runtime.config import resolve
+from indexing.store import layout
+from indexing.store.manifest import load_manifest
+from search.regions.local import box_iou, slide_boxes
+from search.results.matches import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
 
@@ -204,7 +204,7 @@ def test_scan_regions_off(region_index, pasted, tmp_path):
 
 
 def test_regions_on_needs_a_region_index(region_index):
-    from search.regions import local_windows
+    from search.regions.local import local_windows
 
     index_url, manifest = region_index
     cfg = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o", "regions": "on"})
@@ -223,7 +223,8 @@ def test_calibrate_partial_then_scan_flags_partial_answers(
     flags is_partial_copy on each query's answer, one with other settings leaves it empty and says why."""
     import shutil
 
-    from search.calibrate import CalibrateConfig, format_table, run_calibrate
+    from search.calibrate.config import CalibrateConfig
+    from search.calibrate.whole import format_table, run_calibrate
 
     index_url = str(tmp_path / "index")
     shutil.copytree(region_index[0], index_url)  # calibration rewrites the manifest

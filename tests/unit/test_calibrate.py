@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from indexing.errors import CopyscanError
-from search.calibrate import precision_recall, resolve_threshold, select_rows, threshold_for
+from search.calibrate.sample import select_rows
+from search.calibrate.thresholds import precision_recall, resolve_threshold, threshold_for
 
 
 def test_precision_and_recall_by_hand():

@@ -3,15 +3,10 @@
 import pyarrow as pa
 import pytest
 
-from indexing.config import resolve
 from indexing.errors import CopyscanError
-from search.calibrate import CalibrateConfig
-from search.calibrate_partial import (
-    PARTIAL_SCAN,
-    partial_answers,
-    partial_settings,
-    resolve_partial_threshold,
-)
+from indexing.runtime.config import resolve
+from search.calibrate.config import PARTIAL_SCAN, CalibrateConfig
+from search.calibrate.thresholds import partial_answers, partial_settings, resolve_partial_threshold
 from search.scan_config import ScanConfig
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing import layout
-from search.coarse import SharedCoarse
-from search.normalise import whiten
-from search.searcher import ShardSearcher
+from indexing.store import layout
+from search.ann.coarse import SharedCoarse
+from search.ann.normalise import whiten
+from search.ann.searcher import ShardSearcher
 
 
 def _collection(tmp_path, whitening, seed=0, name="idx", factory="auto"):

@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from indexing.config import parse_overrides, resolve, to_yaml
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
+from indexing.runtime.config import parse_overrides, resolve, to_yaml
 from search.scan_config import ScanConfig
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.decode import DecodeLimits, PairSpec, decode_samples
+from indexing.embed.decode import DecodeLimits, PairSpec, decode_samples
 from indexing.errors import CopyscanError
-from indexing.reader import Sample, iter_tar
+from indexing.read.reader import Sample, iter_tar
 
 
 def _jpeg(w=64, h=48, seed=0) -> bytes:

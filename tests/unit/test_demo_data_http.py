@@ -1,4 +1,4 @@
-"""The loopback HTTP server and the LAION-style url list of jobs/demo_data.py (fast, no Ray, no img2dataset)."""
+"""The loopback HTTP server and the LAION-style url list of jobs/demo/data.py (fast, no Ray, no img2dataset)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexing.errors import CopyscanError
-from jobs.demo_data import caption_for, serve_directory, stage_images, write_url_list
+from jobs.demo.data import caption_for, serve_directory, stage_images, write_url_list
 
 
 def _get(url: str) -> bytes:

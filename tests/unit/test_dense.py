@@ -1,4 +1,4 @@
-"""Dense verification (search/dense.py): the correlation and its peak-to-sidelobe ratio, checked against a
+"""Dense verification (search/verify/dense.py): the correlation and its peak-to-sidelobe ratio, checked against a
 brute-force computation; the real network placing a pasted training image; verify_dense on a chunk's rows."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexing.augment import paste_partial
-from indexing.decode import DecodeLimits
-from indexing.sample_images import open_rgb
-from search.dense import MIN_POSITIONS, DenseMatcher, DenseSpec, verify_dense
-from search.regions import box_iou
+from indexing.embed.augment import paste_partial
+from indexing.embed.decode import DecodeLimits
+from indexing.read.images import open_rgb
+from search.regions.local import box_iou
+from search.verify.dense import MIN_POSITIONS, DenseMatcher, DenseSpec, verify_dense
 
 
 def _unit_cells(x: np.ndarray) -> torch.Tensor:

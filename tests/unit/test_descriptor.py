@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing import descriptor, effnet, sample_images
-from indexing.augment import copy_augment
+from indexing.embed.augment import copy_augment
 from indexing.errors import CopyscanError
+from indexing.models import descriptor, effnet
+from indexing.read.images import open_rgb
+from jobs.demo import sample_images
 
 SKIMAGE_DATA = "usr/lib/python3/dist-packages/skimage/data"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "color.png")
@@ -168,7 +170,7 @@ def _photos() -> list[Image.Image]:
             pytest.skip(
                 f"scikit-image's sample photos (Debian package python3-skimage) not available: {error}"
             )
-        images.append(sample_images.open_rgb(path))
+        images.append(open_rgb(path))
     return images
 
 

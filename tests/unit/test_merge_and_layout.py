@@ -1,7 +1,7 @@
 import numpy as np
 
-from indexing import layout
-from search.merge import merge_topk
+from indexing.store import layout
+from search.ann.topk import merge_topk
 
 
 def test_merge_matches_a_global_sort():

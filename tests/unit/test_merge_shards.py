@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing import layout, storage
+from indexing.build.merge_shards import keep_merged_layout, merge_index_shards, merged_marker_url, plan_merges
 from indexing.errors import CopyscanError
-from indexing.merge_shards import keep_merged_layout, merge_index_shards, merged_marker_url, plan_merges
-from search.searcher import ShardSearcher
+from indexing.store import layout, storage
+from search.ann.searcher import ShardSearcher
 
 
 def test_plan_merges_packs_consecutive_shards():

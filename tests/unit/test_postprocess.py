@@ -1,11 +1,11 @@
-"""Whitening and score normalisation (indexing/postprocess.py), checked by hand and on planted structure."""
+"""Whitening and score normalisation (indexing/build/postprocess.py), checked by hand and on planted structure."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from indexing import postprocess
+from indexing.build import postprocess
 from indexing.errors import CopyscanError
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from indexing.errors import CopyscanError
 from jobs import query as query_job
-from search import results
-from search.query import run_query
+from search.results import matches as results
+from search.results.sql import run_query
 
 
 def _run(root, name, rows, flagged):

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing import layout
-from indexing.build import BackgroundSample
+from indexing.build.ivf import BackgroundSample
 from indexing.errors import CopyscanError
-from indexing.manifest import resolve
-from search.merge import merge_sorted_with
-from search.normalise import ScoreNormaliser, whiten
-from search.radius import MIN_TAU, Above, capped, keep_above, radius_counts, range_search_index
+from indexing.store import layout
+from indexing.store.manifest import resolve
+from search.ann.normalise import ScoreNormaliser, whiten
+from search.ann.radius import MIN_TAU, Above, capped, keep_above, radius_counts, range_search_index
+from search.ann.searcher import ShardSearcher
+from search.ann.topk import ShardResult, merge_sorted_with
 from search.scan_config import ScanConfig
-from search.searcher import ShardResult, ShardSearcher
 
 PER_SHARD = 500
 

@@ -1,16 +1,17 @@
 """Localise, then search: frames from (window, region) pairs, the crops they give, sliding windows, and
-merging the crops' global hits into region matching's (search/regions.py)."""
+merging the crops' global hits into region matching's (search/regions/local.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from indexing import layout
-from indexing.embedders import load_embedder
 from indexing.errors import CopyscanError
-from indexing.regions import WHOLE, parse_slide
-from search.regions import (
+from indexing.models.embedders import load_embedder
+from indexing.models.regions import WHOLE, parse_slide
+from indexing.store import layout
+from search.ann.topk import ShardResult
+from search.regions.local import (
     CROP_IOU,
     REFINE_PAIRS,
     SLIDE_MAX_AXIS,
@@ -23,7 +24,6 @@ from search.regions import (
     slide_boxes,
 )
 from search.scan_config import ScanConfig
-from search.searcher import ShardResult
 
 
 def _image(shard: int, row: int) -> int:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing import layout
-from search import html, stats
-from search.report import ReportConfig, near_duplicates, sample_ids, train_train
+from indexing.store import layout
+from search.report import html, stats
+from search.report.run import ReportConfig, near_duplicates, sample_ids, train_train
 
 
 def test_histogram_counts_everything_and_integrates_to_the_share_inside():

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing import layout, storage
-from indexing.embed import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
-from search.searcher import ShardSearcher
+from indexing.build.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
+from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from indexing.store import layout, storage
+from search.ann.searcher import ShardSearcher
 
 
 def test_score_terms_unroll_both_whitening_stages():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing import sample_images as si
 from indexing.errors import CopyscanError
+from indexing.read.images import composite_rgb, open_rgb
+from jobs.demo import sample_images as si
 
 SMALL_PACKAGE = "wesnoth-1.16-dw"  # 5.2 MB: six campaign portraits and paintings
 
@@ -56,8 +57,8 @@ def test_hash_survives_resizing_and_separates_pictures():
 def test_cut_out_matches_the_same_picture_on_black():
     cut_out = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
     cut_out.paste(_picture(2, (120, 160)), (40, 20))
-    on_black = si.composite_rgb(cut_out, (0, 0, 0))
-    unrelated = si.composite_rgb(Image.new("RGBA", (200, 200), (0, 0, 0, 0)).copy(), (0, 0, 0))
+    on_black = composite_rgb(cut_out, (0, 0, 0))
+    unrelated = composite_rgb(Image.new("RGBA", (200, 200), (0, 0, 0, 0)).copy(), (0, 0, 0))
     unrelated.paste(_picture(3, (120, 160)), (40, 20))
     hashes = [si.image_hashes(cut_out), si.image_hashes(on_black), si.image_hashes(unrelated)]
     assert len(hashes[0]) == 16 and hashes[1][:8] == hashes[1][8:]  # opaque: both halves equal
@@ -126,7 +127,7 @@ def test_real_image_files_from_a_small_package(small_cache):
     assert files[:3] == si.real_image_files(3, packages=[SMALL_PACKAGE], cache_dir=small_cache)
     assert files != sorted(files)  # shuffled, not path order
     for path in files:
-        img = si.open_rgb(path)
+        img = open_rgb(path)
         assert img.mode == "RGB" and min(img.size) >= si.MIN_SIDE
     with pytest.raises(CopyscanError, match=f"only {available} distinct images"):
         si.real_image_files(available + 1, packages=[SMALL_PACKAGE], cache_dir=small_cache)

@@ -1,0 +1,247 @@
+"""Decode samples into fixed-size uint8 pixel batches on CPU, recording every rejection with its reason.
+
+This is the CPU half of embedding: its output (``DecodedBatch``) is small and uniform, so it travels
+cheaply through Ray's object store to the (GPU) embedding actors. A bad image never raises: it becomes
+a rejection record ``{"key", "reason", "detail"}`` that ends up in the shard's stats.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from indexing.embed.augment import copy_augment, key_seed
+from indexing.read.reader import Sample
+
+# Stable rejection codes (stats count them by code).
+MISSING_IMAGE = "missing_image"
+UNREADABLE = "unreadable_file"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+TOO_LARGE = "too_large"
+TOO_SMALL = "too_small"
+DECODE_ERROR = "decode_error"
+
+# (3, S, S) uint8 from a decoded RGB/RGBA/L image ((3, H, W) for an aspect-keeping preprocessing).
+Preprocess = Callable[[Image.Image], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Images outside these bounds are rejected before any pixel is decoded."""
+
+    max_pixels: int = 64_000_000
+    min_side: int = 8
+
+
+@dataclass
+class DecodedBatch:
+    """Up to ``batch_size`` decoded images of one source (shard or query chunk).
+
+    pixels: (n, 3, S, S) uint8, RGB; a list of n (3, H, W) uint8 arrays where the preprocessing keeps each
+    image's aspect (sscd ``resize=short_edge``) and the shapes differ.
+    records: n metadata dicts, aligned with ``pixels`` (key, url, caption, width, height, ...).
+    rejections: the samples of this stretch that could not be used, with reasons.
+    """
+
+    pixels: np.ndarray
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    # Augmented copies of some of the source's images (``PairSpec``), for learned whitening: pair_pixels
+    # (m, 3, S, S) uint8 (or a list, like pixels) and pair_rows (m,) the row (accepted-image index in the
+    # source) each one copies.
+    pair_pixels: np.ndarray | None = None
+    pair_rows: np.ndarray | None = None
+    # images whose augmented copies could not be made ({"key", "detail"}); the image itself is still indexed
+    pair_errors: list[dict[str, Any]] = field(default_factory=list)
+    # The same images preprocessed a second time at another size (query windows for partial copies,
+    # ``indexing.models.regions``): (n, 3, S', S') uint8, aligned with ``pixels``.
+    region_pixels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Which images of a source also get augmented copies: the first ``images`` accepted ones, ``copies``
+    copies each (``indexing.embed.augment.copy_augment``, seeded by (seed, shard, the key's ``key_seed``, copy), so
+    an image's copies do not depend on its position in the shard)."""
+
+    images: int = 0
+    copies: int = 2
+    seed: int = 0
+    shard: int = 0
+
+
+def pair_quota(pair_images: int, n_shards: int, shard: int) -> int:
+    """How many of ``shard``'s first images get augmented copies: ``pair_images`` spread evenly over the
+    shards (each gets ⌊·⌋ or ⌈·⌉ of pair_images / n_shards; with more shards than pair images, evenly
+    spaced shards get one each), so the total is ``pair_images`` however many shards there are."""
+    n = max(n_shards, 1)
+    return (shard + 1) * pair_images // n - shard * pair_images // n
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``data`` fully (so truncation is detected here, not later); raise Rejected with a reason.
+
+    With ``draft=(w, h)``, a JPEG is decoded once at the smallest DCT reduction (1/2, 1/4 or 1/8) that
+    keeps it at least ``w × h`` (``Image.draft``), which is several times cheaper than a full decode of a
+    large file; the whole stream is still read, so truncation is still detected. The limits apply to the
+    stored size, before any pixel is decoded. Other formats ignore ``draft``.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Size is checked against our own limit below; PIL's bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise Rejected(TOO_LARGE, f"{width}x{height} exceeds max_pixels={limits.max_pixels}")
+            if min(width, height) < limits.min_side:
+                raise Rejected(TOO_SMALL, f"{width}x{height} is below min_side={limits.min_side}")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
+            img.load()
+    except Rejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise Rejected(TOO_LARGE, str(exc)) from None
+    except UnidentifiedImageError:
+        raise Rejected(NOT_AN_IMAGE, f"{len(data)} bytes not recognised as an image") from None
+    except OSError as exc:
+        message = str(exc)
+        reason = TRUNCATED if "truncated" in message or "broken data stream" in message else DECODE_ERROR
+        raise Rejected(reason, message) from None
+    except Exception as exc:  # PIL raises a zoo of errors on malformed files (SyntaxError, ValueError, ...)
+        raise Rejected(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
+def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
+    meta = sample.meta
+    record: dict[str, Any] = {
+        "key": sample.key,
+        "url": sample.url,
+        "caption": sample.caption,
+        "width": img.size[0],
+        "height": img.size[1],
+    }
+    for name in ("original_width", "original_height", "sha256"):
+        if name in meta:
+            record[name] = meta[name]
+    # generations (scan queries): the prompt they were made from, when their JSON sidecar names it
+    if isinstance(meta.get("prompt"), str):
+        record["prompt"] = meta["prompt"]
+    # The image is indexed even when its JSON sidecar is broken; the problem is kept with the record.
+    record["metadata_error"] = sample.problem
+    return record
+
+
+def decode_samples(
+    samples: Iterable[Sample],
+    preprocess: Preprocess,
+    batch_size: int,
+    limits: DecodeLimits = DecodeLimits(),
+    image_size: int | None = None,
+    pairs: PairSpec | None = None,
+    region_preprocess: Preprocess | None = None,
+) -> Iterator[DecodedBatch]:
+    """Group ``samples`` into DecodedBatch objects of at most ``batch_size`` accepted images.
+
+    Rejections are attached to the batch in which they occurred; a final batch may hold only rejections
+    (``pixels`` then has 0 rows), so no rejection is ever lost. With ``pairs``, the batches also carry
+    augmented copies of the source's first ``pairs.images`` accepted images; with ``region_preprocess``,
+    every accepted image preprocessed by it too (``region_pixels``).
+    """
+    pixels: list[np.ndarray] = []
+    region_pixels: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    pair_pixels: list[np.ndarray] = []
+    pair_rows: list[int] = []
+    pair_errors: list[dict[str, Any]] = []
+    accepted = 0
+    shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
+
+    def flush() -> DecodedBatch:
+        nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors, region_pixels
+        if pixels:
+            stacked = stack_pixels(pixels)
+        else:
+            stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
+        batch = DecodedBatch(stacked, records, rejections, pair_errors=pair_errors)
+        if pair_pixels:
+            batch.pair_pixels = stack_pixels(pair_pixels)
+            batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
+        if region_preprocess is not None:
+            batch.region_pixels = np.stack(region_pixels) if region_pixels else None
+        pixels, records, rejections, pair_pixels, pair_rows, pair_errors = [], [], [], [], [], []
+        region_pixels = []
+        return batch
+
+    for sample in samples:
+        if sample.image is None:
+            if sample.problem is not None:
+                reason, _, detail = sample.problem.partition(": ")
+                rejections.append({"key": sample.key, "reason": reason, "detail": detail or sample.problem})
+            else:
+                rejections.append({"key": sample.key, "reason": MISSING_IMAGE, "detail": "no image member"})
+            continue
+        try:
+            img = decode_image(sample.image, limits)
+            array = preprocess(img)
+            region_array = region_preprocess(img) if region_preprocess is not None else None
+        except Rejected as rej:
+            rejections.append({"key": sample.key, "reason": rej.reason, "detail": rej.detail})
+            continue
+        except Exception as exc:  # a preprocessing failure on a legal but odd image (e.g. mode "I;16")
+            rejections.append(
+                {"key": sample.key, "reason": DECODE_ERROR, "detail": f"{type(exc).__name__}: {exc}"}
+            )
+            continue
+        if array.dtype != np.uint8 or array.ndim != 3:
+            raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")
+        shape = array.shape
+        pixels.append(array)
+        if region_array is not None:
+            region_pixels.append(region_array)
+        records.append(_record(sample, img))
+        if pairs is not None and accepted < pairs.images:
+            try:
+                copies = _augmented(img, preprocess, pairs, sample.key)
+            except Exception as exc:  # an odd image the augmentation cannot handle: index it, note it
+                pair_errors.append({"key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
+            else:
+                pair_pixels.extend(copies)
+                pair_rows.extend([accepted] * pairs.copies)
+        accepted += 1
+        if len(pixels) >= batch_size:
+            yield flush()
+    if pixels or rejections or pair_errors:
+        yield flush()
+
+
+def stack_pixels(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """(n, 3, H, W) when the n arrays share one shape (always, for a fixed-size preprocessing); else the
+    arrays as a list: an aspect-keeping preprocessing is neither padded nor cropped here."""
+    first = arrays[0].shape
+    return np.stack(arrays) if all(a.shape == first for a in arrays) else list(arrays)
+
+
+def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: str) -> list[np.ndarray]:
+    out = []
+    for copy in range(pairs.copies):
+        rng = np.random.default_rng([pairs.seed, pairs.shard, key_seed(key), copy])
+        out.append(preprocess(copy_augment(img, rng)))
+    return out

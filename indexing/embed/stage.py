@@ -1,0 +1,306 @@
+"""The embedding stage of one shard: decoded batches → descriptors → per-shard outputs, marker last.
+
+Everything here is plain Python; ``embed_ray.py`` runs it on a Ray actor pool, and ``embed_shard`` runs
+it in-process (benchmarks, small jobs, tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
+from indexing.models.embedder import Embedder, make_preprocess
+from indexing.models.regions import RegionSpec
+from indexing.read.reader import iter_tar
+from indexing.store import layout, storage
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("row", pa.int32()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+        ("metadata_error", pa.string()),
+    ]
+)
+
+
+@dataclass
+class EmbeddedSource:
+    """All descriptors of one shard / query chunk.
+
+    xb: (n, d) float32, L2-normalised; records: n metadata dicts aligned with ``xb``;
+    rejections: samples that could not be embedded, each ``{"key", "reason", "detail"}``.
+    """
+
+    xb: np.ndarray
+    records: list[dict[str, Any]]
+    rejections: list[dict[str, Any]]
+    decode_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    # descriptors of augmented copies (learned whitening): x_pair (m, d) float32, pair_rows (m,) rows of xb
+    x_pair: np.ndarray | None = None
+    pair_rows: np.ndarray | None = None
+    pair_errors: list[dict[str, Any]] = field(default_factory=list)
+    # region vectors (``RegionSpec``): x_regions (n, R, d) float32, box r of image i in row i
+    x_regions: np.ndarray | None = None
+    # ``aligned`` boxes (the region index's own, for the split product): (n, R', d)
+    x_aligned: np.ndarray | None = None
+    # the pixels the windows were cut from (n, 3, S, S) uint8, when asked for (``keep_pixels``: a scan that
+    # crops the query again where region matching located a training image, search/regions/local.py)
+    region_pixels: np.ndarray | None = None
+
+
+def embed_batches(
+    batches: Iterable[DecodedBatch],
+    embedder: Embedder,
+    regions: RegionSpec | None = None,
+    aligned: RegionSpec | None = None,
+    keep_pixels: bool = False,
+) -> EmbeddedSource:
+    """Run ``embedder`` over decoded batches and concatenate the results in order.
+
+    With ``regions``, also one vector per box and image (``x_regions``): pooled from the same pass
+    (mode "pool": the global vector is then box 0's, bit for bit), or crops of the batches'
+    ``region_pixels`` (mode "crop"). ``aligned`` (queries of a split-product scan: the region index's boxes
+    made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
+    ``keep_pixels`` (mode "crop") keeps the batches' ``region_pixels`` in the result.
+    """
+    pixel_parts: list[np.ndarray] = []
+    aligned_parts: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    region_parts: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    pair_parts: list[np.ndarray] = []
+    pair_rows: list[np.ndarray] = []
+    pair_errors: list[dict[str, Any]] = []
+    embed_seconds = 0.0
+    wait_seconds = 0.0
+    t_wait = time.perf_counter()
+    for batch in batches:
+        wait_seconds += time.perf_counter() - t_wait
+        t0 = time.perf_counter()
+        if regions is not None and regions.mode == "pool":
+            if len(batch.pixels):
+                boxed = embedder.embed_boxes(batch.pixels, regions.boxes)
+                parts.append(np.ascontiguousarray(boxed[:, 0]))
+                region_parts.append(boxed)
+            if batch.pair_pixels is not None and len(batch.pair_pixels):
+                pair_parts.append(embedder.embed(batch.pair_pixels))
+                pair_rows.append(batch.pair_rows)
+        else:
+            if len(batch.pixels):
+                parts.append(embedder.embed(batch.pixels))
+            if batch.pair_pixels is not None and len(batch.pair_pixels):
+                pair_parts.append(embedder.embed(batch.pair_pixels))
+                pair_rows.append(batch.pair_rows)
+            if regions is not None and len(batch.pixels):
+                if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
+                    raise ValueError("cropped regions need the decode step's region_pixels")
+                region_parts.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
+                if keep_pixels:
+                    pixel_parts.append(batch.region_pixels)
+        if aligned is not None and len(batch.pixels):
+            if aligned.mode == "pool":
+                aligned_parts.append(embedder.embed_boxes(batch.pixels, aligned.boxes))
+            elif batch.region_pixels is None or batch.region_pixels.shape[-1] != aligned.size:
+                raise ValueError("cropped aligned boxes need region_pixels at their size")
+            else:
+                aligned_parts.append(embedder.embed_crops(batch.region_pixels, aligned.boxes))
+        embed_seconds += time.perf_counter() - t0
+        records.extend(batch.records)
+        rejections.extend(batch.rejections)
+        pair_errors.extend(batch.pair_errors)
+        t_wait = time.perf_counter()
+    xb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
+    result = EmbeddedSource(
+        xb,
+        records,
+        rejections,
+        decode_seconds=wait_seconds,
+        embed_seconds=embed_seconds,
+        pair_errors=pair_errors,
+    )
+    if pair_parts:
+        result.x_pair = np.concatenate(pair_parts)
+        result.pair_rows = np.concatenate(pair_rows)
+    if aligned is not None:
+        result.x_aligned = (
+            np.concatenate(aligned_parts)
+            if aligned_parts
+            else np.zeros((0, len(aligned.boxes), xb.shape[1]), np.float32)
+        )
+    if keep_pixels:
+        if regions is None or regions.mode != "crop":
+            raise ValueError("keep_pixels keeps the pixels of cropped regions (a RegionSpec in mode 'crop')")
+        result.region_pixels = (
+            np.concatenate(pixel_parts)
+            if pixel_parts
+            else np.zeros((0, 3, regions.size, regions.size), np.uint8)
+        )
+    if regions is not None:
+        n_boxes = len(regions.boxes)
+        result.x_regions = (
+            np.concatenate(region_parts) if region_parts else np.zeros((0, n_boxes, xb.shape[1]), np.float32)
+        )
+    return result
+
+
+def metadata_table(records: list[dict[str, Any]]) -> pa.Table:
+    rows = [{name: rec.get(name) for name in METADATA_SCHEMA.names if name != "row"} for rec in records]
+    for i, row in enumerate(rows):
+        row["row"] = i
+        for name in ("original_width", "original_height"):
+            if row[name] is not None and not isinstance(row[name], int):
+                try:
+                    row[name] = int(row[name])
+                except (TypeError, ValueError):
+                    row[name] = None
+    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def rejection_counts(rejections: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rej in rejections:
+        counts[rej["reason"]] = counts.get(rej["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_shard_outputs(
+    out: str,
+    shard: int,
+    source_url: str,
+    result: EmbeddedSource,
+    embedder_fingerprint: str,
+    storage_options: storage.StorageOptions | None = None,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write vectors (float16), metadata, then the stats marker, and return the stats."""
+    n = len(result.records)
+    if result.xb.shape[0] != n:
+        raise ValueError(f"{result.xb.shape[0]} vectors for {n} records")
+    t0 = time.perf_counter()
+    storage.save_npy(layout.emb_url(out, shard), result.xb.astype(np.float16), storage_options)
+    storage.write_parquet(layout.metadata_url(out, shard), metadata_table(result.records), storage_options)
+    pairs = 0 if result.x_pair is None else len(result.x_pair)
+    if pairs:
+        storage.save_npz(
+            layout.pairs_url(out, shard),
+            storage_options,
+            rows=result.pair_rows.astype(np.int32),
+            x=result.x_pair.astype(np.float16),
+        )
+    region_stats = (
+        _write_regions(out, shard, result, storage_options) if result.x_regions is not None else None
+    )
+    first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
+    stats: dict[str, Any] = {
+        "shard": shard,
+        "source": source_url,
+        "count": n,
+        "dim": int(result.xb.shape[1]),
+        "dtype": "float16",
+        "embedder_fingerprint": embedder_fingerprint,
+        "samples": n + len(result.rejections),
+        "rejected": len(result.rejections),
+        "rejected_by_reason": rejection_counts(result.rejections),
+        "rejections": result.rejections,
+        "metadata_errors": sum(1 for r in result.records if r.get("metadata_error")),
+        "pairs": pairs,
+        "pair_errors": result.pair_errors,
+        "id_range": [first_id, first_id + n],  # half-open
+        "regions": region_stats,
+        "seconds": {
+            "decode_wait": round(result.decode_seconds, 3),
+            "embed": round(result.embed_seconds, 3),
+            "write": round(time.perf_counter() - t0, 3),
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra_stats:
+        stats.update(extra_stats)
+    # The marker goes last: its presence means every other output of the shard is complete.
+    storage.write_json(layout.stats_url(out, shard), stats, storage_options)
+    return stats
+
+
+def _write_regions(
+    out: str, shard: int, result: EmbeddedSource, storage_options: storage.StorageOptions | None
+) -> dict[str, Any]:
+    """Region vectors of a shard in the region index's own embedding layout (``layout.regions_root``):
+    (n · R, d) float16, row ``i · R + r`` for box r of image i. (The region index takes the index's
+    whitening: no augmented pairs of its own.)"""
+    n, n_boxes, dim = result.x_regions.shape
+    if n != len(result.records):
+        raise ValueError(f"{n} region rows for {len(result.records)} records")
+    root = layout.regions_root(out)
+    storage.save_npy(
+        layout.emb_url(root, shard),
+        result.x_regions.reshape(n * n_boxes, dim).astype(np.float16),
+        storage_options,
+    )
+    first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
+    return {
+        "per_image": n_boxes,
+        "count": n * n_boxes,
+        "id_range": [first_id, first_id + n * n_boxes],
+    }
+
+
+def finished_shards(
+    out: str, storage_options: storage.StorageOptions | None = None
+) -> dict[int, dict[str, Any]]:
+    """Stats of every shard whose marker exists, by shard id (one listing, then one read per marker)."""
+    done: dict[int, dict[str, Any]] = {}
+    for url in storage.list_files(layout.stats_dir(out), storage_options):
+        shard = layout.shard_of_stats_name(url)
+        if shard is not None and not url.rsplit("/", 1)[-1].startswith("."):
+            done[shard] = storage.read_json(url, storage_options)
+    return done
+
+
+def embed_shard(
+    url: str,
+    shard: int,
+    out: str,
+    embedder: Embedder,
+    batch_size: int = 64,
+    limits: DecodeLimits = DecodeLimits(),
+    storage_options: storage.StorageOptions | None = None,
+    pairs: PairSpec | None = None,
+    regions: RegionSpec | None = None,
+) -> dict[str, Any]:
+    """Embed one tar shard in this process and write its outputs. Returns its stats."""
+    t0 = time.perf_counter()
+    region_spec = regions.preprocess_spec(embedder.spec["preprocess"]) if regions is not None else None
+    batches = decode_samples(
+        iter_tar(url, storage_options),
+        embedder.preprocess,
+        batch_size,
+        limits,
+        embedder.image_size,
+        pairs,
+        make_preprocess(region_spec) if region_spec else None,
+    )
+    result = embed_batches(batches, embedder, regions)
+    return write_shard_outputs(
+        out,
+        shard,
+        url,
+        result,
+        embedder.fingerprint,
+        storage_options,
+        {"wall_seconds": round(time.perf_counter() - t0, 3)},
+    )

@@ -1,0 +1,2 @@
+"""The embedders: networks in plain torch (EfficientNet-Lite0, ViT), SSCD and CLIP TorchScript wrappers, the
+copy-detection descriptor, the embedder registry, and the region boxes of partial copies."""

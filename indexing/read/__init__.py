@@ -1,0 +1,2 @@
+"""Reading inputs: shard lists, samples out of webdataset tars and image folders, originals re-fetched by key,
+image mode handling."""

@@ -1,0 +1,112 @@
+"""Re-fetch original images by key: training images from the index's source shards, generations from queries.
+
+Reports (side-by-side gallery) and pixel verification need the original bytes of a few matched images.
+Requests are grouped per source, and each source is read once: a webdataset tar is streamed until every
+wanted key has been seen (never one request per image); an image file is read whole. Sources are read
+in parallel threads (the work is I/O). Every request gets an answer: the bytes, or the reason why not.
+
+A source is either a tar (``*.tar``: the key selects the sample) or a single image file (the key is the
+query id and only labels the result).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from indexing.errors import CopyscanError
+from indexing.read.reader import iter_tar
+from indexing.store import storage
+
+# Why a requested image has no bytes (stable codes, counted in reports).
+NO_SOURCE = "no_source"  # the index holds no source shard for it (e.g. imported CLIP embeddings)
+SOURCE_UNREADABLE = "source_unreadable"
+KEY_NOT_FOUND = "key_not_found"
+NO_IMAGE = "no_image"  # the sample exists but holds no image member
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """The answer to one request: ``data`` (encoded image) or ``reason`` (+ ``detail``)."""
+
+    source: str | None
+    key: str
+    data: bytes | None = None
+    image_format: str | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+def is_tar(source: str) -> bool:
+    return source.lower().endswith(".tar")
+
+
+def _read_source(
+    source: str, keys: set[str], storage_options: storage.StorageOptions | None
+) -> dict[str, Fetched]:
+    found: dict[str, Fetched] = {}
+    try:
+        if not is_tar(source):
+            data = storage.read_bytes(source, storage_options)
+            fmt = source.rsplit(".", 1)[-1].lower() if "." in source.rsplit("/", 1)[-1] else None
+            return {key: Fetched(source, key, data=data, image_format=fmt) for key in keys}
+        for sample in iter_tar(source, storage_options):
+            if sample.key not in keys:
+                continue
+            if sample.image is None:
+                found[sample.key] = Fetched(source, sample.key, reason=NO_IMAGE)
+            else:
+                found[sample.key] = Fetched(
+                    source, sample.key, data=sample.image, image_format=sample.image_format
+                )
+            if len(found) == len(keys):
+                break  # stop streaming: the rest of the shard is not needed
+    except (OSError, CopyscanError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        return {
+            key: found.get(key) or Fetched(source, key, reason=SOURCE_UNREADABLE, detail=detail)
+            for key in keys
+        }
+    for key in keys - found.keys():
+        found[key] = Fetched(source, key, reason=KEY_NOT_FOUND, detail=f"no sample {key!r} in {source}")
+    return found
+
+
+def fetch_images(
+    requests: Iterable[tuple[str | None, str]],
+    storage_options: storage.StorageOptions | None = None,
+    threads: int = 8,
+) -> dict[tuple[str | None, str], Fetched]:
+    """Fetch ``(source, key)`` pairs; every distinct request gets exactly one ``Fetched`` in the result."""
+    by_source: dict[str | None, set[str]] = defaultdict(set)
+    for source, key in requests:
+        by_source[source].add(key)
+    out: dict[tuple[str | None, str], Fetched] = {}
+    for key in by_source.pop(None, set()):
+        out[(None, key)] = Fetched(None, key, reason=NO_SOURCE)
+    if not by_source:
+        return out
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_source)))) as pool:
+        futures = {
+            src: pool.submit(_read_source, src, keys, storage_options) for src, keys in by_source.items()
+        }
+        for src, future in futures.items():
+            for key, fetched in future.result().items():
+                out[(src, key)] = fetched
+    return out
+
+
+def training_source(manifest: dict[str, Any], index_url: str, embedding_shard: int) -> str | None:
+    """URL of the tar that embedding shard ``embedding_shard`` of an index was made from (None: no images)."""
+    shards = manifest.get("embedding_shards") or []
+    if not 0 <= embedding_shard < len(shards):
+        raise CopyscanError(
+            f"embedding shard {embedding_shard} is not in the manifest of {index_url} ({len(shards)} shards)"
+        )
+    source = shards[embedding_shard].get("source")
+    if not source or not is_tar(source):
+        return None  # imported embeddings (laion-clip) carry no images
+    return source

@@ -1,0 +1,130 @@
+"""Turn a ``--shards`` / ``--queries`` argument into a list of URLs.
+
+Accepted forms (any fsspec protocol):
+- a brace pattern: ``s3://bucket/laion/{00000..00099}.tar`` (webdataset/braceexpand syntax),
+- a glob: ``/data/laion/*.tar``,
+- a folder: every ``*.tar`` directly inside it (img2dataset's output folder),
+- a list file (``.txt``/``.lst``/``.list``): one URL per line, ``#`` comments allowed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+
+import braceexpand
+
+from indexing.errors import CopyscanError
+from indexing.store import storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+
+
+def _has_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
+def expand_shards(spec: str, storage_options: storage.StorageOptions | None = None) -> list[str]:
+    """Expand ``spec`` into the list of webdataset tar URLs it names, in a stable order.
+
+    Raises CopyscanError when nothing matches or when a braced/listed shard does not exist.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise CopyscanError("empty shard specification")
+    if "{" in spec and ".." in spec:
+        urls = list(braceexpand.braceexpand(spec))
+        _check_exist(spec, urls, storage_options)
+        return urls
+    if _has_glob(spec):
+        fs, path = storage.get_fs(spec, storage_options)
+        urls = sorted(storage._with_protocol(spec, fs, p) for p in fs.glob(path))
+        if not urls:
+            raise CopyscanError(f"no file matches {spec}")
+        return urls
+    fs, path = storage.get_fs(spec, storage_options)
+    if not fs.exists(path):
+        raise CopyscanError(f"{spec} does not exist")
+    if fs.isdir(path):
+        urls = [u for u in storage.list_files(spec, storage_options) if _is_top_level_tar(spec, u)]
+        if not urls:
+            raise CopyscanError(f"folder {spec} holds no .tar shards")
+        return urls
+    if spec.lower().endswith(LIST_EXTENSIONS):
+        text = storage.read_bytes(spec, storage_options).decode("utf-8")
+        urls = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not urls:
+            raise CopyscanError(f"list file {spec} names no shard")
+        _check_exist(spec, urls, storage_options)
+        return urls
+    if spec.lower().endswith(".tar"):
+        return [spec]
+    raise CopyscanError(
+        f"{spec} is neither a .tar shard, a folder of shards, a brace pattern nor a list file"
+    )
+
+
+def _is_top_level_tar(folder: str, url: str) -> bool:
+    rel = (
+        url[len(folder.rstrip("/")) + 1 :] if url.startswith(folder.rstrip("/")) else posixpath.basename(url)
+    )
+    return url.endswith(".tar") and "/" not in rel and not posixpath.basename(url).startswith(".")
+
+
+def _check_exist(spec: str, urls: Sequence[str], storage_options: storage.StorageOptions | None) -> None:
+    # One listing per parent folder instead of one request per shard (thousands of shards on S3).
+    by_parent: dict[str, list[str]] = {}
+    for url in urls:
+        by_parent.setdefault(posixpath.dirname(url), []).append(url)
+    missing: list[str] = []
+    for parent, members in by_parent.items():
+        fs, path = storage.get_fs(parent, storage_options)
+        try:
+            present = {posixpath.basename(p) for p in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            present = set()
+        missing.extend(u for u in members if posixpath.basename(u) not in present)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CopyscanError(f"{len(missing)} of {len(urls)} shards named by {spec} do not exist: {shown}")
+
+
+def expand_queries(spec: str, storage_options: storage.StorageOptions | None = None) -> tuple[str, list[str]]:
+    """What ``--queries`` names: ``("images", [image URLs])`` or ``("shards", [tar URLs])``.
+
+    A folder holding image files gives their URLs sorted by path (query_id = file name relative to the
+    folder); a folder of tars, a pattern or a list file gives webdataset shards (query_id = ``__key__``).
+    """
+    fs, path = storage.get_fs(spec, storage_options)
+    if not _has_glob(spec) and "{" not in spec and fs.exists(path) and fs.isdir(path):
+        files = storage.list_files(spec, storage_options)
+        images = [u for u in files if u.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(spec, u)]
+        tars = [u for u in files if u.endswith(".tar") and _is_top_level_tar(spec, u)]
+        if images and not tars:
+            return "images", images
+        if tars and not images:
+            return "shards", tars
+        if not images and not tars:
+            raise CopyscanError(f"query folder {spec} holds neither image files nor .tar shards")
+        raise CopyscanError(f"query folder {spec} mixes image files and .tar shards; point at one kind")
+    return "shards", expand_shards(spec, storage_options)
+
+
+def _hidden(folder: str, url: str) -> bool:
+    rel = relative_name(folder, url)
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def relative_name(folder: str, url: str) -> str:
+    """``url`` relative to ``folder`` ('a/b.jpg'), used as the query id of image files."""
+    base = folder.rstrip("/") + "/"
+    if url.startswith(base):
+        return url[len(base) :]
+    # fsspec may normalise the protocol part (file:// vs plain path); compare protocol-less paths.
+    _, base_path = storage.get_fs(folder)
+    _, path = storage.get_fs(url)
+    base_path = base_path.rstrip("/") + "/"
+    if path.startswith(base_path):
+        return path[len(base_path) :]
+    return posixpath.basename(url)

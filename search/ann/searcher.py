@@ -1,0 +1,365 @@
+"""Search a set of index shards held locally: ANN candidates, then exact re-ranking from stored vectors.
+
+A ``ShardSearcher`` downloads its index shards and their embedding shards once into a local cache
+(skipped when already there), memory-maps them, and answers query blocks. Re-ranking happens here,
+next to the vectors, so only the final top-k of each shard travels back to be merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexing.build.postprocess import whitened_score_terms
+from indexing.store import layout, storage
+from indexing.store.manifest import resolve
+from search.ann.coarse import SharedCoarse
+from search.ann.normalise import load_whitening, whiten
+from search.ann.radius import Above, capped, range_search_index
+from search.ann.topk import ShardResult, carry_values, merge_topk
+
+logger = logging.getLogger("copyscan")
+
+RERANK_BLOCK = 64  # queries re-ranked at once: bounds the gathered candidate block to 64·candidates·d floats
+# queries range-searched at once (scan radius): bounds a block's results to 64·(k + radius_max) per shard
+RANGE_BLOCK = 64
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("COPYSCAN_CACHE", os.path.expanduser("~/.cache/copyscan"))
+
+
+def index_cache_dir(cache_dir: str, index_url: str, manifest: dict[str, Any]) -> str:
+    """A cache folder per index *version*: a rebuilt index at the same URL gets a new folder."""
+    tag = hashlib.sha256(f"{index_url}|{manifest['build_id']}|{manifest['ntotal']}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir or default_cache_dir(), "index", tag)
+
+
+def _cached(url: str, local: str, storage_options: storage.StorageOptions | None) -> str:
+    if storage.is_local(url):
+        return storage.local_path(url)
+    if not os.path.exists(local):
+        storage.download_file(url, local, storage_options)
+    return local
+
+
+def load_metadata(
+    url: str, local: str, storage_options: storage.StorageOptions | None
+) -> dict[str, np.ndarray]:
+    """The key, url and caption columns of an embedding shard's metadata (cached at ``local``) as arrays."""
+    table = pq.read_table(_cached(url, local, storage_options), columns=["key", "url", "caption"])
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _read_index_mmap(path: str) -> faiss.Index:
+    try:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        # Not every index type can be memory-mapped (e.g. flat codes in some faiss builds).
+        return faiss.read_index(path)
+
+
+class ShardSearcher:
+    """Owns index shards ``index_shards`` (entries of the manifest) of the index at ``index_url``."""
+
+    def __init__(
+        self,
+        index_url: str,
+        manifest: dict[str, Any],
+        index_shards: Sequence[int],
+        cache_dir: str = "",
+        storage_options: storage.StorageOptions | None = None,
+        density_beta: float = 0.0,
+    ) -> None:
+        self.index_url = index_url
+        self.manifest = manifest
+        self.cache = index_cache_dir(cache_dir, index_url, manifest)
+        entries = {e["index_shard"]: e for e in manifest["index_shards"]}
+        self.indexes: dict[int, faiss.Index] = {}
+        self.vectors: dict[int, np.ndarray] = {}  # embedding shard -> (n, d) float16 memmap
+        self.metadata: dict[int, dict[str, np.ndarray]] = {}
+        self.owner: dict[int, int] = {}  # embedding shard -> index shard
+        emb = {e["shard"]: e for e in manifest["embedding_shards"]}
+        for j in index_shards:
+            entry = entries[j]
+            path = _cached(
+                resolve(index_url, entry["path"]), os.path.join(self.cache, entry["path"]), storage_options
+            )
+            self.indexes[j] = _read_index_mmap(path)
+            for s in entry["embedding_shards"]:
+                self.owner[s] = j
+                vec_path = _cached(
+                    resolve(index_url, emb[s]["img_emb"]),
+                    os.path.join(self.cache, emb[s]["img_emb"]),
+                    storage_options,
+                )
+                self.vectors[s] = np.load(vec_path, mmap_mode="r")
+                if emb[s].get("metadata") is None:  # a region index: its images' metadata is the index's
+                    continue
+                self.metadata[s] = load_metadata(
+                    resolve(index_url, emb[s]["metadata"]),
+                    os.path.join(self.cache, emb[s]["metadata"]),
+                    storage_options,
+                )
+        self.dim = int(manifest["dim"])
+        # the shards of one trained index share its coarse quantizer: quantize each query block once
+        self.coarse = SharedCoarse.of(list(self.indexes.values()))
+        self.whitening = load_whitening(index_url, manifest, storage_options)
+        # whitening norms of the stored vectors (indexes built since they were written): exact re-ranking
+        # with one dot product per candidate instead of whitening every candidate again
+        self.norms: dict[int, np.ndarray] | None = None
+        if self.whitening is not None and manifest["index"].get("whitened_norms"):
+            self.norms = self._per_shard("norms", storage_options)
+        # a region index's densities (indexing.build.ivf.DENSITY_RANKS): hits rank by cosine − β · (density −
+        # the index's mean density), so generic regions (sky, texture: near everything) do not crowd out
+        # the real match; the mean keeps the scores centred as without densities
+        self.density: dict[int, np.ndarray] | None = None
+        self.density_beta = float(density_beta)
+        self.density_mean = float(manifest["index"].get("region_density_mean") or 0.0)
+        if self.density_beta and manifest["index"].get("region_density"):
+            densities = self._per_shard("density", storage_options)
+            self.density = {s: d[:, None] for s, d in densities.items()}  # (n, 1), like the norms
+
+    def _per_shard(self, name: str, storage_options: storage.StorageOptions | None) -> dict[int, np.ndarray]:
+        """Each embedding shard's ``<index dir>/<name>/<name>_NNNNN.npy`` (``layout.norms_url``,
+        ``layout.density_url``), cached locally and memory-mapped."""
+        out = {}
+        for s in self.vectors:
+            rel = f"{self.manifest['index']['dir']}/{name}/{name}_{s:05d}.npy"
+            path = _cached(resolve(self.index_url, rel), os.path.join(self.cache, rel), storage_options)
+            out[s] = np.load(path, mmap_mode="r")
+        return out
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(ix.ntotal) for ix in self.indexes.values())
+
+    def set_nprobe(self, nprobe: int) -> None:
+        for index in self.indexes.values():
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and nprobe > 0:
+                ivf.nprobe = min(nprobe, ivf.nlist)
+
+    def search(
+        self, xq: np.ndarray, k: int, candidates: int, nprobe: int = 0, above: Above | None = None
+    ) -> ShardResult:
+        """xq: (nq, d) float32 raw (unwhitened) unit descriptors. Exact top-k over this searcher's shards;
+        with ``above``, each query's row continues with every further vector of exact score >= above.lo
+        (at most above.extra, best first; ``search.ann.radius``), so rows are k + (the most any query got)
+        wide, padded with -1."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        xw = whiten(self.whitening, xq)
+        if nprobe:
+            self.set_nprobe(nprobe)
+        # the block's coarse assignment, once for its top k and its range search (SharedCoarse.assign)
+        assigned = self.coarse.assign(xw, nprobe) if self.coarse is not None else None
+        found = self._candidates(xw, candidates, nprobe, assigned)
+        parts = [self.rerank(xq, xw, I0, k) for I0 in found]
+        D, I = merge_topk([(D, I) for D, I, _, _ in parts], k)
+        D_raw = carry_values(I, [(I, R) for _, I, R, _ in parts])
+        prior = carry_values(I, [(I, P) for _, I, _, P in parts]) if self.density is not None else None
+        if above is None:
+            return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
+        if self.density is not None:
+            raise ValueError("a range search is for the global index (region hits rank with densities)")
+        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe, assigned)
+        return ShardResult(D, I, D_raw, self.describe(I), truncated=truncated)
+
+    def _candidates(
+        self, xw: np.ndarray, candidates: int, nprobe: int = 0, assigned: tuple | None = None
+    ) -> list[np.ndarray]:
+        """The approximate top ``candidates`` of every query in each index shard: [(nq, c) int64 ids].
+        ``assigned``: the block's ``SharedCoarse.assign``, when the shards share one."""
+        ks = [min(candidates, max(int(index.ntotal), 1)) for index in self.indexes.values()]
+        if self.coarse is not None:
+            return self.coarse.search_assigned(assigned or self.coarse.assign(xw, nprobe), ks)
+        return [index.search(xw, c)[1] for index, c in zip(self.indexes.values(), ks, strict=True)]
+
+    def _with_above(
+        self,
+        xq: np.ndarray,
+        xw: np.ndarray,
+        D: np.ndarray,
+        I: np.ndarray,
+        D_raw: np.ndarray,
+        above: Above,
+        k: int,
+        nprobe: int = 0,
+        assigned: tuple | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The top k (D, I, D_raw: (nq, k)) followed by each query's extra vectors of exact score >= lo.
+
+        Candidates per query and shard: range search down to lo - margin with the floor folded into the
+        query, cut to the k + extra best approximate scores; a query whose floor is too low to range-search
+        (``Above.tau``) takes its approximate top k + extra instead. They are scored exactly and kept when
+        they reach lo and are not among the top k. truncated: (nq,) bool, the queries that may have more
+        than were kept (a cut range list, a top k + extra whose last still reaches lo, more than ``extra``).
+        Returns (D, I, D_raw, truncated)."""
+        nq = len(xq)
+        tau, deep = above.tau()
+        cap = k + above.extra
+        found: list[tuple[np.ndarray, ...]] = []  # (owner, ids, exact, raw) of the kept extras
+        truncated = np.zeros(nq, dtype=bool)
+        for q0 in range(0, nq, RANGE_BLOCK):
+            block = np.arange(q0, min(q0 + RANGE_BLOCK, nq))
+            lists = []  # (owner, ids, cut) per shard: cut = the rows whose candidates may go on
+            ranged = block[np.isfinite(tau[block]) & ~deep[block]]
+            if len(ranged):
+                if assigned is not None:
+                    results = self.coarse.range_search(tuple(a[ranged] for a in assigned), tau[ranged])
+                else:
+                    results = [
+                        range_search_index(ix, xw[ranged], tau[ranged]) for ix in self.indexes.values()
+                    ]
+                for lims, D_ann, I_ann in results:
+                    owner, ids, _, more = capped(lims, D_ann, I_ann, cap)
+                    lists.append((ranged[owner], ids, ranged[more]))
+            if deep[block].any():
+                rows = block[deep[block]]
+                part = tuple(a[rows] for a in assigned) if assigned is not None else None
+                for I_top in self._candidates(xw[rows], cap, nprobe, part):
+                    r, c = np.nonzero(I_top >= 0)
+                    # a full list whose last (lowest) candidate still reaches the floor may go on
+                    full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))
+                    last = self.pair_scores(xw, rows[full], I_top[full, -1])
+                    lists.append((rows[r], I_top[r, c], rows[full[last >= above.lo[rows[full]]]]))
+            for owner, ids, cut in lists:
+                truncated[cut] = True
+                new = ~(I[owner] == ids[:, None]).any(1)  # not one of the query's top k
+                owner, ids = owner[new], ids[new]
+                raw = self.gather(ids)
+                exact = self._pair_scores(raw, xw, owner, ids)
+                passing = exact >= above.lo[owner]
+                raw_scores = np.einsum("md,md->m", raw[passing], xq[owner[passing]])
+                found.append((owner[passing], ids[passing], exact[passing], raw_scores))
+        if not found:
+            return D, I, D_raw, truncated
+        owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
+        order = np.lexsort((-exact, owner))
+        owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
+        counts = np.bincount(owner, minlength=nq)
+        position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+        truncated |= counts > above.extra
+        keep = position < above.extra
+        width = int(min(counts.max(initial=0), above.extra))
+        D_x = np.full((nq, width), -np.inf, dtype=np.float32)
+        I_x = np.full((nq, width), -1, dtype=np.int64)
+        R_x = np.full((nq, width), np.nan, dtype=np.float32)
+        at = (owner[keep], position[keep])
+        D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
+        return np.hstack([D, D_x]), np.hstack([I, I_x]), np.hstack([D_raw, R_x]), truncated
+
+    def rerank(
+        self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw, prior).
+
+        xq: raw queries, xw: the same in the index's space. D ranks in the index's space (minus the prior:
+        β · (region density − mean density), 0 without densities); D_raw is the cosine of the raw
+        descriptors of the same pairs.
+        """
+        nq, c = I0.shape
+        D_out = np.full((nq, k), -np.inf, dtype=np.float32)
+        R_out = np.full((nq, k), np.nan, dtype=np.float32)
+        P_out = np.zeros((nq, k), dtype=np.float32)
+        I_out = np.full((nq, k), -1, dtype=np.int64)
+        for q0 in range(0, nq, RERANK_BLOCK):
+            ids = I0[q0 : q0 + RERANK_BLOCK]
+            nb = ids.shape[0]
+            raw = self.gather(ids.ravel())
+            if self.norms is not None:
+                b, terms = whitened_score_terms(self.whitening, xw[q0 : q0 + RERANK_BLOCK])
+                norms = self._gather_rows(self.norms, ids.ravel(), terms.shape[1]).reshape(nb, c, -1)
+                dots = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), b)
+                scores = _through_stages(dots, terms[:, None, :], norms)
+            else:
+                vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
+                scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
+            raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
+            if self.density is not None:
+                density = self._gather_rows(self.density, ids.ravel(), 1)[:, 0]
+                prior = self.density_beta * (density - self.density_mean)
+                prior = np.nan_to_num(prior.reshape(nb, c), nan=0.0)  # too few background neighbours: none
+                scores = scores - prior
+            scores[ids < 0] = -np.inf
+            top = min(k, c)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+            D_out[q0 : q0 + nb, :top] = np.take_along_axis(scores, order, axis=1)
+            R_out[q0 : q0 + nb, :top] = np.take_along_axis(raw_scores, order, axis=1)
+            I_out[q0 : q0 + nb, :top] = np.take_along_axis(ids, order, axis=1)
+            if self.density is not None:
+                P_out[q0 : q0 + nb, :top] = np.take_along_axis(prior, order, axis=1)
+        invalid = ~np.isfinite(D_out)
+        I_out[invalid] = -1
+        R_out[invalid] = np.nan
+        P_out[invalid] = 0.0
+        return D_out, I_out, R_out, P_out
+
+    def pair_scores(self, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored
+        vector ``ids[i]``), for ragged candidate lists (range search); xw: (nq, k) in the index's space."""
+        return self._pair_scores(self.gather(ids), xw, owner, ids)
+
+    def _pair_scores(self, raw: np.ndarray, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``pair_scores`` of stored vectors ``raw`` (gathered rows of ``ids``)."""
+        if self.norms is None:
+            return np.einsum("md,md->m", whiten(self.whitening, raw), xw[owner])
+        b, terms = whitened_score_terms(self.whitening, xw)
+        norms = self._gather_rows(self.norms, ids, terms.shape[1])
+        return _through_stages(np.einsum("md,md->m", raw, b[owner]), terms[owner], norms)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1.
+
+        One sort of all ids, then one fancy-index read per embedding shard on sorted rows (memmap reads
+        are fastest in order), scattered back into request order.
+        """
+        half = self._gather_rows(self.vectors, ids, self.dim, np.float16)  # stored dtype: no casts
+        return half.astype(np.float32)  # one contiguous cast (a casting scatter is ~1.5x slower)
+
+    @staticmethod
+    def _gather_rows(
+        store: dict[int, np.ndarray], ids: np.ndarray, width: int, dtype: type = np.float32
+    ) -> np.ndarray:
+        """Rows of packed ``ids`` from per-embedding-shard arrays ``store`` as (len(ids), width); zeros
+        for -1 (ones for norms would be as wrong: such rows are masked by the caller)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), width), dtype=dtype)
+        order = np.argsort(ids, kind="stable")
+        order = order[ids[order] >= 0]
+        shard, row = layout.unpack_ids(ids[order])
+        starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if len(shard) else np.zeros(0, int)
+        for lo, hi in zip(starts, np.r_[starts[1:], len(shard)][: len(starts)], strict=True):
+            out[order[lo:hi]] = store[int(shard[lo])][row[lo:hi]]
+        return out
+
+    def describe(self, I: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Metadata of every id in ``I`` (any shape, int64 packed ids; -1 skipped)."""
+        meta: dict[int, dict[str, Any]] = {}
+        unique = np.unique(I[I >= 0])
+        shards, rows = layout.unpack_ids(unique)
+        for i, s, r in zip(unique.tolist(), shards.tolist(), rows.tolist(), strict=True):
+            columns = self.metadata[s]
+            meta[i] = {
+                "train_key": columns["key"][r],
+                "train_url": columns["url"][r],
+                "caption": columns["caption"][r],
+                "index_shard": self.owner[s],
+            }
+        return meta
+
+
+def _through_stages(dots: np.ndarray, terms: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Whitened scores from raw dot products ``x·b`` (``whitened_score_terms``): per stage, subtract the
+    query's term and divide by the stored vector's norm. terms, norms: (..., stages), broadcast to dots."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # -1 ids: zero norms, masked by the callers
+        for stage in range(terms.shape[-1]):
+            dots = (dots - terms[..., stage]) / norms[..., stage]
+    return dots.astype(np.float32)

@@ -1,0 +1,167 @@
+"""What a calibration means to a scan: precision/recall tables and thresholds, and which threshold ``is_copy``
+and ``is_partial_copy`` apply (``threshold=``, ``partial_threshold=``). Reads the manifest only; no model, no Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from indexing.errors import CopyscanError
+
+PRECISIONS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def precision_recall(
+    s_top: np.ndarray, correct: np.ndarray, s_other: np.ndarray, prevalence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds descending, precision, recall) of "top-1 score ≥ t" at every observed score t."""
+    thresholds = np.unique(np.concatenate([s_top, s_other]))[::-1]
+    n = len(s_top)
+    top_sorted = np.sort(s_top)
+    correct_sorted = np.sort(s_top[correct])
+    other_sorted = np.sort(s_other)
+
+    def at_least(sorted_values: np.ndarray) -> np.ndarray:
+        return (len(sorted_values) - np.searchsorted(sorted_values, thresholds, side="left")) / n
+
+    tp, flagged, false_unseen = at_least(correct_sorted), at_least(top_sorted), at_least(other_sorted)
+    denominator = prevalence * flagged + (1.0 - prevalence) * false_unseen
+    precision = np.where(denominator > 0, prevalence * tp / np.maximum(denominator, 1e-12), 1.0)
+    return thresholds, precision, tp
+
+
+def threshold_for(thresholds: np.ndarray, precision: np.ndarray, target: float) -> float | None:
+    """The lowest threshold whose precision reaches ``target`` (None when none does)."""
+    ok = np.nonzero(precision >= target)[0]
+    return float(thresholds[ok[-1]]) if len(ok) else None
+
+
+def precision_table(
+    top: np.ndarray, correct: np.ndarray, other: np.ndarray, prevalence: float
+) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """The calibration table of one score (``precision_recall``'s arguments; NaN = no match): for each of
+    ``PRECISIONS`` its threshold and recall, and the p90 / p99 thresholds by name."""
+    top = np.nan_to_num(np.asarray(top, dtype=np.float64), nan=-np.inf)
+    other = np.nan_to_num(np.asarray(other, dtype=np.float64), nan=-np.inf)
+    thresholds, precision, recall = precision_recall(top, correct, other, prevalence)
+    rows = []
+    for target in PRECISIONS:
+        t = threshold_for(thresholds, precision, target)
+        r = float(recall[thresholds >= t].max()) if t is not None else 0.0
+        rows.append({"precision": target, "threshold": t, "recall": r})
+    named = {f"p{round(r['precision'] * 100)}": r["threshold"] for r in rows if r["precision"] in (0.9, 0.99)}
+    return rows, named
+
+
+# Thresholds from the papers, by name (METHODS.md): on the raw descriptor cosine, meaningful for SSCD.
+NAMED_THRESHOLDS = {"somepalli": ("score_raw", 0.5), "duplicate": ("score_raw", 0.95)}
+
+
+def resolve_threshold(manifest: dict[str, Any], name: str | float) -> dict[str, Any] | None:
+    """What ``is_copy`` means for threshold ``name``: {"name", "column", "value", "source"}, or None.
+
+    "p90" / "p99": the index's calibrated ``score_norm`` thresholds (None if it was not calibrated, or was
+    rebuilt since); "somepalli" (score_raw ≥ 0.5) / "duplicate" (score_raw ≥ 0.95): from the papers; a
+    number: ``score_norm`` ≥ that number; "none": no flag.
+    """
+    name = str(name)
+    if name == "none":
+        return None
+    if name in ("p90", "p99"):
+        cal = manifest.get("calibration")
+        if not cal or cal.get("build_id") != manifest.get("build_id"):
+            return None
+        value = cal["thresholds"]["score_norm"].get(name)
+        if value is None:
+            return None
+        source = f"copyscan calibrate: {name[1:]}% precision at {cal['prevalence']:.0%} copies"
+        return {"name": name, "column": "score_norm", "value": float(value), "source": source}
+    if name in NAMED_THRESHOLDS:
+        column, value = NAMED_THRESHOLDS[name]
+        return {"name": name, "column": column, "value": value, "source": "METHODS.md (published)"}
+    try:
+        value = float(name)
+    except ValueError:
+        raise CopyscanError(
+            f"threshold {name!r}: use p90, p99, somepalli, duplicate, none or a score_norm value"
+        ) from None
+    return {"name": name, "column": "score_norm", "value": value, "source": "given"}
+
+
+# The scan settings a partial answer's score depends on: calibrated thresholds apply to a scan with the
+# same values only
+PARTIAL_KEYS = (
+    "beta",
+    "region_query_grid",
+    "region_query_size",
+    "region_hits",
+    "region_density_beta",
+    "region_refine",
+    "region_slide",
+    "dense_verify",
+    "dense_weight",
+)
+
+
+def partial_settings(cfg: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``PARTIAL_KEYS`` of scan config ``cfg`` as they apply to the index of ``manifest``: the query
+    windows' grid and size resolved to the index's when left to it, grids without spaces, so that
+    ``region_query_grid=`` and the index's own grid given by name compare equal."""
+    settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
+    described = manifest.get("regions") or {}
+    settings["region_query_grid"] = settings["region_query_grid"] or described.get("query_grid", "")
+    settings["region_query_size"] = int(settings["region_query_size"] or described.get("query_size", 0))
+    for key in ("region_query_grid", "region_slide"):
+        settings[key] = "".join(str(settings[key]).split())
+    return settings
+
+
+def answer_columns(settings: dict[str, Any]) -> tuple[str, str]:
+    """(rank column, score column) of a generation's partial answer under scan ``settings``."""
+    return (
+        ("dense_rank", "dense_score") if settings.get("dense_verify") else ("local_rank", "local_score_norm")
+    )
+
+
+def partial_answers(table: Any, settings: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """{query_id: (train_key, score)} of each generation's partial answer in a scan's ``matches`` table."""
+    rank, score = answer_columns(settings)
+    rows = table.filter(pc.equal(table[rank], 0)).select(["query_id", "train_key", score]).to_pylist()
+    return {r["query_id"]: (r["train_key"], r[score]) for r in rows if r[score] is not None}
+
+
+def resolve_partial_threshold(
+    manifest: dict[str, Any], cfg: Any, regions: bool
+) -> tuple[dict[str, Any] | None, str | None]:
+    """What ``is_partial_copy`` means for scan config ``cfg`` ({"name", "rank", "column", "value", "source"})
+    and, when it stays empty, why (None when it was not asked for). ``regions``: the scan searches a region
+    index. Calibrated thresholds apply only to a scan with the calibration's ``PARTIAL_KEYS`` settings."""
+    name = str(cfg.partial_threshold) or (
+        str(cfg.threshold) if str(cfg.threshold) in ("p90", "p99") else "none"
+    )
+    if name == "none":
+        return None, None
+    if not regions:  # asked for by name: say why it stays empty; implied by threshold: nothing to say
+        return None, ("the scan searches no region index" if str(cfg.partial_threshold) else None)
+    settings = partial_settings(cfg, manifest)
+    rank, column = answer_columns(settings)
+    if name not in ("p90", "p99"):
+        return {"name": name, "rank": rank, "column": column, "value": float(name), "source": "given"}, None
+    calibration = manifest.get("calibration") or {}
+    partial = calibration.get("partial")
+    if not partial or calibration.get("build_id") != manifest.get("build_id"):
+        return None, "the index has no partial-copy calibration (copyscan calibrate partial=N outside=URL)"
+    if partial["settings"] != settings:
+        differ = ", ".join(
+            f"{k}={partial['settings'].get(k)!r} (this scan: {settings[k]!r})"
+            for k in PARTIAL_KEYS
+            if partial["settings"].get(k) != settings[k]
+        )
+        return None, f"its partial-copy thresholds hold for other scan settings: {differ}"
+    value = partial["thresholds"].get(name)
+    if value is None:
+        return None, f"its partial-copy calibration reached no {name[1:]} % precision"
+    source = f"copyscan calibrate partial: {name[1:]}% precision, {partial['copies']} pasted copies"
+    return {"name": name, "rank": rank, "column": column, "value": float(value), "source": source}, None

@@ -1,0 +1,194 @@
+"""Calibration: the score thresholds that give a chosen precision, estimated from the index's own images.
+
+A sample of training images (never the ones whose augmented copies the learned whitening saw) is read back
+from the index's source shards; each gets a ``copy_augment``-ed copy, embedded with the index's embedder and
+searched against the whole index. Each copy gives two matches:
+
+- its top-1 match, a true copy match when that is its source (the situation of a generation that copies a
+  training image);
+- its best match other than its source, scored as if the source were absent from the index and from the
+  background sample (the situation of a generation that copies nothing in the training set).
+
+With ``prevalence`` π (the share of queries that are copies), the precision of "top-1 score ≥ t" is
+
+    precision(t) = π·P(top-1 is the source, s ≥ t) / (π·P(top-1 score ≥ t) + (1 − π)·P(best non-source ≥ t))
+
+and its recall P(top-1 is the source, s ≥ t). For each score (``score``, ``score_norm``) the lowest
+thresholds reaching 90 % and 99 % precision are kept in ``calibration.json`` next to the manifest and in
+the manifest's ``calibration`` entry; ``copyscan scan`` flags ``is_copy`` with them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexing.embed.augment import copy_augment, key_seed
+from indexing.embed.decode import stack_pixels
+from indexing.errors import CopyscanError
+from indexing.models.embedders import load_embedder
+from indexing.store import layout, storage
+from indexing.store.manifest import check_embedder, load_manifest
+from search.ann.normalise import ScoreNormaliser
+from search.ann.searcher import ShardSearcher
+from search.calibrate.config import CalibrateConfig
+from search.calibrate.partial import calibrate_partial
+from search.calibrate.sample import read_back, select_rows
+from search.calibrate.thresholds import precision_table
+
+logger = logging.getLogger("copyscan")
+
+SCORES = ("score", "score_norm")
+
+
+def _copies(
+    index_url: str,
+    manifest: dict[str, Any],
+    rows: dict[int, np.ndarray],
+    embedder,
+    cfg: CalibrateConfig,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Embedded copies (n, d) and their sources' packed ids (n,), reading the images from the source shards."""
+    pixels: list[np.ndarray] = []
+    sources: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    vectors: list[np.ndarray] = []
+    for shard, row, key, img, why in read_back(index_url, manifest, rows, cfg.storage_options):
+        if img is None:  # a training image that cannot be read back: noted, skipped
+            skipped.append({"shard": shard, "key": key, "detail": why})
+            continue
+        try:
+            copy = copy_augment(img, np.random.default_rng([cfg.seed, shard, key_seed(key)]))
+            pixels.append(embedder.preprocess(copy))
+        except Exception as exc:  # or copied
+            skipped.append({"shard": shard, "key": key, "detail": f"{type(exc).__name__}: {exc}"})
+            continue
+        sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
+        if len(pixels) >= cfg.batch_size:
+            vectors.append(embedder.embed(stack_pixels(pixels)))
+            pixels = []
+    if pixels:
+        vectors.append(embedder.embed(stack_pixels(pixels)))
+    if not vectors:
+        raise CopyscanError("no training image could be read back from the index's source shards")
+    return np.concatenate(vectors), np.asarray(sources, dtype=np.int64), skipped
+
+
+def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
+    so = cfg.storage_options
+    t0 = time.time()
+    manifest = load_manifest(cfg.index, so)
+    if manifest["embedder"]["name"] == "laion-clip":
+        raise CopyscanError(
+            f"{cfg.index} was imported from precomputed embeddings: it has no images to copy for calibration; "
+            "scan with threshold=<score_norm value> (or calibrate an index of the same images built from shards)"
+        )
+    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
+    embedder = load_embedder(
+        manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
+    )
+    check_embedder(manifest, embedder.spec)
+
+    def keys_of(shard: int) -> list[str]:
+        entry = next(e for e in manifest["embedding_shards"] if e["shard"] == shard)
+        url = storage.join(cfg.index, entry["metadata"])
+        return (
+            pq.read_table(io.BytesIO(storage.read_bytes(url, so)), columns=["key"]).column("key").to_pylist()
+        )
+
+    rows, overlap = select_rows(manifest, cfg.images, cfg.max_shards, cfg.seed, keys_of)
+    logger.info(
+        "calibrate: copying %d training images from %d shard(s)", sum(map(len, rows.values())), len(rows)
+    )
+    if overlap:
+        logger.warning(
+            "calibrate: the index is too small to keep apart the images its whitening was learned on; "
+            "the thresholds are optimistic (recorded as whitening_images_reused)"
+        )
+    xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg)
+    searcher = ShardSearcher(
+        cfg.index, manifest, [e["index_shard"] for e in manifest["index_shards"]], cfg.cache_dir, so
+    )
+    result = searcher.search(xq, 2, cfg.candidates, cfg.nprobe or int(manifest["index"].get("nprobe") or 0))
+    normaliser = ScoreNormaliser(cfg.index, manifest, 1.0, so)
+    norm_top = normaliser(xq, result.D, result.I)
+    # the best match that is not the source, normalised as if the source were in neither index nor background
+    correct = result.I[:, 0] == sources
+    other = np.where(correct, 1, 0)
+    rows_idx = np.arange(len(xq))
+    I_other = result.I[rows_idx, other][:, None]
+    D_other = result.D[rows_idx, other][:, None]
+    norm_other = normaliser(xq, D_other, I_other, exclude=sources)[:, 0]
+    scores = {
+        "score": (result.D[:, 0], D_other[:, 0]),
+        "score_norm": (norm_top[:, 0], norm_other),
+    }
+    report: dict[str, Any] = {
+        "build_id": manifest["build_id"],
+        "images": int(len(xq)),
+        "skipped": skipped,
+        "prevalence": cfg.prevalence,
+        "seed": cfg.seed,
+        "recall@1": float(correct.mean()),
+        "whitening_images_reused": overlap,
+        "thresholds": {},
+        "table": {},
+        "seconds": 0.0,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for name, (top, rest) in scores.items():
+        report["table"][name], report["thresholds"][name] = precision_table(
+            top, correct, rest, cfg.prevalence
+        )
+    if cfg.partial:
+        partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
+        report["partial"] = calibrate_partial(cfg, manifest, partial_rows)
+    report["seconds"] = round(time.time() - t0, 1)
+    storage.write_json(layout.calibration_url(cfg.index), report, so)
+    manifest["calibration"] = {
+        k: report[k]
+        for k in ("build_id", "images", "prevalence", "recall@1", "whitening_images_reused", "thresholds")
+    }
+    if cfg.partial:  # what a scan needs to flag partial answers, and under which settings they hold
+        keys = ("copies", "negatives", "answer", "settings", "recall@1", "thresholds")
+        manifest["calibration"]["partial"] = {k: report["partial"][k] for k in keys}
+    manifest["calibration"]["path"] = layout.CALIBRATION_NAME
+    storage.write_json(storage.join(cfg.index, layout.MANIFEST_NAME), manifest, so)
+    return report
+
+
+def _table_line(name: str, row: dict[str, Any], width: int) -> str:
+    t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
+    return f"  {name:<{width}} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The precision/recall table a user reads before trusting a threshold."""
+    lines = [
+        f"calibration on {report['images']} copies of training images (prevalence of copies "
+        f"{report['prevalence']:.0%}; recall@1 {report['recall@1']:.3f}):",
+        f"  {'score':<11} {'precision':>9} {'threshold':>10} {'recall':>7}",
+    ]
+    if report.get("whitening_images_reused"):
+        lines.insert(
+            1, "  (small index: some copied images also trained the whitening; thresholds are optimistic)"
+        )
+    for name in SCORES:
+        lines.extend(_table_line(name, row, 11) for row in report["table"][name])
+    partial = report.get("partial")
+    if partial:
+        answer = partial["answer"]
+        lines.append(
+            f"partial copies: {partial['copies']} training images and {partial['negatives']} outside images "
+            f"pasted into {partial['scenes']} outside scenes; answer = {answer['rank']} 0, recall@1 "
+            f"{partial['recall@1']:.3f}:"
+        )
+        lines.extend(_table_line(answer["score"], row, 16) for row in partial["table"])
+        settings = " ".join(f"{k}={v}" for k, v in partial["settings"].items())
+        lines.append(f"  (these hold for scans with {settings})")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""The memorised-prompt job on Ray: list generations by prompt, one task per batch of prompts, rank.
+
+Listing webdataset shards (reading their prompts) is one Ray task per shard; the resulting plan
+(prompt, source, key, task) is written once to ``OUT/plan.parquet`` and reused on resume. Each task then
+fetches its prompts' generations together (one read per tar), builds each prompt's graph and clique, and
+writes its part and then its marker; finished tasks are skipped on resume, failed ones retried and listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from indexing.errors import CopyscanError
+from indexing.read.shardlist import expand_queries
+from indexing.runtime.config import to_dict
+from indexing.runtime.pool_ray import run_tasks
+from indexing.runtime.progress import Progress
+from indexing.store import layout, storage
+from indexing.store.outputs import claim_output
+from search.memorized.discover import (
+    GraphSpec,
+    MemorizedConfig,
+    assign_tasks,
+    find_manifest,
+    finished_tasks,
+    list_shard,
+    merge_parts,
+    read_manifest,
+    run_task,
+)
+
+logger = logging.getLogger("copyscan")
+
+
+def _max_in_flight(cfg: MemorizedConfig) -> int:
+    if cfg.max_in_flight:
+        return cfg.max_in_flight
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(1, int(2 * cpus / cfg.task_cpus))
+
+
+def plan(cfg: MemorizedConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """(prompt, source, key, task) of every generation, and listing counts; read back when it exists."""
+    so = cfg.storage_options
+    url = storage.join(cfg.out, layout.MEMORIZED_PLAN_NAME)
+    if storage.exists(url, so):
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, so)))
+        return table, _counts(table)
+    manifest = find_manifest(cfg.generations, so)
+    no_prompt: list[dict[str, str]] = []
+    if manifest is not None:
+        listing = read_manifest(manifest, so)
+        shards = 0
+    else:
+        kind, urls = expand_queries(cfg.generations, so)
+        if kind != "shards":
+            raise CopyscanError(
+                f"{cfg.generations} is a folder of images without a manifest: add manifest.parquet, "
+                f".jsonl or .csv with columns path and prompt, or give webdataset shards"
+            )
+        shards = len(urls)
+        remote = ray.remote(list_shard).options(num_cpus=cfg.task_cpus)
+        outcome = run_tasks(
+            lambda u: remote.remote(u, so),
+            urls,
+            max_in_flight=_max_in_flight(cfg),
+            retries=cfg.retries,
+            describe=lambda u: f"listing {u}",
+        )
+        if outcome.failed:
+            listing_errors = "\n".join(f"  {u}: {err}" for u, err in outcome.failed)
+            raise CopyscanError(f"{len(outcome.failed)} shard(s) could not be listed:\n{listing_errors}")
+        found = sorted((r for _, r in outcome.results), key=lambda r: r["source"])
+        listing = pa.table(
+            {
+                "prompt": [p for r in found for p in r["prompts"]],
+                "source": [r["source"] for r in found for _ in r["keys"]],
+                "key": [k for r in found for k in r["keys"]],
+            }
+        )
+        no_prompt = [{"source": r["source"], "key": k} for r in found for k in r["no_prompt"]]
+    if listing.num_rows == 0:
+        raise CopyscanError(f"{cfg.generations} holds no generation with a prompt")
+    table = assign_tasks(listing, cfg.prompts_per_task)
+    counts = {"shards": shards, "without_prompt": len(no_prompt), "without_prompt_examples": no_prompt[:5]}
+    table = table.replace_schema_metadata({"copyscan_listing": _dump(counts)})
+    storage.write_parquet(url, table, so)
+    return table, counts
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _counts(table: pa.Table) -> dict[str, Any]:
+    raw = (table.schema.metadata or {}).get(b"copyscan_listing")
+    return json.loads(raw) if raw else {}
+
+
+def _groups(table: pa.Table) -> dict[int, list[tuple[str, list[tuple[str, str]]]]]:
+    """task → [(prompt, [(source, key), ...])], prompts in plan order."""
+    by_task: dict[int, dict[str, list[tuple[str, str]]]] = {}
+    for prompt, source, key, task in zip(
+        *(table[c].to_pylist() for c in ("prompt", "source", "key", "task")), strict=True
+    ):
+        by_task.setdefault(task, {}).setdefault(prompt, []).append((source, key))
+    return {task: list(prompts.items()) for task, prompts in by_task.items()}
+
+
+def run_memorized(cfg: MemorizedConfig) -> dict[str, Any]:
+    """Run (or resume) the job; returns the summary written to ``OUT/summary.json``."""
+    so = cfg.storage_options
+    t0 = time.time()
+    resumed = claim_output(
+        cfg.out, layout.MEMORIZED_CONFIG_NAME, to_dict(cfg), cfg.mode, MemorizedConfig.RESUME_KEYS, so
+    )
+    table, listing = plan(cfg)
+    groups = _groups(table)
+    done = finished_tasks(cfg.out, so)
+    todo = sorted(t for t in groups if t not in done)
+    logger.info(
+        "memorized: %s generations of %s prompts in %d task(s), %d already done%s; graph at %d px, edge < %g, "
+        "flag cliques >= %d",
+        f"{table.num_rows:,}",
+        f"{sum(len(g) for g in groups.values()):,}",
+        len(groups),
+        len(done),
+        " (resumed)" if resumed else "",
+        cfg.graph_size,
+        cfg.edge_threshold,
+        cfg.min_clique,
+    )
+    spec = GraphSpec.of(cfg)
+    progress = Progress("memorized", len(todo), unit="tasks", item="generations")
+    remote = ray.remote(run_task).options(num_cpus=cfg.task_cpus)
+    outcome = run_tasks(
+        lambda t: remote.remote(cfg.out, t, groups[t], spec, so),
+        todo,
+        max_in_flight=_max_in_flight(cfg),
+        retries=cfg.retries,
+        on_result=lambda t, marker: progress.update(1, marker["generations"]),
+        describe=lambda t: f"memorized task {t:05d}",
+    )
+    markers = finished_tasks(cfg.out, so)
+    summary: dict[str, Any] = {
+        "generations_spec": cfg.generations,
+        "graph_size": cfg.graph_size,
+        "tiles": cfg.tiles,
+        "edge_threshold": cfg.edge_threshold,
+        "min_clique": cfg.min_clique,
+        "tasks_total": len(groups),
+        "tasks_done": len(markers),
+        "failed_tasks": [{"task": t, "error": err} for t, err in outcome.failed],
+        "listing": listing,
+        **_totals(markers),
+    }
+    if not outcome.failed:
+        ranked = merge_parts(cfg.out, len(groups), so)
+        storage.write_parquet(storage.join(cfg.out, layout.MEMORIZED_RESULT_NAME), ranked, so)
+        flagged = ranked.filter(ranked["flagged"])
+        summary["top_flagged"] = [
+            {k: r[k] for k in ("rank", "prompt", "clique_size", "mean_clique_distance", "clique_exact")}
+            for r in flagged.slice(0, 20).to_pylist()
+        ]
+    seconds = time.time() - t0
+    summary["this_run"] = {
+        "tasks": len(todo),
+        "seconds": round(seconds, 3),
+        "generations_per_second": round(
+            sum(markers[t]["generations"] for t in todo if t in markers) / seconds, 1
+        )
+        if seconds > 0
+        else None,
+    }
+    summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_json(layout.summary_url(cfg.out), summary, so)
+    if outcome.failed:
+        listing_text = "\n".join(f"  task {t:05d}: {err}" for t, err in outcome.failed)
+        raise CopyscanError(f"{len(outcome.failed)} task(s) failed; rerun to resume:\n{listing_text}")
+    return summary
+
+
+def _totals(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    errors: dict[str, int] = {}
+    for m in markers.values():
+        for reason, count in m["errors"].items():
+            errors[reason] = errors.get(reason, 0) + count
+    return {
+        "prompts": sum(m["prompts"] for m in markers.values()),
+        "generations": sum(m["generations"] for m in markers.values()),
+        "images": sum(m["images"] for m in markers.values()),
+        "flagged": sum(m["flagged"] for m in markers.values()),
+        "inexact_cliques": sum(m["inexact"] for m in markers.values()),
+        "errors": dict(sorted(errors.items())),
+    }
