@@ -1,11 +1,13 @@
 """The index job on Ray: embed every shard (resumable), plan, train once, fill index shards, manifest.
 
 Call ``run_index`` after ``ray.init`` (``jobs/index.py`` does both). Each phase skips what an earlier
-run finished: shards with a stats marker, a written ``trained.index``, index shards with a marker.
+run finished: shards with a stats marker, a written ``trained.index``, index shards with a marker
+(``indexing.runtime.resumable.run_stage`` runs the embed, import and fill stages).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -27,53 +29,44 @@ from indexing.models.regions import RegionSpec, parse_grid
 from indexing.read.shardlist import expand_shards
 from indexing.runtime.config import to_dict
 from indexing.runtime.pool_ray import run_pool, run_tasks
-from indexing.runtime.progress import Progress, timed
+from indexing.runtime.progress import timed
+from indexing.runtime.resumable import Item, Stage, run_stage
 from indexing.store import layout, storage
 from indexing.store.manifest import build_manifest
 from indexing.store.outputs import claim_output
 
 logger = logging.getLogger("copyscan")
 
+EMBED = Stage("embed", "shard", "images", source=str)
+IMPORT = Stage("import", "part", "vectors", source=lambda part: part[0])
+FILL = Stage("fill", "index shard", "vectors", count_field="ntotal")
 
 _train = ray.remote(train_phase)
 _fill = ray.remote(fill_index_shard)
+_import = ray.remote(clip_import.import_part)
 
 
 def run_index(cfg: IndexConfig) -> dict[str, Any]:
     """Run (or resume) the whole index job; return the manifest written to ``OUT/manifest.json``."""
-    so = cfg.storage_options
     t_start = time.time()
     timings: dict[str, float] = {}
-    imported = cfg.embedder == clip.NAME  # precomputed vectors: no images, no model
-    if imported:
-        parts = clip_import.list_parts(cfg.shards, so)
-        shards = [emb for emb, _ in parts]
-    else:
-        shards = expand_shards(cfg.shards, so)
+    parts, shards = _sources(cfg)
     logger.info("index: %d shards from %s -> %s", len(shards), cfg.shards, cfg.out)
-    resumed = claim_output(cfg.out, layout.CONFIG_NAME, to_dict(cfg), cfg.mode, IndexConfig.RESUME_KEYS, so)
+    resumed = claim_output(
+        cfg.out, layout.CONFIG_NAME, to_dict(cfg), cfg.mode, IndexConfig.RESUME_KEYS, cfg.storage_options
+    )
     if resumed:
         logger.info("index: resuming the run already in %s", cfg.out)
-
-    if imported:
-        shape = clip_import.npy_shape(shards[0], so)
-        spec = clip.clip_spec(cfg.embedder_options, shape[-1])
-    else:
-        spec = ray.get(
-            embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
-                cfg.embedder, cfg.weights, cfg.embedder_options
-            )
-        )
+    spec = _embedder_spec(cfg, shards)
     fingerprint = spec_fingerprint(spec)
     if cfg.regions:  # refuse an embedder input that regions cannot be cut from before any shard is embedded
         RegionSpec((), size=cfg.region_size, mode=cfg.region_mode).preprocess_spec(spec["preprocess"])
 
     with timed("embed", timings):
-        if imported:
+        if parts is not None:
             stats = _import_all(cfg, parts, fingerprint, int(spec["dim"]))
         else:
             stats = _embed_all(cfg, shards, fingerprint)
-
     counts = {shard: int(s["count"]) for shard, s in stats.items()}
     plan = _plan(cfg, counts, int(spec["dim"]), cfg.index_factory, cfg.nprobe)
     logger.info(
@@ -103,6 +96,35 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         started_at=t_start,
     )
     manifest["regions"] = regions
+    return _write_manifest(cfg, manifest)
+
+
+def _sources(cfg: IndexConfig) -> tuple[list[tuple[str, str]] | None, list[str]]:
+    """(clip-retrieval parts as (embeddings, metadata) URLs, or None, the embedding shards' sources): an
+    imported index (precomputed vectors: no images, no model) has parts, and its sources are their
+    embedding files; an index of images has tar URLs."""
+    if cfg.embedder == clip.NAME:
+        parts = clip_import.list_parts(cfg.shards, cfg.storage_options)
+        return parts, [emb for emb, _ in parts]
+    return None, expand_shards(cfg.shards, cfg.storage_options)
+
+
+def _embedder_spec(cfg: IndexConfig, shards: list[str]) -> dict[str, Any]:
+    """The embedder's spec: of an import, from its first part's dimension; else computed on a worker."""
+    if cfg.embedder == clip.NAME:
+        shape = clip_import.npy_shape(shards[0], cfg.storage_options)
+        return clip.clip_spec(cfg.embedder_options, shape[-1])
+    return ray.get(
+        embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
+            cfg.embedder, cfg.weights, cfg.embedder_options
+        )
+    )
+
+
+def _write_manifest(cfg: IndexConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``OUT/manifest.json`` (keeping a merge's layout and, for the same build, when and how fast it
+    was built) and return what was written."""
+    so = cfg.storage_options
     manifest_url = storage.join(cfg.out, layout.MANIFEST_NAME)
     if storage.exists(manifest_url, so):
         # A rerun of a finished index changes nothing: keep when and how fast it was built.
@@ -116,7 +138,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
                 if key in previous:
                     manifest[key] = previous[key]
     storage.write_json(manifest_url, manifest, so)
-    logger.info("index: wrote %s", storage.join(cfg.out, layout.MANIFEST_NAME))
+    logger.info("index: wrote %s", manifest_url)
     return manifest
 
 
@@ -144,9 +166,48 @@ def pair_spec(cfg: IndexConfig, n_shards: int, shard: int) -> PairSpec | None:
     return PairSpec(images=quota, copies=cfg.whitening_pair_copies, seed=cfg.seed, shard=shard)
 
 
+def _region_spec(cfg: IndexConfig) -> RegionSpec | None:
+    """The boxes every indexed image also gets a vector for, or None without ``regions``."""
+    if not cfg.regions:
+        return None
+    return RegionSpec(tuple(parse_grid(cfg.region_grid)), size=cfg.region_size, mode=cfg.region_mode)
+
+
+def _task_slots(cfg: IndexConfig) -> int:
+    """CPU tasks of ``fill_cpus`` each that the cluster runs at once."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus))
+
+
 def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[int, dict[str, Any]]:
-    so = cfg.storage_options
-    done = finished_shards(cfg.out, so)
+    """Every tar shard → embedding shard, on a pool of embedding actors; finished ones are skipped."""
+    done = finished_shards(cfg.out, cfg.storage_options)
+    _check_embedded(cfg, shards, done, fingerprint)
+    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
+    make_actor = functools.partial(
+        make_embed_actor,
+        embedder=cfg.embedder,
+        weights=cfg.weights,
+        options=cfg.embedder_options,
+        num_cpus=cfg.embed_actor_cpus,
+        num_gpus=num_gpus,
+        concurrency=cfg.embed_concurrency,
+        torch_threads=cfg.torch_threads,
+        decode_cpus=cfg.decode_cpus,
+        storage_options=cfg.storage_options,
+    )
+    limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    submit = functools.partial(_submit_embed, cfg, len(shards), limits, _region_spec(cfg))
+    runner = functools.partial(
+        run_pool, make_actor, num_actors, submit=submit, per_actor=cfg.embed_concurrency
+    )
+    items = list(enumerate(shards))
+    return run_stage(EMBED, items, done, runner, retries=cfg.retries, report=_log_rejections)
+
+
+def _check_embedded(
+    cfg: IndexConfig, shards: list[str], done: dict[int, dict[str, Any]], fingerprint: str
+) -> None:
+    """Refuse to resume from embedding shards of another shard list or another embedder."""
     for shard, s in done.items():
         if shard >= len(shards) or s.get("source") != shards[shard]:
             raise CopyscanError(
@@ -159,75 +220,37 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
                 f"shard {shard:05d} in {cfg.out} was embedded with a different embedder/weights "
                 f"({s.get('embedder_fingerprint')} vs {fingerprint}); use mode=overwrite"
             )
-    todo = [(i, url) for i, url in enumerate(shards) if i not in done]
-    logger.info("embed: %d of %d shards already done, %d to go", len(done), len(shards), len(todo))
-    if not todo:
-        return done
 
-    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
-    limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
-    regions = (
-        RegionSpec(tuple(parse_grid(cfg.region_grid)), size=cfg.region_size, mode=cfg.region_mode)
-        if cfg.regions
-        else None
+
+def _submit_embed(
+    cfg: IndexConfig,
+    n_shards: int,
+    limits: DecodeLimits,
+    regions: RegionSpec | None,
+    actor: Any,
+    item: Item,
+) -> ray.ObjectRef:
+    shard, url = item
+    return actor.embed_shard.remote(
+        cfg.out, shard, url, cfg.batch_size, limits, pair_spec(cfg, n_shards, shard), regions
     )
-    progress = Progress("embed", len(todo), unit="shards", item="images")
-    stats = dict(done)
 
-    def make_actor():
-        return make_embed_actor(
-            embedder=cfg.embedder,
-            weights=cfg.weights,
-            options=cfg.embedder_options,
-            num_cpus=cfg.embed_actor_cpus,
-            num_gpus=num_gpus,
-            concurrency=cfg.embed_concurrency,
-            torch_threads=cfg.torch_threads,
-            decode_cpus=cfg.decode_cpus,
-            storage_options=so,
+
+def _log_rejections(item: Item, stats: dict[str, Any]) -> None:
+    if stats["rejected"]:
+        logger.info(
+            "embed: shard %05d rejected %d sample(s): %s",
+            item[0],
+            stats["rejected"],
+            stats["rejected_by_reason"],
         )
-
-    def on_result(item: tuple[int, str], result: dict[str, Any]) -> None:
-        stats[item[0]] = result
-        progress.update(1, int(result["count"]))
-        if result["rejected"]:
-            logger.info(
-                "embed: shard %05d rejected %d sample(s): %s",
-                item[0],
-                result["rejected"],
-                result["rejected_by_reason"],
-            )
-
-    outcome = run_pool(
-        make_actor,
-        num_actors,
-        todo,
-        lambda actor, item: actor.embed_shard.remote(
-            item[0], item[1], cfg.out, cfg.batch_size, limits, pair_spec(cfg, len(shards), item[0]), regions
-        ),
-        per_actor=cfg.embed_concurrency,
-        retries=cfg.retries,
-        on_result=on_result,
-        describe=lambda item: f"shard {item[0]:05d} ({item[1]})",
-    )
-    if outcome.failed:
-        listing = "\n".join(f"  shard {i:05d} {url}: {err}" for (i, url), err in outcome.failed)
-        raise CopyscanError(
-            f"{len(outcome.failed)} shard(s) failed after {cfg.retries + 1} attempts; the other shards are done "
-            f"and a rerun resumes from here:\n{listing}"
-        )
-    return stats
-
-
-_import = ray.remote(clip_import.import_part)
 
 
 def _import_all(
     cfg: IndexConfig, parts: list[tuple[str, str]], fingerprint: str, dim: int
 ) -> dict[int, dict[str, Any]]:
     """Precomputed clip-retrieval parts → embedding shards, in parallel CPU tasks; finished ones are skipped."""
-    so = cfg.storage_options
-    done = finished_shards(cfg.out, so)
+    done = finished_shards(cfg.out, cfg.storage_options)
     for shard, s in done.items():
         if (
             shard >= len(parts)
@@ -238,29 +261,16 @@ def _import_all(
                 f"{cfg.out} holds shard {shard:05d} from {s.get('source')} with other settings: the input "
                 "changed. Use mode=overwrite or another output."
             )
-    todo = [(i, part) for i, part in enumerate(parts) if i not in done]
-    logger.info("import: %d of %d parts already done, %d to go", len(done), len(parts), len(todo))
-    stats = dict(done)
-    progress = Progress("import", len(todo), unit="parts", item="vectors")
+    submit = functools.partial(_submit_import, cfg, fingerprint, dim)
+    runner = functools.partial(run_tasks, submit, max_in_flight=_task_slots(cfg))
+    return run_stage(IMPORT, list(enumerate(parts)), done, runner, retries=cfg.retries)
 
-    def on_result(item, result):
-        stats[item[0]] = result
-        progress.update(1, int(result["count"]))
 
-    outcome = run_tasks(
-        lambda item: _import.options(num_cpus=cfg.fill_cpus).remote(
-            cfg.out, item[0], item[1][0], item[1][1], fingerprint, dim, so
-        ),
-        todo,
-        max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
-        retries=cfg.retries,
-        on_result=on_result,
-        describe=lambda item: f"part {item[0]:05d} ({item[1][0]})",
+def _submit_import(cfg: IndexConfig, fingerprint: str, dim: int, item: Item) -> ray.ObjectRef:
+    shard, (emb_url, meta_url) = item
+    return _import.options(num_cpus=cfg.fill_cpus).remote(
+        cfg.out, shard, emb_url, meta_url, fingerprint, dim, cfg.storage_options
     )
-    if outcome.failed:
-        listing = "\n".join(f"  part {i:05d} {emb}: {err}" for (i, (emb, _)), err in outcome.failed)
-        raise CopyscanError(f"{len(outcome.failed)} part(s) failed; the others are done:\n{listing}")
-    return stats
 
 
 def _train_once(
@@ -293,40 +303,33 @@ def _fill_all(
     cfg: IndexConfig, plan: IndexPlan, out: str, density_per_image: int = 0
 ) -> dict[int, dict[str, Any]]:
     """Fill every index shard not yet filled (``density_per_image``: a region index's, with densities)."""
-    so = cfg.storage_options
-    markers: dict[int, dict[str, Any]] = {}
-    todo = []
+    done = _filled(cfg, plan, out, density_per_image)
+    submit = functools.partial(_submit_fill, cfg, plan.factory, out, density_per_image)
+    runner = functools.partial(run_tasks, submit, max_in_flight=_task_slots(cfg))
+    return run_stage(FILL, list(enumerate(plan.shard_groups)), done, runner, retries=cfg.retries)
+
+
+def _filled(cfg: IndexConfig, plan: IndexPlan, out: str, density_per_image: int) -> dict[int, dict[str, Any]]:
+    """Markers of the index shards an earlier run filled from the same group, with densities iff asked."""
+    done: dict[int, dict[str, Any]] = {}
     for j, group in enumerate(plan.shard_groups):
-        marker = index_shard_marker(out, plan.factory, j, so)
+        marker = index_shard_marker(out, plan.factory, j, cfg.storage_options)
         if (
             marker is not None
             and marker.get("embedding_shards") == group
             and bool(marker.get("density")) == bool(density_per_image)
         ):
-            markers[j] = marker
-        else:
-            todo.append((j, group))
-    logger.info("fill: %d of %d index shards already done", len(markers), len(plan.shard_groups))
-    progress = Progress("fill", len(todo), unit="index shards", item="vectors")
+            done[j] = marker
+    return done
 
-    def on_result(item, marker):
-        markers[item[0]] = marker
-        progress.update(1, int(marker["ntotal"]))
 
-    outcome = run_tasks(
-        lambda item: _fill.options(num_cpus=cfg.fill_cpus).remote(
-            out, plan.factory, item[0], item[1], cfg.whitening != "none", so, density_per_image
-        ),
-        todo,
-        max_in_flight=max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus)),
-        retries=cfg.retries,
-        on_result=on_result,
-        describe=lambda item: f"index shard {item[0]:05d}",
+def _submit_fill(
+    cfg: IndexConfig, factory: str, out: str, density_per_image: int, item: Item
+) -> ray.ObjectRef:
+    index_shard, group = item
+    return _fill.options(num_cpus=cfg.fill_cpus).remote(
+        out, factory, index_shard, group, cfg.whitening != "none", cfg.storage_options, density_per_image
     )
-    if outcome.failed:
-        listing = "\n".join(f"  index shard {j:05d}: {err}" for (j, _), err in outcome.failed)
-        raise CopyscanError(f"{len(outcome.failed)} index shard(s) failed; rerun to resume:\n{listing}")
-    return markers
 
 
 def _region_index(
@@ -341,24 +344,9 @@ def _region_index(
     manifest (``OUT/regions/manifest.json``, the same format as the index's) and return what the index's
     manifest says about it."""
     root = layout.regions_root(cfg.out)
-    boxes = parse_grid(cfg.region_grid)
-    per_image = len(boxes)
-    missing = [s for s in sorted(stats) if (stats[s].get("regions") or {}).get("per_image") != per_image]
-    if missing:
-        raise CopyscanError(
-            f"embedding shard(s) {missing[:5]} of {cfg.out} hold no region vectors of {per_image} boxes; "
-            "use mode=overwrite to embed them again"
-        )
-    region_stats = {
-        s: {
-            "count": int(st["regions"]["count"]),
-            "samples": int(st["regions"]["count"]),
-            "rejected": 0,
-            "rejected_by_reason": {},
-            "id_range": st["regions"]["id_range"],
-        }
-        for s, st in stats.items()
-    }
+    described = _regions_described(cfg)
+    per_image = described["per_image"]
+    region_stats = _region_stats(cfg, stats, per_image)
     counts = {s: st["count"] for s, st in region_stats.items()}
     plan = _plan(cfg, counts, int(spec["dim"]), cfg.region_factory, nprobe=0)
     logger.info(
@@ -388,16 +376,6 @@ def _region_index(
     for entry in sub["embedding_shards"]:  # image metadata and stats live in the index's own files
         entry["metadata"] = None
         entry["stats"] = None
-    described = {
-        "per_image": per_image,
-        "boxes": [list(b) for b in boxes],
-        "grid": cfg.region_grid,
-        "mode": cfg.region_mode,
-        "size": cfg.region_size if cfg.region_mode == "crop" else None,
-        "query_grid": cfg.region_query_grid,
-        "query_size": cfg.region_query_size,
-        "id_scheme": "shard << 32 | (row * per_image + box)",
-    }
     sub["kind"] = "regions"
     sub["regions_of"] = described
     storage.write_json(storage.join(root, layout.MANIFEST_NAME), sub, cfg.storage_options)
@@ -409,4 +387,41 @@ def _region_index(
         "factory": plan.factory,
         "ann_bytes_per_image": plan.ann_bytes * per_image,
         "index_bytes": sum(int(e["bytes"]) for e in sub["index_shards"]),
+    }
+
+
+def _regions_described(cfg: IndexConfig) -> dict[str, Any]:
+    """The region index's boxes and query windows, as both manifests describe them."""
+    boxes = parse_grid(cfg.region_grid)
+    return {
+        "per_image": len(boxes),
+        "boxes": [list(b) for b in boxes],
+        "grid": cfg.region_grid,
+        "mode": cfg.region_mode,
+        "size": cfg.region_size if cfg.region_mode == "crop" else None,
+        "query_grid": cfg.region_query_grid,
+        "query_size": cfg.region_query_size,
+        "id_scheme": "shard << 32 | (row * per_image + box)",
+    }
+
+
+def _region_stats(
+    cfg: IndexConfig, stats: dict[int, dict[str, Any]], per_image: int
+) -> dict[int, dict[str, Any]]:
+    """The region vectors of every embedding shard, as ``build_manifest`` reads an embedding shard's stats."""
+    missing = [s for s in sorted(stats) if (stats[s].get("regions") or {}).get("per_image") != per_image]
+    if missing:
+        raise CopyscanError(
+            f"embedding shard(s) {missing[:5]} of {cfg.out} hold no region vectors of {per_image} boxes; "
+            "use mode=overwrite to embed them again"
+        )
+    return {
+        s: {
+            "count": int(st["regions"]["count"]),
+            "samples": int(st["regions"]["count"]),
+            "rejected": 0,
+            "rejected_by_reason": {},
+            "id_range": st["regions"]["id_range"],
+        }
+        for s, st in stats.items()
     }

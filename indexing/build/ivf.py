@@ -17,9 +17,6 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexing.store import layout
-from indexing.store import storage
-from indexing.errors import CopyscanError
 from indexing.build.postprocess import (
     apply_whitening,
     fit_learned_whitening,
@@ -27,6 +24,8 @@ from indexing.build.postprocess import (
     pair_background_bias,
     whiten_with_norms,
 )
+from indexing.errors import CopyscanError
+from indexing.store import layout, storage
 
 ADD_BATCH = 65_536
 
@@ -125,14 +124,57 @@ def train_phase(
     # A new id for every training: everything built on this trained index shares it, so that scans and caches
     # can tell a rebuilt index at the same URL from the one they saw (a resumed build keeps it).
     info: dict[str, Any] = {"build_id": uuid.uuid4().hex, "sample_vectors": int(len(xs))}
-    params = None
+    params = _whitening(
+        out,
+        sorted(counts),
+        xs[:whitening_sample],
+        whitening,
+        whitening_from,
+        whitening_shrinkage,
+        whitening_pca_shrinkage,
+        info,
+        storage_options,
+    )
+    if params is not None:
+        storage.save_npz(layout.whitening_url(out, factory), storage_options, **params)
+        info["whitening_fit_vectors"] = int(min(len(xs), whitening_sample))
+    xw = apply_whitening(params, xs) if params is not None else xs
+    info["background_vectors"] = _write_background(
+        layout.background_url(out, factory), xw, ids, background_size, seed, storage_options
+    )
+    index = train_index(factory, xw[: max(train_size, 1)], seed)
+    info["train_vectors"] = int(min(len(xw), max(train_size, 1)))
+    storage.write_json(layout.train_info_url(out, factory), info, storage_options)
+    write_index(index, layout.trained_index_url(out, factory), storage_options)
+    return info
+
+
+def _whitening(
+    out: str,
+    shards: Sequence[int],
+    xs: np.ndarray,
+    whitening: str,
+    whitening_from: str | None,
+    shrinkage: float,
+    pca_shrinkage: float | None,
+    info: dict[str, Any],
+    storage_options: storage.StorageOptions | None,
+) -> dict[str, np.ndarray] | None:
+    """The whitening parameters (None for ``"none"``): read from ``whitening_from``, or fit on the sample
+    ``xs`` (n, d) float32. ``"learned"`` reads the stored (vector, augmented copy) pairs of ``shards`` and
+    falls back to ``"pca"`` with fewer than MIN_PAIRS. What was done is noted in ``info``."""
     if whitening_from is not None and whitening != "none":
         params = dict(storage.load_npz(whitening_from, storage_options))
         info["whitening_from"] = whitening_from
         whitening = "from-index"
-    if whitening == "learned":
-        x_pair, x_aug = load_pairs(out, sorted(counts), storage_options)
-        if len(x_pair) < MIN_PAIRS:
+    elif whitening == "learned":
+        x_pair, x_aug = load_pairs(out, shards, storage_options)
+        if len(x_pair) >= MIN_PAIRS:
+            params = fit_learned_whitening(
+                x_pair, x_aug, xs, shrinkage=shrinkage, pca_shrinkage=pca_shrinkage
+            )
+            info["whitening_pairs"] = int(len(x_pair))
+        else:
             # Shards embedded without pairs (whitening_pair_images=0), or a tiny collection: say so, use PCA.
             logger.warning(
                 "train: %d augmented pair(s) stored (< %d); learned whitening falls back to PCA-whitening",
@@ -141,34 +183,29 @@ def train_phase(
             )
             info["whitening_fallback"] = f"{len(x_pair)} pairs < {MIN_PAIRS}: PCA-whitening"
             whitening = "pca"
-        else:
-            params = fit_learned_whitening(
-                x_pair,
-                x_aug,
-                xs[:whitening_sample],
-                shrinkage=whitening_shrinkage,
-                pca_shrinkage=whitening_pca_shrinkage,
-            )
-            info["whitening_pairs"] = int(len(x_pair))
-    if whitening == "pca":
-        params = fit_whitening(xs[:whitening_sample], shrinkage=whitening_shrinkage)
-    if params is not None:
-        storage.save_npz(layout.whitening_url(out, factory), storage_options, **params)
-        info["whitening_method"] = whitening
-        info["whitening_stages"] = 2 if "proj2" in params else 1
-        info["whitening_fit_vectors"] = int(min(len(xs), whitening_sample))
-    xw = apply_whitening(params, xs) if params is not None else xs
-    order = np.random.default_rng(seed + 1).permutation(len(xw))[:background_size]
+            params = fit_whitening(xs, shrinkage=shrinkage)
+    elif whitening == "pca":
+        params = fit_whitening(xs, shrinkage=shrinkage)
+    else:
+        return None
+    info["whitening_method"] = whitening
+    info["whitening_stages"] = 2 if "proj2" in params else 1
+    return params
+
+
+def _write_background(
+    url: str,
+    xw: np.ndarray,
+    ids: np.ndarray,
+    size: int,
+    seed: int,
+    storage_options: storage.StorageOptions | None,
+) -> int:
+    """A seeded subset of ``size`` whitened sample vectors (float16) and their ids; returns how many."""
+    order = np.random.default_rng(seed + 1).permutation(len(xw))[:size]
     order.sort()
-    storage.save_npz(
-        layout.background_url(out, factory), storage_options, ids=ids[order], xb=xw[order].astype(np.float16)
-    )
-    info["background_vectors"] = int(len(order))
-    index = train_index(factory, xw[: max(train_size, 1)], seed)
-    info["train_vectors"] = int(min(len(xw), max(train_size, 1)))
-    storage.write_json(layout.train_info_url(out, factory), info, storage_options)
-    write_index(index, layout.trained_index_url(out, factory), storage_options)
-    return info
+    storage.save_npz(url, storage_options, ids=ids[order], xb=xw[order].astype(np.float16))
+    return int(len(order))
 
 
 def train_index(factory: str, xt: np.ndarray, seed: int = 0) -> faiss.Index:
@@ -234,28 +271,11 @@ def fill_index_shard(
     counts: dict[str, int] = {}
     density_sum, density_count = 0.0, 0
     for shard in emb_shards:
-        xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
-        n = xb.shape[0]
-        norms, density = [], []
-        for start in range(0, n, ADD_BATCH):
-            chunk = np.ascontiguousarray(xb[start : start + ADD_BATCH], dtype=np.float32)
-            if params is not None:
-                chunk, chunk_norms = whiten_with_norms(params, chunk)
-                norms.append(chunk_norms)
-            ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
-            index.add_with_ids(chunk, ids)
-            if background is not None:
-                density.append(background.bias(chunk, ids[:, None])[:, 0])  # the vector's own image left out
-        if params is not None:
-            stages = 2 if "proj2" in params else 1
-            table = np.concatenate(norms) if norms else np.zeros((0, stages), np.float32)
-            storage.save_npy(layout.norms_url(out, factory, shard), table, storage_options)
-        if background is not None:
-            values = np.concatenate(density) if density else np.zeros(0, np.float32)
-            storage.save_npy(layout.density_url(out, factory, shard), values, storage_options)
-            density_sum += float(np.nansum(values, dtype=np.float64))
-            density_count += int(np.isfinite(values).sum())
-        counts[str(shard)] = int(n)
+        n, density = _add_embedding_shard(index, out, factory, shard, params, background, storage_options)
+        if density is not None:
+            density_sum += float(np.nansum(density, dtype=np.float64))
+            density_count += int(np.isfinite(density).sum())
+        counts[str(shard)] = n
     size = write_index(index, layout.index_shard_url(out, factory, index_shard), storage_options)
     marker = {
         "index_shard": index_shard,
@@ -273,6 +293,41 @@ def fill_index_shard(
     }
     storage.write_json(layout.index_shard_marker_url(out, factory, index_shard), marker, storage_options)
     return marker
+
+
+def _add_embedding_shard(
+    index: faiss.Index,
+    out: str,
+    factory: str,
+    shard: int,
+    params: Mapping[str, np.ndarray] | None,
+    background: BackgroundSample | None,
+    storage_options: storage.StorageOptions | None,
+) -> tuple[int, np.ndarray | None]:
+    """Add embedding shard ``shard``'s vectors (whitened with ``params``) to ``index``, ADD_BATCH at a time,
+    with packed (shard, row) ids; write its whitening norms ((n, stages) float32) with ``params`` and its
+    region densities ((n,) float32) with ``background``. Returns (n, the densities or None)."""
+    xb = storage.load_npy(layout.emb_url(out, shard), storage_options, mmap=True)
+    n = xb.shape[0]
+    norms, density = [], []
+    for start in range(0, n, ADD_BATCH):
+        chunk = np.ascontiguousarray(xb[start : start + ADD_BATCH], dtype=np.float32)
+        if params is not None:
+            chunk, chunk_norms = whiten_with_norms(params, chunk)
+            norms.append(chunk_norms)
+        ids = layout.pack_ids(shard, np.arange(start, start + chunk.shape[0]))
+        index.add_with_ids(chunk, ids)
+        if background is not None:
+            density.append(background.bias(chunk, ids[:, None])[:, 0])  # the vector's own image left out
+    if params is not None:
+        stages = 2 if "proj2" in params else 1
+        table = np.concatenate(norms) if norms else np.zeros((0, stages), np.float32)
+        storage.save_npy(layout.norms_url(out, factory, shard), table, storage_options)
+    if background is None:
+        return int(n), None
+    values = np.concatenate(density) if density else np.zeros(0, np.float32)
+    storage.save_npy(layout.density_url(out, factory, shard), values, storage_options)
+    return int(n), values
 
 
 # The region density of a region vector is the mean cosine (in the index's space) of its DENSITY_RANKS

@@ -16,6 +16,7 @@ Rules (faiss wiki "Guidelines to choose an index", autofaiss), measured against 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -165,46 +166,44 @@ def plan_index(
     if shard_memory_bytes < 0:
         raise CopyscanError("shard_memory_bytes must be >= 0 (0 = no bound)")
     if factory != "auto":
-        return _plan_from_factory(
-            factory, counts, dim, nprobe, max_shard_vectors, shard_memory_bytes, recall_target
-        )
-    if n < flat_threshold:
-        groups = _groups(counts, max_shard_vectors, shard_memory_bytes, 0, dim, dim * 4 + ID_BYTES, False)
-        return IndexPlan(
-            "IDMap,Flat",
-            0,
-            0,
-            0,
-            0,
-            0,
-            dim * 4,
-            groups,
-            0,
-            False,
-            _shard_bytes(groups, counts, 0, dim, dim * 4, False),
-        )
+        plan = _plan_from_factory(factory, n, dim, nprobe, recall_target)
+    elif n < flat_threshold:
+        plan = IndexPlan("IDMap,Flat", 0, 0, 0, 0, 0, dim * 4)
+    else:
+        plan = _plan_ivf_pq(n, dim, max_code_bytes, nprobe, recall_target, whitened)
+    return _with_shards(plan, counts, dim, max_shard_vectors, shard_memory_bytes)
+
+
+def _plan_ivf_pq(
+    n: int, dim: int, max_code_bytes: int, nprobe: int, recall_target: float, whitened: bool
+) -> IndexPlan:
+    """The IVF-PQ index for ``n`` vectors (the rules of the module docstring), without its index shards."""
     nlist = choose_nlist(n)
     m = choose_pq_m(dim, max_code_bytes)
     bits = 8 if n >= 256 * MIN_POINTS_PER_CENTROID else 4
-    train_size = _train_size(n, nlist, bits)
     probe, candidates = search_settings(nlist, recall_target)
     opq = not whitened and m < dim
-    code = math.ceil(m * bits / 8)
-    groups = _groups(counts, max_shard_vectors, shard_memory_bytes, nlist, dim, code + ID_BYTES, opq)
     bits_part = "" if bits == 8 else f"x{bits}"
     return IndexPlan(
         f"{f'OPQ{m},' if opq else ''}IVF{nlist},PQ{m}{bits_part}np",
         nlist,
         m,
         bits,
-        train_size,
+        _train_size(n, nlist, bits),
         nprobe or probe,
-        code,
-        groups,
-        candidates,
-        opq,
-        _shard_bytes(groups, counts, nlist, dim, code, opq),
+        math.ceil(m * bits / 8),
+        candidates=candidates,
+        opq=opq,
     )
+
+
+def _with_shards(
+    plan: IndexPlan, counts: Mapping[int, int], dim: int, max_shard_vectors: int, shard_memory_bytes: int
+) -> IndexPlan:
+    """``plan`` with its index shards (groups of embedding shards within the limits) and their memory."""
+    groups = _groups(counts, max_shard_vectors, shard_memory_bytes, plan.nlist, dim, plan.ann_bytes, plan.opq)
+    shard_bytes = _shard_bytes(groups, counts, plan.nlist, dim, plan.code_bytes, plan.opq)
+    return dataclasses.replace(plan, shard_groups=groups, shard_bytes=shard_bytes)
 
 
 def _train_size(n: int, nlist: int, bits: int) -> int:
@@ -246,18 +245,11 @@ def default_nprobe(nlist: int) -> int:
     return search_settings(nlist, 0.95)[0]
 
 
-def _plan_from_factory(
-    factory: str,
-    counts: Mapping[int, int],
-    dim: int,
-    nprobe: int,
-    max_shard_vectors: int,
-    shard_memory_bytes: int,
-    recall_target: float,
-) -> IndexPlan:
+def _plan_from_factory(factory: str, n: int, dim: int, nprobe: int, recall_target: float) -> IndexPlan:
+    """The plan of an index_factory string given by the user, checked against ``n`` and ``dim``, without
+    its index shards."""
     import re
 
-    n = sum(counts.values())
     ivf = re.search(r"IVF(\d+)", factory)
     pq = re.search(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?(np)?", factory)  # not OPQ's "PQ"
     opq = re.search(r"(?<![A-Za-z])OPQ(\d+)", factory) is not None
@@ -275,17 +267,6 @@ def _plan_from_factory(
     if nlist == 0 and not factory.startswith("IDMap"):
         factory = f"IDMap,{factory}"
     probe, candidates = search_settings(nlist, recall_target) if nlist else (0, 0)
-    groups = _groups(counts, max_shard_vectors, shard_memory_bytes, nlist, dim, code + ID_BYTES, opq)
     return IndexPlan(
-        factory,
-        nlist,
-        m,
-        bits,
-        train_size,
-        nprobe or probe,
-        code,
-        groups,
-        candidates,
-        opq,
-        _shard_bytes(groups, counts, nlist, dim, code, opq),
+        factory, nlist, m, bits, train_size, nprobe or probe, code, candidates=candidates, opq=opq
     )

@@ -148,6 +148,67 @@ def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
     return record
 
 
+class _BatchBuilder:
+    """The batch ``decode_samples`` is filling: accepted images, rejections and augmented copies."""
+
+    def __init__(self, image_size: int | None, with_regions: bool) -> None:
+        # the shape of an empty batch's pixels: the last accepted image's, else the embedder's input size
+        self.shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
+        self.with_regions = with_regions
+        self._clear()
+
+    def _clear(self) -> None:
+        self.pixels: list[np.ndarray] = []
+        self.region_pixels: list[np.ndarray] = []
+        self.records: list[dict[str, Any]] = []
+        self.rejections: list[dict[str, Any]] = []
+        self.pair_pixels: list[np.ndarray] = []
+        self.pair_rows: list[int] = []
+        self.pair_errors: list[dict[str, Any]] = []
+
+    def reject(self, key: str, reason: str, detail: str) -> None:
+        self.rejections.append({"key": key, "reason": reason, "detail": detail})
+
+    def accept(self, array: np.ndarray, region_array: np.ndarray | None, record: dict[str, Any]) -> None:
+        if array.dtype != np.uint8 or array.ndim != 3:
+            raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")
+        self.shape = array.shape
+        self.pixels.append(array)
+        if region_array is not None:
+            self.region_pixels.append(region_array)
+        self.records.append(record)
+
+    def add_copies(
+        self, img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: str, row: int
+    ) -> None:
+        """``pairs.copies`` augmented copies of accepted image ``row``; a failure is noted, not raised."""
+        try:
+            copies = _augmented(img, preprocess, pairs, key)
+        except Exception as exc:  # an odd image the augmentation cannot handle: index it, note it
+            self.pair_errors.append({"key": key, "detail": f"{type(exc).__name__}: {exc}"})
+        else:
+            self.pair_pixels.extend(copies)
+            self.pair_rows.extend([row] * pairs.copies)
+
+    def has_content(self) -> bool:
+        return bool(self.pixels or self.rejections or self.pair_errors)
+
+    def flush(self) -> DecodedBatch:
+        """The batch so far; the builder starts a new one."""
+        if self.pixels:
+            stacked = stack_pixels(self.pixels)
+        else:
+            stacked = np.zeros((0, *(self.shape or (3, 0, 0))), dtype=np.uint8)
+        batch = DecodedBatch(stacked, self.records, self.rejections, pair_errors=self.pair_errors)
+        if self.pair_pixels:
+            batch.pair_pixels = stack_pixels(self.pair_pixels)
+            batch.pair_rows = np.asarray(self.pair_rows, dtype=np.int64)
+        if self.with_regions:
+            batch.region_pixels = np.stack(self.region_pixels) if self.region_pixels else None
+        self._clear()
+        return batch
+
+
 def decode_samples(
     samples: Iterable[Sample],
     preprocess: Preprocess,
@@ -164,72 +225,48 @@ def decode_samples(
     augmented copies of the source's first ``pairs.images`` accepted images; with ``region_preprocess``,
     every accepted image preprocessed by it too (``region_pixels``).
     """
-    pixels: list[np.ndarray] = []
-    region_pixels: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    rejections: list[dict[str, Any]] = []
-    pair_pixels: list[np.ndarray] = []
-    pair_rows: list[int] = []
-    pair_errors: list[dict[str, Any]] = []
+    batch = _BatchBuilder(image_size, region_preprocess is not None)
     accepted = 0
-    shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
-
-    def flush() -> DecodedBatch:
-        nonlocal pixels, records, rejections, pair_pixels, pair_rows, pair_errors, region_pixels
-        if pixels:
-            stacked = stack_pixels(pixels)
-        else:
-            stacked = np.zeros((0, *(shape or (3, 0, 0))), dtype=np.uint8)
-        batch = DecodedBatch(stacked, records, rejections, pair_errors=pair_errors)
-        if pair_pixels:
-            batch.pair_pixels = stack_pixels(pair_pixels)
-            batch.pair_rows = np.asarray(pair_rows, dtype=np.int64)
-        if region_preprocess is not None:
-            batch.region_pixels = np.stack(region_pixels) if region_pixels else None
-        pixels, records, rejections, pair_pixels, pair_rows, pair_errors = [], [], [], [], [], []
-        region_pixels = []
-        return batch
-
     for sample in samples:
         if sample.image is None:
-            if sample.problem is not None:
-                reason, _, detail = sample.problem.partition(": ")
-                rejections.append({"key": sample.key, "reason": reason, "detail": detail or sample.problem})
-            else:
-                rejections.append({"key": sample.key, "reason": MISSING_IMAGE, "detail": "no image member"})
+            batch.reject(sample.key, *_missing_image(sample))
             continue
         try:
-            img = decode_image(sample.image, limits)
-            array = preprocess(img)
-            region_array = region_preprocess(img) if region_preprocess is not None else None
+            img, array, region_array = _decode_sample(sample.image, limits, preprocess, region_preprocess)
         except Rejected as rej:
-            rejections.append({"key": sample.key, "reason": rej.reason, "detail": rej.detail})
+            batch.reject(sample.key, rej.reason, rej.detail)
             continue
-        except Exception as exc:  # a preprocessing failure on a legal but odd image (e.g. mode "I;16")
-            rejections.append(
-                {"key": sample.key, "reason": DECODE_ERROR, "detail": f"{type(exc).__name__}: {exc}"}
-            )
-            continue
-        if array.dtype != np.uint8 or array.ndim != 3:
-            raise TypeError(f"preprocess must return (3, S, S) uint8, got {array.dtype} {array.shape}")
-        shape = array.shape
-        pixels.append(array)
-        if region_array is not None:
-            region_pixels.append(region_array)
-        records.append(_record(sample, img))
+        batch.accept(array, region_array, _record(sample, img))
         if pairs is not None and accepted < pairs.images:
-            try:
-                copies = _augmented(img, preprocess, pairs, sample.key)
-            except Exception as exc:  # an odd image the augmentation cannot handle: index it, note it
-                pair_errors.append({"key": sample.key, "detail": f"{type(exc).__name__}: {exc}"})
-            else:
-                pair_pixels.extend(copies)
-                pair_rows.extend([accepted] * pairs.copies)
+            batch.add_copies(img, preprocess, pairs, sample.key, accepted)
         accepted += 1
-        if len(pixels) >= batch_size:
-            yield flush()
-    if pixels or rejections or pair_errors:
-        yield flush()
+        if len(batch.pixels) >= batch_size:
+            yield batch.flush()
+    if batch.has_content():
+        yield batch.flush()
+
+
+def _missing_image(sample: Sample) -> tuple[str, str]:
+    """(reason, detail) of a sample without an image: the reader's problem, or no image member."""
+    if sample.problem is not None:
+        reason, _, detail = sample.problem.partition(": ")
+        return reason, detail or sample.problem
+    return MISSING_IMAGE, "no image member"
+
+
+def _decode_sample(
+    data: bytes, limits: DecodeLimits, preprocess: Preprocess, region_preprocess: Preprocess | None
+) -> tuple[Image.Image, np.ndarray, np.ndarray | None]:
+    """(image, its pixels, its region pixels or None); raise Rejected with the reason it cannot be used."""
+    try:
+        img = decode_image(data, limits)
+        array = preprocess(img)
+        region_array = region_preprocess(img) if region_preprocess is not None else None
+    except Rejected:
+        raise
+    except Exception as exc:  # a preprocessing failure on a legal but odd image (e.g. mode "I;16")
+        raise Rejected(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+    return img, array, region_array
 
 
 def stack_pixels(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

@@ -9,6 +9,7 @@ writes the shard's outputs and finally its stats marker. Several calls run concu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -108,18 +109,17 @@ class EmbedWorker:
 
     def embed_shard(
         self,
+        out: str,
         shard: int,
         url: str,
-        out: str,
         batch_size: int,
         limits: DecodeLimits,
         pairs: PairSpec | None = None,
         regions: RegionSpec | None = None,
     ) -> dict[str, Any]:
-        """Embed one shard (and, with ``pairs``, augmented copies of its first images; with ``regions``, its
-        region vectors) and write its outputs."""
-        import time
-
+        """Embed tar shard ``url`` (and, with ``pairs``, augmented copies of its first images; with
+        ``regions``, its region vectors) and write its outputs as shard ``shard`` of ``out``; return its
+        stats. The arguments of ``indexing.embed.stage.embed_shard``, less the embedder (this actor's)."""
         t0 = time.perf_counter()
         result = self._embed(("tar", url), batch_size, limits, pairs, regions)
         return write_shard_outputs(

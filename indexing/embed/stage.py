@@ -58,8 +58,30 @@ class EmbeddedSource:
     # ``aligned`` boxes (the region index's own, for the split product): (n, R', d)
     x_aligned: np.ndarray | None = None
     # the pixels the windows were cut from (n, 3, S, S) uint8, when asked for (``keep_pixels``: a scan that
-    # crops the query again where region matching located a training image, search/regions/local.py)
+    # crops the query again where region matching located a training image, search/regions/windows.py)
     region_pixels: np.ndarray | None = None
+
+
+@dataclass
+class _Parts:
+    """What ``embed_batches`` collects batch by batch, concatenated once at the end (``_finish``)."""
+
+    xb: list[np.ndarray] = field(default_factory=list)  # (b, d) float32 per batch
+    regions: list[np.ndarray] = field(default_factory=list)  # (b, R, d) float32
+    aligned: list[np.ndarray] = field(default_factory=list)  # (b, R', d) float32
+    pixels: list[np.ndarray] = field(default_factory=list)  # (b, 3, S, S) uint8 (keep_pixels)
+    x_pair: list[np.ndarray] = field(default_factory=list)  # (m, d) float32
+    pair_rows: list[np.ndarray] = field(default_factory=list)  # (m,) int64
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    pair_errors: list[dict[str, Any]] = field(default_factory=list)
+    embed_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+    def add_bookkeeping(self, batch: DecodedBatch) -> None:
+        self.records.extend(batch.records)
+        self.rejections.extend(batch.rejections)
+        self.pair_errors.extend(batch.pair_errors)
 
 
 def embed_batches(
@@ -76,85 +98,115 @@ def embed_batches(
     ``region_pixels`` (mode "crop"). ``aligned`` (queries of a split-product scan: the region index's boxes
     made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
     ``keep_pixels`` (mode "crop") keeps the batches' ``region_pixels`` in the result.
+    ``decode_seconds`` is the time spent waiting for the next batch, ``embed_seconds`` the time in the model.
     """
-    pixel_parts: list[np.ndarray] = []
-    aligned_parts: list[np.ndarray] = []
-    parts: list[np.ndarray] = []
-    region_parts: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    rejections: list[dict[str, Any]] = []
-    pair_parts: list[np.ndarray] = []
-    pair_rows: list[np.ndarray] = []
-    pair_errors: list[dict[str, Any]] = []
-    embed_seconds = 0.0
-    wait_seconds = 0.0
+    if keep_pixels and (regions is None or regions.mode != "crop"):
+        raise ValueError("keep_pixels keeps the pixels of cropped regions (a RegionSpec in mode 'crop')")
+    parts = _Parts()
     t_wait = time.perf_counter()
     for batch in batches:
-        wait_seconds += time.perf_counter() - t_wait
+        parts.wait_seconds += time.perf_counter() - t_wait
         t0 = time.perf_counter()
-        if regions is not None and regions.mode == "pool":
-            if len(batch.pixels):
-                boxed = embedder.embed_boxes(batch.pixels, regions.boxes)
-                parts.append(np.ascontiguousarray(boxed[:, 0]))
-                region_parts.append(boxed)
-            if batch.pair_pixels is not None and len(batch.pair_pixels):
-                pair_parts.append(embedder.embed(batch.pair_pixels))
-                pair_rows.append(batch.pair_rows)
-        else:
-            if len(batch.pixels):
-                parts.append(embedder.embed(batch.pixels))
-            if batch.pair_pixels is not None and len(batch.pair_pixels):
-                pair_parts.append(embedder.embed(batch.pair_pixels))
-                pair_rows.append(batch.pair_rows)
-            if regions is not None and len(batch.pixels):
-                if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
-                    raise ValueError("cropped regions need the decode step's region_pixels")
-                region_parts.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
-                if keep_pixels:
-                    pixel_parts.append(batch.region_pixels)
-        if aligned is not None and len(batch.pixels):
-            if aligned.mode == "pool":
-                aligned_parts.append(embedder.embed_boxes(batch.pixels, aligned.boxes))
-            elif batch.region_pixels is None or batch.region_pixels.shape[-1] != aligned.size:
-                raise ValueError("cropped aligned boxes need region_pixels at their size")
-            else:
-                aligned_parts.append(embedder.embed_crops(batch.region_pixels, aligned.boxes))
-        embed_seconds += time.perf_counter() - t0
-        records.extend(batch.records)
-        rejections.extend(batch.rejections)
-        pair_errors.extend(batch.pair_errors)
+        _embed_batch(batch, embedder, regions, aligned, keep_pixels, parts)
+        parts.embed_seconds += time.perf_counter() - t0
+        parts.add_bookkeeping(batch)
         t_wait = time.perf_counter()
-    xb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
+    return _finish(parts, embedder.dim, regions, aligned, keep_pixels)
+
+
+def _embed_batch(
+    batch: DecodedBatch,
+    embedder: Embedder,
+    regions: RegionSpec | None,
+    aligned: RegionSpec | None,
+    keep_pixels: bool,
+    parts: _Parts,
+) -> None:
+    """One batch's global, pair, region and aligned vectors, appended to ``parts``."""
+    if regions is not None and regions.mode == "pool":
+        _embed_pooled(batch, embedder, regions, parts)
+        _embed_pairs(batch, embedder, parts)
+    else:
+        if len(batch.pixels):
+            parts.xb.append(embedder.embed(batch.pixels))
+        _embed_pairs(batch, embedder, parts)
+        if regions is not None:
+            _embed_cropped(batch, embedder, regions, keep_pixels, parts)
+    if aligned is not None:
+        _embed_aligned(batch, embedder, aligned, parts)
+
+
+def _embed_pooled(batch: DecodedBatch, embedder: Embedder, regions: RegionSpec, parts: _Parts) -> None:
+    """Mode "pool": every box from one pass; box 0 (the whole image) is the global vector."""
+    if len(batch.pixels):
+        boxed = embedder.embed_boxes(batch.pixels, regions.boxes)  # (b, R, d)
+        parts.xb.append(np.ascontiguousarray(boxed[:, 0]))
+        parts.regions.append(boxed)
+
+
+def _embed_cropped(
+    batch: DecodedBatch, embedder: Embedder, regions: RegionSpec, keep_pixels: bool, parts: _Parts
+) -> None:
+    """Mode "crop": every box cut from the batch's ``region_pixels`` and embedded on its own."""
+    if not len(batch.pixels):
+        return
+    if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
+        raise ValueError("cropped regions need the decode step's region_pixels")
+    parts.regions.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
+    if keep_pixels:
+        parts.pixels.append(batch.region_pixels)
+
+
+def _embed_pairs(batch: DecodedBatch, embedder: Embedder, parts: _Parts) -> None:
+    """The augmented copies of the batch (learned whitening), with the rows they copy."""
+    if batch.pair_pixels is not None and len(batch.pair_pixels):
+        parts.x_pair.append(embedder.embed(batch.pair_pixels))
+        parts.pair_rows.append(batch.pair_rows)
+
+
+def _embed_aligned(batch: DecodedBatch, embedder: Embedder, aligned: RegionSpec, parts: _Parts) -> None:
+    """The region index's own boxes, pooled or cropped like the index made them."""
+    if not len(batch.pixels):
+        return
+    if aligned.mode == "pool":
+        parts.aligned.append(embedder.embed_boxes(batch.pixels, aligned.boxes))
+    elif batch.region_pixels is None or batch.region_pixels.shape[-1] != aligned.size:
+        raise ValueError("cropped aligned boxes need region_pixels at their size")
+    else:
+        parts.aligned.append(embedder.embed_crops(batch.region_pixels, aligned.boxes))
+
+
+def _concat(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """The arrays concatenated along axis 0, or an empty array of ``empty_shape`` when there are none."""
+    return np.concatenate(arrays) if arrays else np.zeros(empty_shape, dtype)
+
+
+def _finish(
+    parts: _Parts,
+    dim: int,
+    regions: RegionSpec | None,
+    aligned: RegionSpec | None,
+    keep_pixels: bool,
+) -> EmbeddedSource:
+    """The collected parts as one EmbeddedSource; empty arrays of the right shapes where nothing came."""
+    xb = _concat(parts.xb, (0, dim), np.float32)
     result = EmbeddedSource(
         xb,
-        records,
-        rejections,
-        decode_seconds=wait_seconds,
-        embed_seconds=embed_seconds,
-        pair_errors=pair_errors,
+        parts.records,
+        parts.rejections,
+        decode_seconds=parts.wait_seconds,
+        embed_seconds=parts.embed_seconds,
+        pair_errors=parts.pair_errors,
     )
-    if pair_parts:
-        result.x_pair = np.concatenate(pair_parts)
-        result.pair_rows = np.concatenate(pair_rows)
+    if parts.x_pair:
+        result.x_pair = np.concatenate(parts.x_pair)
+        result.pair_rows = np.concatenate(parts.pair_rows)
     if aligned is not None:
-        result.x_aligned = (
-            np.concatenate(aligned_parts)
-            if aligned_parts
-            else np.zeros((0, len(aligned.boxes), xb.shape[1]), np.float32)
-        )
+        result.x_aligned = _concat(parts.aligned, (0, len(aligned.boxes), xb.shape[1]), np.float32)
     if keep_pixels:
-        if regions is None or regions.mode != "crop":
-            raise ValueError("keep_pixels keeps the pixels of cropped regions (a RegionSpec in mode 'crop')")
-        result.region_pixels = (
-            np.concatenate(pixel_parts)
-            if pixel_parts
-            else np.zeros((0, 3, regions.size, regions.size), np.uint8)
-        )
+        result.region_pixels = _concat(parts.pixels, (0, 3, regions.size, regions.size), np.uint8)
     if regions is not None:
-        n_boxes = len(regions.boxes)
-        result.x_regions = (
-            np.concatenate(region_parts) if region_parts else np.zeros((0, n_boxes, xb.shape[1]), np.float32)
-        )
+        result.x_regions = _concat(parts.regions, (0, len(regions.boxes), xb.shape[1]), np.float32)
     return result
 
 
@@ -187,26 +239,39 @@ def write_shard_outputs(
     storage_options: storage.StorageOptions | None = None,
     extra_stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write vectors (float16), metadata, then the stats marker, and return the stats."""
+    """Write vectors (float16), metadata, pairs and region vectors, then the stats marker; return the stats."""
     n = len(result.records)
     if result.xb.shape[0] != n:
         raise ValueError(f"{result.xb.shape[0]} vectors for {n} records")
     t0 = time.perf_counter()
     storage.save_npy(layout.emb_url(out, shard), result.xb.astype(np.float16), storage_options)
     storage.write_parquet(layout.metadata_url(out, shard), metadata_table(result.records), storage_options)
-    pairs = 0 if result.x_pair is None else len(result.x_pair)
-    if pairs:
-        storage.save_npz(
-            layout.pairs_url(out, shard),
-            storage_options,
-            rows=result.pair_rows.astype(np.int32),
-            x=result.x_pair.astype(np.float16),
-        )
+    pairs = _write_pairs(out, shard, result, storage_options)
     region_stats = (
         _write_regions(out, shard, result, storage_options) if result.x_regions is not None else None
     )
+    stats = _shard_stats(shard, source_url, result, embedder_fingerprint, pairs, region_stats)
+    stats["seconds"]["write"] = round(time.perf_counter() - t0, 3)
+    stats["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if extra_stats:
+        stats.update(extra_stats)
+    # The marker goes last: its presence means every other output of the shard is complete.
+    storage.write_json(layout.stats_url(out, shard), stats, storage_options)
+    return stats
+
+
+def _shard_stats(
+    shard: int,
+    source_url: str,
+    result: EmbeddedSource,
+    embedder_fingerprint: str,
+    pairs: int,
+    region_stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A shard's stats marker, less the write time and ``finished_at`` (``write_shard_outputs`` adds them)."""
+    n = len(result.records)
     first_id = int(layout.pack_ids(shard, np.zeros(1, dtype=np.int64))[0])
-    stats: dict[str, Any] = {
+    return {
         "shard": shard,
         "source": source_url,
         "count": n,
@@ -225,15 +290,23 @@ def write_shard_outputs(
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),
             "embed": round(result.embed_seconds, 3),
-            "write": round(time.perf_counter() - t0, 3),
         },
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if extra_stats:
-        stats.update(extra_stats)
-    # The marker goes last: its presence means every other output of the shard is complete.
-    storage.write_json(layout.stats_url(out, shard), stats, storage_options)
-    return stats
+
+
+def _write_pairs(
+    out: str, shard: int, result: EmbeddedSource, storage_options: storage.StorageOptions | None
+) -> int:
+    """The augmented copies' vectors ((m, d) float16) and rows ((m,) int32), if any; returns m."""
+    pairs = 0 if result.x_pair is None else len(result.x_pair)
+    if pairs:
+        storage.save_npz(
+            layout.pairs_url(out, shard),
+            storage_options,
+            rows=result.pair_rows.astype(np.int32),
+            x=result.x_pair.astype(np.float16),
+        )
+    return pairs
 
 
 def _write_regions(
@@ -272,17 +345,21 @@ def finished_shards(
 
 
 def embed_shard(
-    url: str,
-    shard: int,
     out: str,
+    shard: int,
+    url: str,
     embedder: Embedder,
     batch_size: int = 64,
     limits: DecodeLimits = DecodeLimits(),
-    storage_options: storage.StorageOptions | None = None,
     pairs: PairSpec | None = None,
     regions: RegionSpec | None = None,
+    storage_options: storage.StorageOptions | None = None,
 ) -> dict[str, Any]:
-    """Embed one tar shard in this process and write its outputs. Returns its stats."""
+    """Embed tar shard ``url`` in this process and write its outputs as shard ``shard`` of ``out``.
+
+    Returns its stats. The arguments are those of ``EmbedWorker.embed_shard`` (its Ray twin, whose actor
+    holds the embedder), in the order of ``write_shard_outputs``.
+    """
     t0 = time.perf_counter()
     region_spec = regions.preprocess_spec(embedder.spec["preprocess"]) if regions is not None else None
     batches = decode_samples(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -119,6 +119,7 @@ def resolve(cls: type[C], *layers: Mapping[str, Any]) -> C:
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """``value`` (from YAML, or a raw command-line string) as field ``name`` of type ``hint`` wants it."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if isinstance(value, _Raw):
@@ -127,17 +128,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return str(value)
         value = _parse_raw(value, name)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        last: CopyscanError | None = None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, name)
-            except CopyscanError as exc:
-                last = exc
-        raise last or CopyscanError(f"{name}: bad value {value!r}")
+        return _coerce_union(value, args, name)
     if hint is Any:
         return value
     if origin in (dict, Mapping) or hint is dict:
@@ -151,31 +142,64 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise CopyscanError(f"{name} must be a list, got {value!r}")
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, name) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise CopyscanError(f"{name} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise CopyscanError(f"{name} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise CopyscanError(f"{name} must be an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise CopyscanError(f"{name} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise CopyscanError(f"{name} must be a number, got {value!r}") from None
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise CopyscanError(f"{name} must be a string, got {value!r}")
-        return str(value)
+    if hint in (bool, int, float, str):
+        return _SCALARS[hint](value, name)
     return value
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], name: str) -> Any:
+    """The first of the union's types ``args`` that takes ``value``; None where the union allows it."""
+    if value is None and type(None) in args:
+        return None
+    last: CopyscanError | None = None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, name)
+        except CopyscanError as exc:
+            last = exc
+    raise last or CopyscanError(f"{name}: bad value {value!r}")
+
+
+def _to_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise CopyscanError(f"{name} must be true or false, got {value!r}")
+
+
+def _to_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise CopyscanError(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise CopyscanError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _to_float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise CopyscanError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CopyscanError(f"{name} must be a number, got {value!r}") from None
+
+
+def _to_str(value: Any, name: str) -> str:
+    if isinstance(value, (dict, list)):
+        raise CopyscanError(f"{name} must be a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS: dict[type, Callable[[Any, str], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

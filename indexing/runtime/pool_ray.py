@@ -51,59 +51,79 @@ def run_pool(
     outcome: PoolOutcome[T] = PoolOutcome()
     if not items:
         return outcome
-    num_actors = max(1, min(num_actors, len(items)))
-    actors = [make_actor() for _ in range(num_actors)]
-    pending = list(range(len(items)))[::-1]  # a stack; pop() takes items in order
-    attempts = [0] * len(items)
-    in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (item index, actor slot)
-    load = [0] * num_actors
-
-    def fill() -> None:
-        for slot in range(num_actors):
-            while load[slot] < per_actor and pending:
-                index = pending.pop()
-                attempts[index] += 1
-                ref = submit(actors[slot], items[index])
-                in_flight[ref] = (index, slot)
-                load[slot] += 1
-
-    fill()
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        ref = ready[0]
-        index, slot = in_flight.pop(ref)
-        load[slot] -= 1
+    pool = _ActorPool(make_actor, max(1, min(num_actors, len(items))), items, submit, per_actor)
+    pool.fill()
+    while pool.in_flight:
+        ref, index, slot = pool.wait_one()
         item = items[index]
         try:
             result = ray.get(ref)
         except RayActorError as exc:
             logger.warning("actor for %s died (%s); replacing it", describe(item), type(exc).__name__)
-            _replace_actor(actors, slot, make_actor, in_flight, load, pending)
-            _retry_or_fail(index, item, exc, attempts, retries, pending, outcome, describe)
+            pool.replace_actor(slot)
+            _retry_or_fail(index, item, exc, pool.attempts, retries, pool.pending, outcome, describe)
         except (RayTaskError, GetTimeoutError, Exception) as exc:  # noqa: B014 - all task errors are retried
-            _retry_or_fail(index, item, exc, attempts, retries, pending, outcome, describe)
+            _retry_or_fail(index, item, exc, pool.attempts, retries, pool.pending, outcome, describe)
         else:
             if keep_results:
                 outcome.results.append((item, result))
             if on_result is not None:
                 if with_actor:
-                    on_result(item, result, actors[slot])
+                    on_result(item, result, pool.actors[slot])
                 else:
                     on_result(item, result)
-        fill()
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
+        pool.fill()
+    pool.close()
     return outcome
 
 
-def _replace_actor(actors, slot, make_actor, in_flight, load, pending) -> None:
-    # Calls still queued on the dead actor will fail too; requeue them now instead of waiting for errors.
-    for ref, (index, s) in list(in_flight.items()):
-        if s == slot:
-            in_flight.pop(ref)
-            pending.append(index)
-            load[slot] -= 1
-    actors[slot] = make_actor()
+class _ActorPool(Generic[T]):
+    """``run_pool``'s actors, each with at most ``per_actor`` calls in flight, and the items waiting."""
+
+    def __init__(
+        self,
+        make_actor: Callable[[], Any],
+        num_actors: int,
+        items: Sequence[T],
+        submit: Callable[[Any, T], ray.ObjectRef],
+        per_actor: int,
+    ) -> None:
+        self.make_actor, self.items, self.submit, self.per_actor = make_actor, items, submit, per_actor
+        self.actors = [make_actor() for _ in range(num_actors)]
+        self.pending = list(range(len(items)))[::-1]  # a stack; pop() takes items in order
+        self.attempts = [0] * len(items)
+        self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (item index, actor slot)
+        self.load = [0] * num_actors
+
+    def fill(self) -> None:
+        """Submit waiting items until every actor has ``per_actor`` calls in flight or none wait."""
+        for slot in range(len(self.actors)):
+            while self.load[slot] < self.per_actor and self.pending:
+                index = self.pending.pop()
+                self.attempts[index] += 1
+                ref = self.submit(self.actors[slot], self.items[index])
+                self.in_flight[ref] = (index, slot)
+                self.load[slot] += 1
+
+    def wait_one(self) -> tuple[ray.ObjectRef, int, int]:
+        """(a finished call's ref, its item index, its actor slot), once one has finished."""
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+        index, slot = self.in_flight.pop(ready[0])
+        self.load[slot] -= 1
+        return ready[0], index, slot
+
+    def replace_actor(self, slot: int) -> None:
+        # Calls still queued on the dead actor will fail too; requeue them now instead of waiting for errors.
+        for ref, (index, s) in list(self.in_flight.items()):
+            if s == slot:
+                self.in_flight.pop(ref)
+                self.pending.append(index)
+                self.load[slot] -= 1
+        self.actors[slot] = self.make_actor()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
 
 
 def _retry_or_fail(index, item, exc, attempts, retries, pending, outcome, describe) -> None:

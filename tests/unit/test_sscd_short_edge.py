@@ -244,7 +244,7 @@ def test_embed_shard_end_to_end(tmp_path, weights):
             tar.addfile(info, io.BytesIO(data))
 
     out = str(tmp_path / "out")
-    stats = embed_shard(str(shard), 0, out, embedder, batch_size=3)
+    stats = embed_shard(out, 0, str(shard), embedder, batch_size=3)
     assert stats["count"] == 7 and stats["rejected_by_reason"] == {"not_an_image": 1}
     assert stats["embedder_fingerprint"] == embedder.fingerprint
     xb = storage.load_npy(layout.emb_url(out, 0)).astype(np.float32)  # stored as float16
@@ -254,7 +254,7 @@ def test_embed_shard_end_to_end(tmp_path, weights):
 
     # regions are cut from fixed-size images: refused before anything is decoded
     with pytest.raises(CopyscanError, match="resize=short_edge"):
-        embed_shard(str(shard), 1, out, embedder, batch_size=3, regions=RegionSpec(((0, 0, 1, 1),)))
+        embed_shard(out, 1, str(shard), embedder, batch_size=3, regions=RegionSpec(((0, 0, 1, 1),)))
     assert RegionSpec(((0, 0, 1, 1),), mode="pool").preprocess_spec(embedder.spec["preprocess"]) is None
 
 
