@@ -1,6 +1,6 @@
 """Dense verification of partial-copy candidates: where, and how clearly, a training image sits in a generation.
 
-Region matching (``search.regions.local``) proposes, for each generation, its best training images by pooled
+Region matching (``search.regions``) proposes, for each generation, its best training images by pooled
 descriptors of windows. A pooled descriptor of a window that is only roughly on a pasted object is a weak
 cue, and the maximum over many windows favours wrong images as often as the right one. This stage checks
 each proposed image against the generation cell by cell instead:
@@ -57,7 +57,16 @@ from indexing.models.effnet import EfficientNetLite0, load_efficientnet_lite0
 from indexing.read.fetch import Fetched, fetch_images
 from indexing.store import storage
 from search.results.matches import with_columns
-from search.verify.matches import EXAMPLES_KEPT, count_reasons, error_example, pair_requests, query_groups
+from search.verify.matches import (
+    PairFailures,
+    Request,
+    count_reasons,
+    decode_all,
+    pair_requests,
+    query_groups,
+    seconds,
+    timed,
+)
 
 TAP = 10  # EfficientNet-Lite0 block 10: (112, H/16, W/16)
 STRIDE = 16
@@ -175,87 +184,129 @@ def verify_dense(
     generation), ``dense_errors`` ({reason: count}), ``dense_error_examples`` and ``dense_seconds``.
     """
     t0 = time.perf_counter()
-    n = table.num_rows
-    z = np.full(n, np.nan, dtype=np.float32)
-    boxes: list[list[float] | None] = [None] * n
-    errors: list[str | None] = [None] * n
     local_rank = np.asarray(table["local_rank"].to_numpy(zero_copy_only=False), dtype=np.float64)
     rows = np.nonzero(local_rank < spec.ranks)[0]  # NaN (found only globally) is never selected
-    examples: list[dict[str, Any]] = []
-    timings = {"fetch": 0.0, "features": 0.0}
-    no_fit = 0
+    run = _DenseRun(table.num_rows, spec)
     if len(rows):
-        matcher = matcher or DenseMatcher(spec)
-        train_req, query_req = pair_requests(table, rows, manifest, index_url)
-        with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
-            for group in query_groups(rows.tolist(), query_req, spec.fetch_pairs):
-                t = time.perf_counter()
-                wanted = sorted({*(train_req[r] for r in group), *(query_req[r] for r in group)}, key=str)
-                fetched = fetch_images(wanted, storage_options, spec.threads)
-                decoded = dict(
-                    zip(
-                        wanted,
-                        pool.map(lambda q, got=fetched: _decode(got[q], spec.limits), wanted),
-                        strict=True,
-                    )
-                )
-                del fetched
-                timings["fetch"] += time.perf_counter() - t
-                t = time.perf_counter()
-                templates: dict[Any, torch.Tensor] = {}
-                by_query: dict[Any, list[int]] = defaultdict(list)
-                for r in group:
-                    by_query[query_req[r]].append(r)
-                for qreq, pairs in by_query.items():
-                    qimg = decoded[qreq]
-                    pyramid = matcher.pyramid(qimg) if isinstance(qimg, Image.Image) else None
-                    for r in pairs:
-                        timg = decoded[train_req[r]]
-                        failed = ("query", qimg) if pyramid is None else ("train", timg)
-                        if isinstance(failed[1], tuple):
-                            errors[r] = f"{failed[0]}_{failed[1][0]}"
-                            if len(examples) < EXAMPLES_KEPT:
-                                examples.append(
-                                    error_example(train_req[r], query_req[r], errors[r], failed[1][1])
-                                )
-                            continue
-                        if train_req[r] not in templates:
-                            templates[train_req[r]] = matcher.template(timg)
-                        found = matcher.match(pyramid, templates[train_req[r]])
-                        if found is None:
-                            no_fit += 1
-                        else:
-                            z[r], boxes[r] = found
-                timings["features"] += time.perf_counter() - t
-                del decoded, templates
-    done = np.isfinite(z)
+        run.measure(table, rows, manifest, index_url, storage_options, matcher or DenseMatcher(spec))
+    done = np.isfinite(run.z)
     local_norm = np.asarray(table["local_score_norm"].to_numpy(zero_copy_only=False), dtype=np.float32)
-    score = local_norm + np.float32(spec.weight) * z
-    rank = np.full(n, -1, dtype=np.int32)
-    query_of = table["query_id"].to_pylist()
-    by_query_rows: dict[Any, list[int]] = defaultdict(list)
-    for r in np.nonzero(done)[0].tolist():
-        by_query_rows[query_of[r]].append(r)
-    for verified in by_query_rows.values():
-        order = sorted(verified, key=lambda r: (-float(z[r]), r))  # ties: the table's order
-        rank[order] = np.arange(len(order), dtype=np.int32)
+    score = local_norm + np.float32(spec.weight) * run.z
+    rank = _dense_ranks(table["query_id"].to_pylist(), run.z)
     table = with_columns(
         table,
         {
             "dense_rank": pa.array(rank, pa.int32(), mask=rank < 0),
-            "dense_z": pa.array(z, pa.float32(), mask=~done),
-            "dense_box": pa.array(boxes, pa.list_(pa.float32(), 4)),
+            "dense_z": pa.array(run.z, pa.float32(), mask=~done),
+            "dense_box": pa.array(run.boxes, pa.list_(pa.float32(), 4)),
             "dense_score": pa.array(score, pa.float32(), mask=~np.isfinite(score)),
-            "dense_error": pa.array(errors, pa.string()),
+            "dense_error": pa.array(run.failures.errors, pa.string()),
         },
     )
     stats = {
         "dense_pairs": len(rows),
         "dense_verified": int(done.sum()),
-        "dense_no_fit": no_fit,
-        "dense_errors": count_reasons(errors),
-        "dense_error_examples": examples,
-        "dense_seconds": {k: round(v, 3) for k, v in timings.items()}
-        | {"total": round(time.perf_counter() - t0, 3)},
+        "dense_no_fit": run.no_fit,
+        "dense_errors": count_reasons(run.failures.errors),
+        "dense_error_examples": run.failures.examples,
+        "dense_seconds": seconds(run.timings, t0),
     }
     return table, stats
+
+
+def _dense_ranks(query_ids: list[Any], z: np.ndarray) -> np.ndarray:
+    """(n,) int32 rank of each verified row (finite ``z``, (n,) float32) among its generation's (same
+    ``query_ids`` entry) by ``z``, 0 = highest; ties in the table's order; -1 where not verified."""
+    rank = np.full(len(z), -1, dtype=np.int32)
+    by_query: dict[Any, list[int]] = defaultdict(list)
+    for r in np.nonzero(np.isfinite(z))[0].tolist():
+        by_query[query_ids[r]].append(r)
+    for verified in by_query.values():
+        order = sorted(verified, key=lambda r: (-float(z[r]), r))
+        rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank
+
+
+class _DenseRun:
+    """The dense matching of one table's pairs: images fetched and decoded for a group of whole generations
+    at a time (``spec.fetch_pairs`` pairs at most), each generation's pyramid computed once for its candidates.
+
+    Fills, per row of the table: ``z`` ((n,) float32, NaN where not matched), ``boxes`` (x0, y0, x1, y1 or
+    None) and ``failures``; ``no_fit`` counts the pairs whose template fits no level."""
+
+    def __init__(self, n: int, spec: DenseSpec):
+        self.spec = spec
+        self.z = np.full(n, np.nan, dtype=np.float32)
+        self.boxes: list[list[float] | None] = [None] * n
+        self.failures = PairFailures.of(n)
+        self.timings = {"fetch": 0.0, "features": 0.0}
+        self.no_fit = 0
+        self.train_req: dict[int, Request] = {}
+        self.query_req: dict[int, Request] = {}
+
+    def measure(
+        self,
+        table: pa.Table,
+        rows: np.ndarray,
+        manifest: dict[str, Any],
+        index_url: str,
+        storage_options: storage.StorageOptions | None,
+        matcher: DenseMatcher,
+    ) -> None:
+        """Match the pairs of ``rows`` ((m,) int64 row numbers of ``table``)."""
+        self.train_req, self.query_req = pair_requests(table, rows, manifest, index_url)
+        with ThreadPoolExecutor(max_workers=max(1, self.spec.threads)) as pool:
+            for group in query_groups(rows.tolist(), self.query_req, self.spec.fetch_pairs):
+                with timed(self.timings, "fetch"):
+                    decoded = self._fetch(pool, group, storage_options)
+                with timed(self.timings, "features"):
+                    self._match_group(matcher, group, decoded)
+                del decoded  # before the next group is fetched
+
+    def _fetch(
+        self, pool: ThreadPoolExecutor, group: list[int], storage_options: storage.StorageOptions | None
+    ) -> dict[Request, Image.Image | tuple[str, str]]:
+        """The images of ``group`` (rows), fetched and decoded: {request: image, or (reason, detail)}."""
+        wanted = sorted({*(self.train_req[r] for r in group), *(self.query_req[r] for r in group)}, key=str)
+        fetched = fetch_images(wanted, storage_options, self.spec.threads)
+        return decode_all(pool, wanted, lambda req: _decode(fetched[req], self.spec.limits))
+
+    def _match_group(
+        self, matcher: DenseMatcher, group: list[int], decoded: dict[Request, Image.Image | tuple[str, str]]
+    ) -> None:
+        """Match the pairs of ``group``, generation by generation; a template is computed once per group."""
+        templates: dict[Request, torch.Tensor] = {}
+        by_query: dict[Request, list[int]] = defaultdict(list)
+        for r in group:
+            by_query[self.query_req[r]].append(r)
+        for query_req, pairs in by_query.items():
+            self._match_query(matcher, query_req, pairs, decoded, templates)
+
+    def _match_query(
+        self,
+        matcher: DenseMatcher,
+        query_req: Request,
+        pairs: list[int],
+        decoded: dict[Request, Image.Image | tuple[str, str]],
+        templates: dict[Request, torch.Tensor],
+    ) -> None:
+        """Match one generation's candidates ``pairs`` (rows) against its pyramid."""
+        query = decoded[query_req]
+        if not isinstance(query, Image.Image):
+            for r in pairs:
+                self.failures.add(r, f"query_{query[0]}", query[1], self.train_req[r], query_req)
+            return
+        pyramid = matcher.pyramid(query)
+        for r in pairs:
+            train_req = self.train_req[r]
+            train = decoded[train_req]
+            if not isinstance(train, Image.Image):
+                self.failures.add(r, f"train_{train[0]}", train[1], train_req, query_req)
+                continue
+            if train_req not in templates:
+                templates[train_req] = matcher.template(train)
+            found = matcher.match(pyramid, templates[train_req])
+            if found is None:
+                self.no_fit += 1
+            else:
+                self.z[r], self.boxes[r] = found

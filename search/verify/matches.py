@@ -18,21 +18,27 @@ compared are left out of the mean (counted in ``neighbour_failed``).
 Images are fetched for at most ``fetch_pairs`` pairs (whole queries) at a time and decoded ``batch`` pairs
 at a time in a thread pool (PIL's decode and torch's resize release the GIL), so memory stays bounded
 by those whatever the number of matches.
+
+The plumbing this shares with dense verification (``search.verify.dense``) lives here: the fetch requests of
+a table's pairs (``pair_requests``) cut into groups of whole queries (``query_groups``), their decoding in a
+thread pool (``decode_all``), the failures with their reasons and examples (``PairFailures``,
+``count_reasons``) and the phase timings of a chunk marker (``timed``, ``seconds``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from indexing.embed.decode import DecodeLimits
-from indexing.read.fetch import fetch_images, training_source
+from indexing.read.fetch import Fetched, fetch_images, training_source
 from indexing.store import storage
 from search.results.matches import with_columns
 from search.verify.pixel import (
@@ -53,6 +59,9 @@ VERIFY_FIELDS = (
     pa.field("density_l2", pa.float32()),
 )
 EXAMPLES_KEPT = 5  # failed pairs listed (with details) per chunk marker
+
+Request = tuple[str | None, str]  # an indexing.read.fetch request: (source, key); source None when unknown
+Decoded = TypeVar("Decoded")
 
 
 @dataclass(frozen=True)
@@ -126,91 +135,25 @@ def verify_matches(
     counts ``density_scored``, ``density_extracted`` (< 1), ``neighbour_pairs`` and ``neighbour_failed``.
     """
     t0 = time.perf_counter()
-    n = table.num_rows
-    l2 = np.full(n, np.nan, dtype=np.float32)
-    tiled = np.full(n, np.nan, dtype=np.float32)
-    errors: list[str | None] = [None] * n
     rank = np.asarray(table["rank"].to_numpy(zero_copy_only=False), dtype=np.float64)  # NaN: no global rank
     selected = rank < spec.ranks
     rows = np.nonzero(rank < max(spec.ranks, spec.neighbours))[0]  # selected, and density neighbours
-    stats: dict[str, Any] = {"verify_pairs": int(selected.sum())}
-    examples: list[dict[str, Any]] = []
-    timings = {"fetch": 0.0, "decode": 0.0, "distance": 0.0}
+    run = _PixelRun(table.num_rows, selected, spec)
     if len(rows):
-        train_req, query_req = pair_requests(table, rows, manifest, index_url)
-        with ThreadPoolExecutor(max_workers=max(1, spec.threads)) as pool:
-            for group in query_groups(rows.tolist(), query_req, spec.fetch_pairs):
-                t = time.perf_counter()
-                fetched = fetch_images(
-                    [*(train_req[r] for r in group), *(query_req[r] for r in group)],
-                    storage_options,
-                    spec.threads,
-                )
-                timings["fetch"] += time.perf_counter() - t
-                # pairs sharing an image sit in one batch, so it is decoded once: the training image, or
-                # with density neighbours (many training images per query) the generation
-                if spec.neighbours:
-                    ordered = sorted(group, key=lambda r: (str(query_req[r]), str(train_req[r]), r))
-                else:
-                    ordered = sorted(group, key=lambda r: (str(train_req[r][0]), train_req[r][1], r))
-                for start in range(0, len(ordered), spec.batch):
-                    batch = ordered[start : start + spec.batch]
-                    t = time.perf_counter()
-                    wanted = sorted({train_req[r] for r in batch} | {query_req[r] for r in batch}, key=str)
-                    decoded = dict(
-                        zip(
-                            wanted,
-                            pool.map(
-                                lambda q, got=fetched: decode_fetched(
-                                    got[q], spec.size, spec.fit, spec.limits
-                                ),
-                                wanted,
-                            ),
-                            strict=True,
-                        )
-                    )
-                    timings["decode"] += time.perf_counter() - t
-                    ok = []
-                    for r in batch:
-                        for side, req in (("train", train_req[r]), ("query", query_req[r])):
-                            result = decoded[req]
-                            if isinstance(result, tuple):
-                                if selected[r]:  # a density neighbour only: counted, not reported
-                                    errors[r] = f"{side}_{result[0]}"
-                                    if len(examples) < EXAMPLES_KEPT:
-                                        examples.append(
-                                            error_example(train_req[r], query_req[r], errors[r], result[1])
-                                        )
-                                break
-                        else:
-                            ok.append(r)
-                    if ok:
-                        t = time.perf_counter()
-                        a = np.stack([decoded[train_req[r]] for r in ok])
-                        b = np.stack([decoded[query_req[r]] for r in ok])
-                        l2[ok], tiled[ok] = pixel_distances(a, b, spec.tiles)
-                        timings["distance"] += time.perf_counter() - t
-                del fetched
-    done = np.isfinite(tiled) & selected
-    extracted = done & (tiled < spec.delta)
+        run.measure(table, rows, manifest, index_url, storage_options)
+    done = np.isfinite(run.tiled) & selected
+    extracted = done & (run.tiled < spec.delta)
     columns = {
-        "pixel_l2": pa.array(l2, pa.float32(), mask=~done),
-        "tiled_l2": pa.array(tiled, pa.float32(), mask=~done),
+        "pixel_l2": pa.array(run.l2, pa.float32(), mask=~done),
+        "tiled_l2": pa.array(run.tiled, pa.float32(), mask=~done),
         "extracted": pa.array(extracted, pa.bool_(), mask=~done),
-        "verify_error": pa.array(errors, pa.string()),
+        "verify_error": pa.array(run.failures.errors, pa.string()),
     }
+    stats: dict[str, Any] = {"verify_pairs": int(selected.sum())}
     if spec.neighbours:
-        density = _density(table, rank, l2, done, spec)
+        density = _density(table, rank, run.l2, done, spec)
         columns["density_l2"] = pa.array(density, pa.float32(), mask=np.isnan(density))
-        neighbours = rank < spec.neighbours
-        stats.update(
-            {
-                "density_scored": int(np.isfinite(density).sum()),
-                "density_extracted": int((density < 1).sum()),
-                "neighbour_pairs": int(neighbours.sum()),
-                "neighbour_failed": int((neighbours & ~np.isfinite(l2)).sum()),
-            }
-        )
+        stats.update(_density_counts(rank < spec.neighbours, run.l2, density))
     table = with_columns(table, columns)
     query_col = table["query_id"].to_numpy(zero_copy_only=False)
     stats.update(
@@ -218,18 +161,99 @@ def verify_matches(
             "verified": int(done.sum()),
             "extracted": int(extracted.sum()),
             "extracted_queries": len(set(query_col[extracted].tolist())),
-            "verify_errors": count_reasons(errors),
-            "verify_error_examples": examples,
-            "verify_seconds": {k: round(v, 3) for k, v in timings.items()}
-            | {"total": round(time.perf_counter() - t0, 3)},
+            "verify_errors": count_reasons(run.failures.errors),
+            "verify_error_examples": run.failures.examples,
+            "verify_seconds": seconds(run.timings, t0),
         }
     )
     return table, stats
 
 
+class _PixelRun:
+    """The pixel comparison of one table's pairs: images fetched for a group of whole queries at a time
+    (``spec.fetch_pairs`` pairs at most), decoded and compared ``spec.batch`` pairs at a time in a thread pool.
+
+    Fills, per row of the table: ``l2`` and ``tiled`` ((n,) float32, NaN where not measured) and
+    ``failures`` (why a selected pair could not be compared)."""
+
+    def __init__(self, n: int, selected: np.ndarray, spec: VerifySpec):
+        self.spec = spec
+        self.selected = selected  # (n,) bool: rows reported; the others are density neighbours only
+        self.l2 = np.full(n, np.nan, dtype=np.float32)
+        self.tiled = np.full(n, np.nan, dtype=np.float32)
+        self.failures = PairFailures.of(n)
+        self.timings = {"fetch": 0.0, "decode": 0.0, "distance": 0.0}
+        self.train_req: dict[int, Request] = {}
+        self.query_req: dict[int, Request] = {}
+
+    def measure(
+        self,
+        table: pa.Table,
+        rows: np.ndarray,
+        manifest: dict[str, Any],
+        index_url: str,
+        storage_options: storage.StorageOptions | None,
+    ) -> None:
+        """Compare the pairs of ``rows`` ((m,) int64 row numbers of ``table``)."""
+        self.train_req, self.query_req = pair_requests(table, rows, manifest, index_url)
+        with ThreadPoolExecutor(max_workers=max(1, self.spec.threads)) as pool:
+            for group in query_groups(rows.tolist(), self.query_req, self.spec.fetch_pairs):
+                self._group(pool, group, storage_options)
+
+    def _group(
+        self, pool: ThreadPoolExecutor, group: list[int], storage_options: storage.StorageOptions | None
+    ) -> None:
+        """Fetch the images of ``group`` (held until this returns), then compare them batch by batch."""
+        with timed(self.timings, "fetch"):
+            fetched = fetch_images(
+                [*(self.train_req[r] for r in group), *(self.query_req[r] for r in group)],
+                storage_options,
+                self.spec.threads,
+            )
+        ordered = self._decode_order(group)
+        for start in range(0, len(ordered), self.spec.batch):
+            self._batch(pool, fetched, ordered[start : start + self.spec.batch])
+
+    def _decode_order(self, group: list[int]) -> list[int]:
+        """``group`` ordered so that pairs sharing an image sit in one batch, where it is decoded once: by
+        training image, or with density neighbours (many training images per query) by generation."""
+        train_req, query_req = self.train_req, self.query_req
+        if self.spec.neighbours:
+            return sorted(group, key=lambda r: (str(query_req[r]), str(train_req[r]), r))
+        return sorted(group, key=lambda r: (str(train_req[r][0]), train_req[r][1], r))
+
+    def _batch(self, pool: ThreadPoolExecutor, fetched: dict[Request, Fetched], batch: list[int]) -> None:
+        """Decode and align the images of ``batch`` (rows), then set the distances of its decoded pairs."""
+        spec = self.spec
+        with timed(self.timings, "decode"):
+            wanted = sorted({self.train_req[r] for r in batch} | {self.query_req[r] for r in batch}, key=str)
+            decoded = decode_all(
+                pool, wanted, lambda req: decode_fetched(fetched[req], spec.size, spec.fit, spec.limits)
+            )
+        ok = [r for r in batch if self._both_decoded(r, decoded)]
+        if ok:
+            with timed(self.timings, "distance"):
+                a = np.stack([decoded[self.train_req[r]] for r in ok])
+                b = np.stack([decoded[self.query_req[r]] for r in ok])
+                self.l2[ok], self.tiled[ok] = pixel_distances(a, b, spec.tiles)
+
+    def _both_decoded(self, r: int, decoded: dict[Request, np.ndarray | tuple[str, str]]) -> bool:
+        """Whether both images of row ``r`` decoded; if not, the first failure (training image first) is
+        recorded for a selected row (a density neighbour only is counted in ``neighbour_failed``)."""
+        for side, req in (("train", self.train_req[r]), ("query", self.query_req[r])):
+            result = decoded[req]
+            if isinstance(result, tuple):
+                if self.selected[r]:
+                    self.failures.add(
+                        r, f"{side}_{result[0]}", result[1], self.train_req[r], self.query_req[r]
+                    )
+                return False
+        return True
+
+
 def pair_requests(
     table: pa.Table, rows: np.ndarray, manifest: dict[str, Any], index_url: str
-) -> tuple[dict[int, tuple[str, str]], dict[int, tuple[str, str]]]:
+) -> tuple[dict[int, Request], dict[int, Request]]:
     """The images to fetch for ``rows`` of ``table`` (MATCHES_SCHEMA columns), as ``indexing.read.fetch``
     requests: {row: (the training shard's source tar, train_key)} and {row: (query_source, query_id)}."""
     shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
@@ -242,9 +266,7 @@ def pair_requests(
     return train_req, query_req
 
 
-def error_example(
-    train_req: tuple[str, str], query_req: tuple[str, str], reason: str, detail: str
-) -> dict[str, str]:
+def error_example(train_req: Request, query_req: Request, reason: str, detail: str) -> dict[str, str]:
     """One failed pair as listed in a chunk marker (at most EXAMPLES_KEPT per chunk)."""
     return {"query_id": query_req[1], "train_key": train_req[1], "reason": reason, "detail": detail[:300]}
 
@@ -256,6 +278,48 @@ def count_reasons(errors: list[str | None]) -> dict[str, int]:
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return dict(sorted(counts.items()))
+
+
+@dataclass
+class PairFailures:
+    """Why pairs could not be verified: ``errors``, a reason per row of the table (None: verified or not
+    selected), and ``examples``, the first EXAMPLES_KEPT failures with their details."""
+
+    errors: list[str | None]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, n: int) -> PairFailures:
+        """No failure yet among ``n`` rows."""
+        return cls([None] * n)
+
+    def add(self, row: int, reason: str, detail: str, train_req: Request, query_req: Request) -> None:
+        """Row ``row`` (the pair ``train_req``, ``query_req``) failed for ``reason``."""
+        self.errors[row] = reason
+        if len(self.examples) < EXAMPLES_KEPT:
+            self.examples.append(error_example(train_req, query_req, reason, detail))
+
+
+def decode_all(
+    pool: ThreadPoolExecutor, wanted: list[Request], decode: Callable[[Request], Decoded]
+) -> dict[Request, Decoded]:
+    """{request: decode(request)} for each of ``wanted``, decoded in ``pool``'s threads."""
+    return dict(zip(wanted, pool.map(decode, wanted), strict=True))
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds spent in the ``with`` block to ``timings[phase]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] += time.perf_counter() - t
+
+
+def seconds(timings: dict[str, float], t0: float) -> dict[str, float]:
+    """``timings`` rounded to ms, and the ``total`` since ``t0`` (``time.perf_counter``), as markers list them."""
+    return {k: round(v, 3) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 3)}
 
 
 def query_groups(rows: list[int], query_of: dict[int, Any], max_pairs: int) -> list[list[int]]:
@@ -274,6 +338,17 @@ def query_groups(rows: list[int], query_of: dict[int, Any], max_pairs: int) -> l
     if current:
         groups.append(current)
     return groups
+
+
+def _density_counts(neighbours: np.ndarray, l2: np.ndarray, density: np.ndarray) -> dict[str, int]:
+    """The density-relative counts of a chunk marker; ``neighbours``: (n,) bool, rows of rank < neighbours;
+    ``l2``, ``density``: (n,) float32, NaN where unknown."""
+    return {
+        "density_scored": int(np.isfinite(density).sum()),
+        "density_extracted": int((density < 1).sum()),
+        "neighbour_pairs": int(neighbours.sum()),
+        "neighbour_failed": int((neighbours & ~np.isfinite(l2)).sum()),
+    }
 
 
 def _density(
