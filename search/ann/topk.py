@@ -30,7 +30,7 @@ class ShardResult:
     D_raw: np.ndarray
     meta: dict[int, dict[str, Any]]
     D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
-    split: np.ndarray | None = None  # (nq, k) split product (search.regions.local), when the scan asks for it
+    split: np.ndarray | None = None  # (nq, k) split product (search.regions), when the scan asks
     prior: np.ndarray | None = None  # (nq, k) subtracted from the hits' cosines (region densities)
     truncated: np.ndarray | None = None  # (nq,) bool: more matches above the radius than were kept
 

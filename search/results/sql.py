@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from indexing.errors import CopyscanError
 from indexing.store import layout, storage
-from search.results.matches import open_matches
+from search.results.dataset import open_matches
 
 RUNS_SCHEMA = pa.schema(
     [

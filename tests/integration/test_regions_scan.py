@@ -18,7 +18,7 @@ from indexing.read.images import open_rgb
 from indexing.runtime.config import resolve
 from indexing.store import layout
 from indexing.store.manifest import load_manifest
-from search.regions.local import box_iou, slide_boxes
+from search.regions.geometry import box_iou, slide_boxes
 from search.results.matches import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
 from search.scan_ray import run_scan
@@ -204,7 +204,7 @@ def test_scan_regions_off(region_index, pasted, tmp_path):
 
 
 def test_regions_on_needs_a_region_index(region_index):
-    from search.regions.local import local_windows
+    from search.regions.windows import local_windows
 
     index_url, manifest = region_index
     cfg = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o", "regions": "on"})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from indexing.embed.augment import paste_partial
 from indexing.embed.decode import DecodeLimits
 from indexing.read.images import open_rgb
-from search.regions.local import box_iou
+from search.regions.geometry import box_iou
 from search.verify.dense import MIN_POSITIONS, DenseMatcher, DenseSpec, verify_dense
 
 

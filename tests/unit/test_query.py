@@ -9,7 +9,8 @@ import pytest
 
 from indexing.errors import CopyscanError
 from jobs import query as query_job
-from search.results import matches as results
+from search import results
+from search.results.matches import MATCHES_SCHEMA
 from search.results.sql import run_query
 
 
@@ -17,10 +18,10 @@ def _run(root, name, rows, flagged):
     out = root / name
     (out / "matches").mkdir(parents=True)
     full = [
-        {field.name: None for field in results.MATCHES_SCHEMA} | {"score_norm": 0.0, "score_raw": 0.0} | r
+        {field.name: None for field in MATCHES_SCHEMA} | {"score_norm": 0.0, "score_raw": 0.0} | r
         for r in rows
     ]
-    pq.write_table(pa.Table.from_pylist(full, results.MATCHES_SCHEMA), out / "matches" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(full, MATCHES_SCHEMA), out / "matches" / "part-00000.parquet")
     summary = {
         "index": "s3://b/idx",
         "queries": 3,
@@ -79,7 +80,7 @@ def test_sql_across_runs(two_runs):
 def test_results_open_as_arrow_and_duckdb(two_runs):
     a, _ = two_runs
     dataset = results.open(a)
-    assert dataset.count_rows() == 3 and dataset.schema.equals(results.MATCHES_SCHEMA)
+    assert dataset.count_rows() == 3 and dataset.schema.equals(MATCHES_SCHEMA)
     relation = results.open(a, engine="duckdb")
     assert relation.filter("is_copy").aggregate("count(*)").fetchall() == [(1,)]
 
@@ -87,10 +88,10 @@ def test_results_open_as_arrow_and_duckdb(two_runs):
 def test_cli_prints_and_writes(two_runs, tmp_path, capsys):
     a, b = two_runs
     sql = "SELECT run, query_id, score FROM matches WHERE rank = 0 ORDER BY score DESC"
-    assert query_job.main([a, b, sql, "--limit", "2"]) == 0
+    assert query_job.JOB.main([a, b, sql, "--limit", "2"]) == 0
     printed = capsys.readouterr().out
     assert "0.9000" in printed and "2 more row(s)" in printed  # 4 best matches, 2 shown
     out = tmp_path / "top.csv"
-    assert query_job.main([a, b, sql, "--out", str(out)]) == 0
+    assert query_job.JOB.main([a, b, sql, "--out", str(out)]) == 0
     assert pcsv.read_csv(out).num_rows == 4
-    assert query_job.main([a]) == 2  # no SQL
+    assert query_job.JOB.main([a]) == 2  # no SQL

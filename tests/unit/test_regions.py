@@ -166,7 +166,7 @@ def _hits(per_window: list[list[tuple[int, int, int, float]]], n_windows: int):
 
 
 def test_aggregate_keeps_each_images_best_pair():
-    from search.regions.local import aggregate
+    from search.regions.result import aggregate
 
     qboxes, tboxes = [WHOLE, (0, 0, 0.5, 0.5)], [WHOLE, (0, 0, 0.6, 0.6), (0.4, 0.4, 1, 1)]
     # query 0: window 0 sees image (0, 5) box 0 at 0.3; window 1 sees it box 2 at 0.8, and image (1, 2) at 0.6
@@ -186,7 +186,7 @@ def test_aggregate_keeps_each_images_best_pair():
 
 def test_matches_table_adds_local_columns_and_local_only_rows():
     from search.ann.topk import ShardResult
-    from search.regions.local import aggregate
+    from search.regions.result import aggregate
     from search.results.matches import MATCHES_SCHEMA, matches_table
 
     image_a = int(layout.pack_ids(0, np.array([5]))[0])

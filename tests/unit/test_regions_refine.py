@@ -1,5 +1,5 @@
 """Localise, then search: frames from (window, region) pairs, the crops they give, sliding windows, and
-merging the crops' global hits into region matching's (search/regions/local.py)."""
+merging the crops' global hits into region matching's (search/regions/)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,9 @@ from indexing.models.embedders import load_embedder
 from indexing.models.regions import WHOLE, parse_slide
 from indexing.store import layout
 from search.ann.topk import ShardResult
-from search.regions.local import (
-    CROP_IOU,
-    REFINE_PAIRS,
-    SLIDE_MAX_AXIS,
-    LocalResult,
-    LocalWindows,
-    aggregate,
-    crop_boxes,
-    frames,
-    merge_crops,
-    slide_boxes,
-)
+from search.regions.geometry import CROP_IOU, REFINE_PAIRS, SLIDE_MAX_AXIS, frames, slide_boxes
+from search.regions.result import LocalResult, aggregate, crop_boxes, merge_crops
+from search.regions.windows import LocalWindows
 from search.scan_config import ScanConfig
 
 

@@ -1,0 +1,293 @@
+"""The scan job's resolved setup: what one run of ``copyscan scan`` searches, and how (no Ray here).
+
+``prepare_scan`` reads the index's manifest, plans the query chunks, claims the output (resuming a run:
+the chunks with a marker are done), and resolves the search settings, ``is_copy`` threshold, radius, region
+windows, verification and partial-copy threshold, logging each, into one frozen ``ScanSetup``. The
+per-chunk steps (``search/scan_steps.py``) and the Ray layer (``search/scan_ray.py``) read it; the summary
+(``search/scan_summary.py``) describes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from indexing.embed.decode import DecodeLimits
+from indexing.errors import CopyscanError
+from indexing.runtime.config import to_dict
+from indexing.store import layout
+from indexing.store.manifest import check_embedder, load_manifest
+from indexing.store.outputs import claim_output
+from search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
+from search.regions.windows import LocalWindows, local_windows
+from search.results.write import finished_chunks
+from search.scan_chunks import QueryChunk, plan_query_chunks
+from search.scan_config import ScanConfig
+from search.verify.dense import DenseSpec, verify_dense
+from search.verify.matches import MatchVerifier, VerifySpec
+
+logger = logging.getLogger("copyscan")
+
+# (embedder name, weights, options) → the embedder's spec, which the index's manifest must match
+EmbedderSpec = Callable[[str, str | None, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ChunkVerifier:
+    """What write_chunk runs on a chunk's matches before writing them: dense verification of the region
+    candidates, then pixel verification of the top ranks (each None when off). Counts of both go into the
+    chunk marker's ``verify``."""
+
+    pixels: MatchVerifier | None = None
+    dense: MatchVerifier | None = None
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+        stats: dict[str, Any] = {}
+        for verifier in (self.dense, self.pixels):
+            if verifier is not None:
+                table, counts = verifier(table)
+                stats.update(counts)
+        return table, stats
+
+
+@dataclass(frozen=True)
+class ScanSetup:
+    """One scan run, resolved: the config, the index, the chunks, and what each step does with them."""
+
+    cfg: ScanConfig
+    manifest: dict[str, Any]  # the index's
+    chunks: list[QueryChunk]  # every chunk of the queries
+    todo: list[QueryChunk]  # the chunks this run scans (the others were finished by an earlier run)
+    settings: dict[str, Any]  # re-rank depth, nprobe (and radius) and where each came from
+    embedder: str
+    weights: str | None
+    embedder_options: dict[str, Any]
+    threshold: dict[str, Any] | None  # is_copy (resolve_threshold); None: is_copy stays empty
+    radius: dict[str, Any] | None  # every match with score_norm >= radius["value"]; None: top k only
+    local: LocalWindows | None  # region matching; None: off
+    verify: ChunkVerifier | None  # verification before writing; None: off
+    partial_threshold: dict[str, Any] | None  # is_partial_copy (resolve_partial_threshold)
+    partial_why: str | None  # why is_partial_copy stays empty (None: not asked for, or set)
+
+    @property
+    def limits(self) -> DecodeLimits:
+        """Decode limits of the query images (and of the images verification fetches)."""
+        return decode_limits(self.cfg)
+
+
+def decode_limits(cfg: ScanConfig) -> DecodeLimits:
+    return DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+
+
+def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
+    """Resolve a scan run (module docstring); ``embedder_spec`` computes the query embedder's spec (on a Ray
+    worker: the driver may lack its weights), checked against the index's."""
+    so = cfg.storage_options
+    manifest = load_manifest(cfg.index, so)
+    chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
+    resumed = claim_output(
+        cfg.out,
+        layout.RUN_CONFIG_NAME,
+        to_dict(cfg),
+        cfg.mode,
+        ScanConfig.RESUME_KEYS,
+        so,
+        ScanConfig.RESUME_ABSENT,
+    )
+    done = _finished(cfg, manifest)
+    settings = cfg.search_settings(manifest)
+    _log_plan(cfg, manifest, len(chunks), len(done), resumed, settings)
+    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
+    options = manifest["config"].get("embedder_options") or {}
+    check_embedder(manifest, embedder_spec(manifest["embedder"]["name"], weights, options))
+    threshold = _threshold(cfg, manifest)
+    radius = _radius(cfg, manifest)
+    if radius is not None:
+        settings["radius"] = {**radius, "max": cfg.radius_max, "margin": cfg.radius_margin}
+    local = local_windows(cfg, manifest)
+    verify = chunk_verifier(cfg, manifest, local)
+    partial_threshold, why = _partial_threshold(cfg, manifest, local)
+    if local is not None:
+        _log_regions(local)
+    return ScanSetup(
+        cfg=cfg,
+        manifest=manifest,
+        chunks=chunks,
+        todo=[c for c in chunks if c.chunk not in done],
+        settings=settings,
+        embedder=manifest["embedder"]["name"],
+        weights=weights,
+        embedder_options=options,
+        threshold=threshold,
+        radius=radius,
+        local=local,
+        verify=verify,
+        partial_threshold=partial_threshold,
+        partial_why=why,
+    )
+
+
+def _finished(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The markers of the chunks already written to ``cfg.out``; they must come from this build of the
+    index."""
+    done = finished_chunks(cfg.out, cfg.storage_options)
+    stale = sorted(c for c, m in done.items() if m.get("index_build_id") != manifest["build_id"])
+    if stale:
+        raise CopyscanError(
+            f"{cfg.out} holds results of {len(stale)} chunk(s) from another build of {cfg.index} "
+            f"(index rebuilt since); use mode=overwrite to rescan"
+        )
+    return done
+
+
+def _log_plan(
+    cfg: ScanConfig, manifest: dict[str, Any], chunks: int, done: int, resumed: bool, settings: dict[str, Any]
+) -> None:
+    logger.info(
+        "scan: %d query chunk(s), %d already done%s; index %s (%s vectors, %s); %d candidates per index "
+        "shard (%s), nprobe %s (%s)",
+        chunks,
+        done,
+        " (resumed)" if resumed else "",
+        cfg.index,
+        f"{manifest['ntotal']:,}",
+        manifest["index"]["factory"],
+        settings["candidates"],
+        settings["candidates_from"],
+        settings["nprobe"] or "of the shards",
+        settings["nprobe_from"],
+    )
+
+
+def _threshold(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``is_copy`` means for this index ({"name", "column", "value", "source"}), or None (left empty)."""
+    threshold = resolve_threshold(manifest, cfg.threshold)
+    if threshold is None and str(cfg.threshold) != "none":
+        logger.warning(
+            "scan: %s is not calibrated (or was rebuilt since); is_copy stays empty. Run `copyscan calibrate "
+            "--index %s`, or pass threshold=somepalli / duplicate / a score_norm value",
+            cfg.index,
+            cfg.index,
+        )
+    elif threshold is not None:
+        logger.info(
+            "scan: is_copy = %s >= %.4f (%s)", threshold["column"], threshold["value"], threshold["source"]
+        )
+    return threshold
+
+
+def _radius(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``radius`` means for this index ({"name", "column", "value", "source"}), or None when off."""
+    if str(cfg.radius) == "":
+        return None
+    radius = resolve_threshold(manifest, cfg.radius)
+    if radius is None:
+        raise CopyscanError(
+            f"radius={cfg.radius}: {cfg.index} is not calibrated (or was rebuilt since); run `copyscan "
+            f"calibrate --index {cfg.index}` or give a score_norm value"
+        )
+    logger.info(
+        "scan: every match with score_norm >= %.4f (%s), up to %d more than the top %d per query",
+        radius["value"],
+        radius["source"],
+        cfg.radius_max,
+        cfg.k,
+    )
+    return radius
+
+
+def _partial_threshold(
+    cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """What ``is_partial_copy`` means for this scan, and why it stays empty (resolve_partial_threshold)."""
+    partial_threshold, why = resolve_partial_threshold(manifest, cfg, local is not None)
+    if partial_threshold is not None:
+        logger.info(
+            "scan: is_partial_copy = %s >= %.4f on %s 0 (%s)",
+            partial_threshold["column"],
+            partial_threshold["value"],
+            partial_threshold["rank"],
+            partial_threshold["source"],
+        )
+    elif why is not None:  # a warning when asked for by name, else (implied by threshold) a note
+        log = logger.warning if str(cfg.partial_threshold) else logger.info
+        log("scan: is_partial_copy stays empty: %s", why)
+    return partial_threshold, why
+
+
+def _log_regions(local: LocalWindows) -> None:
+    logger.info(
+        "scan: partial copies: %d windows per query (at %d px) against %s region vectors (%d per image)",
+        len(local.spec.boxes),
+        local.spec.size,
+        f"{local.manifest['ntotal']:,}",
+        len(local.train_boxes),
+    )
+
+
+def chunk_verifier(
+    cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None
+) -> ChunkVerifier | None:
+    """``verify`` for write_chunk: dense verification of the region candidates of local_rank <
+    ``dense_verify`` and pixel verification of the top ``verify_pixels`` ranks; None when both are off."""
+    if not cfg.verify_pixels and not cfg.dense_verify:
+        return None
+    if not any(str(e.get("source", "")).endswith(".tar") for e in manifest.get("embedding_shards", [])):
+        logger.warning(
+            "scan: %s holds no image shards (imported embeddings?); every verification will fail "
+            "with train_no_source",
+            cfg.index,
+        )
+    dense = _dense_verifier(cfg, manifest, local) if cfg.dense_verify else None
+    pixels = _pixel_verifier(cfg, manifest) if cfg.verify_pixels else None
+    return ChunkVerifier(pixels, dense)
+
+
+def _dense_verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None) -> MatchVerifier:
+    if local is None:
+        raise CopyscanError(
+            f"dense_verify={cfg.dense_verify} verifies region candidates, but {cfg.index} has no region "
+            "index (build it with regions=true) or regions=off"
+        )
+    spec = DenseSpec(
+        ranks=cfg.dense_verify, weight=cfg.dense_weight, threads=cfg.verify_threads, limits=decode_limits(cfg)
+    )
+    logger.info(
+        "scan: dense verification of the best %d region candidates per query (block-10 maps; the "
+        "training image's longer side at %s of the query's shorter side); dense_score = "
+        "local_score_norm + %g x dense_z",
+        spec.ranks,
+        ", ".join(f"{f:g}" for f in spec.fractions),
+        spec.weight,
+    )
+    return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options, verify_dense)
+
+
+def _pixel_verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier:
+    spec = VerifySpec(
+        ranks=cfg.verify_pixels,
+        size=cfg.verify_size,
+        delta=cfg.extraction_delta,
+        fit=cfg.verify_fit,
+        threads=cfg.verify_threads,
+        limits=decode_limits(cfg),
+        neighbours=cfg.density_neighbours,
+        alpha=cfg.density_alpha,
+    )
+    logger.info(
+        "scan: pixel verification of the top %d match(es) per query at %d px, extracted = tiled l2 < %g",
+        spec.ranks,
+        spec.size,
+        spec.delta,
+    )
+    if spec.neighbours:
+        logger.info(
+            "scan: density_l2 = pixel l2 / (%g x mean pixel l2 to the query's top %d matches, fetched too)",
+            spec.alpha,
+            spec.neighbours,
+        )
+    return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options)
