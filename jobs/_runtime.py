@@ -1,4 +1,4 @@
-"""What every job entrypoint shares: logging set-up, Ray start/attach, error reporting."""
+"""What every job entrypoint shares: the ``Job`` runner, logging set-up, Ray start/attach, config layers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from indexing.errors import CopyscanError
@@ -88,6 +89,7 @@ def job_env_vars() -> dict[str, str]:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --ray-address, --num-cpus, -v and the key=value overrides of a configured job."""
     parser.add_argument("--config", help="YAML file of key: value settings (overridden by key=value)")
     parser.add_argument(
         "--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"
@@ -99,18 +101,47 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_job(args: argparse.Namespace, body: Callable[[], Any], use_ray: bool = True) -> int:
-    """Run ``body`` with logging (and Ray) set up; a CopyscanError becomes a message and exit code 2."""
-    setup_logging(args.verbose)
-    try:
-        if use_ray:
-            init_ray(args.ray_address, args.num_cpus)
-        body()
-    except CopyscanError as exc:
-        logger.error("%s", exc)
-        print(f"copyscan: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+@dataclass(frozen=True)
+class Job:
+    """One job: the ``copyscan NAME`` command and the ``python -m jobs.NAME`` entrypoint, declared once.
+
+    The runner sets up logging, starts or attaches Ray when ``uses_ray`` (before ``body``), and turns a
+    CopyscanError into its message on stderr and exit status 2. ``body(args)`` does the job's own work and
+    prints its result; it returns None (exit status 0) or the job's own exit status (nightly's 3).
+    """
+
+    name: str  # the copyscan subcommand, and the module jobs.NAME
+    summary: str  # its line in ``copyscan --help``
+    description: str  # ``--help`` text: the job module's docstring
+    arguments: Callable[[argparse.ArgumentParser], None]  # the job's own flags and positionals
+    body: Callable[[argparse.Namespace], int | None]
+    uses_ray: bool = True  # jobs that run in this process (report, merge, ...) start no Ray
+    config_arguments: bool = True  # --config, --ray-address, --num-cpus, -v and key=value overrides
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The job's arguments, then (``config_arguments``) the config, Ray and logging ones."""
+        self.arguments(parser)
+        if self.config_arguments:
+            add_common_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Run ``body`` with logging (and Ray) set up; returns the exit status."""
+        setup_logging(args.verbose)
+        try:
+            if self.uses_ray:
+                init_ray(args.ray_address, args.num_cpus)
+            status = self.body(args)
+        except CopyscanError as exc:
+            logger.error("%s", exc)
+            print(f"copyscan: error: {exc}", file=sys.stderr)
+            return 2
+        return status or 0
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """``python -m jobs.NAME [ARGS]``: parse ``argv`` (default: the command line) and run."""
+        parser = argparse.ArgumentParser(prog=f"python -m jobs.{self.name}", description=self.description)
+        self.add_arguments(parser)
+        return self.run(parser.parse_args(argv))
 
 
 def layers(args: argparse.Namespace, explicit: dict[str, Any]) -> Sequence[dict[str, Any]]:

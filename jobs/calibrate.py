@@ -13,36 +13,34 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._runtime import add_common_arguments, init_ray, layers, run_job
+from jobs._runtime import Job, init_ray, layers
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="URL of a finished copyscan index")
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> None:
     from indexing.runtime.config import resolve
+    from search.calibrate.config import CalibrateConfig
+    from search.calibrate.whole import format_table, run_calibrate
 
-    def body() -> None:
-        from search.calibrate.config import CalibrateConfig
-        from search.calibrate.whole import format_table, run_calibrate
-
-        cfg = resolve(CalibrateConfig, *layers(args, {"index": args.index}))
-        if cfg.partial:  # partial copies are calibrated with a real scan
-            init_ray(args.ray_address, args.num_cpus)
-        report = run_calibrate(cfg)
-        print(format_table(report))
-        print(f"thresholds written to {cfg.index}/calibration.json and its manifest")
-
-    return run_job(args, body, use_ray=False)
+    cfg = resolve(CalibrateConfig, *layers(args, {"index": args.index}))
+    if cfg.partial:  # partial copies are calibrated with a real scan
+        init_ray(args.ray_address, args.num_cpus)
+    report = run_calibrate(cfg)
+    print(format_table(report))
+    print(f"thresholds written to {cfg.index}/calibration.json and its manifest")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="calibrate",
+    summary="estimate the score thresholds for 90%/99% precision from the index's images",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+    uses_ray=False,  # whole copies need no cluster; the body starts Ray for partial=N
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

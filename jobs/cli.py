@@ -1,53 +1,46 @@
 """The ``copyscan`` command: ``index``, ``merge``, ``scan``, ``calibrate``, ``nightly``, ``report``,
-``memorized``, ``query`` and ``demo``."""
+``memorized``, ``query`` and ``demo``, built from each job module's ``JOB`` declaration.
+
+Job modules import their libraries (torch, Ray, faiss) inside their bodies, so declaring every command
+here costs no heavy import: only the command run loads what it needs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMANDS = {
-    "index": ("jobs.index", "embed LAION-format webdataset shards and build a sharded FAISS index"),
-    "merge": ("jobs.merge", "repack a finished index's small shards into fewer, larger ones"),
-    "scan": ("jobs.scan", "search generated images against an index; write matches/ and summary.json"),
-    "calibrate": (
-        "jobs.calibrate",
-        "estimate the score thresholds for 90%/99% precision from the index's images",
-    ),
-    "nightly": (
-        "jobs.nightly",
-        "scan a checkpoint's generations, append to the history, exit 3 on a significant rise",
-    ),
-    "report": (
-        "jobs.report",
-        "statistics (gen→train vs train→train), duplicates and a self-contained HTML report of a scan",
-    ),
-    "memorized": (
-        "jobs.memorized",
-        "flag prompts whose generations form a clique of near-identical images (Carlini et al.)",
-    ),
-    "query": ("jobs.query", 'SQL over scan results with DuckDB: copyscan query RUN [RUN ...] "SELECT ..."'),
-    "demo": ("jobs.demo", "the whole path offline on real images: img2dataset, index, scan, planted copies"),
+from jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan
+from jobs._runtime import Job
+
+JOBS: dict[str, Job] = {
+    job.name: job
+    for job in (
+        index.JOB,
+        merge.JOB,
+        scan.JOB,
+        calibrate.JOB,
+        nightly.JOB,
+        report.JOB,
+        memorized.JOB,
+        query.JOB,
+        demo.JOB,
+    )
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``copyscan CMD [ARGS]``: parse ``argv`` (default: the command line) and run CMD's job."""
     parser = argparse.ArgumentParser(
         prog="copyscan", description="Find training-data copies in generated images."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    argv = sys.argv[1:] if argv is None else argv
-    # Import only the module of the command being run (each pulls in torch/ray/faiss as it needs).
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
-        if name == chosen:
-            module = importlib.import_module(module_name)
-            sub_parser.description = module.__doc__
-            module.add_arguments(sub_parser)
-    args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    for name, job in JOBS.items():
+        # argparse %-formats help strings: a summary's "90%" would otherwise break `copyscan --help`
+        sub_parser = sub.add_parser(name, help=job.summary.replace("%", "%%"), description=job.description)
+        job.add_arguments(sub_parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return JOBS[args.command].run(args)
 
 
 if __name__ == "__main__":

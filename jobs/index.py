@@ -6,49 +6,42 @@ import argparse
 import json
 import sys
 
-from jobs._runtime import add_common_arguments, layers, run_job
+from jobs._runtime import Job, layers
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", help="img2dataset webdataset tars: brace pattern, glob, folder or list file"
     )
     parser.add_argument("--out", help="output URL of the index (local path, s3://bucket/prefix, ...)")
     parser.add_argument("--mode", choices=["resume", "overwrite"], help="resume (default) or overwrite")
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> None:
     from indexing.index_config import IndexConfig
+    from indexing.index_ray import run_index
     from indexing.runtime.config import resolve
 
-    def body() -> None:
-        from indexing.index_ray import run_index
-
-        cfg = resolve(IndexConfig, *layers(args, {"shards": args.shards, "out": args.out, "mode": args.mode}))
-        manifest = run_index(cfg)
-        print(
-            json.dumps(
-                {
-                    "index": cfg.out,
-                    "vectors": manifest["ntotal"],
-                    "rejected": manifest["rejected_total"],
-                    "factory": manifest["index"]["factory"],
-                    "index_shards": len(manifest["index_shards"]),
-                    "seconds": manifest["timings"],
-                },
-                indent=2,
-            )
-        )
-
-    return run_job(args, body)
+    cfg = resolve(IndexConfig, *layers(args, {"shards": args.shards, "out": args.out, "mode": args.mode}))
+    manifest = run_index(cfg)
+    shown = {
+        "index": cfg.out,
+        "vectors": manifest["ntotal"],
+        "rejected": manifest["rejected_total"],
+        "factory": manifest["index"]["factory"],
+        "index_shards": len(manifest["index_shards"]),
+        "seconds": manifest["timings"],
+    }
+    print(json.dumps(shown, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.index", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="index",
+    summary="embed LAION-format webdataset shards and build a sharded FAISS index",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

@@ -13,43 +13,38 @@ import argparse
 import json
 import sys
 
-from jobs._runtime import add_common_arguments, layers, run_job
+from jobs._runtime import Job, layers
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--generations", help="webdataset shards of generations, or an image folder with a manifest"
     )
     parser.add_argument("--out", help="output URL (memorized.parquet, summary.json, memorized.yaml)")
     parser.add_argument("--mode", choices=["resume", "overwrite"], help="resume (default) or overwrite")
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> None:
     from indexing.runtime.config import resolve
     from search.memorized.discover import MemorizedConfig
+    from search.memorized.memorized_ray import run_memorized
 
-    def body() -> None:
-        from search.memorized.memorized_ray import run_memorized
-
-        explicit = {"generations": args.generations, "out": args.out, "mode": args.mode}
-        cfg = resolve(MemorizedConfig, *layers(args, explicit))
-        summary = run_memorized(cfg)
-        shown = {
-            k: summary[k]
-            for k in ("prompts", "generations", "flagged", "errors", "top_flagged")
-            if k in summary
-        }
-        print(json.dumps({"out": cfg.out, **shown}, indent=2))
-
-    return run_job(args, body)
+    explicit = {"generations": args.generations, "out": args.out, "mode": args.mode}
+    cfg = resolve(MemorizedConfig, *layers(args, explicit))
+    summary = run_memorized(cfg)
+    shown = {
+        k: summary[k] for k in ("prompts", "generations", "flagged", "errors", "top_flagged") if k in summary
+    }
+    print(json.dumps({"out": cfg.out, **shown}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.memorized", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="memorized",
+    summary="flag prompts whose generations form a clique of near-identical images (Carlini et al.)",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs._runtime import add_common_arguments, layers, run_job
+from jobs._runtime import Job, layers
 
 
 @dataclass(frozen=True)
@@ -33,37 +33,33 @@ class MergeConfig:
             raise CopyscanError("invalid merge config: max_shard_vectors must be >= 1")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="URL of a finished copyscan index")
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> None:
+    from indexing.build.merge_shards import merge_index_shards
     from indexing.runtime.config import resolve
+    from indexing.store.manifest import load_manifest
 
-    def body() -> None:
-        from indexing.build.merge_shards import merge_index_shards
-        from indexing.store.manifest import load_manifest
-
-        cfg = resolve(MergeConfig, *layers(args, {"index": args.index}))
-        before = len(load_manifest(cfg.index, cfg.storage_options)["index_shards"])
-        manifest = merge_index_shards(cfg.index, cfg.max_shard_vectors, cfg.storage_options)
-        after = len(manifest["index_shards"])
-        if after == before:
-            print(
-                f"{cfg.index}: {before} index shard(s), none to merge under {cfg.max_shard_vectors:,} vectors"
-            )
-        else:
-            print(f"{cfg.index}: {before} index shards merged into {after}")
-
-    return run_job(args, body, use_ray=False)
+    cfg = resolve(MergeConfig, *layers(args, {"index": args.index}))
+    before = len(load_manifest(cfg.index, cfg.storage_options)["index_shards"])
+    manifest = merge_index_shards(cfg.index, cfg.max_shard_vectors, cfg.storage_options)
+    after = len(manifest["index_shards"])
+    if after == before:
+        print(f"{cfg.index}: {before} index shard(s), none to merge under {cfg.max_shard_vectors:,} vectors")
+    else:
+        print(f"{cfg.index}: {before} index shards merged into {after}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.merge", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="merge",
+    summary="repack a finished index's small shards into fewer, larger ones",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+    uses_ray=False,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-from jobs._runtime import add_common_arguments, layers, run_job
+from jobs._runtime import Job, layers
 
 REGRESSION_EXIT = 3
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="name of the model checkpoint (e.g. sd-v1-4-ema)")
     parser.add_argument(
         "--generations", required=True, help="its generated images: folder or webdataset shards"
@@ -31,63 +32,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-report", action="store_true", help="skip HISTORY/reports/CHECKPOINT (the HTML report)"
     )
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> int:
+    """Scan, gate, report; REGRESSION_EXIT when the replication rate rose significantly, else 0."""
     from indexing.runtime.config import resolve
-    from indexing.store import layout, storage
+    from indexing.store import layout
     from search.scan_config import ScanConfig
 
-    outcome: dict[str, bool] = {}
-
-    def body() -> None:
-        from search.report import history
-        from search.scan_ray import run_scan
-
-        scan_out = layout.history_run_dir(args.history, args.checkpoint)
-        explicit = {"index": args.index, "queries": args.generations, "out": scan_out}
-        cfg = resolve(ScanConfig, *layers(args, explicit))
-        so = cfg.storage_options
-        summary = run_scan(cfg)
-        row = history.history_row(args.checkpoint, args.generations, scan_out, summary, so)
-        history.write_row(args.history, row, so)
-        report = history.regression_report(
-            row, history.read_history(args.history, so), args.baseline, args.alpha
-        )
-        storage.write_json(layout.regression_url(args.history, args.checkpoint), report, so)
-        print(json.dumps(report, indent=2))
-        outcome["regression"] = report["regression"]
-        if not args.no_report:
-            from search.report.run import ReportConfig, run_report
-
-            report_out = layout.history_report_dir(args.history, args.checkpoint)
-            run_report(
-                ReportConfig(
-                    run=scan_out,
-                    out=report_out,
-                    history=args.history,
-                    cache_dir=cfg.cache_dir,
-                    storage_options=dict(so),
-                )
-            )
-            print(f"report: {report_out}/report.html")
-
-    status = run_job(args, body)
-    if status == 0 and outcome.get("regression"):
+    scan_out = layout.history_run_dir(args.history, args.checkpoint)
+    explicit = {"index": args.index, "queries": args.generations, "out": scan_out}
+    cfg = resolve(ScanConfig, *layers(args, explicit))
+    regression = _scan_and_compare(args, cfg, scan_out)
+    print(json.dumps(regression, indent=2))
+    if not args.no_report:
+        _write_report(args, cfg, scan_out)
+    if regression["regression"]:
         print(
             f"copyscan: the replication rate of {args.checkpoint} rose significantly (exit {REGRESSION_EXIT})",
             file=sys.stderr,
         )
         return REGRESSION_EXIT
-    return status
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def _scan_and_compare(args: argparse.Namespace, cfg: Any, scan_out: str) -> dict[str, Any]:
+    """Scan the checkpoint's generations, append its history row and write its regression report."""
+    from indexing.store import layout, storage
+    from search.report import history
+    from search.scan_ray import run_scan
 
+    so = cfg.storage_options
+    summary = run_scan(cfg)
+    row = history.history_row(args.checkpoint, args.generations, scan_out, summary, so)
+    history.write_row(args.history, row, so)
+    report = history.regression_report(row, history.read_history(args.history, so), args.baseline, args.alpha)
+    storage.write_json(layout.regression_url(args.history, args.checkpoint), report, so)
+    return report
+
+
+def _write_report(args: argparse.Namespace, cfg: Any, scan_out: str) -> None:
+    """The checkpoint's HTML report with the trend across checkpoints (``copyscan report``)."""
+    from indexing.store import layout
+    from search.report.config import ReportConfig
+    from search.report.run import run_report
+
+    report_out = layout.history_report_dir(args.history, args.checkpoint)
+    run_report(
+        ReportConfig(
+            run=scan_out,
+            out=report_out,
+            history=args.history,
+            cache_dir=cfg.cache_dir,
+            storage_options=dict(cfg.storage_options),
+        )
+    )
+    print(f"report: {report_out}/report.html")
+
+
+JOB = Job(
+    name="nightly",
+    summary="scan a checkpoint's generations, append to the history, exit 3 on a significant rise",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

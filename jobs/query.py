@@ -9,47 +9,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from jobs._runtime import run_job
+from jobs._runtime import Job
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="scan output URL(s), then the SQL")
     parser.add_argument("--out", help="write the result here (.parquet, .csv or .json) instead of printing")
     parser.add_argument("--limit", type=int, default=50, help="rows printed (default 50)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    args.ray_address = args.num_cpus = None
+def _body(args: argparse.Namespace) -> None:
+    from indexing.errors import CopyscanError
+    from search.results.sql import run_query
 
-    def body() -> None:
-        import pyarrow.csv as pcsv
-        import pyarrow.parquet as pq
-
-        from indexing.errors import CopyscanError
-        from search.results.sql import run_query
-
-        if len(args.runs) < 2:
-            raise CopyscanError('give the scan output(s), then the SQL: copyscan query RUN "SELECT ..."')
-        table = run_query(args.runs[:-1], args.runs[-1])
-        if args.out:
-            if args.out.endswith(".parquet"):
-                pq.write_table(table, args.out)
-            elif args.out.endswith(".csv"):
-                pcsv.write_csv(table, args.out)
-            elif args.out.endswith(".json"):
-                import json
-
-                with open(args.out, "w") as f:
-                    json.dump(table.to_pylist(), f, indent=1, default=str)
-            else:
-                raise CopyscanError(f"--out must end in .parquet, .csv or .json, not {args.out}")
-            print(f"{table.num_rows} row(s) written to {args.out}")
-            return
+    if len(args.runs) < 2:
+        raise CopyscanError('give the scan output(s), then the SQL: copyscan query RUN "SELECT ..."')
+    table = run_query(args.runs[:-1], args.runs[-1])
+    if args.out:
+        _write(table, args.out)
+        print(f"{table.num_rows} row(s) written to {args.out}")
+    else:
         print(_format(table, args.limit))
 
-    return run_job(args, body, use_ray=False)
+
+def _write(table: Any, out: str) -> None:
+    """``table`` (a pyarrow.Table) as .parquet, .csv or .json (a list of row objects), by ``out``'s suffix."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from indexing.errors import CopyscanError
+
+    if out.endswith(".parquet"):
+        pq.write_table(table, out)
+    elif out.endswith(".csv"):
+        pcsv.write_csv(table, out)
+    elif out.endswith(".json"):
+        import json
+
+        with open(out, "w") as f:
+            json.dump(table.to_pylist(), f, indent=1, default=str)
+    else:
+        raise CopyscanError(f"--out must end in .parquet, .csv or .json, not {out}")
 
 
 def _format(table, limit: int) -> str:
@@ -70,11 +73,15 @@ def _cell(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="query",
+    summary='SQL over scan results with DuckDB: copyscan query RUN [RUN ...] "SELECT ..."',
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+    uses_ray=False,
+    config_arguments=False,  # no config: the runs and the SQL are the whole input
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

@@ -10,51 +10,58 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from jobs._runtime import add_common_arguments, layers, run_job
+from jobs._runtime import Job, layers
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_url", metavar="RUN", help="URL of a finished scan output")
     parser.add_argument("--history", help="nightly history URL: adds the trend across checkpoints")
-    add_common_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _body(args: argparse.Namespace) -> None:
     from indexing.runtime.config import resolve
+    from search.report.config import ReportConfig
+    from search.report.run import run_report
 
-    def body() -> None:
-        from search.report.run import ReportConfig, run_report
+    given = {"run": args.run_url}
+    if args.history:
+        given["history"] = args.history
+    cfg = resolve(ReportConfig, *layers(args, given))
+    result = run_report(cfg)
+    print(_summary(result))
+    print(f"report written to {cfg.out_url}/report.html")
 
-        given = {"run": args.run_url}
-        if args.history:
-            given["history"] = args.history
-        cfg = resolve(ReportConfig, *layers(args, given))
-        result = run_report(cfg)
-        column = result["columns"][result["column"]]
-        for name in ("gen_train", "train_train"):
-            d = column[name]
-            above = ", ".join(
-                f">= {a['threshold']:.3g}: {a['fraction']:.2%} [{a['ci95'][0]:.2%}, {a['ci95'][1]:.2%}]"
-                for a in d["above"].values()
-            )
-            mean = "-" if d["mean"] is None else f"{d['mean']:.4f}"
-            print(f"{name:<11} {result['column']}: n={d['n']} mean={mean} {above}")
-        dup = result["duplicates"]
-        print(
-            f"duplicates (score >= {dup['radius']}): matched images {dup['matched']['mean']} on average "
-            f"({dup['matched']['images']} images), random {dup['random']['mean']} ({dup['random']['images']})"
+
+def _summary(result: dict[str, Any]) -> str:
+    """Both distributions of the report's lead column, and the duplicate counts, as printed lines."""
+    column = result["columns"][result["column"]]
+    lines = []
+    for name in ("gen_train", "train_train"):
+        d = column[name]
+        above = ", ".join(
+            f">= {a['threshold']:.3g}: {a['fraction']:.2%} [{a['ci95'][0]:.2%}, {a['ci95'][1]:.2%}]"
+            for a in d["above"].values()
         )
-        print(f"report written to {cfg.out_url}/report.html")
+        mean = "-" if d["mean"] is None else f"{d['mean']:.4f}"
+        lines.append(f"{name:<11} {result['column']}: n={d['n']} mean={mean} {above}")
+    dup = result["duplicates"]
+    lines.append(
+        f"duplicates (score >= {dup['radius']}): matched images {dup['matched']['mean']} on average "
+        f"({dup['matched']['images']} images), random {dup['random']['mean']} ({dup['random']['images']})"
+    )
+    return "\n".join(lines)
 
-    return run_job(args, body, use_ray=False)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+JOB = Job(
+    name="report",
+    summary="statistics (gen→train vs train→train), duplicates and a self-contained HTML report of a scan",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+    uses_ray=False,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(JOB.main())

@@ -16,17 +16,16 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from indexing.errors import CopyscanError
-from jobs._runtime import init_ray, setup_logging
+from jobs._runtime import Job, init_ray
 
 logger = logging.getLogger("copyscan")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output", help="local folder for everything the demo writes")
     parser.add_argument("--train-images", type=int, default=200, help="training images to download and index")
     parser.add_argument("--copies", type=int, default=16, help="generated images that copy a training image")
@@ -38,24 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
-    try:
-        report = run_demo(
-            Path(args.out),
-            args.train_images,
-            args.copies,
-            args.unrelated,
-            args.seed,
-            args.fresh,
-            args.ray_address,
-            args.num_cpus,
-        )
-    except CopyscanError as exc:
-        print(f"copyscan demo: error: {exc}", file=sys.stderr)
-        return 2
+def _body(args: argparse.Namespace) -> None:
+    report = run_demo(
+        Path(args.out),
+        args.train_images,
+        args.copies,
+        args.unrelated,
+        args.seed,
+        args.fresh,
+        args.ray_address,
+        args.num_cpus,
+    )
     print(report)
-    return 0
 
 
 def run_demo(
@@ -82,8 +75,22 @@ def run_demo(
     train, others = images[:n_train], images[n_train:]
     www = out / "www"
     staged = demo_data.stage_images(train, www)
-    dead = [www / "missing" / "dead-link-1.jpg", www / "missing" / "dead-link-2.jpg"]
+    downloads = _download(out, www, staged)
+    truth = demo_data.make_generated_images(
+        staged, others, str(out / "generated"), n_copies=n_copies, n_unrelated=n_unrelated, seed=seed
+    )
+    init_ray(ray_address, num_cpus)
+    manifest, summary = _index_and_scan(out)
+    key_of_source = demo_data.source_keys(str(out / "shards"))
+    return _report(out, truth, key_of_source, www, manifest, summary, downloads, time.time() - t0)
 
+
+def _download(out: Path, www: Path, staged: list[Path]) -> dict[str, dict[str, Any]]:
+    """img2dataset downloads the ``staged`` images (and two dead links) from a loopback server of ``www``
+    into ``out/shards``; returns its per-shard stats."""
+    from jobs.demo import data as demo_data
+
+    dead = [www / "missing" / "dead-link-1.jpg", www / "missing" / "dead-link-2.jpg"]
     shards_dir = out / "shards"
     with demo_data.serve_directory(www) as base_url:
         url_list = demo_data.write_url_list(staged + dead, base_url, str(out / "url_list.parquet"), root=www)
@@ -94,48 +101,49 @@ def run_demo(
             shards_dir,
         )
         demo_data.run_img2dataset(url_list, str(shards_dir), number_sample_per_shard=64, thread_count=8)
-    downloads = demo_data.read_shard_stats(str(shards_dir))
+    return demo_data.read_shard_stats(str(shards_dir))
 
-    generated = out / "generated"
-    truth = demo_data.make_generated_images(
-        staged, others, str(generated), n_copies=n_copies, n_unrelated=n_unrelated, seed=seed
-    )
 
+def _index_and_scan(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``copyscan index`` of ``out/shards`` and ``copyscan scan`` of ``out/generated``, default settings
+    (Ray started): (the index manifest, the scan summary)."""
     from indexing.index_config import IndexConfig
     from indexing.index_ray import run_index
     from indexing.runtime.config import resolve
     from search.scan_config import ScanConfig
     from search.scan_ray import run_scan
 
-    init_ray(ray_address, num_cpus)
-    index_cfg = resolve(IndexConfig, {"shards": str(shards_dir), "out": str(out / "index")})
+    index_cfg = resolve(IndexConfig, {"shards": str(out / "shards"), "out": str(out / "index")})
     manifest = run_index(index_cfg)
     scan_cfg = resolve(
-        ScanConfig, {"index": str(out / "index"), "queries": str(generated), "out": str(out / "scan")}
+        ScanConfig, {"index": str(out / "index"), "queries": str(out / "generated"), "out": str(out / "scan")}
     )
-    summary = run_scan(scan_cfg)
-    return _report(
-        out,
-        truth,
-        demo_data.source_keys(str(shards_dir)),
-        www,
-        manifest,
-        summary,
-        downloads,
-        time.time() - t0,
-    )
+    return manifest, run_scan(scan_cfg)
 
 
 def _report(out, truth, key_of_source, www, manifest, summary, downloads, seconds) -> str:
+    """The printed report: what was set up, each generated image's best match, where the outputs are;
+    writes ``out/demo_result.json``."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     matches = pq.read_table(out / "scan" / "matches")
     top = matches.filter(pc.equal(matches["rank"], 0)).to_pylist()
     best = {row["query_id"]: row for row in top}
+    lines, found = _match_lines(truth, best, key_of_source, www)
+    copies = [t for t in truth if t["is_copy"]]
+    (out / "demo_result.json").write_text(
+        json.dumps({"planted": len(copies), "found_at_rank0": found, "seconds": round(seconds, 1)}, indent=2)
+        + "\n"
+    )
+    header = _header(out, manifest, summary, downloads)
+    return "\n".join(header + lines + _footer(out, truth, best, found, seconds))
+
+
+def _match_lines(truth, best, key_of_source, www) -> tuple[list[str], int]:
+    """One line per generated image (verdict, what was planted, its top-1 match), and the copies found."""
     lines = []
     found = 0
-    copies = [t for t in truth if t["is_copy"]]
     for t in truth:
         row = best.get(t["file"])
         expected = (
@@ -151,14 +159,14 @@ def _report(out, truth, key_of_source, www, manifest, summary, downloads, second
         )
         planted = f"copy of {Path(t['source_image']).name}" if t["is_copy"] else "not in training set"
         lines.append(f"  {verdict} {t['file']:<14} {planted:<44} top-1: {match}")
-    copy_scores = sorted(best[t["file"]]["score_norm"] for t in copies if t["file"] in best)
-    other_scores = sorted(
-        best[t["file"]]["score_norm"] for t in truth if not t["is_copy"] and t["file"] in best
-    )
+    return lines, found
+
+
+def _header(out, manifest, summary, downloads) -> list[str]:
     failed_downloads = sum(
         s.get("failed_to_download", 0) + s.get("failed_to_resize", 0) for s in downloads.values()
     )
-    header = [
+    return [
         "",
         "copyscan demo",
         f"  img2dataset: {sum(s['successes'] for s in downloads.values())} images downloaded into "
@@ -169,7 +177,15 @@ def _report(out, truth, key_of_source, www, manifest, summary, downloads, second
         "",
         "generated image, what was planted, and its best match (train key, score, score_norm, caption):",
     ]
-    footer = [
+
+
+def _footer(out, truth, best, found, seconds) -> list[str]:
+    copies = [t for t in truth if t["is_copy"]]
+    copy_scores = sorted(best[t["file"]]["score_norm"] for t in copies if t["file"] in best)
+    other_scores = sorted(
+        best[t["file"]]["score_norm"] for t in truth if not t["is_copy"] and t["file"] in best
+    )
+    return [
         "",
         f"planted copies found at rank 0: {found}/{len(copies)}",
         f"top-1 score_norm of planted copies: min {copy_scores[0]:.3f}, median {copy_scores[len(copy_scores) // 2]:.3f}"
@@ -187,8 +203,14 @@ def _report(out, truth, key_of_source, www, manifest, summary, downloads, second
         f"  ground truth:          {out / 'generated' / 'ground_truth.json'}",
         f"  demo took {seconds:.0f} s",
     ]
-    (out / "demo_result.json").write_text(
-        json.dumps({"planted": len(copies), "found_at_rank0": found, "seconds": round(seconds, 1)}, indent=2)
-        + "\n"
-    )
-    return "\n".join(header + lines + footer)
+
+
+JOB = Job(
+    name="demo",
+    summary="the whole path offline on real images: img2dataset, index, scan, planted copies",
+    description=__doc__,
+    arguments=_arguments,
+    body=_body,
+    uses_ray=False,  # run_demo starts Ray itself, once the images are downloaded
+    config_arguments=False,  # its own flags; the index and scan run with default settings
+)

@@ -81,33 +81,11 @@ class ShardSearcher:
         self.index_url = index_url
         self.manifest = manifest
         self.cache = index_cache_dir(cache_dir, index_url, manifest)
-        entries = {e["index_shard"]: e for e in manifest["index_shards"]}
         self.indexes: dict[int, faiss.Index] = {}
         self.vectors: dict[int, np.ndarray] = {}  # embedding shard -> (n, d) float16 memmap
         self.metadata: dict[int, dict[str, np.ndarray]] = {}
         self.owner: dict[int, int] = {}  # embedding shard -> index shard
-        emb = {e["shard"]: e for e in manifest["embedding_shards"]}
-        for j in index_shards:
-            entry = entries[j]
-            path = _cached(
-                resolve(index_url, entry["path"]), os.path.join(self.cache, entry["path"]), storage_options
-            )
-            self.indexes[j] = _read_index_mmap(path)
-            for s in entry["embedding_shards"]:
-                self.owner[s] = j
-                vec_path = _cached(
-                    resolve(index_url, emb[s]["img_emb"]),
-                    os.path.join(self.cache, emb[s]["img_emb"]),
-                    storage_options,
-                )
-                self.vectors[s] = np.load(vec_path, mmap_mode="r")
-                if emb[s].get("metadata") is None:  # a region index: its images' metadata is the index's
-                    continue
-                self.metadata[s] = load_metadata(
-                    resolve(index_url, emb[s]["metadata"]),
-                    os.path.join(self.cache, emb[s]["metadata"]),
-                    storage_options,
-                )
+        self._load_shards(index_shards, storage_options)
         self.dim = int(manifest["dim"])
         # the shards of one trained index share its coarse quantizer: quantize each query block once
         self.coarse = SharedCoarse.of(list(self.indexes.values()))
@@ -127,14 +105,38 @@ class ShardSearcher:
             densities = self._per_shard("density", storage_options)
             self.density = {s: d[:, None] for s, d in densities.items()}  # (n, 1), like the norms
 
+    def _load_shards(
+        self, index_shards: Sequence[int], storage_options: storage.StorageOptions | None
+    ) -> None:
+        """Caches and opens each index shard (memory-mapped) and, for its embedding shards, the stored
+        vectors and the metadata columns; fills ``indexes``, ``owner``, ``vectors`` and ``metadata``."""
+        entries = {e["index_shard"]: e for e in self.manifest["index_shards"]}
+        emb = {e["shard"]: e for e in self.manifest["embedding_shards"]}
+        for j in index_shards:
+            entry = entries[j]
+            self.indexes[j] = _read_index_mmap(self._cached(entry["path"], storage_options))
+            for s in entry["embedding_shards"]:
+                self.owner[s] = j
+                self.vectors[s] = np.load(self._cached(emb[s]["img_emb"], storage_options), mmap_mode="r")
+                if emb[s].get("metadata") is None:  # a region index: its images' metadata is the index's
+                    continue
+                self.metadata[s] = load_metadata(
+                    resolve(self.index_url, emb[s]["metadata"]),
+                    os.path.join(self.cache, emb[s]["metadata"]),
+                    storage_options,
+                )
+
+    def _cached(self, rel: str, storage_options: storage.StorageOptions | None) -> str:
+        """Local path of the index's file ``rel`` (a path relative to the index), downloaded once."""
+        return _cached(resolve(self.index_url, rel), os.path.join(self.cache, rel), storage_options)
+
     def _per_shard(self, name: str, storage_options: storage.StorageOptions | None) -> dict[int, np.ndarray]:
         """Each embedding shard's ``<index dir>/<name>/<name>_NNNNN.npy`` (``layout.norms_url``,
         ``layout.density_url``), cached locally and memory-mapped."""
         out = {}
         for s in self.vectors:
             rel = f"{self.manifest['index']['dir']}/{name}/{name}_{s:05d}.npy"
-            path = _cached(resolve(self.index_url, rel), os.path.join(self.cache, rel), storage_options)
-            out[s] = np.load(path, mmap_mode="r")
+            out[s] = np.load(self._cached(rel, storage_options), mmap_mode="r")
         return out
 
     @property
@@ -212,49 +214,66 @@ class ShardSearcher:
             lists = []  # (owner, ids, cut) per shard: cut = the rows whose candidates may go on
             ranged = block[np.isfinite(tau[block]) & ~deep[block]]
             if len(ranged):
-                if assigned is not None:
-                    results = self.coarse.range_search(tuple(a[ranged] for a in assigned), tau[ranged])
-                else:
-                    results = [
-                        range_search_index(ix, xw[ranged], tau[ranged]) for ix in self.indexes.values()
-                    ]
-                for lims, D_ann, I_ann in results:
-                    owner, ids, _, more = capped(lims, D_ann, I_ann, cap)
-                    lists.append((ranged[owner], ids, ranged[more]))
+                lists += self._ranged_candidates(xw, ranged, tau[ranged], cap, assigned)
             if deep[block].any():
-                rows = block[deep[block]]
-                part = tuple(a[rows] for a in assigned) if assigned is not None else None
-                for I_top in self._candidates(xw[rows], cap, nprobe, part):
-                    r, c = np.nonzero(I_top >= 0)
-                    # a full list whose last (lowest) candidate still reaches the floor may go on
-                    full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))
-                    last = self.pair_scores(xw, rows[full], I_top[full, -1])
-                    lists.append((rows[r], I_top[r, c], rows[full[last >= above.lo[rows[full]]]]))
+                lists += self._deep_candidates(xw, block[deep[block]], above, cap, nprobe, assigned)
             for owner, ids, cut in lists:
                 truncated[cut] = True
-                new = ~(I[owner] == ids[:, None]).any(1)  # not one of the query's top k
-                owner, ids = owner[new], ids[new]
-                raw = self.gather(ids)
-                exact = self._pair_scores(raw, xw, owner, ids)
-                passing = exact >= above.lo[owner]
-                raw_scores = np.einsum("md,md->m", raw[passing], xq[owner[passing]])
-                found.append((owner[passing], ids[passing], exact[passing], raw_scores))
+                found.append(self._exact_above(xq, xw, I, owner, ids, above))
         if not found:
             return D, I, D_raw, truncated
-        owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
-        order = np.lexsort((-exact, owner))
-        owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
-        counts = np.bincount(owner, minlength=nq)
-        position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
-        truncated |= counts > above.extra
-        keep = position < above.extra
-        width = int(min(counts.max(initial=0), above.extra))
-        D_x = np.full((nq, width), -np.inf, dtype=np.float32)
-        I_x = np.full((nq, width), -1, dtype=np.int64)
-        R_x = np.full((nq, width), np.nan, dtype=np.float32)
-        at = (owner[keep], position[keep])
-        D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
-        return np.hstack([D, D_x]), np.hstack([I, I_x]), np.hstack([D_raw, R_x]), truncated
+        D_x, I_x, R_x, more = _extra_columns(found, nq, above.extra)
+        return np.hstack([D, D_x]), np.hstack([I, I_x]), np.hstack([D_raw, R_x]), truncated | more
+
+    def _ranged_candidates(
+        self, xw: np.ndarray, rows: np.ndarray, tau: np.ndarray, cap: int, assigned: tuple | None
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Range search of the queries ``xw[rows]`` down to their floors ``tau`` ((len(rows),)) in every
+        shard, each list cut to its ``cap`` best: [(owner, ids, cut)] per shard (owner: query rows of the
+        candidates, cut: the rows whose list was cut)."""
+        if assigned is not None:
+            results = self.coarse.range_search(tuple(a[rows] for a in assigned), tau)
+        else:
+            results = [range_search_index(ix, xw[rows], tau) for ix in self.indexes.values()]
+        lists = []
+        for lims, D_ann, I_ann in results:
+            owner, ids, _, more = capped(lims, D_ann, I_ann, cap)
+            lists.append((rows[owner], ids, rows[more]))
+        return lists
+
+    def _deep_candidates(
+        self,
+        xw: np.ndarray,
+        rows: np.ndarray,
+        above: Above,
+        cap: int,
+        nprobe: int,
+        assigned: tuple | None,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The approximate top ``cap`` of the queries ``xw[rows]`` (floors too low to range-search) in
+        every shard: [(owner, ids, cut)] per shard (cut: full lists whose last still reaches above.lo)."""
+        part = tuple(a[rows] for a in assigned) if assigned is not None else None
+        lists = []
+        for I_top in self._candidates(xw[rows], cap, nprobe, part):
+            r, c = np.nonzero(I_top >= 0)
+            # a full list whose last (lowest) candidate still reaches the floor may go on
+            full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))
+            last = self.pair_scores(xw, rows[full], I_top[full, -1])
+            lists.append((rows[r], I_top[r, c], rows[full[last >= above.lo[rows[full]]]]))
+        return lists
+
+    def _exact_above(
+        self, xq: np.ndarray, xw: np.ndarray, I: np.ndarray, owner: np.ndarray, ids: np.ndarray, above: Above
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The candidates (query ``owner``, stored ``ids``) not in their query's top k ``I`` whose exact
+        score reaches ``above.lo``: (owner, ids, exact scores, raw cosines), all (m,)."""
+        new = ~(I[owner] == ids[:, None]).any(1)  # not one of the query's top k
+        owner, ids = owner[new], ids[new]
+        raw = self.gather(ids)
+        exact = self._pair_scores(raw, xw, owner, ids)
+        passing = exact >= above.lo[owner]
+        raw_scores = np.einsum("md,md->m", raw[passing], xq[owner[passing]])
+        return owner[passing], ids[passing], exact[passing], raw_scores
 
     def rerank(
         self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
@@ -363,3 +382,24 @@ def _through_stages(dots: np.ndarray, terms: np.ndarray, norms: np.ndarray) -> n
         for stage in range(terms.shape[-1]):
             dots = (dots - terms[..., stage]) / norms[..., stage]
     return dots.astype(np.float32)
+
+
+def _extra_columns(
+    found: list[tuple[np.ndarray, ...]], nq: int, extra: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kept extras ``found`` ([(owner, ids, exact, raw)]) as columns to append to the top k: each
+    query's best ``extra`` by exact score, (D_x, I_x, R_x): (nq, width) float32 / int64 / float32 padded
+    with -inf / -1 / NaN, and (nq,) bool: the queries that had more than ``extra``."""
+    owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((-exact, owner))
+    owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
+    counts = np.bincount(owner, minlength=nq)
+    position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = position < extra
+    width = int(min(counts.max(initial=0), extra))
+    D_x = np.full((nq, width), -np.inf, dtype=np.float32)
+    I_x = np.full((nq, width), -1, dtype=np.int64)
+    R_x = np.full((nq, width), np.nan, dtype=np.float32)
+    at = (owner[keep], position[keep])
+    D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
+    return D_x, I_x, R_x, counts > extra

@@ -89,51 +89,72 @@ def max_clique(adj: np.ndarray, max_steps: int = 200_000) -> Clique:
     core = _core(adj, len(best))  # members of any larger clique
     if len(core) <= len(best):
         return Clique(tuple(best), True, 0)
+    vertices, neighbours = _bitsets(adj, core)
+    search = _BranchAndBound(neighbours, len(best), max_steps)
+    exact = True
+    try:
+        search.expand([], (1 << len(vertices)) - 1)
+    except _OutOfSteps:
+        exact = False
+    if search.members:
+        best = sorted(int(vertices[i]) for i in search.members)
+    return Clique(tuple(best), exact, int(search.steps))
+
+
+def _bitsets(adj: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The ``core`` vertices reordered, high degree first (the bitset's low bits are the vertices the
+    pivot rule sees most often), and each one's neighbours as a Python-int bitset over that order."""
     sub = adj[np.ix_(core, core)]
-    # high degree first: the bitset's low bits are the vertices the pivot rule sees most often
     order = np.argsort(-sub.sum(axis=1), kind="stable")
     sub = sub[np.ix_(order, order)]
-    vertices = core[order]
-    m = len(vertices)
-    neighbours = [int(sum(1 << int(j) for j in np.nonzero(sub[i])[0])) for i in range(m)]
-    state = {"best": len(best), "members": [], "steps": 0}
+    neighbours = [int(sum(1 << int(j) for j in np.nonzero(sub[i])[0])) for i in range(len(order))]
+    return core[order], neighbours
 
-    def expand(chosen: list[int], candidates: int) -> None:
-        state["steps"] += 1
-        if state["steps"] > max_steps:
+
+class _BranchAndBound:
+    """Bron–Kerbosch with Tomita pivoting on bitsets, pruned by ``|R| + |P| ≤ best``; raises _OutOfSteps
+    past ``max_steps`` calls. ``members``: the largest clique found above the initial ``best`` size
+    (positions in the bitset order), [] when none is larger."""
+
+    def __init__(self, neighbours: list[int], best: int, max_steps: int) -> None:
+        self.neighbours = neighbours
+        self.best = best
+        self.members: list[int] = []
+        self.steps = 0
+        self.max_steps = max_steps
+
+    def expand(self, chosen: list[int], candidates: int) -> None:
+        """Grows the clique ``chosen`` (R) from the bitset ``candidates`` (P)."""
+        self.steps += 1
+        if self.steps > self.max_steps:
             raise _OutOfSteps
         if not candidates:
-            if len(chosen) > state["best"]:
-                state["best"], state["members"] = len(chosen), list(chosen)
+            if len(chosen) > self.best:
+                self.best, self.members = len(chosen), list(chosen)
             return
-        if len(chosen) + candidates.bit_count() <= state["best"]:
+        if len(chosen) + candidates.bit_count() <= self.best:
             return
+        branch = candidates & ~self.neighbours[self._pivot(candidates)]
+        while branch:
+            low = branch & -branch
+            v = low.bit_length() - 1
+            branch ^= low
+            chosen.append(v)
+            self.expand(chosen, candidates & self.neighbours[v])
+            chosen.pop()
+            candidates &= ~low
+            if len(chosen) + candidates.bit_count() <= self.best:
+                return
+
+    def _pivot(self, candidates: int) -> int:
+        """The candidate with the most neighbours among ``candidates`` (the lowest bit on ties)."""
         pivot, most = -1, -1
         rest = candidates
         while rest:
             low = rest & -rest
             u = low.bit_length() - 1
             rest ^= low
-            count = (candidates & neighbours[u]).bit_count()
+            count = (candidates & self.neighbours[u]).bit_count()
             if count > most:
                 pivot, most = u, count
-        branch = candidates & ~neighbours[pivot]
-        while branch:
-            low = branch & -branch
-            v = low.bit_length() - 1
-            branch ^= low
-            chosen.append(v)
-            expand(chosen, candidates & neighbours[v])
-            chosen.pop()
-            candidates &= ~low
-            if len(chosen) + candidates.bit_count() <= state["best"]:
-                return
-
-    exact = True
-    try:
-        expand([], (1 << m) - 1)
-    except _OutOfSteps:
-        exact = False
-    if state["members"]:
-        best = sorted(int(vertices[i]) for i in state["members"])
-    return Clique(tuple(best), exact, int(state["steps"]))
+        return pivot

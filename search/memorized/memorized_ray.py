@@ -125,19 +125,45 @@ def run_memorized(cfg: MemorizedConfig) -> dict[str, Any]:
     groups = _groups(table)
     done = finished_tasks(cfg.out, so)
     todo = sorted(t for t in groups if t not in done)
+    _log_plan(cfg, table, groups, len(done), resumed)
+    failed = _run_groups(cfg, groups, todo)
+    markers = finished_tasks(cfg.out, so)
+    summary = _summary(cfg, len(groups), markers, failed, listing)
+    if not failed:
+        summary["top_flagged"] = _rank(cfg, len(groups))
+    summary["this_run"] = _this_run(todo, markers, time.time() - t0)
+    summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_json(layout.summary_url(cfg.out), summary, so)
+    if failed:
+        listing_text = "\n".join(f"  task {t:05d}: {err}" for t, err in failed)
+        raise CopyscanError(f"{len(failed)} task(s) failed; rerun to resume:\n{listing_text}")
+    return summary
+
+
+def _log_plan(
+    cfg: MemorizedConfig, table: pa.Table, groups: dict[int, list], done: int, resumed: bool
+) -> None:
     logger.info(
         "memorized: %s generations of %s prompts in %d task(s), %d already done%s; graph at %d px, edge < %g, "
         "flag cliques >= %d",
         f"{table.num_rows:,}",
         f"{sum(len(g) for g in groups.values()):,}",
         len(groups),
-        len(done),
+        done,
         " (resumed)" if resumed else "",
         cfg.graph_size,
         cfg.edge_threshold,
         cfg.min_clique,
     )
+
+
+def _run_groups(
+    cfg: MemorizedConfig, groups: dict[int, list[tuple[str, list[tuple[str, str]]]]], todo: list[int]
+) -> list[tuple[int, str]]:
+    """One Ray task per task number in ``todo`` (``discover.run_task``), retried; returns those that
+    still failed: [(task, error)]."""
     spec = GraphSpec.of(cfg)
+    so = cfg.storage_options
     progress = Progress("memorized", len(todo), unit="tasks", item="generations")
     remote = ray.remote(run_task).options(num_cpus=cfg.task_cpus)
     outcome = run_tasks(
@@ -148,43 +174,52 @@ def run_memorized(cfg: MemorizedConfig) -> dict[str, Any]:
         on_result=lambda t, marker: progress.update(1, marker["generations"]),
         describe=lambda t: f"memorized task {t:05d}",
     )
-    markers = finished_tasks(cfg.out, so)
-    summary: dict[str, Any] = {
+    return list(outcome.failed)
+
+
+def _summary(
+    cfg: MemorizedConfig,
+    tasks: int,
+    markers: dict[int, dict[str, Any]],
+    failed: list[tuple[int, str]],
+    listing: dict[str, Any],
+) -> dict[str, Any]:
+    """The summary's settings, task counts, failures, listing counts and the finished tasks' totals."""
+    return {
         "generations_spec": cfg.generations,
         "graph_size": cfg.graph_size,
         "tiles": cfg.tiles,
         "edge_threshold": cfg.edge_threshold,
         "min_clique": cfg.min_clique,
-        "tasks_total": len(groups),
+        "tasks_total": tasks,
         "tasks_done": len(markers),
-        "failed_tasks": [{"task": t, "error": err} for t, err in outcome.failed],
+        "failed_tasks": [{"task": t, "error": err} for t, err in failed],
         "listing": listing,
         **_totals(markers),
     }
-    if not outcome.failed:
-        ranked = merge_parts(cfg.out, len(groups), so)
-        storage.write_parquet(storage.join(cfg.out, layout.MEMORIZED_RESULT_NAME), ranked, so)
-        flagged = ranked.filter(ranked["flagged"])
-        summary["top_flagged"] = [
-            {k: r[k] for k in ("rank", "prompt", "clique_size", "mean_clique_distance", "clique_exact")}
-            for r in flagged.slice(0, 20).to_pylist()
-        ]
-    seconds = time.time() - t0
-    summary["this_run"] = {
+
+
+def _rank(cfg: MemorizedConfig, tasks: int) -> list[dict[str, Any]]:
+    """Merges the ``tasks`` parts into ``OUT/memorized.parquet`` (flagged first, ranked); returns the
+    top 20 flagged prompts for the summary."""
+    so = cfg.storage_options
+    ranked = merge_parts(cfg.out, tasks, so)
+    storage.write_parquet(storage.join(cfg.out, layout.MEMORIZED_RESULT_NAME), ranked, so)
+    flagged = ranked.filter(ranked["flagged"])
+    return [
+        {k: r[k] for k in ("rank", "prompt", "clique_size", "mean_clique_distance", "clique_exact")}
+        for r in flagged.slice(0, 20).to_pylist()
+    ]
+
+
+def _this_run(todo: list[int], markers: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The tasks run this time, their seconds and generations per second."""
+    done_now = sum(markers[t]["generations"] for t in todo if t in markers)
+    return {
         "tasks": len(todo),
         "seconds": round(seconds, 3),
-        "generations_per_second": round(
-            sum(markers[t]["generations"] for t in todo if t in markers) / seconds, 1
-        )
-        if seconds > 0
-        else None,
+        "generations_per_second": round(done_now / seconds, 1) if seconds > 0 else None,
     }
-    summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    storage.write_json(layout.summary_url(cfg.out), summary, so)
-    if outcome.failed:
-        listing_text = "\n".join(f"  task {t:05d}: {err}" for t, err in outcome.failed)
-        raise CopyscanError(f"{len(outcome.failed)} task(s) failed; rerun to resume:\n{listing_text}")
-    return summary
 
 
 def _totals(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:

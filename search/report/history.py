@@ -116,6 +116,14 @@ def read_history(history: str, so=None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["finished_at"], r["checkpoint"]))
 
 
+TREND_KEYS = ("checkpoint", "finished_at", "queries", "flagged", "rate", "rate_low", "rate_high")
+
+
+def trend(history: str, so=None) -> list[dict[str, Any]]:
+    """The report's trend across checkpoints: ``TREND_KEYS`` of every history row, oldest first."""
+    return [{k: r[k] for k in TREND_KEYS} for r in read_history(history, so)]
+
+
 def compare(row: dict[str, Any], other: dict[str, Any] | None, alpha: float) -> dict[str, Any] | None:
     """``row`` against an earlier run: rates, p-value of a rise, training images newly matched."""
     if other is None:

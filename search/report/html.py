@@ -308,7 +308,49 @@ def render(
     """The report page. ``result``: stats.json content; ``distributions``: column → (gen, train) values;
     ``rows``: gallery rows (matches columns + ``query_thumb``/``train_thumb`` data URLs or None)."""
     column = result["column"]
-    block = result["columns"][column]
+    parts = [
+        f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>copyscan report: {_e(result["run"])}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
+<body>
+<h1>copyscan report</h1>""",
+        _overview(result),
+        _summary(result["columns"][column], column),
+        f"<h2>Distributions</h2>\n{_stats_table(result['columns'])}",
+        "".join(
+            f"<h3>{_e(c)}</h3>{histogram_svg(g, t, f'density of {c}')}" for c, (g, t) in distributions.items()
+        ),
+        _duplicates(result["duplicates"]),
+        _trend(history),
+        "".join(extra_sections),
+        _gallery(result, rows),
+        f"""<script>{SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column)}}</script>
+</body></html>
+""",
+    ]
+    return "\n".join(parts)
+
+
+def _overview(result: dict[str, Any]) -> str:
+    """The table of what was reported: run, index, generations, the run's threshold, sample, date."""
+    threshold = result.get("run_threshold") or {}
+    threshold_text = (
+        f"{threshold['column']} ≥ {threshold['value']:.4f} ({threshold.get('name')})"
+        if "column" in threshold
+        else "none (no is_copy flag)"
+    )
+    return f"""<table class="kv">
+<tr><td>run</td><td>{_e(result["run"])}</td></tr>
+<tr><td>index</td><td>{_e(result["index"])} (build {_e(result.get("index_build_id"))}, {_e(result["embedder"])})</td></tr>
+<tr><td>generations</td><td>{result["generations"]} ({result["generations_matched"]} with a match)</td></tr>
+<tr><td>is_copy threshold of the run</td><td>{_e(threshold_text)}</td></tr>
+<tr><td>train→train sample</td><td>{result["train_sample"]} training images</td></tr>
+<tr><td>created</td><td>{_e(result["created_at"])}</td></tr>
+</table>"""
+
+
+def _summary(block: dict[str, Any], column: str) -> str:
+    """The lead column's fractions above each threshold as cards, and the mean shift."""
     cards = []
     for name, label in (("gen_train", "generations (top-1)"), ("train_train", "training sample (2nd-NN)")):
         d = block[name]
@@ -319,15 +361,17 @@ def render(
                 f"{a['ci95'][1]:.2%}] · {a['count']} of {d['n']}</div></div>"
             )
     shift = block["shift"]
-    threshold = result.get("run_threshold") or {}
-    threshold_text = (
-        f"{threshold['column']} ≥ {threshold['value']:.4f} ({threshold.get('name')})"
-        if "column" in threshold
-        else "none (no is_copy flag)"
-    )
-    dup = result["duplicates"]
+    return f"""<h2>Summary ({_e(column)})</h2>
+{"".join(cards)}
+<p>Mean shift gen→train − train→train: {_num(shift["mean_difference"], 4)}
+(95% CI [{_num(shift["ci95"][0], 4)}, {_num(shift["ci95"][1], 4)}]). A rightward shift of the generations'
+top-1 similarity against training images' nearest other training image signals copying (Somepalli et al.).</p>"""
 
-    def dup_row(name: str) -> str:
+
+def _duplicates(dup: dict[str, Any]) -> str:
+    """Near-duplicate counts of the matched and of random training images."""
+
+    def row(name: str) -> str:
         d = dup[name]
         return (
             f"<tr><td>{_e(name)}</td><td>{d['images']}</td><td>{_num(d['mean'], 2)}</td>"
@@ -335,53 +379,37 @@ def render(
             f"<td>{_num(d['with_duplicates'], 3)}</td></tr>"
         )
 
-    hist = "".join(
-        f"<h3>{_e(c)}</h3>{histogram_svg(g, t, f'density of {c}')}" for c, (g, t) in distributions.items()
+    return f"""<h2>Duplicates</h2>
+<p>Near-duplicates in the index of each training image (score ≥ {dup["radius"]}); matched = {_e(dup["matched_rule"])}.</p>
+<table><tr><th>images</th><th>n</th><th>mean duplicates</th><th>median</th><th>max</th>
+<th>share with ≥ 1</th></tr>{row("matched")}{row("random")}</table>"""
+
+
+def _trend(history: Sequence[dict[str, Any]]) -> str:
+    """The replication rate across checkpoints (plot and table); "" without a history."""
+    if not history:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(r['checkpoint'])}</td><td>{_e(r['finished_at'])}</td><td>{r['queries']}</td>"
+        f"<td>{r['flagged']}</td><td>{r['rate']:.2%} [{r['rate_low']:.2%}, {r['rate_high']:.2%}]</td></tr>"
+        for r in history
     )
-    trend = ""
-    if history:
-        trend_rows = "".join(
-            f"<tr><td>{_e(r['checkpoint'])}</td><td>{_e(r['finished_at'])}</td><td>{r['queries']}</td>"
-            f"<td>{r['flagged']}</td><td>{r['rate']:.2%} [{r['rate_low']:.2%}, {r['rate_high']:.2%}]</td></tr>"
-            for r in history
-        )
-        trend = (
-            f"<h2>Trend across checkpoints</h2>{trend_svg(history)}<table><tr><th>checkpoint</th>"
-            f"<th>finished</th><th>generations</th><th>flagged</th><th>rate [95% CI]</th></tr>{trend_rows}</table>"
-        )
+    return (
+        f"<h2>Trend across checkpoints</h2>{trend_svg(history)}<table><tr><th>checkpoint</th>"
+        f"<th>finished</th><th>generations</th><th>flagged</th><th>rate [95% CI]</th></tr>{rows}</table>"
+    )
+
+
+def _gallery(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The gallery's controls, its empty table and its data (rows and thumbnails as JSON); ``SCRIPT``
+    fills the table."""
+    column = result["column"]
     options = "".join(
         f'<option value="{c}"{" selected" if c == column else ""}>{c}</option>' for c in result["columns"]
     )
     rows, thumbs = _shared_thumbnails(rows)
     missing = ", ".join(f"{k}: {v}" for k, v in sorted(result.get("gallery_missing", {}).items())) or "none"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>copyscan report: {_e(result["run"])}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
-<body>
-<h1>copyscan report</h1>
-<table class="kv">
-<tr><td>run</td><td>{_e(result["run"])}</td></tr>
-<tr><td>index</td><td>{_e(result["index"])} (build {_e(result.get("index_build_id"))}, {_e(result["embedder"])})</td></tr>
-<tr><td>generations</td><td>{result["generations"]} ({result["generations_matched"]} with a match)</td></tr>
-<tr><td>is_copy threshold of the run</td><td>{_e(threshold_text)}</td></tr>
-<tr><td>train→train sample</td><td>{result["train_sample"]} training images</td></tr>
-<tr><td>created</td><td>{_e(result["created_at"])}</td></tr>
-</table>
-<h2>Summary ({_e(column)})</h2>
-{"".join(cards)}
-<p>Mean shift gen→train − train→train: {_num(shift["mean_difference"], 4)}
-(95% CI [{_num(shift["ci95"][0], 4)}, {_num(shift["ci95"][1], 4)}]). A rightward shift of the generations'
-top-1 similarity against training images' nearest other training image signals copying (Somepalli et al.).</p>
-<h2>Distributions</h2>
-{_stats_table(result["columns"])}
-{hist}
-<h2>Duplicates</h2>
-<p>Near-duplicates in the index of each training image (score ≥ {dup["radius"]}); matched = {_e(dup["matched_rule"])}.</p>
-<table><tr><th>images</th><th>n</th><th>mean duplicates</th><th>median</th><th>max</th>
-<th>share with ≥ 1</th></tr>{dup_row("matched")}{dup_row("random")}</table>
-{trend}
-{"".join(extra_sections)}
-<h2>Gallery</h2>
+    return f"""<h2>Gallery</h2>
 <p>{result["gallery_rows"]} best matches; thumbnails inlined for the first {result["gallery_thumbnails"]};
 images not shown: {_e(missing)}.</p>
 <div class="controls">
@@ -397,7 +425,4 @@ images not shown: {_e(missing)}.</p>
 <th>is_copy</th><th class="sortable" data-key="query_id">query_id</th><th>train_key</th><th>caption / URL</th></tr>
 </thead><tbody id="gallery-body"></tbody></table>
 <script type="application/json" id="gallery-data">{_json_for_script(rows)}</script>
-<script type="application/json" id="thumb-data">{_json_for_script(thumbs)}</script>
-<script>{SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column)}}</script>
-</body></html>
-"""
+<script type="application/json" id="thumb-data">{_json_for_script(thumbs)}</script>"""

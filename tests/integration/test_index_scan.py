@@ -484,8 +484,8 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
         shutil.copy(folder / t["file"], target / t["file"])
     history = str(tmp_path / "history")
     common = ["--index", index_url, "--history", history, "--alpha", "0.05"]
-    assert nightly.main(["--checkpoint", "ckpt-a", "--generations", str(clean), *common]) == 0
-    status = nightly.main(
+    assert nightly.JOB.main(["--checkpoint", "ckpt-a", "--generations", str(clean), *common]) == 0
+    status = nightly.JOB.main(
         ["--checkpoint", "ckpt-b", "--generations", str(copying), "--baseline", "ckpt-a", *common]
     )
     report = json.loads((tmp_path / "history" / "regression" / "ckpt-b.json").read_text())
@@ -503,20 +503,20 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
     assert "Trend across checkpoints" in page and "ckpt-a" in page and '<svg class="trend"' in page
     # an index without calibration gives no rate: a clear error, exit status 2
     bare = ["--checkpoint", "c", "--generations", str(clean), "--index", local_index[0], "--history", history]
-    assert nightly.main(bare) == 2
+    assert nightly.JOB.main(bare) == 2
 
 
 def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page, tmp_path):
     """copyscan report: Somepalli statistics, duplicates, and a self-contained page that works in Chromium."""
     from jobs import report as report_job
     from search.report import html
-    from search.report.run import _thumbnail
+    from search.report.gallery import thumbnail
 
     index_url = calibrated[0]
     folder, truth = generated
     run = str(tmp_path / "scan")
     summary = scan(index_url, str(folder), run)
-    assert report_job.main([run, "train_sample=60", "resamples=200"]) == 0
+    assert report_job.JOB.main([run, "train_sample=60", "resamples=200"]) == 0
     out = Path(run) / "report"
     result = json.loads((out / "stats.json").read_text())
     threshold = summary["threshold"]
@@ -571,7 +571,7 @@ def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page
         row["caption"] = "</script><b>not markup</b>" if i == 0 else row["caption"]
         rows.append(row)
     # the best row shows a local copy: both thumbnails with the matched boxes drawn on them
-    thumb = _thumbnail((folder / truth[0]["file"]).read_bytes(), 96)
+    thumb = thumbnail((folder / truth[0]["file"]).read_bytes(), 96)
     rows[-1].update(
         query_thumb=thumb, train_thumb=thumb, query_box=[0.1, 0.2, 0.5, 0.6], train_box=[0, 0, 1, 1]
     )

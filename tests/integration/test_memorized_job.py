@@ -49,7 +49,7 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
 
     out = str(tmp_path / "out")
     args = ["--generations", str(folder), "--out", out, "prompts_per_task=2", "max_in_flight=2"]
-    assert job.main(args) == 0
+    assert job.JOB.main(args) == 0
     summary = json.loads((Path(out) / "summary.json").read_text())
     assert summary["prompts"] == 6 and summary["generations"] == len(rows) and summary["flagged"] == 1
     assert summary["tasks_total"] == 3 and summary["errors"] == {"source_unreadable": 1}
@@ -72,7 +72,7 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     assert all(f.data for f in fetched.values()) and len(fetched) == 12
     # the HTML report's section: every clique member inlined, the prompt as text
     from search.report import html
-    from search.report.run import thumbnails
+    from search.report.gallery import thumbnails
 
     thumbs = thumbnails([(m["source"], m["key"]) for m in members], 64)
     section = html.memorized_section(out, report, thumbs, per_prompt=16)
@@ -80,12 +80,12 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     assert "clique of 12 among 15 generations" in section
 
     # resume: nothing to do; a task whose marker is lost is redone, and only that one
-    assert job.main(args) == 0
+    assert job.JOB.main(args) == 0
     assert json.loads((Path(out) / "summary.json").read_text())["this_run"]["tasks"] == 0
     (Path(out) / "tasks" / "task_00001.json").unlink()
-    assert job.main(args) == 0
+    assert job.JOB.main(args) == 0
     redone = json.loads((Path(out) / "summary.json").read_text())
     assert redone["this_run"]["tasks"] == 1 and redone["flagged"] == 1
     assert pq.read_table(Path(out) / "memorized.parquet").equals(table)
     # changed settings are refused on resume
-    assert job.main([*args, "edge_threshold=0.1"]) == 2
+    assert job.JOB.main([*args, "edge_threshold=0.1"]) == 2

@@ -86,7 +86,7 @@ def test_kuberay_rayjob_runs_the_index_entrypoint_on_gpu_and_cpu_workers():
     spec = job["spec"]
     assert spec["rayClusterSpec"]["rayVersion"] == _dockerfile_args()["RAY_VERSION"]
     parser = argparse.ArgumentParser()
-    index.add_arguments(parser)
+    index.JOB.add_arguments(parser)
     parsed = parser.parse_args(_entrypoint_args(spec["entrypoint"], "jobs.index"))
     assert parsed.shards.startswith("s3://") and parsed.out.startswith("s3://")
     groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
@@ -112,6 +112,6 @@ def test_nightly_cronjob_submits_a_valid_nightly_command():
     command = pod["containers"][0]["args"][0]
     assert "ray job submit" in command and "--runtime-env infra/runtime_env.yaml" in command
     parser = argparse.ArgumentParser()
-    nightly.add_arguments(parser)
+    nightly.JOB.add_arguments(parser)
     parsed = parser.parse_args(_entrypoint_args(command, "jobs.nightly"))
     assert parsed.index.startswith("s3://") and parsed.history.startswith("s3://") and parsed.baseline

@@ -59,10 +59,10 @@ def test_merge_cli_and_an_index_rerun_keeps_the_merged_layout(tmp_path):
     stats = write_collection(out, clustered(2_000, d, 50, rng), 500)
     _, manifest = build(out, stats, d, factory="IVF16,PQ4np", max_shard_vectors=500)
     storage.write_json(storage.join(out, layout.MANIFEST_NAME), manifest)
-    assert merge_job.main(["--index", out, "max_shard_vectors=1000"]) == 0
+    assert merge_job.JOB.main(["--index", out, "max_shard_vectors=1000"]) == 0
     merged = storage.read_json(storage.join(out, layout.MANIFEST_NAME))
     assert [e["merged_from"] for e in merged["index_shards"]] == [[0, 1], [2, 3]]
-    assert merge_job.main(["--index", out, "max_shard_vectors=0"]) == 2  # validated up front
+    assert merge_job.JOB.main(["--index", out, "max_shard_vectors=0"]) == 2  # validated up front
     # what a rerun of copyscan index builds from the unmerged shard markers: the merge is kept ...
     assert keep_merged_layout(merged, manifest)["index_shards"] == merged["index_shards"]
     # ... but not for another build, or when the shards changed (a new shard was indexed)

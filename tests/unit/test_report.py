@@ -6,7 +6,8 @@ from test_build_search import build, clustered, write_collection
 
 from indexing.store import layout
 from search.report import html, stats
-from search.report.run import ReportConfig, near_duplicates, sample_ids, train_train
+from search.report.config import ReportConfig
+from search.report.neighbours import near_duplicates, sample_ids, train_train
 
 
 def test_histogram_counts_everything_and_integrates_to_the_share_inside():

@@ -1,0 +1,79 @@
+"""The job runner: one declaration per job gives ``copyscan CMD`` and ``python -m jobs.CMD`` the same flags,
+exit statuses (2 for a CopyscanError, the body's own otherwise) and Ray start-up."""
+
+import argparse
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from indexing.errors import CopyscanError
+from jobs import _runtime, cli
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY_JOBS = {
+    "index",
+    "scan",
+    "nightly",
+    "memorized",
+}  # the others run in the driver (calibrate: partial=N only)
+
+
+def test_every_job_module_declares_its_copyscan_command():
+    modules = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_")) + ["demo"]
+    modules.remove("cli")
+    assert sorted(cli.JOBS) == sorted(modules)
+    for name in modules:
+        job = importlib.import_module(f"jobs.{name}").JOB
+        assert cli.JOBS[name] is job and job.name == name and job.description
+    assert {name for name, job in cli.JOBS.items() if job.uses_ray} == RAY_JOBS
+
+
+def _job(body, uses_ray=False):
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--flag")
+
+    return _runtime.Job("probe", "a probe", "A probe job.", arguments, body, uses_ray=uses_ray)
+
+
+def test_runner_exit_statuses_and_error_message(capsys):
+    def fails(args):
+        raise CopyscanError(f"bad flag {args.flag}")
+
+    assert _job(fails).main(["--flag", "x"]) == 2
+    assert "copyscan: error: bad flag x" in capsys.readouterr().err
+    assert _job(lambda args: 3).main([]) == 3  # a job's own status (nightly's regression)
+    assert _job(lambda args: None).main(["k=1"]) == 0
+    with pytest.raises(ValueError):  # anything but a CopyscanError is a bug: it propagates
+        _job(lambda args: int("x")).main([])
+
+
+def test_runner_starts_ray_before_the_body_only_when_declared(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        _runtime, "init_ray", lambda address, num_cpus: calls.append(("ray", address, num_cpus))
+    )
+
+    def body(args):
+        calls.append(("body", args.overrides))
+
+    assert _job(body, uses_ray=True).main(["--ray-address", "ray://h:1", "--num-cpus", "2", "k=1"]) == 0
+    assert _job(body).main([]) == 0
+    assert calls == [("ray", "ray://h:1", 2), ("body", ["k=1"]), ("body", [])]
+
+
+def test_copyscan_runs_the_job_it_names(capsys):
+    assert cli.main(["query", "only-a-run"]) == 2  # the query job's own check: no SQL given
+    assert "then the SQL" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["query", "--no-such-flag", "a", "b"])
+
+
+def test_copyscan_help_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in cli.JOBS) and "90%/99%" in done.stdout
