@@ -62,7 +62,7 @@ class ScanConfig:
     density_neighbours: int = 0
     density_alpha: float = 0.5
 
-    # Partial copies (search/regions/local.py): search the index's region index with windows of every query.
+    # Partial copies (search/regions/): search the index's region index with windows of every query.
     # "auto": when the index has one (copyscan index regions=true); "on": fail without one; "off".
     regions: str = "auto"
     region_query_grid: str = ""  # windows (indexing/models/regions.py grid spec); "" = the index's
@@ -79,7 +79,7 @@ class ScanConfig:
     # Costs up to region_refine forward passes and global searches per query. 0 = off
     region_refine: int = 5
     # Sliding windows, searched in the global index like the frames: squares of these sides (fractions of
-    # the query's shorter side; search/regions/local.py slide_boxes), a third of a side apart, e.g. "0.5,0.4":
+    # the query's shorter side; search/regions/geometry.py slide_boxes), a third of a side apart, e.g. "0.5,0.4":
     # 52 windows on a square query, 88 on a 3:2 one (forward passes and global searches); "WxH" entries
     # are rectangles: "0.5,0.4,0.45x0.3,0.3x0.45" is 132 windows on a square query, 212 on a 3:2 one. They
     # put the source among the best 10 images for more pasted copies (98 instead of 91 of 120 with the
@@ -193,6 +193,17 @@ class ScanConfig:
         }
 
     def validate(self) -> None:
+        problems = (
+            self._search_problems()
+            + self._threshold_problems()
+            + self._verify_problems()
+            + self._region_problems()
+        )
+        if problems:
+            raise CopyscanError("invalid scan config: " + "; ".join(problems))
+
+    def _search_problems(self) -> list[str]:
+        """Mode, sizes, re-ranking depth and pools."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
@@ -210,6 +221,11 @@ class ScanConfig:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
         if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
             problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        return problems
+
+    def _threshold_problems(self) -> list[str]:
+        """``radius`` and ``partial_threshold``."""
+        problems = []
         if str(self.radius) != "":
             if str(self.radius) in ("none", "somepalli", "duplicate"):
                 problems.append(
@@ -233,6 +249,11 @@ class ScanConfig:
                     f"partial_threshold must be p90, p99, none or a value of the partial answer's score, "
                     f"not {self.partial_threshold!r}"
                 )
+        return problems
+
+    def _verify_problems(self) -> list[str]:
+        """Pixel verification and its density normalisation."""
+        problems = []
         if not 0 <= self.verify_pixels <= self.k:
             problems.append(
                 f"verify_pixels must be between 0 (off) and k ({self.k}), not {self.verify_pixels}"
@@ -258,6 +279,11 @@ class ScanConfig:
             )
         elif self.density_neighbours and not self.verify_pixels:
             problems.append("density_neighbours scores verified matches: set verify_pixels >= 1")
+        return problems
+
+    def _region_problems(self) -> list[str]:
+        """Partial copies: region search, refinement, sliding windows, dense verification."""
+        problems = []
         if self.regions not in ("auto", "on", "off"):
             problems.append(f"regions must be auto, on or off, not {self.regions!r}")
         if self.region_density_beta < 0:
@@ -274,5 +300,4 @@ class ScanConfig:
             parse_slide(self.region_slide)
         except CopyscanError as exc:
             problems.append(str(exc))
-        if problems:
-            raise CopyscanError("invalid scan config: " + "; ".join(problems))
+        return problems

@@ -102,9 +102,7 @@ def make_partial_queries(
 
 def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.ndarray]) -> dict[str, Any]:
     """Paste, scan and score (module docstring); the ``partial`` entry of the calibration report."""
-    from search.results.matches import open_matches
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from search.results.dataset import open_matches
 
     so = cfg.storage_options
     if not manifest.get("regions"):
@@ -123,35 +121,10 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
     queries = storage.join(work, "queries")
     truth, skipped, counts = make_partial_queries(cfg, manifest, rows, queries)
     storage.write_json(spec_url, spec, so)
-    scan_cfg = resolve(
-        ScanConfig,
-        cfg.partial_scan,
-        {
-            "index": cfg.index,
-            "queries": queries,
-            "out": storage.join(work, "scan"),
-            "threshold": "none",
-            "partial_threshold": "none",
-            "regions": "on",
-            "cache_dir": cfg.cache_dir,
-            "storage_options": so,
-        },
-    )
-    logger.info(
-        "calibrate: scanning %d pasted copies and %d pasted outside images (%s)",
-        counts["copies"],
-        counts["negatives"],
-        ", ".join(f"{k}={v}" for k, v in sorted(cfg.partial_scan.items())),
-    )
-    summary = run_scan(scan_cfg)
+    scan_cfg, summary = _scan_pasted(cfg, queries, storage.join(work, "scan"), counts)
     settings = partial_settings(scan_cfg, manifest)
     answers = partial_answers(open_matches(storage.join(work, "scan"), so).to_table(), settings)
-    positives = [q for q, key in truth.items() if key is not None]
-    negatives = [q for q, key in truth.items() if key is None]
-    top = np.array([answers.get(q, (None, -np.inf))[1] for q in positives], dtype=np.float64)
-    correct = np.array([answers.get(q, (None, 0))[0] == truth[q] for q in positives])
-    other = np.array([answers.get(q, (None, -np.inf))[1] for q in negatives], dtype=np.float64)
-    table, named = precision_table(top, correct, other, cfg.prevalence)
+    correct, table, named = _score_answers(truth, answers, cfg.prevalence)
     rank, score = answer_columns(settings)
     return {
         **counts,
@@ -164,3 +137,46 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
         "scan": storage.join(work, "scan"),
         "scan_seconds": summary["this_run"]["seconds"],
     }
+
+
+def _scan_pasted(cfg: Any, queries: str, out: str, counts: dict[str, int]) -> tuple[Any, dict[str, Any]]:
+    """Scan the pasted generations in ``queries`` into ``out`` on Ray with ``cfg.partial_scan`` (no flags):
+    (the scan's resolved config, its summary)."""
+    from search.scan_config import ScanConfig
+    from search.scan_ray import run_scan
+
+    scan_cfg = resolve(
+        ScanConfig,
+        cfg.partial_scan,
+        {
+            "index": cfg.index,
+            "queries": queries,
+            "out": out,
+            "threshold": "none",
+            "partial_threshold": "none",
+            "regions": "on",
+            "cache_dir": cfg.cache_dir,
+            "storage_options": cfg.storage_options,
+        },
+    )
+    logger.info(
+        "calibrate: scanning %d pasted copies and %d pasted outside images (%s)",
+        counts["copies"],
+        counts["negatives"],
+        ", ".join(f"{k}={v}" for k, v in sorted(cfg.partial_scan.items())),
+    )
+    return scan_cfg, run_scan(scan_cfg)
+
+
+def _score_answers(
+    truth: dict[str, str | None], answers: dict[str, tuple[str, float]], prevalence: float
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, float | None]]:
+    """(correct (copies,) bool, precision table, named thresholds) of the generations' partial answers:
+    a pasted copy's answer is right when it is its source; an outside paste's answer is a false match."""
+    positives = [q for q, key in truth.items() if key is not None]
+    negatives = [q for q, key in truth.items() if key is None]
+    top = np.array([answers.get(q, (None, -np.inf))[1] for q in positives], dtype=np.float64)
+    correct = np.array([answers.get(q, (None, 0))[0] == truth[q] for q in positives])
+    other = np.array([answers.get(q, (None, -np.inf))[1] for q in negatives], dtype=np.float64)
+    table, named = precision_table(top, correct, other, prevalence)
+    return correct, table, named

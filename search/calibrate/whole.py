@@ -80,19 +80,12 @@ def _copies(
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
+    """Copy training images, search the copies, and store the thresholds in ``calibration.json`` and the
+    manifest (module docstring); returns the calibration report."""
     so = cfg.storage_options
     t0 = time.time()
     manifest = load_manifest(cfg.index, so)
-    if manifest["embedder"]["name"] == "laion-clip":
-        raise CopyscanError(
-            f"{cfg.index} was imported from precomputed embeddings: it has no images to copy for calibration; "
-            "scan with threshold=<score_norm value> (or calibrate an index of the same images built from shards)"
-        )
-    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
-    embedder = load_embedder(
-        manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
-    )
-    check_embedder(manifest, embedder.spec)
+    embedder = _load_embedder(cfg, manifest)
 
     def keys_of(shard: int) -> list[str]:
         entry = next(e for e in manifest["embedding_shards"] if e["shard"] == shard)
@@ -111,23 +104,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
             "the thresholds are optimistic (recorded as whitening_images_reused)"
         )
     xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg)
-    searcher = ShardSearcher(
-        cfg.index, manifest, [e["index_shard"] for e in manifest["index_shards"]], cfg.cache_dir, so
-    )
-    result = searcher.search(xq, 2, cfg.candidates, cfg.nprobe or int(manifest["index"].get("nprobe") or 0))
-    normaliser = ScoreNormaliser(cfg.index, manifest, 1.0, so)
-    norm_top = normaliser(xq, result.D, result.I)
-    # the best match that is not the source, normalised as if the source were in neither index nor background
-    correct = result.I[:, 0] == sources
-    other = np.where(correct, 1, 0)
-    rows_idx = np.arange(len(xq))
-    I_other = result.I[rows_idx, other][:, None]
-    D_other = result.D[rows_idx, other][:, None]
-    norm_other = normaliser(xq, D_other, I_other, exclude=sources)[:, 0]
-    scores = {
-        "score": (result.D[:, 0], D_other[:, 0]),
-        "score_norm": (norm_top[:, 0], norm_other),
-    }
+    correct, scores = _copy_scores(cfg, manifest, xq, sources)
     report: dict[str, Any] = {
         "build_id": manifest["build_id"],
         "images": int(len(xq)),
@@ -149,6 +126,54 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
         report["partial"] = calibrate_partial(cfg, manifest, partial_rows)
     report["seconds"] = round(time.time() - t0, 1)
+    _write(cfg, manifest, report)
+    return report
+
+
+def _load_embedder(cfg: CalibrateConfig, manifest: dict[str, Any]):
+    """The index's embedder (its weights unless ``cfg.weights``), checked against the manifest."""
+    if manifest["embedder"]["name"] == "laion-clip":
+        raise CopyscanError(
+            f"{cfg.index} was imported from precomputed embeddings: it has no images to copy for calibration; "
+            "scan with threshold=<score_norm value> (or calibrate an index of the same images built from shards)"
+        )
+    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
+    embedder = load_embedder(
+        manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
+    )
+    check_embedder(manifest, embedder.spec)
+    return embedder
+
+
+def _copy_scores(
+    cfg: CalibrateConfig, manifest: dict[str, Any], xq: np.ndarray, sources: np.ndarray
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Search the copies ``xq`` (n, d) float32 of the training images ``sources`` (n,) int64 packed ids in the
+    whole index: (correct (n,) bool: the top-1 is the source, {score column: (top-1 scores (n,), scores of the
+    best match that is not the source (n,))}), the latter normalised as if the source were in neither the
+    index nor the background sample."""
+    so = cfg.storage_options
+    searcher = ShardSearcher(
+        cfg.index, manifest, [e["index_shard"] for e in manifest["index_shards"]], cfg.cache_dir, so
+    )
+    result = searcher.search(xq, 2, cfg.candidates, cfg.nprobe or int(manifest["index"].get("nprobe") or 0))
+    normaliser = ScoreNormaliser(cfg.index, manifest, 1.0, so)
+    norm_top = normaliser(xq, result.D, result.I)
+    correct = result.I[:, 0] == sources
+    other = np.where(correct, 1, 0)
+    rows_idx = np.arange(len(xq))
+    I_other = result.I[rows_idx, other][:, None]
+    D_other = result.D[rows_idx, other][:, None]
+    norm_other = normaliser(xq, D_other, I_other, exclude=sources)[:, 0]
+    return correct, {
+        "score": (result.D[:, 0], D_other[:, 0]),
+        "score_norm": (norm_top[:, 0], norm_other),
+    }
+
+
+def _write(cfg: CalibrateConfig, manifest: dict[str, Any], report: dict[str, Any]) -> None:
+    """``calibration.json``, then the manifest's ``calibration`` entry (what a scan reads)."""
+    so = cfg.storage_options
     storage.write_json(layout.calibration_url(cfg.index), report, so)
     manifest["calibration"] = {
         k: report[k]
@@ -159,7 +184,6 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         manifest["calibration"]["partial"] = {k: report["partial"][k] for k in keys}
     manifest["calibration"]["path"] = layout.CALIBRATION_NAME
     storage.write_json(storage.join(cfg.index, layout.MANIFEST_NAME), manifest, so)
-    return report
 
 
 def _table_line(name: str, row: dict[str, Any], width: int) -> str:
