@@ -29,9 +29,14 @@ class IndexConfig:
     batch_size: int = 64
     max_image_pixels: int = 64_000_000  # larger images are rejected ("too_large") before decoding
     min_image_side: int = 8  # smaller images are rejected ("too_small")
-    embed_actors: int = 0  # 0 = one per GPU, or one per 4 CPUs on a CPU-only cluster
+    # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
+    # shard; N = N actors
+    embed_actors: int = 0
     embed_actor_cpus: float = 0.5
-    embed_actor_gpus: float = -1.0  # -1 = 1 if the cluster has GPUs, else 0
+    # -1 = 1 if the cluster has GPUs or its autoscaler can start a GPU node, else 0 (CPU actors)
+    embed_actor_gpus: float = -1.0
+    max_gpus: float = 0  # GPUs the embedding actors may hold in all; 0 = no limit
+    actor_start_timeout: float = 900.0  # seconds a pool waits for its first actor to start (node boots)
     embed_concurrency: int = 2  # shards in flight per embedding actor (decode of one overlaps the next)
     decode_cpus: float = 0.5  # CPUs per decode task
     torch_threads: int = 0  # 0 = Ray's default for the actor

@@ -19,7 +19,7 @@ from indexing.build.merge_shards import keep_merged_layout
 from indexing.build.planner import IndexPlan, plan_index
 from indexing.embed import clip_import
 from indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
-from indexing.embed.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
+from indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
 from indexing.embed.stage import finished_shards
 from indexing.errors import CopyscanError
 from indexing.index_config import IndexConfig
@@ -27,8 +27,9 @@ from indexing.models import clip
 from indexing.models.embedder import spec_fingerprint
 from indexing.models.regions import RegionSpec, parse_grid
 from indexing.read.shardlist import expand_shards
+from indexing.runtime import cluster_ray
 from indexing.runtime.config import to_dict
-from indexing.runtime.pool_ray import run_pool, run_tasks
+from indexing.runtime.pool_ray import run_tasks
 from indexing.runtime.progress import timed
 from indexing.runtime.resumable import Item, Stage, run_stage
 from indexing.store import layout, storage
@@ -174,22 +175,24 @@ def _region_spec(cfg: IndexConfig) -> RegionSpec | None:
 
 
 def _task_slots(cfg: IndexConfig) -> int:
-    """CPU tasks of ``fill_cpus`` each that the cluster runs at once."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.fill_cpus))
+    """CPU tasks of ``fill_cpus`` each that the cluster runs at once now (re-read by the task stream as
+    nodes join); at least one, whose pending demand makes an autoscaler start a node."""
+    return max(1, int(cluster_ray.alive()[0] // cfg.fill_cpus))
 
 
 def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[int, dict[str, Any]]:
     """Every tar shard → embedding shard, on a pool of embedding actors; finished ones are skipped."""
     done = finished_shards(cfg.out, cfg.storage_options)
     _check_embedded(cfg, shards, done, fingerprint)
-    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
+    todo = len(shards) - len(done)
+    size = embed_pool(todo, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus)
     make_actor = functools.partial(
         make_embed_actor,
         embedder=cfg.embedder,
         weights=cfg.weights,
         options=cfg.embedder_options,
         num_cpus=cfg.embed_actor_cpus,
-        num_gpus=num_gpus,
+        num_gpus=size.num_gpus,
         concurrency=cfg.embed_concurrency,
         torch_threads=cfg.torch_threads,
         decode_cpus=cfg.decode_cpus,
@@ -198,7 +201,13 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
     limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
     submit = functools.partial(_submit_embed, cfg, len(shards), limits, _region_spec(cfg))
     runner = functools.partial(
-        run_pool, make_actor, num_actors, submit=submit, per_actor=cfg.embed_concurrency
+        cluster_ray.run_growing_pool,
+        size,
+        "embed",
+        make_actor,
+        submit=submit,
+        per_actor=cfg.embed_concurrency,
+        start_timeout=cfg.actor_start_timeout,
     )
     items = list(enumerate(shards))
     return run_stage(EMBED, items, done, runner, retries=cfg.retries, report=_log_rejections)

@@ -108,9 +108,14 @@ class ScanConfig:
     batch_size: int = 64
     max_image_pixels: int = 64_000_000
     min_image_side: int = 8
-    embed_actors: int = 0  # 0 = one per GPU, or one per 4 CPUs on a CPU-only cluster
+    # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
+    # query chunk; N = N actors
+    embed_actors: int = 0
     embed_actor_cpus: float = 0.5
+    # -1 = 1 if the cluster has GPUs or its autoscaler can start a GPU node, else 0 (CPU actors)
     embed_actor_gpus: float = -1.0
+    max_gpus: float = 0  # GPUs the embedding actors may hold in all; 0 = no limit
+    actor_start_timeout: float = 900.0  # seconds a pool waits for its first actor to start (node boots)
     embed_concurrency: int = 2
     decode_cpus: float = 0.5
     torch_threads: int = 0

@@ -24,9 +24,10 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from indexing.embed.embed_ray import embed_pool_size, embedder_spec_remote, make_embed_actor
+from indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
 from indexing.errors import CopyscanError
-from indexing.runtime.pool_ray import TaskStream, run_pool
+from indexing.runtime import cluster_ray
+from indexing.runtime.pool_ray import TaskStream
 from indexing.runtime.progress import Progress
 from search.ann.normalise import ScoreNormaliser, whiten
 from search.ann.radius import Above
@@ -132,11 +133,10 @@ class Fanout:
         self.regions = regions
         self.k = k or cfg.k
         self.candidates, self.nprobe = max(settings["candidates"], self.k), settings["nprobe"]
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        wanted = cfg.scan_actors or max(1, int(cpus // 2))
+        wanted = cfg.scan_actors or max(1, int(cluster_ray.alive()[0] // 2))
         self.groups = assign_shards(manifest, wanted)
         self.actors = [self._start(g) for g in self.groups]
-        ntotal = ray.get([a.ready.remote() for a in self.actors])
+        ntotal = self._wait_ready()
         logger.info(
             "scan: %d %sscan actor(s) hold %s vectors: %s",
             len(self.actors),
@@ -144,6 +144,30 @@ class Fanout:
             f"{sum(ntotal):,}",
             self.groups,
         )
+
+    def _wait_ready(self) -> list[int]:
+        """Each actor's vector count once all have started (on an autoscaling cluster their pending demand
+        starts the nodes they need; an actor whose node is lost meanwhile is started again); CopyscanError
+        after ``actor_start_timeout`` seconds."""
+        deadline = time.monotonic() + self.cfg.actor_start_timeout
+        counts: list[int | None] = [None] * len(self.actors)
+        while None in counts:
+            refs = {self.actors[i].ready.remote(): i for i, n in enumerate(counts) if n is None}
+            ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=deadline - time.monotonic())
+            for ref in ready:
+                try:
+                    counts[refs[ref]] = ray.get(ref)
+                except RayActorError:
+                    logger.warning("scan: a scan actor died while starting; starting it again")
+                    self.actors[refs[ref]] = self._start(self.groups[refs[ref]])
+            if waiting and time.monotonic() >= deadline:
+                self.close()
+                raise CopyscanError(
+                    f"{len(waiting)} of {len(self.actors)} scan actor(s) of {self.cfg.scan_actor_cpus:g} CPU could "
+                    f"not start in {self.cfg.actor_start_timeout:.0f} s: the cluster has no room for them and its "
+                    "autoscaler (if any) started no node; lower scan_actors or raise actor_start_timeout"
+                )
+        return [int(n) for n in counts]
 
     def _start(self, group: list[int]):
         return (
@@ -255,7 +279,9 @@ def _run_steps(setup: ScanSetup, index: Fanout, region_index: Fanout | None) -> 
     cfg = setup.cfg
     normalise = ScoreNormaliser(cfg.index, setup.manifest, cfg.beta, cfg.storage_options)
     search = SearchStep(index, normalise, cfg.k, setup.radius, cfg.radius_max, cfg.radius_margin)
-    num_actors, num_gpus = embed_pool_size(cfg.embed_actors, cfg.embed_actor_gpus)
+    size = embed_pool(
+        len(setup.todo), cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
+    )
     written = functools.partial(
         chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries")
     )
@@ -267,11 +293,13 @@ def _run_steps(setup: ScanSetup, index: Fanout, region_index: Fanout | None) -> 
         build_id=setup.manifest["build_id"],
         errors=(CopyscanError, RayActorError, OSError),
     )
-    outcome = run_pool(
-        functools.partial(_embed_actor, setup, num_gpus),
-        num_actors,
+    outcome = cluster_ray.run_growing_pool(
+        size,
+        "scan: embed",
+        functools.partial(_embed_actor, setup, size.num_gpus),
         setup.todo,
         EmbedStep.of(setup),
+        start_timeout=cfg.actor_start_timeout,
         per_actor=cfg.embed_concurrency,
         retries=cfg.retries,
         on_result=lambda chunk, embedded, actor: chunk_scan(chunk, embedded, _crop_embedder(actor)),
@@ -319,8 +347,7 @@ class VerifiedWrites:
     """
 
     def __init__(self, cfg: ScanConfig, verify: ChunkVerifier, on_written: Callable[[dict[str, Any]], None]):
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        in_flight = cfg.verify_in_flight or max(1, int(2 * cpus / cfg.verify_cpus))
+        in_flight = cfg.verify_in_flight or functools.partial(_verify_slots, cfg.verify_cpus)
         self.verify_ref = ray.put(verify)  # once, not per chunk: the manifest inside can be large
         self.remote = ray.remote(write_chunk).options(num_cpus=cfg.verify_cpus)
         self.on_written = on_written
@@ -333,7 +360,9 @@ class VerifiedWrites:
             keep_results=False,
         )
         logger.info(
-            "scan: verification in Ray tasks of %g CPU, at most %d at once", cfg.verify_cpus, in_flight
+            "scan: verification in Ray tasks of %g CPU, at most %s at once",
+            cfg.verify_cpus,
+            in_flight if isinstance(in_flight, int) else "2 per alive CPU",
         )
 
     def __call__(self, chunk: QueryChunk, args: dict[str, Any]) -> None:
@@ -350,3 +379,8 @@ class VerifiedWrites:
     def finish(self) -> Failures:
         """Wait for every task; the chunks whose verification or write failed for good, with the error."""
         return [(chunk, error) for (chunk, _), error in self.stream.finish().failed]
+
+
+def _verify_slots(verify_cpus: float) -> int:
+    """Verification tasks at once: two per ``verify_cpus`` of the CPUs alive now (so the driver runs ahead)."""
+    return max(1, int(2 * cluster_ray.alive()[0] / verify_cpus))

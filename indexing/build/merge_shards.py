@@ -16,12 +16,11 @@ from typing import Any
 
 import faiss
 
-from indexing.store import layout
-from indexing.store import storage
 from indexing.build.ivf import read_index, write_index
-from indexing.errors import CopyscanError
-from indexing.store.manifest import resolve
 from indexing.build.planner import group_shards
+from indexing.errors import CopyscanError
+from indexing.store import layout, storage
+from indexing.store.manifest import resolve
 
 MERGED_DIR = "merged"
 

@@ -9,6 +9,7 @@ writes the shard's outputs and finally its stats marker. Several calls run concu
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,10 +23,14 @@ from indexing.models.embedder import make_preprocess
 from indexing.models.embedders import load_embedder
 from indexing.models.regions import RegionSpec
 from indexing.read.reader import iter_image_files, iter_tar
+from indexing.runtime import cluster_ray
+from indexing.runtime.cluster_ray import PoolSize
 from indexing.store import storage
 
 # Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
 PREFETCH_BATCHES = 4
+# A CPU embedding actor per this many CPUs: its model runs on one thread, the other CPUs decode.
+CPUS_PER_CPU_ACTOR = 4.0
 
 
 def _decode_source(
@@ -76,7 +81,18 @@ class EmbedWorker:
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            # Ray gave this actor a GPU resource, but the node has no CUDA device torch can use (a node type
+            # that declares GPUs it does not have, or a CPU build of torch): embed on the CPU instead.
+            # Printed, not logged: one line per actor in the driver's log, the same from every such actor,
+            # which Ray's log deduplication shows once.
+            print(
+                "copyscan: an embedding actor holds a GPU but torch sees no CUDA device: embedding on CPU",
+                file=sys.stderr,
+            )
+            device = "cpu"
         self.embedder = load_embedder(embedder, weights, device, options)
+        self.device = device
         self.decode_cpus = decode_cpus
         self.storage_options = storage_options
 
@@ -203,18 +219,20 @@ def embedder_spec_remote(name: str, weights: str | None, options: dict[str, Any]
     return load_embedder(name, weights, "cpu", options).spec
 
 
-def embed_pool_size(embed_actors: int, embed_actor_gpus: float) -> tuple[int, float]:
-    """(actors, GPUs per actor) for an embedding pool on the connected cluster.
+def embed_pool(
+    items: int, embed_actors: int, embed_actor_gpus: float, embed_actor_cpus: float, max_gpus: float = 0.0
+) -> PoolSize:
+    """The embedding pool for ``items`` work items (shards, query chunks) on the connected cluster.
 
-    ``embed_actor_gpus`` < 0 means one GPU each when the cluster has GPUs, else CPU actors.
-    ``embed_actors`` 0 means one per GPU, or on a CPU-only cluster one per 4 CPUs (each actor's model
-    runs on one thread; the other CPUs decode).
+    ``embed_actor_gpus`` < 0 (auto): actors of one GPU when the cluster has GPUs or its autoscaler can start a
+    node with one (``cluster_ray.gpus_possible``), else CPU actors. ``embed_actors`` > 0: that many actors;
+    0: one per alive GPU (GPU actors) or per 4 alive CPUs (CPU actors: the other CPUs decode), growing as
+    nodes join; either way at most one per item and, for GPU actors, ``max_gpus`` GPUs in all (0: no limit).
     """
-    resources = ray.cluster_resources()
-    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
-    num_gpus = embed_actor_gpus if embed_actor_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+    num_gpus = embed_actor_gpus if embed_actor_gpus >= 0 else (1.0 if cluster_ray.gpus_possible() else 0.0)
+    cap = max(1, items)
+    if num_gpus > 0 and max_gpus > 0:
+        cap = min(cap, max(1, int(max_gpus // num_gpus)))
     if embed_actors:
-        return embed_actors, num_gpus
-    if num_gpus > 0:
-        return max(1, int(gpus / num_gpus)), num_gpus
-    return max(1, int(cpus // 4)), 0.0
+        return PoolSize(min(cap, embed_actors), num_gpus, actor_cpus=embed_actor_cpus, fixed=True)
+    return PoolSize(cap, num_gpus, CPUS_PER_CPU_ACTOR, embed_actor_cpus)

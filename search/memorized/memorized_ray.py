@@ -19,8 +19,9 @@ import ray
 
 from indexing.errors import CopyscanError
 from indexing.read.shardlist import expand_queries
+from indexing.runtime import cluster_ray
 from indexing.runtime.config import to_dict
-from indexing.runtime.pool_ray import run_tasks
+from indexing.runtime.pool_ray import Size, run_tasks
 from indexing.runtime.progress import Progress
 from indexing.store import layout, storage
 from indexing.store.outputs import claim_output
@@ -39,11 +40,11 @@ from search.memorized.discover import (
 logger = logging.getLogger("copyscan")
 
 
-def _max_in_flight(cfg: MemorizedConfig) -> int:
+def _max_in_flight(cfg: MemorizedConfig) -> Size:
+    """Tasks at once: ``max_in_flight``, or two per ``task_cpus`` of the CPUs alive (re-read as nodes join)."""
     if cfg.max_in_flight:
         return cfg.max_in_flight
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(1, int(2 * cpus / cfg.task_cpus))
+    return lambda: max(1, int(2 * cluster_ray.alive()[0] / cfg.task_cpus))
 
 
 def plan(cfg: MemorizedConfig) -> tuple[pa.Table, dict[str, Any]]:

@@ -70,3 +70,74 @@ def test_run_pool_hands_on_result_the_actor_and_can_drop_results(ray_session):
         lambda: ray.remote(Doubler).options(num_cpus=0.25).remote(), 1, [5], lambda a, x: a.double.remote(x)
     )
     assert kept.results == [(5, 10)]
+
+
+def _echo_class():
+    class Echo:  # nested: pickled by value, so workers need not import tests
+        def echo(self, x: int) -> int:
+            return x
+
+    return Echo
+
+
+def test_run_pool_gives_work_only_to_started_actors_and_grows(ray_session):
+    """An actor the cluster cannot place (a resource no node has) gets no work: the others do it all; a size
+    function read again as the run goes grows the pool; the peak counts started actors."""
+    import ray
+
+    from indexing.runtime.pool_ray import run_pool
+
+    made = []
+
+    def make_actor():
+        options = {"num_cpus": 0.25, "resources": {"nowhere": 1}} if not made else {"num_cpus": 0.25}
+        made.append(options)
+        return ray.remote(_echo_class()).options(**options).remote()
+
+    sizes = iter([2, 2, 3])
+    outcome = run_pool(make_actor, lambda: next(sizes, 3), list(range(12)), lambda a, x: a.echo.remote(x))
+    assert sorted(x for x, _ in outcome.results) == list(range(12)) and outcome.failed == []
+    assert made[0] == {"num_cpus": 0.25, "resources": {"nowhere": 1}}  # started, never placed, never used
+    assert 1 <= outcome.peak_actors <= len(made) - 1
+
+
+def test_run_pool_stops_when_no_actor_can_start(ray_session):
+    import pytest
+    import ray
+
+    from indexing.errors import CopyscanError
+    from indexing.runtime.pool_ray import run_pool
+
+    def nowhere():
+        return ray.remote(_echo_class()).options(num_cpus=0.25, resources={"nowhere": 1}).remote()
+
+    with pytest.raises(CopyscanError, match="no actor could start in 3 s, so 2 item"):
+        run_pool(nowhere, 2, [1, 2], lambda a, x: a.echo.remote(x), start_timeout=3)
+
+    class Broken:  # its constructor raises, as a model whose weights are missing does
+        def __init__(self):
+            raise RuntimeError("no weights here")
+
+        def echo(self, x):
+            return x
+
+    with pytest.raises(CopyscanError, match="3 actors failed to start.*no weights here"):
+        run_pool(
+            lambda: ray.remote(Broken).options(num_cpus=0.25).remote(), 1, [1], lambda a, x: a.echo.remote(x)
+        )
+
+
+def test_task_stream_follows_a_size_function(ray_session):
+    import ray
+
+    from indexing.runtime import pool_ray
+
+    remote = ray.remote(lambda x: x).options(num_cpus=0.1)
+    limits = iter([1, 1, 3])
+    stream = pool_ray.TaskStream(remote.remote, max_in_flight=lambda: next(limits, 3))
+    stream.sized -= pool_ray.RESIZE_S  # re-read at the next item
+    peak = 0
+    for x in range(6):
+        stream.add(x)
+        peak = max(peak, len(stream.in_flight))
+    assert sorted(r for _, r in stream.finish().results) == list(range(6)) and peak <= 3
