@@ -1,5 +1,5 @@
 """The ``copyscan`` command: ``index``, ``merge``, ``scan``, ``calibrate``, ``nightly``, ``report``,
-``memorized``, ``query`` and ``demo``, built from each job module's ``JOB`` declaration.
+``memorized``, ``query``, ``submit`` and ``demo``, built from each job module's ``JOB`` declaration.
 
 Job modules import their libraries (torch, Ray, faiss) inside their bodies, so declaring every command
 here costs no heavy import: only the command run loads what it needs.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan
+from jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan, submit
 from jobs._runtime import Job
 
 JOBS: dict[str, Job] = {
@@ -24,6 +24,7 @@ JOBS: dict[str, Job] = {
         report.JOB,
         memorized.JOB,
         query.JOB,
+        submit.JOB,
         demo.JOB,
     )
 }

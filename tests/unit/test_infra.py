@@ -27,12 +27,9 @@ def test_ray_cluster_yaml_is_a_valid_autoscaling_cluster_without_credentials():
         assert worker["min_workers"] == 0 < worker["max_workers"] <= config["max_workers"]
     for node in nodes.values():  # credentials come from the instance profile only
         assert "IamInstanceProfile" in node["node_config"]
-    setup = "\n".join(config["setup_commands"])
-    makefile = (REPO / "Makefile").read_text()
-    torch_spec = re.search(r"TORCH_SPEC \?= (\S+)", makefile).group(1)
-    assert (
-        torch_spec in setup and "pip install -e ." in setup
-    )  # the same torch as everywhere, then the project
+    # every node runs the project's image: nothing pip-installed at boot
+    assert config["docker"]["image"].endswith("/copyscan:TAG") and config["docker"]["container_name"]
+    assert "pip" not in "\n".join(config["setup_commands"] + config.get("worker_setup_commands", []))
     head_start = "\n".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # no unauthenticated dashboard on the network
 
@@ -65,7 +62,19 @@ def test_dockerfile_pins_what_the_project_pins_and_copies_what_exists():
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
-    assert "pip install --no-cache-dir ." in text and "faiss-gpu" in text
+    assert 'pip install --no-cache-dir ".[gpu]"' in text and "uninstall" not in text
+
+
+def test_faiss_comes_from_an_extra_cpu_or_gpu():
+    """faiss-cpu and faiss-gpu give the same module: each is an extra, so a GPU image installs .[gpu] instead of
+    uninstalling one; the Makefile installs .[cpu]."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("faiss") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert extras["cpu"][0].startswith("faiss-cpu") and extras["gpu"][0].startswith("faiss-gpu")
+    assert "-e '.[cpu,dev]'" in (REPO / "Makefile").read_text()
 
 
 def _entrypoint_args(command: str, module: str) -> list[str]:
@@ -97,10 +106,21 @@ def test_kuberay_rayjob_runs_the_index_entrypoint_on_gpu_and_cpu_workers():
     ]
     assert all(t["spec"]["serviceAccountName"] == "copyscan" for t in templates)  # IRSA, no keys
     assert len({t["spec"]["containers"][0]["image"] for t in templates}) == 1
+    # autoscaling from zero worker pods: the pools' demand starts them
+    assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    assert all(g["replicas"] == 0 == g["minReplicas"] < g["maxReplicas"] for g in groups.values())
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_the_nightly_raycluster_is_the_index_jobs_cluster():
+    cluster = yaml.safe_load((REPO / "infra" / "k8s" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((REPO / "infra" / "k8s" / "rayjob-index.yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and cluster["metadata"]["name"] == "copyscan"
+    assert cluster["spec"] == job["spec"]["rayClusterSpec"]  # one cluster spec, written twice, kept equal
 
 
 def test_nightly_cronjob_submits_a_valid_nightly_command():
-    from jobs import nightly
+    from jobs import nightly, submit
 
     text = (REPO / "infra" / "k8s" / "nightly-cronjob.yaml").read_text()
     assert not SECRET.search(text)
@@ -110,8 +130,20 @@ def test_nightly_cronjob_submits_a_valid_nightly_command():
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "copyscan"
     command = pod["containers"][0]["args"][0]
-    assert "ray job submit" in command and "--runtime-env infra/runtime_env.yaml" in command
+    # copyscan submit, not ray job submit: the pod exits 3 on a regression and not on an error
+    submit_args = _entrypoint_args(command.split(" -- ")[0], "jobs.submit")
+    parser = argparse.ArgumentParser()
+    submit.JOB.add_arguments(parser)
+    parsed = parser.parse_args(submit_args)
+    cluster = yaml.safe_load((REPO / "infra" / "k8s" / "raycluster.yaml").read_text())
+    assert parsed.address == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    assert parsed.runtime_env == "infra/runtime_env.yaml"
     parser = argparse.ArgumentParser()
     nightly.JOB.add_arguments(parser)
     parsed = parser.parse_args(_entrypoint_args(command, "jobs.nightly"))
     assert parsed.index.startswith("s3://") and parsed.history.startswith("s3://") and parsed.baseline
+    rules = cron["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "submit", "operator": "In", "values": [3]},
+    } in rules

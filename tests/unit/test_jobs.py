@@ -77,3 +77,16 @@ def test_copyscan_help_runs():
     )
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in cli.JOBS) and "90%/99%" in done.stdout
+
+
+def test_submit_exits_with_the_entrypoints_own_status():
+    from jobs.submit import exit_status
+
+    assert exit_status("SUCCEEDED", None) == 0
+    message = (
+        "Job entrypoint command failed with exit code 3, last available logs (truncated to 20,000 chars):"
+    )
+    assert exit_status("FAILED", message) == 3  # nightly's regression, told apart from a crash
+    assert exit_status("FAILED", "Job entrypoint command failed with exit code 2") == 2
+    assert exit_status("FAILED", "Job supervisor actor died") == 1
+    assert exit_status("STOPPED", None) == 1
