@@ -9,6 +9,7 @@ from indexing.errors import CopyscanError
 from indexing.models.embedders import DEFAULT_EMBEDDER
 from indexing.models.regions import MODES as REGION_MODES
 from indexing.models.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
+from indexing.runtime.devices import DEVICES
 
 MODES = ("resume", "overwrite")
 WHITENINGS = ("learned", "pca", "none")
@@ -51,6 +52,12 @@ class IndexConfig:
     recall_target: float = 0.95  # recall@10 after re-ranking that nprobe and the re-rank depth aim at
     nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
     fill_cpus: float = 1.0  # CPUs per index-fill task
+    # The training task's GPUs (k-means of the coarse quantizer): -1 = 1 for an IVF index when the cluster has
+    # GPUs or its autoscaler can start a GPU node, else 0
+    train_gpus: float = -1.0
+    # What runs the coarse k-means: auto (faiss-gpu, else torch on a CUDA device, else the CPU), cpu, faiss-gpu,
+    # torch (indexing/build/clustering.py)
+    train_device: str = "auto"
     # "learned": whitening learned from pairs (image, augmented copy) made while embedding, so the directions
     # along which copies move count less; "pca": shrunk PCA-whitening of the database vectors; "none".
     # See indexing/build/postprocess.py and the README's evaluation.
@@ -122,6 +129,8 @@ class IndexConfig:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.train_device not in DEVICES:
+            problems.append(f"train_device must be one of {', '.join(DEVICES)}, not {self.train_device!r}")
         for name in ("embed_actor_cpus", "decode_cpus", "fill_cpus"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

@@ -290,8 +290,13 @@ def _train_once(
     if storage.exists(url, cfg.storage_options):
         logger.info("train: %s exists, reusing it", url)
         return storage.read_json(layout.train_info_url(out, plan.factory), cfg.storage_options)
+    gpus = cfg.train_gpus
+    if gpus < 0:
+        gpus = 1.0 if plan.factory.startswith("IVF") and cluster_ray.gpus_possible() else 0.0
+    if gpus > 0:
+        logger.info("train: the coarse k-means of %s on a task of %g GPU", plan.factory, gpus)
     return ray.get(
-        _train.options(num_cpus=cfg.fill_cpus).remote(
+        _train.options(num_cpus=cfg.fill_cpus, num_gpus=gpus).remote(
             out,
             plan.factory,
             counts,
@@ -304,6 +309,7 @@ def _train_once(
             seed=cfg.seed,
             storage_options=cfg.storage_options,
             whitening_from=whitening_from,
+            train_device=cfg.train_device,
         )
     )
 

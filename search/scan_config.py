@@ -8,6 +8,7 @@ from typing import Any
 from indexing.errors import CopyscanError
 from indexing.index_config import MODES
 from indexing.models.regions import parse_slide
+from indexing.runtime.devices import DEVICES
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ class ScanConfig:
 
     scan_actors: int = 0  # 0 = min(index shards, CPUs / 2)
     scan_actor_cpus: float = 0.5
+    # GPUs per scan actor (0: CPU actors). An actor holding one finds each query block's nearest inverted
+    # lists there (search/ann/coarse.py: nq x nlist dot products, most of a query's FLOPs at LAION's
+    # nlist); the lists themselves are scanned on the CPU, from the memory-mapped shards
+    scan_actor_gpus: float = 0.0
+    # what runs the coarse assignment: auto (faiss-gpu, else torch on the actor's CUDA device, else the
+    # CPU), cpu, faiss-gpu, torch (indexing/runtime/devices.py)
+    search_device: str = "auto"
     cache_dir: str = ""  # local cache for index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan
     retries: int = 2
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -226,6 +234,10 @@ class ScanConfig:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
         if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
             problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        if self.scan_actor_gpus < 0:
+            problems.append("scan_actor_gpus must be >= 0")
+        if self.search_device not in DEVICES:
+            problems.append(f"search_device must be one of {', '.join(DEVICES)}, not {self.search_device!r}")
         return problems
 
     def _threshold_problems(self) -> list[str]:

@@ -54,7 +54,8 @@ logger = logging.getLogger("copyscan")
 
 class ScanWorker:
     """Actor body: a ShardSearcher over some index shards (a RegionSearcher over region index shards when
-    ``regions``: ``manifest`` is then the region index's)."""
+    ``regions``: ``manifest`` is then the region index's), its coarse assignment on ``device``
+    (ScanConfig.search_device: a GPU when the actor holds one and ``auto``)."""
 
     def __init__(
         self,
@@ -65,16 +66,23 @@ class ScanWorker:
         storage_options,
         regions: bool = False,
         density_beta: float = 0.0,
+        device: str = "cpu",
     ):
         if regions:
             self.searcher = RegionSearcher(
-                index_url, manifest, index_shards, cache_dir, storage_options, density_beta
+                index_url, manifest, index_shards, cache_dir, storage_options, density_beta, device
             )
         else:
-            self.searcher = ShardSearcher(index_url, manifest, index_shards, cache_dir, storage_options)
+            self.searcher = ShardSearcher(
+                index_url, manifest, index_shards, cache_dir, storage_options, device=device
+            )
 
     def ready(self) -> int:
         return self.searcher.ntotal
+
+    def device(self) -> str:
+        """Where this actor's coarse assignment runs (``cpu``, ``faiss-gpu``, ``torch:cuda``, ...)."""
+        return self.searcher.device
 
     def search(
         self, xq: np.ndarray, k: int, candidates: int, nprobe: int, above: Above | None = None
@@ -138,11 +146,12 @@ class Fanout:
         self.actors = [self._start(g) for g in self.groups]
         ntotal = self._wait_ready()
         logger.info(
-            "scan: %d %sscan actor(s) hold %s vectors: %s",
+            "scan: %d %sscan actor(s) hold %s vectors: %s; coarse assignment on %s",
             len(self.actors),
             "region " if regions else "",
             f"{sum(ntotal):,}",
             self.groups,
+            ", ".join(sorted(set(ray.get([a.device.remote() for a in self.actors])))),
         )
 
     def _wait_ready(self) -> list[int]:
@@ -172,7 +181,7 @@ class Fanout:
     def _start(self, group: list[int]):
         return (
             ray.remote(ScanWorker)
-            .options(num_cpus=self.cfg.scan_actor_cpus)
+            .options(num_cpus=self.cfg.scan_actor_cpus, num_gpus=self.cfg.scan_actor_gpus)
             .remote(
                 self.cfg.index,
                 self.manifest,
@@ -181,6 +190,7 @@ class Fanout:
                 self.cfg.storage_options,
                 self.regions,
                 self.cfg.region_density_beta if self.regions else 0.0,
+                self.cfg.search_device,
             )
         )
 

@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexing.build.clustering import prepare_training, training_device
 from indexing.build.postprocess import (
     apply_whitening,
     fit_learned_whitening,
@@ -102,6 +103,7 @@ def train_phase(
     seed: int = 0,
     storage_options: storage.StorageOptions | None = None,
     whitening_from: str | None = None,
+    train_device: str = "auto",
 ) -> dict[str, Any]:
     """Learn everything the index needs from one sample of its vectors, and write it.
 
@@ -115,7 +117,8 @@ def train_phase(
     sample; see indexing/build/postprocess.py),
     ``background.npz`` (``background_size`` whitened sample vectors with their ids, for score
     normalisation), ``train.json`` (what was used, also returned) and, last, ``trained.index`` (trained on
-    the whitened sample): its presence means the phase is complete.
+    the whitened sample, its coarse k-means on ``train_device``: ``indexing.build.clustering``): its presence
+    means the phase is complete.
     """
     if whitening not in ("learned", "pca", "none"):
         raise CopyscanError(f"whitening must be 'learned', 'pca' or 'none', not {whitening!r}")
@@ -142,7 +145,7 @@ def train_phase(
     info["background_vectors"] = _write_background(
         layout.background_url(out, factory), xw, ids, background_size, seed, storage_options
     )
-    index = train_index(factory, xw[: max(train_size, 1)], seed)
+    index = train_index(factory, xw[: max(train_size, 1)], seed, train_device, info)
     info["train_vectors"] = int(min(len(xw), max(train_size, 1)))
     storage.write_json(layout.train_info_url(out, factory), info, storage_options)
     write_index(index, layout.trained_index_url(out, factory), storage_options)
@@ -208,8 +211,12 @@ def _write_background(
     return int(len(order))
 
 
-def train_index(factory: str, xt: np.ndarray, seed: int = 0) -> faiss.Index:
-    """Create ``factory`` (inner-product metric) and train it on ``xt`` (n, d) float32."""
+def train_index(
+    factory: str, xt: np.ndarray, seed: int = 0, device: str = "auto", info: dict[str, Any] | None = None
+) -> faiss.Index:
+    """Create ``factory`` (inner-product metric) and train it on ``xt`` (n, d) float32, its coarse k-means on
+    ``device`` (``indexing.build.clustering``: auto = faiss-gpu, torch on CUDA, or the CPU); what trained it
+    goes into ``info["train_device"]``."""
     d = xt.shape[1]
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -217,7 +224,11 @@ def train_index(factory: str, xt: np.ndarray, seed: int = 0) -> faiss.Index:
         raise CopyscanError(f"faiss cannot build index_factory {factory!r} for d={d}: {exc}") from None
     _seed_clustering(index, seed)
     if not index.is_trained:
-        index.train(np.ascontiguousarray(xt, dtype=np.float32))
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        trained_by = prepare_training(index, xt, seed, training_device(device))
+        index.train(xt)
+        if info is not None:
+            info["train_device"] = trained_by
     return index
 
 

@@ -85,8 +85,12 @@ def autoscaling() -> bool:
     return autoscaler_report() is not None
 
 
+_GPUS_POSSIBLE: dict[str, bool] = {}  # by GCS address: a job asks once (embedding, then training)
+
+
 def gpus_possible(probe_s: float = 30.0) -> bool:
-    """Whether the cluster has GPUs now or its autoscaler can start a node with one.
+    """Whether the cluster has GPUs now or its autoscaler can start a node with one (asked once per cluster
+    and process: a job's pools and tasks agree).
 
     Alive GPUs answer at once; a v2 autoscaler's node groups too. A v1 autoscaler is asked for one GPU
     (``request_resources``) for at most ``probe_s`` seconds: a GPU node launched (pending or up) means yes;
@@ -94,6 +98,13 @@ def gpus_possible(probe_s: float = 30.0) -> bool:
     """
     if alive()[1] > 0:
         return True
+    address = ray.get_runtime_context().gcs_address
+    if address not in _GPUS_POSSIBLE:
+        _GPUS_POSSIBLE[address] = _gpus_possible(probe_s)
+    return _GPUS_POSSIBLE[address]
+
+
+def _gpus_possible(probe_s: float) -> bool:
     groups = node_groups()
     if groups is not None:
         return any(g["resources"].get("GPU", 0) > 0 and g["max_count"] != 0 for g in groups)

@@ -7,6 +7,10 @@ the block is transformed and quantized once, and each shard's inverted lists are
 ``search_preassigned`` on those lists: the same results as searching each shard on its own. The shards'
 own copies of the centroids are dropped for the first shard's (one copy per searcher instead of one per
 shard). The inverted lists stay memory-mapped.
+
+The assignment (every query against every centroid: most of the FLOPs) runs where ``use_device`` puts it:
+faiss's GPUs, torch on a CUDA device (``indexing.build.clustering.nearest``), or the CPU; the scan of the
+inverted lists stays on the CPU, where the lists are.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
+
+from indexing.build.clustering import nearest
+from indexing.runtime.devices import torch_device
 
 
 class SharedCoarse:
@@ -26,6 +33,9 @@ class SharedCoarse:
         self.transforms = transforms  # the first shard's chain, applied once per block
         self.ivfs = ivfs
         self.quantizer = ivfs[0].quantizer
+        self.device = "cpu"  # where ``assign`` finds the nearest lists (``use_device``)
+        self._gpu_quantizer: faiss.Index | None = None
+        self._centroids = None  # (nlist, d) torch tensor on the torch device
 
     @classmethod
     def of(cls, indexes: Sequence[faiss.Index]) -> SharedCoarse | None:
@@ -42,6 +52,33 @@ class SharedCoarse:
         for ivf in shared.ivfs[1:]:
             _use_quantizer(ivf, shared.quantizer)
         return shared
+
+    def use_device(self, device: str) -> str:
+        """Find each query's nearest lists on ``device`` (``indexing.runtime.devices.compute_device``'s
+        answer): ``faiss-gpu`` (a flat index of the centroids on every GPU), ``torch`` (the centroids as a
+        tensor on torch's device: CUDA when this process holds a GPU, else the CPU) or ``cpu`` (the index's
+        own quantizer). Returns what it runs on (``torch:cuda``, ...). The lists found are the same up to
+        ties and rounding (float32 either way)."""
+        centroids = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
+        inner_product = self.ivfs[0].metric_type == faiss.METRIC_INNER_PRODUCT
+        if device == "faiss-gpu":
+            flat = (
+                faiss.IndexFlatIP(centroids.shape[1])
+                if inner_product
+                else faiss.IndexFlatL2(centroids.shape[1])
+            )
+            flat.add(centroids)
+            self._gpu_quantizer = faiss.index_cpu_to_all_gpus(flat)
+            self.device = device
+        elif device == "torch":
+            import torch
+
+            self._centroids = torch.as_tensor(centroids, device=torch_device())
+            self._inner_product = inner_product
+            self.device = f"torch:{self._centroids.device.type}"
+        elif device != "cpu":
+            raise ValueError(f"unknown device {device!r}")
+        return self.device
 
     def search(self, xq: np.ndarray, ks: Sequence[int], nprobe: int = 0) -> list[np.ndarray]:
         """Top ``ks[i]`` ids of each query in shard ``i``: [(nq, ks[i]) int64], as each shard's own
@@ -79,10 +116,23 @@ class SharedCoarse:
         for transform in self.transforms:
             x = transform.apply(x)
         nprobe = min(nprobe or self.ivfs[0].nprobe, self.ivfs[0].nlist)
-        Dq, Iq = self.quantizer.search(x, nprobe)
+        Dq, Iq = self._nearest_lists(x, nprobe)
         for ivf in self.ivfs:
             ivf.nprobe = nprobe  # search_preassigned reads the number of lists from the index
         return x, Iq, Dq
+
+    def _nearest_lists(self, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Dq, Iq): the ``nprobe`` nearest lists of each row of ``x``, on ``self.device``."""
+        if self._gpu_quantizer is not None:
+            return self._gpu_quantizer.search(x, nprobe)
+        if self._centroids is None:
+            return self.quantizer.search(x, nprobe)
+        import torch
+
+        with torch.no_grad():
+            xs = torch.as_tensor(x, device=self._centroids.device)
+            D, I = nearest(xs, self._centroids, nprobe, inner_product=self._inner_product)
+        return D.cpu().numpy().astype(np.float32), I.cpu().numpy().astype(np.int64)
 
 
 def _split(index: faiss.Index) -> tuple[list, faiss.IndexIVF] | None:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from indexing.build.postprocess import whitened_score_terms
+from indexing.runtime.devices import compute_device
 from indexing.store import layout, storage
 from indexing.store.manifest import resolve
 from search.ann.coarse import SharedCoarse
@@ -77,6 +78,7 @@ class ShardSearcher:
         cache_dir: str = "",
         storage_options: storage.StorageOptions | None = None,
         density_beta: float = 0.0,
+        device: str = "cpu",
     ) -> None:
         self.index_url = index_url
         self.manifest = manifest
@@ -89,6 +91,10 @@ class ShardSearcher:
         self.dim = int(manifest["dim"])
         # the shards of one trained index share its coarse quantizer: quantize each query block once
         self.coarse = SharedCoarse.of(list(self.indexes.values()))
+        # where the coarse assignment runs (device: auto | cpu | faiss-gpu | torch, compute_device)
+        self.device = "cpu"
+        if self.coarse is not None:
+            self.device = self.coarse.use_device(compute_device(device, "search_device"))
         self.whitening = load_whitening(index_url, manifest, storage_options)
         # whitening norms of the stored vectors (indexes built since they were written): exact re-ranking
         # with one dot product per candidate instead of whitening every candidate again

@@ -54,9 +54,10 @@ class RegionSearcher(ShardSearcher):
         cache_dir: str = "",
         storage_options: storage.StorageOptions | None = None,
         density_beta: float = 0.0,
+        device: str = "cpu",
     ) -> None:
         root = layout.regions_root(index_url)
-        super().__init__(root, sub_manifest, index_shards, cache_dir, storage_options, density_beta)
+        super().__init__(root, sub_manifest, index_shards, cache_dir, storage_options, density_beta, device)
         self.per_image = int(sub_manifest["regions_of"]["per_image"])
         cache = index_cache_dir(cache_dir, index_url, sub_manifest)
         for s in self.vectors:

@@ -168,8 +168,12 @@ def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, g
     flat_url, _ = local_index
     folder, _ = generated
     ivf_url = str(tmp_path / "ivf")
-    manifest = index(laion_shards.folder, ivf_url, flat_threshold=0, max_code_bytes=64)
-    assert manifest["index"]["factory"].startswith("IVF") and manifest["index"]["factory"].endswith("np")
+    # the coarse k-means by the torch path a GPU runs (here on the CPU), in the training task on Ray
+    manifest = index(laion_shards.folder, ivf_url, flat_threshold=0, max_code_bytes=64, train_device="torch")
+    factory = manifest["index"]["factory"]
+    assert factory.startswith("IVF") and factory.endswith("np")
+    with open(layout.train_info_url(ivf_url, factory)) as f:
+        assert json.load(f)["train_device"] == "torch:cpu"
     # Two thirds of the collection as candidates: the PQ ordering (trained on 60 points) decides what is re-ranked.
     ivf_run = scan(ivf_url, str(folder), str(tmp_path / "scan_ivf"), candidates=40, k=10)
     flat_run = scan(flat_url, str(folder), str(tmp_path / "scan_flat"), k=10)
@@ -192,6 +196,13 @@ def test_ivfpq_index_agrees_with_exact(ray_session, laion_shards, local_index, g
     for r in ivf:
         if (r["query_id"], r["train_key"]) in exact_score:
             assert abs(r["score"] - exact_score[(r["query_id"], r["train_key"])]) < 1e-5
+    # the coarse assignment by torch (on a scan actor's GPU where it holds one) finds the same matches
+    scan(ivf_url, str(folder), str(tmp_path / "scan_torch"), candidates=40, k=10, search_device="torch")
+    torch_run = pq.read_table(str(tmp_path / "scan_torch" / "matches")).to_pylist()
+    key = lambda r: (r["query_id"], r["rank"], r["train_key"])  # noqa: E731
+    assert sorted(map(key, torch_run)) == sorted(map(key, ivf))
+    score = {key(r): r["score"] for r in ivf}
+    assert all(abs(r["score"] - score[key(r)]) < 1e-5 for r in torch_run)
 
 
 def test_s3_end_to_end(ray_session, s3_server, laion_shards_s3, local_index, generated):

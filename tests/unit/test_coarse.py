@@ -76,3 +76,51 @@ def test_shards_of_different_trainings_are_searched_alone(tmp_path):
     assert SharedCoarse.of([ia, ib]) is None
     assert SharedCoarse.of([faiss.IndexIDMap(faiss.IndexFlatIP(32))]) is None
     assert SharedCoarse.of([ia]) is not None
+
+
+@pytest.mark.parametrize("device", ["torch", "cuda", "faiss-gpu"])
+def test_coarse_assignment_off_the_cpu_finds_the_same_lists(tmp_path, device):
+    """search_device=torch (here on the CPU; on CUDA where a GPU is) and faiss-gpu assign each query block
+    to the lists faiss's CPU quantizer picks, so the scan's results are those of the CPU search."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the torch assignment is tested on the CPU")
+    if device == "faiss-gpu" and faiss.get_num_gpus() == 0:
+        pytest.skip("the installed faiss has no GPU (faiss-cpu: the .[cpu] extra)")
+    out, plan, manifest, xq = _collection(tmp_path, "pca")
+    shards = [e["index_shard"] for e in manifest["index_shards"]]
+    cpu = ShardSearcher(out, manifest, shards)
+    off = ShardSearcher(out, manifest, shards, device="faiss-gpu" if device == "faiss-gpu" else "torch")
+    assert cpu.device == "cpu"
+    assert off.device == {"torch": "torch:cpu", "cuda": "torch:cuda", "faiss-gpu": "faiss-gpu"}[device]
+    xw = whiten(cpu.whitening, xq)
+    for nprobe in (1, plan.nprobe):
+        _, Iq, Dq = cpu.coarse.assign(xw, nprobe)
+        _, Iq2, Dq2 = off.coarse.assign(xw, nprobe)
+        assert Iq2.dtype == np.int64 and Dq2.dtype == np.float32 and Iq2.shape == Iq.shape
+        assert (Iq == Iq2).mean() >= 0.99  # ties and float32 rounding may swap neighbours
+        np.testing.assert_allclose(np.sort(Dq2, 1), np.sort(Dq, 1), atol=1e-4)
+    got = off.search(xq, 10, 50, plan.nprobe)
+    want = cpu.search(xq, 10, 50, plan.nprobe)
+    assert (got.I == want.I).mean() >= 0.99
+    np.testing.assert_allclose(got.D[got.I == want.I], want.D[got.I == want.I], atol=1e-5)
+
+
+@pytest.mark.parametrize("inner_product", [True, False])
+def test_torch_nearest_answers_like_a_flat_faiss_index(inner_product):
+    import torch
+
+    from indexing.build.clustering import nearest
+
+    rng = np.random.default_rng(4)
+    xb, xq = (
+        rng.standard_normal((300, 16)).astype(np.float32),
+        rng.standard_normal((70, 16)).astype(np.float32),
+    )
+    flat = faiss.IndexFlatIP(16) if inner_product else faiss.IndexFlatL2(16)
+    flat.add(xb)
+    D, I = flat.search(xq, 5)
+    Dt, It = nearest(torch.as_tensor(xq), torch.as_tensor(xb), 5, inner_product=inner_product, block=32)
+    np.testing.assert_array_equal(It.numpy(), I)
+    np.testing.assert_allclose(Dt.numpy(), D, rtol=1e-4, atol=1e-4)
