@@ -22,7 +22,7 @@ class ReportConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.5])  # fractions above, for every column
     train_sample: int = 2_000  # training images searched for the train→train distribution
     seed: int = 0
-    resamples: int = 1_000  # bootstrap resamples
+    resamples: int = 1_000  # bootstrap resamples of the mean shift (fractions use Wilson intervals)
     duplicate_radius: float = 0.95  # near-duplicate: ``score`` (the index's space) ≥ this
     duplicate_margin: float = 0.1  # range search radius = duplicate_radius − margin, then exact re-score
     duplicate_images: int = 1_000  # matched training images counted at most (highest-scoring first)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from indexing.errors import CopyscanError
 from indexing.store import layout, storage
+from search.report.stats import wilson_interval
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -43,16 +44,6 @@ HISTORY_SCHEMA = pa.schema(
         ("flagged_prompts", pa.list_(pa.string())),
     ]
 )
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95 % by default); (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def rise_p_value(k_new: int, n_new: int, k_old: int, n_old: int) -> float:

@@ -1,9 +1,11 @@
 """Render the report as one self-contained HTML file: no external script, style, font or image.
 
-Plots are inline SVG drawn here; the gallery is a JSON array in the page, rendered 100 rows at a time by
-a small script (sort, filter by column and threshold, pages), so a report with 10,000 matches opens as
-fast as one with ten. Every string from the data (captions, keys, URLs) reaches the page as JSON or
-escaped text and is inserted with ``textContent``: a caption cannot inject markup.
+Plots are inline SVG (``search.report.plots``); the gallery is a JSON array in the page, rendered 100 rows
+at a time by a small script (sort, filter by column and threshold, pages), so a report with 10,000 matches
+opens as fast as one with ten. Every string from the data (captions, keys, URLs) reaches the page as JSON or
+escaped text and is inserted with ``textContent``: a caption cannot inject markup. A URL becomes a link only
+when it is http(s) (``LINK_PATTERN``, the same test here and in the script), opened in a new tab with
+``rel="noopener noreferrer"``; any other scheme (``javascript:``, ``data:``, ``s3://``) stays text.
 """
 
 from __future__ import annotations
@@ -11,19 +13,34 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from search.report import stats
+from search.report.plots import histogram_svg, trend_svg
 
 PAGE_SIZE = 100
-COLOURS = {"gen_train": "#c0392b", "train_train": "#2c7fb8"}
+# http:// or https:// and a host character: the only URLs that become links. Anchored at the first
+# character, so no leading blank or control character can hide another scheme from the browser.
+LINK_PATTERN = r"^https?://[^\s/?#]"
+_LINK = re.compile(LINK_PATTERN, re.IGNORECASE)
 
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def link(url: Any) -> str:
+    """``url`` as an ``<a>`` (new tab, ``rel="noopener noreferrer"``) when it matches ``LINK_PATTERN``,
+    else as escaped text; None and "" give ""."""
+    if url is None:
+        return ""
+    text = str(url)
+    if not _LINK.match(text):
+        return _e(text)
+    return f'<a href="{_e(text)}" target="_blank" rel="noopener noreferrer">{_e(text)}</a>'
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -50,79 +67,6 @@ def _json_for_script(obj: Any) -> str:
     return text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def histogram_svg(gen: np.ndarray, train: np.ndarray, title: str, width: int = 640, height: int = 220) -> str:
-    """Density of gen→train and train→train (0.005 bins on [0, 1]) as two step lines, with axes."""
-    h_gen, h_train = stats.histogram(gen), stats.histogram(train)
-    left, bottom, top = 40, 30, 20
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    ymax = max(float(h_gen["density"].max(initial=0)), float(h_train["density"].max(initial=0)), 1e-9)
-    edges = h_gen["edges"]
-
-    def path(density: np.ndarray) -> str:
-        points = []
-        for i, d in enumerate(density):
-            y = top + plot_h * (1 - d / ymax)
-            points.append(
-                f"{left + plot_w * edges[i]:.1f},{y:.1f} {left + plot_w * edges[i + 1]:.1f},{y:.1f}"
-            )
-        return " ".join(points)
-
-    ticks = "".join(
-        f'<line x1="{left + plot_w * t:.1f}" y1="{top + plot_h}" x2="{left + plot_w * t:.1f}" '
-        f'y2="{top + plot_h + 4}" stroke="#444"/><text x="{left + plot_w * t:.1f}" y="{top + plot_h + 16}" '
-        f'text-anchor="middle" font-size="10">{t:.1f}</text>'
-        for t in np.linspace(0, 1, 11)
-    )
-    legend = "".join(
-        f'<text x="{left + 8 + 150 * i}" y="{top - 6}" font-size="11" fill="{COLOURS[name]}">{label}</text>'
-        for i, (name, label) in enumerate((("gen_train", "gen→train top-1"), ("train_train", "train→train")))
-    )
-    return (
-        f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{_e(title)}"><title>{_e(title)}</title>'
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#bbb"/>'
-        f'<polyline fill="none" stroke="{COLOURS["train_train"]}" stroke-width="1.2" '
-        f'points="{path(h_train["density"])}"/>'
-        f'<polyline fill="none" stroke="{COLOURS["gen_train"]}" stroke-width="1.2" '
-        f'points="{path(h_gen["density"])}"/>{ticks}{legend}'
-        f'<text x="4" y="{top + 10}" font-size="10">{ymax:.1f}</text>'
-        f'<text x="4" y="{top + plot_h}" font-size="10">0</text></svg>'
-    )
-
-
-def trend_svg(history: Sequence[dict[str, Any]], width: int = 640, height: int = 200) -> str:
-    """Replication rate per checkpoint with its 95 % Wilson interval (oldest left)."""
-    left, bottom, top = 50, 40, 15
-    plot_w, plot_h = width - left - 20, height - bottom - top
-    ymax = max(max((r["rate_high"] for r in history), default=0.0), 1e-6) * 1.1
-    n = len(history)
-
-    def x(i: int) -> float:
-        return left + (plot_w * (i + 0.5) / n)
-
-    def y(v: float) -> float:
-        return top + plot_h * (1 - v / ymax)
-
-    parts = [
-        f'<svg class="trend" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        'aria-label="replication rate per checkpoint"><title>replication rate per checkpoint</title>',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#bbb"/>',
-    ]
-    for i, r in enumerate(history):
-        parts.append(
-            f'<line x1="{x(i):.1f}" y1="{y(r["rate_low"]):.1f}" x2="{x(i):.1f}" y2="{y(r["rate_high"]):.1f}" '
-            'stroke="#888" stroke-width="3"/>'
-            f'<circle cx="{x(i):.1f}" cy="{y(r["rate"]):.1f}" r="3.5" fill="#c0392b"/>'
-            f'<text x="{x(i):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">'
-            f"{_e(r['checkpoint'])[:18]}</text>"
-        )
-    points = " ".join(f"{x(i):.1f},{y(r['rate']):.1f}" for i, r in enumerate(history))
-    parts.append(f'<polyline fill="none" stroke="#c0392b" points="{points}"/>')
-    parts.append(f'<text x="4" y="{top + 10}" font-size="10">{ymax:.2%}</text>')
-    parts.append(f'<text x="4" y="{top + plot_h}" font-size="10">0%</text></svg>')
-    return "".join(parts)
-
-
 def memorized_section(
     url: str,
     prompts: Sequence[dict[str, Any]],
@@ -132,7 +76,7 @@ def memorized_section(
     """Flagged prompts of ``copyscan memorized`` (``search.memorized.discover.memorized_for_report``), each with
     its clique's images; ``thumbs``: (source, key) → {"src", "reason"}."""
     if not prompts:
-        return f"<h2>Memorised prompts</h2><p>No prompt of {_e(url)} has a clique large enough to flag.</p>"
+        return f"<h2>Memorised prompts</h2><p>No prompt of {link(url)} has a clique large enough to flag.</p>"
     first = prompts[0]
     blocks = []
     for p in prompts:
@@ -155,7 +99,7 @@ def memorized_section(
             f"max {_num(p['max_distance'], 4)}</p>{''.join(cells)}</div>"
         )
     return (
-        f"<h2>Memorised prompts</h2><p>{len(prompts)} prompt(s) of {_e(url)} whose generations contain a "
+        f"<h2>Memorised prompts</h2><p>{len(prompts)} prompt(s) of {link(url)} whose generations contain a "
         f"clique of near-identical images (tiled ℓ2 at {_e(first['graph_size'])} px below "
         f"{_e(first['edge_threshold'])}; Carlini et al.), closest first.</p>{''.join(blocks)}"
     )
@@ -164,7 +108,7 @@ def memorized_section(
 def _stats_table(per_column: dict[str, Any]) -> str:
     head = (
         "<tr><th>column</th><th>distribution</th><th>n</th><th>mean</th><th>std</th><th>p75</th>"
-        "<th>p90</th><th>p95</th><th>fraction ≥ threshold [95% CI]</th></tr>"
+        "<th>p90</th><th>p95</th><th>fraction ≥ threshold [95% Wilson CI]</th></tr>"
     )
     body = []
     for column, block in per_column.items():
@@ -193,6 +137,7 @@ th.sortable{cursor:pointer;background:#f3f3f3}th.sortable:hover{background:#e6e6
 .missing{color:#999;font-size:12px}.copy{color:#c0392b;font-weight:600}.controls>*{margin-right:12px}
 .member{display:inline-block;margin:0 6px 6px 0;font-size:11px;color:#555;text-align:center}
 .caption{max-width:320px;font-size:12px;color:#444;word-break:break-word}
+.hist rect.bin:hover{fill-opacity:.12}
 """
 
 SCRIPT = r"""
@@ -200,6 +145,7 @@ SCRIPT = r"""
   const ROWS = JSON.parse(document.getElementById('gallery-data').textContent);
   const THUMBS = JSON.parse(document.getElementById('thumb-data').textContent);
   const PAGE = %(page)d;
+  const LINK = new RegExp(%(link)s, 'i');
   let state = {column: %(column)s, min: -Infinity, onlyCopies: false, sortKey: %(column)s, desc: true, page: 0};
   const body = document.getElementById('gallery-body');
   const counter = document.getElementById('gallery-count');
@@ -220,6 +166,11 @@ SCRIPT = r"""
       s.textContent = 'no thumbnail'; cell.appendChild(s);
     }
     return cell;
+  }
+  function link(url){
+    if (!LINK.test(url)) { const s = document.createElement('span'); s.textContent = url; return s; }
+    const a = document.createElement('a'); a.href = url; a.textContent = url;
+    a.target = '_blank'; a.rel = 'noopener noreferrer'; return a;
   }
   function td(row, content){
     const c = document.createElement('td');
@@ -252,7 +203,7 @@ SCRIPT = r"""
       td(tr, r.is_copy === null ? '–' : (r.is_copy ? 'yes' : 'no'));
       td(tr, r.query_id); td(tr, r.train_key);
       const cap = td(tr, r.caption || ''); cap.className = 'caption';
-      if (r.train_url) { const u = document.createElement('div'); u.textContent = r.train_url; cap.appendChild(u); }
+      if (r.train_url) { const u = document.createElement('div'); u.appendChild(link(String(r.train_url))); cap.appendChild(u); }
       frag.appendChild(tr);
     }
     body.appendChild(frag);
@@ -318,13 +269,14 @@ def render(
         _summary(result["columns"][column], column),
         f"<h2>Distributions</h2>\n{_stats_table(result['columns'])}",
         "".join(
-            f"<h3>{_e(c)}</h3>{histogram_svg(g, t, f'density of {c}')}" for c, (g, t) in distributions.items()
+            f"<h3>{_e(c)}</h3>{histogram_svg(g, t, f'density of {c}', x_label=c)}"
+            for c, (g, t) in distributions.items()
         ),
         _duplicates(result["duplicates"]),
         _trend(history),
         "".join(extra_sections),
         _gallery(result, rows),
-        f"""<script>{SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column)}}</script>
+        f"""<script>{SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column), "link": json.dumps(LINK_PATTERN)}}</script>
 </body></html>
 """,
     ]
@@ -340,8 +292,8 @@ def _overview(result: dict[str, Any]) -> str:
         else "none (no is_copy flag)"
     )
     return f"""<table class="kv">
-<tr><td>run</td><td>{_e(result["run"])}</td></tr>
-<tr><td>index</td><td>{_e(result["index"])} (build {_e(result.get("index_build_id"))}, {_e(result["embedder"])})</td></tr>
+<tr><td>run</td><td>{link(result["run"])}</td></tr>
+<tr><td>index</td><td>{link(result["index"])} (build {_e(result.get("index_build_id"))}, {_e(result["embedder"])})</td></tr>
 <tr><td>generations</td><td>{result["generations"]} ({result["generations_matched"]} with a match)</td></tr>
 <tr><td>is_copy threshold of the run</td><td>{_e(threshold_text)}</td></tr>
 <tr><td>train→train sample</td><td>{result["train_sample"]} training images</td></tr>
@@ -357,7 +309,7 @@ def _summary(block: dict[str, Any], column: str) -> str:
         for a in d.get("above", {}).values():
             cards.append(
                 f'<div class="card"><div>{_e(label)}: {_e(column)} ≥ {a["threshold"]:.3g}</div>'
-                f'<div class="big">{a["fraction"]:.2%}</div><div>95% CI [{a["ci95"][0]:.2%}, '
+                f'<div class="big">{a["fraction"]:.2%}</div><div>95% Wilson CI [{a["ci95"][0]:.2%}, '
                 f"{a['ci95'][1]:.2%}] · {a['count']} of {d['n']}</div></div>"
             )
     shift = block["shift"]

@@ -2,8 +2,9 @@
 
 Outputs (``OUT`` defaults to ``RUN/report``)::
 
-    OUT/stats.json             both distributions per score column: mean, std, p75/90/95, fraction ≥ each
-                               threshold with bootstrap 95 % intervals; mean shift; duplicates summary
+    OUT/stats.json             both distributions per score column: mean, std, p75/90/95, values outside
+                               [0, 1], fraction ≥ each threshold with Wilson 95 % intervals; mean shift
+                               with a bootstrap interval; duplicates summary
     OUT/histograms.parquet     column, distribution, bin_lo, bin_hi, count, density (0.005 bins on [0, 1])
     OUT/similarities.parquet   one row per value: distribution (gen_train | train_train), id, score columns
     OUT/duplicates.parquet     per matched and per random training image: its near-duplicates in the index
@@ -154,8 +155,8 @@ def statistics(
     return {
         c: {
             "thresholds": thresholds[c],
-            "gen_train": stats.describe(gen[c], thresholds[c], cfg.resamples, cfg.seed),
-            "train_train": stats.describe(tt[c], thresholds[c], cfg.resamples, cfg.seed + 1),
+            "gen_train": stats.describe(gen[c], thresholds[c]),
+            "train_train": stats.describe(tt[c], thresholds[c]),
             "shift": stats.shift(gen[c], tt[c], cfg.resamples, cfg.seed + 2),
         }
         for c in COLUMNS

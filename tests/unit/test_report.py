@@ -1,11 +1,13 @@
 """Report statistics and the index-side measurements (train→train, duplicates) against brute force."""
 
+from xml.etree import ElementTree
+
 import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
 from indexing.store import layout
-from search.report import html, stats
+from search.report import history, html, plots, stats
 from search.report.config import ReportConfig
 from search.report.neighbours import near_duplicates, sample_ids, train_train
 
@@ -20,16 +22,17 @@ def test_histogram_counts_everything_and_integrates_to_the_share_inside():
     assert np.isclose((h["density"] * 0.005).sum(), 6 / 8)
 
 
-def test_describe_and_its_bootstrap_interval_cover_the_truth():
+def test_describe_and_its_fraction_interval_cover_the_truth():
     rng = np.random.default_rng(1)
     covered = 0
-    for trial in range(100):
+    for _ in range(100):
         values = rng.uniform(0, 1, 400)  # true P(value >= 0.9) = 0.1
-        d = stats.describe(values, [0.9], resamples=500, seed=trial)
-        lo, hi = d["above"]["0.9"]["ci95"]
+        lo, hi = stats.describe(values, [0.9])["above"]["0.9"]["ci95"]
         covered += lo <= 0.1 <= hi
     assert 88 <= covered <= 100  # a 95 % interval: ~95 of 100 (binomial spread)
-    d = stats.describe(np.array([0.1, 0.2, 0.3, 0.4, np.nan]), [0.25], resamples=100)
+    d = stats.describe(np.array([-0.3, 0.1, 0.2, 0.3, 0.4, 1.2, 1.5, np.nan]), [0.25])
+    assert d["below_0"] == 1 and d["above_1"] == 2  # outside the histograms' [0, 1], counted here
+    d = stats.describe(np.array([0.1, 0.2, 0.3, 0.4, np.nan]), [0.25])
     assert d["n"] == 4 and d["missing"] == 1 and np.isclose(d["mean"], 0.25)
     assert np.isclose(d["p75"], np.percentile([0.1, 0.2, 0.3, 0.4], 75))
     assert d["above"]["0.25"]["count"] == 2 and d["above"]["0.25"]["fraction"] == 0.5
@@ -104,3 +107,161 @@ def test_train_train_is_the_best_other_image(dup_index, tmp_path):
 def test_script_data_cannot_close_the_script_element():
     text = html._json_for_script([{"caption": "</script><script>alert(1)</script>", "x": float("nan")}])
     assert "</script" not in text and '"x":null' in text
+
+
+def test_fraction_intervals_are_wilson_and_do_not_collapse_at_zero_hits():
+    values = np.random.default_rng(4).uniform(0, 0.8, 1000)
+    d = stats.describe(values, [0.5, 0.9, 0.0])
+    none, some, every = d["above"]["0.9"], d["above"]["0.5"], d["above"]["0"]
+    # 0 of 1,000: the bootstrap gave [0, 0]; Wilson's upper bound is z²/(n + z²) ≈ 0.38 %
+    assert none["count"] == 0 and none["ci95"][0] == 0.0
+    assert none["ci95"][1] == pytest.approx(1.959964**2 / (1000 + 1.959964**2), rel=1e-9)
+    assert every["count"] == 1000 and every["ci95"][1] == 1.0 and every["ci95"][0] < 1.0
+    lo, hi = stats.wilson_interval(some["count"], 1000)
+    assert some["ci95"] == [lo, hi] and lo < some["fraction"] < hi
+    # Wilson's score interval: the p whose score test |p̂ − p| / sqrt(p(1 − p)/n) = z, at both ends
+    for bound in (lo, hi):
+        z = abs(some["fraction"] - bound) / np.sqrt(bound * (1 - bound) / 1000)
+        assert z == pytest.approx(1.959964, rel=1e-9)
+    assert {a["method"] for a in d["above"].values()} == {"wilson"}
+    assert history.wilson_interval is stats.wilson_interval  # the old import path still works
+
+
+def _svg(text):
+    """An SVG string parsed as XML (fails on malformed markup, e.g. a split entity)."""
+    return ElementTree.fromstring(text)
+
+
+def test_histogram_svg_has_axis_titles_ticks_hover_values_and_out_of_range_counts():
+    gen = np.array([0.5012, 0.5012, 0.5012, -0.2, 1.3, 1.5, np.nan])
+    train = np.array([0.5012, 0.9])
+    svg = _svg(plots.histogram_svg(gen, train, "density of score_norm", x_label="score_norm"))
+    texts = {t.get("class"): [] for t in svg.iter("text")}
+    for t in svg.iter("text"):
+        texts[t.get("class")].append(t)
+    titles = [t.text for t in texts["axis-title"]]
+    assert titles == ["score_norm (bins of 0.005)", "density"]
+    x_ticks = [t.text for t in texts[None] if t.get("text-anchor") == "middle"]
+    assert x_ticks == [f"{x:.1f}" for x in np.linspace(0, 1, 11)]
+    # gen's density peaks at 3 / (6 · 0.005) = 100: the y ticks are 0, 20, …, 100, the top one at the top
+    y_ticks = [t for t in texts[None] if t.get("text-anchor") == "end"]
+    assert [t.text for t in y_ticks] == ["0", "20", "40", "60", "80", "100"]
+    assert float(y_ticks[-1].get("y")) - 3.5 == pytest.approx(46.0)
+    # hover: one rect per non-empty bin, its <title> holding both distributions' counts
+    bins = [r for r in svg.iter("rect") if r.get("class") == "bin"]
+    assert len(bins) == 2
+    hover = bins[0].find("title").text
+    assert hover.startswith("score_norm in [0.500, 0.505): ")
+    assert "gen→train top-1: 3 (density 100)" in hover and "train→train: 1 (density 100)" in hover
+    legend = [t.text for t in texts["legend"]]
+    assert legend == [
+        "gen→train top-1 (n = 6); outside [0, 1], not plotted: 1 below 0, 2 above 1",
+        "train→train (n = 2); outside [0, 1], not plotted: 0 below 0, 0 above 1",
+    ]
+
+
+def test_nice_ticks_cover_the_maximum_in_round_steps():
+    assert plots.nice_ticks(2.4) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert plots.nice_ticks(200) == [0, 50, 100, 150, 200]
+    assert plots.nice_ticks(0.0) == [0.0, 1.0]
+
+
+def test_trend_cuts_checkpoint_names_before_escaping():
+    name = "x" * 16 + "&<b>tail"  # escaping first, then cutting at 18, left "&am" in the page
+    rows = [
+        {"checkpoint": name, "rate": 0.02, "rate_low": 0.01, "rate_high": 0.03, "flagged": 2, "queries": 100}
+    ]
+    svg = _svg(plots.trend_svg(rows))
+    group = next(g for g in svg.iter("g") if g.get("class") == "checkpoint")
+    assert group.find("text").text == "x" * 16 + "&…"
+    assert group.find("title").text == f"{name}: 2.00% [1.00%, 3.00%], 2 of 100"
+    assert plots.shorten("short", 18) == "short" and len(plots.shorten("y" * 40, 18)) == 18
+
+
+def test_only_http_and_https_urls_become_links():
+    assert html.link('https://example.org/a?x=1&y="2"') == (
+        '<a href="https://example.org/a?x=1&amp;y=&quot;2&quot;" target="_blank" '
+        'rel="noopener noreferrer">https://example.org/a?x=1&amp;y=&quot;2&quot;</a>'
+    )
+    assert html.link("HTTP://EXAMPLE.ORG/").startswith('<a href="HTTP://EXAMPLE.ORG/"')
+    for url in (
+        "javascript:alert(1)",
+        " https://leading.blank/",
+        "data:text/html,<b>x</b>",
+        "s3://b/k",
+        "http://",
+    ):
+        assert "<a" not in html.link(url) and html.link(url) == html._e(url)
+    assert html.link(None) == ""
+
+
+def _page(column="score"):
+    """A report's ``result`` and distributions, built from seeded values (no scan, no index)."""
+    rng = np.random.default_rng(3)
+    gen, train = rng.uniform(0, 1, 50), rng.uniform(-0.1, 0.6, 40)
+    block = {
+        "thresholds": [0.5],
+        "gen_train": stats.describe(gen, [0.5]),
+        "train_train": stats.describe(train, [0.5]),
+        "shift": stats.shift(gen, train, resamples=50),
+    }
+    empty = {"images": 0, "mean": None, "median": None, "max": None, "with_duplicates": None}
+    result = {
+        "run": "https://runs.example.org/scan-1",
+        "index": "s3://bucket/index",
+        "index_build_id": "b1",
+        "embedder": "sscd",
+        "generations": 50,
+        "generations_matched": 50,
+        "train_sample": 40,
+        "run_threshold": {},
+        "column": column,
+        "columns": {column: block},
+        "duplicates": {"radius": 0.95, "matched_rule": "none", "matched": empty, "random": empty},
+        "gallery_rows": 0,
+        "gallery_thumbnails": 0,
+        "gallery_missing": {},
+        "created_at": "2024-01-01T00:00:00Z",
+    }
+    return result, {column: (gen, train)}
+
+
+def test_gallery_and_overview_link_only_http_urls_in_chromium(open_page, tmp_path):
+    urls = [
+        "https://example.org/a.jpg?x=1&y=<b>",
+        "javascript:alert(1)",
+        " https://leading.blank/",
+        "s3://bucket/k.jpg",
+        "HTTP://UPPER.example/b.jpg",
+    ]
+    rows = [
+        {
+            "query_id": f"gen-{i}",
+            "rank": 0,
+            "train_key": f"k{i}",
+            "train_url": url,
+            "caption": f"caption {i}",
+            "score": 0.9 - i / 100,
+            "score_norm": None,
+            "score_raw": None,
+            "is_copy": True,
+            "query_thumb": None,
+            "train_thumb": None,
+        }
+        for i, url in enumerate(urls)
+    ]
+    result, distributions = _page()
+    path = tmp_path / "report.html"
+    path.write_text(html.render(dict(result, gallery_rows=len(rows)), distributions, rows), encoding="utf-8")
+    loaded = open_page(str(path))
+    page = loaded.page
+    assert loaded.console_errors == []
+    links = page.locator("#gallery-body a").evaluate_all(
+        "e => e.map(a => [a.getAttribute('href'), a.textContent, a.rel, a.target])"
+    )
+    assert links == [[u, u, "noopener noreferrer", "_blank"] for u in (urls[0], urls[4])]
+    captions = page.locator("#gallery-body td.caption").all_text_contents()
+    assert captions == [f"caption {i}{url}" for i, url in enumerate(urls)]  # the others stay text
+    overview = page.locator("table.kv a").evaluate_all("e => e.map(a => [a.getAttribute('href'), a.rel])")
+    assert overview == [["https://runs.example.org/scan-1", "noopener noreferrer"]]  # s3:// index: text
+    assert page.locator("svg.hist title").count() > 1  # the histogram's bins have hover values
