@@ -176,6 +176,19 @@ class LaionShards:
     key_of_source: dict[Path, str]  # training image → img2dataset key (all of them downloaded)
     bad_rows: dict[str, str]  # source_id of each planted failure → status img2dataset gives it
     source_id_of: dict[Path, str] = field(default_factory=dict)  # training image → ``source_id`` column
+    # LAION's provenance columns of the url list (``laion_columns``), in its row order
+    columns: dict[str, list] = field(default_factory=dict)
+
+
+def laion_columns(n: int) -> dict[str, list]:
+    """LAION's provenance columns for ``n`` rows of a test url list (row i's values are a function of i):
+    what the shards' .json keep and the matches carry."""
+    return {
+        "LICENSE": [("?", "cc-by-4.0", "cc-by-nc-sa")[i % 3] for i in range(n)],
+        "pwatermark": [round(i / (n + 1), 4) for i in range(n)],
+        "punsafe": [round(1 - i / (n + 1), 4) for i in range(n)],
+        "similarity": [round(0.2 + 0.1 * (i % 5) / 5, 4) for i in range(n)],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +212,10 @@ def laion_shards(real_images: list[Path], tmp_path_factory: pytest.TempPathFacto
     (bad / "truncated.jpg").write_bytes(some_jpeg[: len(some_jpeg) // 3])
     rows = staged + [served / name for name in BAD_ROWS]
     with serve_directory(served) as base_url:
-        url_list = write_url_list(rows, base_url, str(work / "urls.parquet"), root=served)
+        columns = laion_columns(len(rows))
+        url_list = write_url_list(
+            rows, base_url, str(work / "urls.parquet"), root=served, extra_columns=columns
+        )
         folder = str(work / "shards")
         shard_urls = run_img2dataset(url_list, folder, number_sample_per_shard=SAMPLES_PER_SHARD)
         keys = source_keys(folder)
@@ -216,6 +232,7 @@ def laion_shards(real_images: list[Path], tmp_path_factory: pytest.TempPathFacto
             key_of_source={src: keys[sid] for src, sid in source_ids.items()},
             bad_rows=dict(BAD_ROWS),
             source_id_of=source_ids,
+            columns=columns,
         )
 
 

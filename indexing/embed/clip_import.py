@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from indexing.embed.provenance import PROVENANCE, provenance
 from indexing.embed.stage import EmbeddedSource, write_shard_outputs
 from indexing.errors import CopyscanError
 from indexing.store import storage
@@ -77,6 +78,7 @@ def _records(meta, shard: int) -> list[dict[str, Any]]:
         keys = [str(k) if k is not None else None for k in data["image_path"]]
     else:
         keys = [None] * n
+    sources = [name for names in PROVENANCE.values() for name in names if name in columns]
     records = []
     for row in range(n):
         record: dict[str, Any] = {"key": keys[row] or f"{shard:05d}{row:07d}"}
@@ -85,6 +87,7 @@ def _records(meta, shard: int) -> list[dict[str, Any]]:
         for name in _INTS:
             value = data[name][row] if name in columns else None
             record[name] = int(value) if isinstance(value, (int, float)) and value == value else None
+        record.update(provenance({name: data[name][row] for name in sources}))
         records.append(record)
     return records
 

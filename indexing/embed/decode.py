@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from indexing.embed.augment import copy_augment, key_seed
+from indexing.embed.provenance import provenance
 from indexing.read.reader import Sample
 
 # Stable rejection codes (stats count them by code).
@@ -140,6 +141,7 @@ def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
     for name in ("original_width", "original_height", "sha256"):
         if name in meta:
             record[name] = meta[name]
+    record.update(provenance(meta))
     # generations (scan queries): the prompt they were made from, when their JSON sidecar names it
     if isinstance(meta.get("prompt"), str):
         record["prompt"] = meta["prompt"]

@@ -32,6 +32,10 @@ METADATA_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
         ("sha256", pa.string()),
         ("metadata_error", pa.string()),
+        ("license", pa.string()),
+        ("pwatermark", pa.float32()),
+        ("punsafe", pa.float32()),
+        ("clip_similarity", pa.float32()),
     ]
 )
 

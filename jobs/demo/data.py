@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,7 @@ def write_url_list(
     captions: Sequence[str] | None = None,
     *,
     root: str | os.PathLike | None = None,
+    extra_columns: Mapping[str, Sequence[Any]] | None = None,
 ) -> str:
     """Write a LAION-style metadata parquet for ``images`` served under ``base_url``; returns ``out_path``.
 
@@ -141,7 +142,9 @@ def write_url_list(
     ``root``, percent-encoded), ``caption`` (``captions[i]``, default ``caption_for(image)``) and
     ``source_id`` (the POSIX path relative to ``root``: stable, and unique within the list).
     ``root`` defaults to the images' common folder. ``images`` need not exist: a missing one is a 404
-    row, which is how tests plant failed downloads. ``out_path`` is any fsspec URL.
+    row, which is how tests plant failed downloads. ``out_path`` is any fsspec URL. ``extra_columns``: more
+    columns of one value per image, as LAION's parquets have (``LICENSE``, ``pwatermark``, ``punsafe``,
+    ``similarity``): ``run_img2dataset`` keeps them in each sample's .json.
     """
     import pyarrow as pa
 
@@ -161,12 +164,19 @@ def write_url_list(
             raise CopyscanError(f"{path} is not under the served root {base}") from None
     if len(set(source_ids)) != len(source_ids):
         raise CopyscanError("write_url_list: the same image is listed twice")
+    extra = dict(extra_columns or {})
+    for name, values in extra.items():
+        if name in ("url", "caption", SOURCE_ID_COLUMN) or len(values) != len(images):
+            raise CopyscanError(
+                f"write_url_list: extra column {name!r} must be new and hold one value per image"
+            )
     urls = [base_url.rstrip("/") + "/" + urllib.parse.quote(sid) for sid in source_ids]
     table = pa.table(
         {
             "url": urls,
             "caption": list(captions) if captions is not None else [caption_for(p) for p in paths],
             SOURCE_ID_COLUMN: source_ids,
+            **{name: list(values) for name, values in extra.items()},
         }
     )
     storage.write_parquet(out_path, table)
@@ -204,7 +214,8 @@ def run_img2dataset(
 
     Options are those of a LAION download: webdataset output, ``resize_mode="keep_ratio"`` with
     ``resize_only_if_bigger`` (the shorter side is brought down to ``image_size``, never up), JPEG
-    quality 95, sha256 and EXIF kept, ``source_id`` saved in each sample's .json. ``output_folder`` is any
+    quality 95, sha256 and EXIF kept, ``source_id`` and every other column of the list but url and caption
+    (LAION's ``LICENSE``, ``pwatermark``, ...) saved in each sample's .json. ``output_folder`` is any
     fsspec URL; for ``s3://`` the child reads credentials and ``AWS_ENDPOINT_URL_S3`` from the environment.
     ``incremental_mode``: img2dataset's own — ``"incremental"`` skips shards whose ``*_stats.json``
     exists (resume), ``"overwrite"`` empties the folder first.
@@ -223,14 +234,14 @@ def run_img2dataset(
     """
     from indexing.store import storage
 
-    rows = _count_rows(url_list)
+    rows, columns = _count_rows(url_list)
     params: dict[str, Any] = {
         "url_list": url_list,
         "output_folder": output_folder,
         "input_format": "parquet",
         "url_col": "url",
         "caption_col": "caption",
-        "save_additional_columns": [SOURCE_ID_COLUMN],
+        "save_additional_columns": [c for c in columns if c not in ("url", "caption")],
         "output_format": "webdataset",
         "image_size": image_size,
         "resize_mode": "keep_ratio",
@@ -295,7 +306,8 @@ def _kill_group(child: subprocess.Popen) -> None:
     child.wait()
 
 
-def _count_rows(url_list: str) -> int:
+def _count_rows(url_list: str) -> tuple[int, list[str]]:
+    """The rows and the column names of ``url_list``."""
     import pyarrow.parquet as pq
 
     from indexing.store import storage
@@ -304,7 +316,8 @@ def _count_rows(url_list: str) -> int:
     if fs.isdir(path):
         raise CopyscanError(f"run_img2dataset takes one parquet file, not a folder: {url_list}")
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+        parquet = pq.ParquetFile(f)
+        return parquet.metadata.num_rows, parquet.schema_arrow.names
 
 
 def _tail(text: str, lines: int = 40) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from indexing.build.postprocess import whitened_score_terms
+from indexing.embed.provenance import PROVENANCE
 from indexing.runtime.devices import compute_device
 from indexing.store import layout, storage
 from indexing.store.manifest import resolve
@@ -51,12 +52,31 @@ def _cached(url: str, local: str, storage_options: storage.StorageOptions | None
     return local
 
 
+# an embedding shard's metadata columns a match carries (indexing.embed.stage.METADATA_SCHEMA)
+DESCRIBED = ("key", "url", "caption", "sha256", *PROVENANCE)
+
+
 def load_metadata(
     url: str, local: str, storage_options: storage.StorageOptions | None
 ) -> dict[str, np.ndarray]:
-    """The key, url and caption columns of an embedding shard's metadata (cached at ``local``) as arrays."""
-    table = pq.read_table(_cached(url, local, storage_options), columns=["key", "url", "caption"])
+    """The columns of an embedding shard's metadata (cached at ``local``) that matches carry, as arrays
+    (``DESCRIBED``; those an index built before them lacks are left out, so read as None)."""
+    path = _cached(url, local, storage_options)
+    present = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in DESCRIBED if c in present])
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def describe_row(columns: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+    """One training image's metadata as matches carry it (``train_key``, ``train_url``, ``caption``,
+    ``sha256`` and the provenance columns), from its shard's ``load_metadata`` columns."""
+    out = {f"train_{c}" if c in ("key", "url") else c: None for c in DESCRIBED}
+    for name, values in columns.items():
+        value = values[row]
+        out[f"train_{name}" if name in ("key", "url") else name] = (
+            None if isinstance(value, (float, np.floating)) and np.isnan(value) else value
+        )
+    return out
 
 
 def _read_index_mmap(path: str) -> faiss.Index:
@@ -371,13 +391,7 @@ class ShardSearcher:
         unique = np.unique(I[I >= 0])
         shards, rows = layout.unpack_ids(unique)
         for i, s, r in zip(unique.tolist(), shards.tolist(), rows.tolist(), strict=True):
-            columns = self.metadata[s]
-            meta[i] = {
-                "train_key": columns["key"][r],
-                "train_url": columns["url"][r],
-                "caption": columns["caption"][r],
-                "index_shard": self.owner[s],
-            }
+            meta[i] = {**describe_row(self.metadata[s], r), "index_shard": self.owner[s]}
         return meta
 
 

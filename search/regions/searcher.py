@@ -12,7 +12,7 @@ from indexing.errors import CopyscanError
 from indexing.models.regions import RegionSpec, parse_grid
 from indexing.store import layout, storage
 from indexing.store.manifest import load_manifest
-from search.ann.searcher import ShardSearcher, index_cache_dir, load_metadata
+from search.ann.searcher import ShardSearcher, describe_row, index_cache_dir, load_metadata
 
 
 def region_manifest(
@@ -75,11 +75,8 @@ class RegionSearcher(ShardSearcher):
         shards, rows = layout.unpack_ids(unique)
         for i, s, r in zip(unique.tolist(), shards.tolist(), rows.tolist(), strict=True):
             image, box = divmod(r, self.per_image)
-            columns = self.metadata[s]
             meta[i] = {
-                "train_key": columns["key"][image],
-                "train_url": columns["url"][image],
-                "caption": columns["caption"][image],
+                **describe_row(self.metadata[s], image),
                 "index_shard": self.owner[s],
                 "image_id": int(layout.pack_ids(s, np.array([image]))[0]),
                 "box": box,

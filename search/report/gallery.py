@@ -31,6 +31,11 @@ GALLERY_COLUMNS = (
     "query_source",
     "query_box",
     "train_box",
+    "sha256",  # the training image's provenance (indexing/embed/provenance.py), where its source had it
+    "license",
+    "pwatermark",
+    "punsafe",
+    "clip_similarity",
 )
 
 Request = tuple[str | None, str]  # (source, key) of an image, as fetch.fetch_images takes it

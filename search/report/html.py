@@ -137,6 +137,7 @@ th.sortable{cursor:pointer;background:#f3f3f3}th.sortable:hover{background:#e6e6
 .missing{color:#999;font-size:12px}.copy{color:#c0392b;font-weight:600}.controls>*{margin-right:12px}
 .member{display:inline-block;margin:0 6px 6px 0;font-size:11px;color:#555;text-align:center}
 .caption{max-width:320px;font-size:12px;color:#444;word-break:break-word}
+.provenance{max-width:220px;font-size:11px;color:#555;word-break:break-all}
 .hist rect.bin:hover{fill-opacity:.12}
 """
 
@@ -146,7 +147,8 @@ SCRIPT = r"""
   const THUMBS = JSON.parse(document.getElementById('thumb-data').textContent);
   const PAGE = %(page)d;
   const LINK = new RegExp(%(link)s, 'i');
-  let state = {column: %(column)s, min: -Infinity, onlyCopies: false, sortKey: %(column)s, desc: true, page: 0};
+  let state = {column: %(column)s, min: -Infinity, onlyCopies: false, sortKey: %(column)s, desc: true, page: 0,
+               prov: 'pwatermark', provMin: -Infinity, provMax: Infinity, license: ''};
   const body = document.getElementById('gallery-body');
   const counter = document.getElementById('gallery-count');
   function fmt(v){ return (v === null || v === undefined) ? '–' : Number(v).toFixed(4); }
@@ -179,7 +181,12 @@ SCRIPT = r"""
   }
   function filtered(){
     const col = state.column;
-    const out = ROWS.filter(r => (r[col] !== null && r[col] >= state.min) && (!state.onlyCopies || r.is_copy));
+    // a provenance bound or a license filter keeps only the rows whose source metadata has the value
+    const p = state.prov, bounded = state.provMin > -Infinity || state.provMax < Infinity;
+    const lic = state.license.toLowerCase();
+    const out = ROWS.filter(r => (r[col] !== null && r[col] >= state.min) && (!state.onlyCopies || r.is_copy)
+      && (!bounded || (r[p] !== null && r[p] !== undefined && r[p] >= state.provMin && r[p] <= state.provMax))
+      && (!lic || String(r.license || '').toLowerCase().includes(lic)));
     const k = state.sortKey, sign = state.desc ? -1 : 1;
     out.sort((a, b) => {
       const x = a[k], y = b[k];
@@ -204,6 +211,11 @@ SCRIPT = r"""
       td(tr, r.query_id); td(tr, r.train_key);
       const cap = td(tr, r.caption || ''); cap.className = 'caption';
       if (r.train_url) { const u = document.createElement('div'); u.appendChild(link(String(r.train_url))); cap.appendChild(u); }
+      const prov = [['license', r.license], ['pwatermark', r.pwatermark], ['punsafe', r.punsafe],
+                    ['clip_similarity', r.clip_similarity], ['sha256', r.sha256]]
+        .filter(([, v]) => v !== null && v !== undefined)
+        .map(([k, v]) => k + ' ' + (typeof v === 'number' ? v.toFixed(3) : String(v)));
+      td(tr, prov.join('; ')).className = 'provenance';
       frag.appendChild(tr);
     }
     body.appendChild(frag);
@@ -213,6 +225,14 @@ SCRIPT = r"""
     state.column = e.target.value; state.sortKey = e.target.value; state.page = 0; render(); });
   document.getElementById('f-min').addEventListener('input', e => {
     const v = parseFloat(e.target.value); state.min = isNaN(v) ? -Infinity : v; state.page = 0; render(); });
+  function bound(id, key, none){
+    document.getElementById(id).addEventListener('input', e => {
+      const v = parseFloat(e.target.value); state[key] = isNaN(v) ? none : v; state.page = 0; render(); });
+  }
+  bound('f-prov-min', 'provMin', -Infinity); bound('f-prov-max', 'provMax', Infinity);
+  document.getElementById('f-prov').addEventListener('change', e => { state.prov = e.target.value; state.page = 0; render(); });
+  document.getElementById('f-license').addEventListener('input', e => {
+    state.license = e.target.value.trim(); state.page = 0; render(); });
   document.getElementById('f-copies').addEventListener('change', e => {
     state.onlyCopies = e.target.checked; state.page = 0; render(); });
   document.getElementById('f-prev').addEventListener('click', () => { state.page = Math.max(0, state.page - 1); render(); });
@@ -368,13 +388,18 @@ images not shown: {_e(missing)}.</p>
 <label>column <select id="f-column">{options}</select></label>
 <label>minimum <input id="f-min" type="number" step="0.01" placeholder="any"></label>
 <label><input id="f-copies" type="checkbox"> is_copy only</label>
+<label>source <select id="f-prov"><option>pwatermark</option><option>punsafe</option>
+<option>clip_similarity</option></select> from <input id="f-prov-min" type="number" step="0.01" placeholder="any">
+to <input id="f-prov-max" type="number" step="0.01" placeholder="any"></label>
+<label>license contains <input id="f-license" type="text" placeholder="any"></label>
 <button id="f-prev">previous</button><button id="f-next">next</button>
 <span id="gallery-count"></span>
 </div>
 <table id="gallery"><thead><tr><th>generation</th><th>training image</th>
 <th class="sortable" data-key="current">selected column</th><th class="sortable" data-key="score">score</th>
 <th class="sortable" data-key="score_norm">score_norm</th><th class="sortable" data-key="score_raw">score_raw</th>
-<th>is_copy</th><th class="sortable" data-key="query_id">query_id</th><th>train_key</th><th>caption / URL</th></tr>
+<th>is_copy</th><th class="sortable" data-key="query_id">query_id</th><th>train_key</th><th>caption / URL</th>
+<th>source metadata</th></tr>
 </thead><tbody id="gallery-body"></tbody></table>
 <script type="application/json" id="gallery-data">{_json_for_script(rows)}</script>
 <script type="application/json" id="thumb-data">{_json_for_script(thumbs)}</script>"""

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from indexing.embed.provenance import PROVENANCE
 from indexing.store import layout
 from search.ann.topk import ShardResult
 
@@ -77,8 +78,18 @@ MATCHES_SCHEMA = pa.schema(
         # partial threshold (copyscan calibrate partial=N; summary.json's partial_threshold says which); null
         # on other rows and without one
         ("is_partial_copy", pa.bool_()),
+        # the training image's provenance, from its source metadata where it has them
+        # (indexing/embed/provenance.py; null for indexes built before these columns)
+        ("sha256", pa.string()),  # of the image's bytes as downloaded (img2dataset compute_hash)
+        ("license", pa.string()),  # LAION's LICENSE
+        ("pwatermark", pa.float32()),  # LAION's watermark probability
+        ("punsafe", pa.float32()),  # LAION's NSFW probability
+        ("clip_similarity", pa.float32()),  # LAION's similarity: CLIP cosine of image and caption
     ]
 )
+
+
+PROVENANCE_COLUMNS = ("sha256", *PROVENANCE)
 
 
 def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
@@ -114,6 +125,7 @@ def _train_columns(ids: np.ndarray, meta: list[dict[str, Any]]) -> dict[str, Any
         "train_key": [m["train_key"] for m in meta],
         "train_url": [m["train_url"] for m in meta],
         "caption": [m["caption"] for m in meta],
+        **{c: [m.get(c) for m in meta] for c in PROVENANCE_COLUMNS},
         "index_shard": np.array([m["index_shard"] for m in meta], dtype=np.int32),
         "train_id": ids.astype(np.int64),
         "embedding_shard": shard.astype(np.int32),

@@ -74,6 +74,9 @@ def clip_folder(laion_shards, tmp_path_factory):
                 "height": [256] * len(rows),
                 "NSFW": ["UNLIKELY"] * len(rows),
                 "similarity": [0.3] * len(rows),
+                "LICENSE": ["cc-by-4.0" if r % 2 else "?" for r in rows],
+                "pwatermark": [r / 100 for r in rows],
+                "punsafe": [None if r == 7 else 0.01 for r in rows],
             }
         )
         pq.write_table(meta, folder / "metadata" / f"metadata_{part}.parquet")
@@ -123,6 +126,12 @@ def test_import_precomputed_clip_embeddings_and_scan(ray_session, clip_folder, l
     for i in chosen:
         row = top[f"q{i}{Path(sources[i]).suffix}"]
         assert row["train_key"] == laion_shards.key_of_source[sources[i]] and row["score_raw"] > 0.99
+        # LAION's provenance columns, kept by the import and carried into the matches
+        assert row["license"] == ("cc-by-4.0" if i % 2 else "?") and row["clip_similarity"] == pytest.approx(
+            0.3
+        )
+        assert row["pwatermark"] == pytest.approx(i / 100) and row["sha256"] is None
+        assert row["punsafe"] == (None if i == 7 else pytest.approx(0.01))
 
     # another encoder (a different output size) is refused, as is calibration (there are no images)
     other = _tower(tmp_path / "other.torchscript.pt", 16, seed=1)

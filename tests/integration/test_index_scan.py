@@ -20,6 +20,7 @@ from indexing.index_ray import run_index
 from indexing.runtime.config import resolve
 from indexing.store import layout, storage
 from indexing.store.manifest import load_manifest
+from jobs.demo.data import file_sha256
 from search.ann.searcher import ShardSearcher
 from search.results.matches import MATCHES_SCHEMA
 from search.scan_config import ScanConfig
@@ -112,6 +113,19 @@ def test_scan_finds_planted_copies(local_index, generated, laion_shards, tmp_pat
     copies = [t for t in truth if t["is_copy"]]
     hits = sum(best[t["file"]][0] == expected_key(laion_shards, t["source_image"]) for t in copies)
     assert hits >= len(copies) - 1, f"{hits}/{len(copies)} planted copies found at rank 0"
+    # each match carries its training image's provenance: the downloaded bytes' sha256 and the LAION
+    # columns of its url-list row, through img2dataset's .json and the index's metadata
+    source = {laion_shards.key_of_source[s]: s for s in laion_shards.source_images}
+    row_of = {sid: i for i, sid in enumerate(pq.read_table(laion_shards.url_list)["source_id"].to_pylist())}
+    columns = laion_shards.columns
+    for r in table.filter(pc.equal(table["rank"], 0)).to_pylist():
+        sid = laion_shards.source_id_of[source[r["train_key"]]]
+        assert r["sha256"] == file_sha256(laion_shards.served / sid)
+        i = row_of[sid]
+        assert r["license"] == columns["LICENSE"][i]
+        assert abs(r["pwatermark"] - columns["pwatermark"][i]) < 1e-6
+        assert abs(r["punsafe"] - columns["punsafe"][i]) < 1e-6
+        assert abs(r["clip_similarity"] - columns["similarity"][i]) < 1e-6
     # scores are cosines, sorted within each query
     for rows in table.to_pandas().groupby("query_id"):
         scores = rows[1].sort_values("rank")["score"].to_numpy()

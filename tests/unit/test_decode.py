@@ -136,3 +136,53 @@ def test_a_failed_augmentation_is_noted_and_the_image_still_indexed():
     assert all(b.pair_pixels is None for b in batches)
     assert [e["key"] for b in batches for e in b.pair_errors] == ["a"]
     assert "cannot handle this" in batches[0].pair_errors[0]["detail"]
+
+
+def test_provenance_columns_come_from_the_sample_json():
+    from indexing.embed.provenance import provenance
+    from indexing.embed.stage import METADATA_SCHEMA, metadata_table
+
+    meta = {"LICENSE": "cc-by-4.0", "pwatermark": 0.91, "punsafe": "0.02", "similarity": 0.33, "sha256": "ab"}
+    assert provenance(meta) == {
+        "license": "cc-by-4.0",
+        "pwatermark": 0.91,
+        "punsafe": 0.02,
+        "clip_similarity": 0.33,
+    }
+    # absent, NaN, not a number, a bool: None, never an error
+    assert provenance({"pwatermark": float("nan"), "punsafe": "high", "similarity": True}) == {
+        "license": None,
+        "pwatermark": None,
+        "punsafe": None,
+        "clip_similarity": None,
+    }
+    assert provenance({"license": 3, "clip_similarity": 1})["license"] == "3"
+    batch = next(
+        decode_samples([Sample("k", _jpeg(), "jpg", meta=meta)], _squash, batch_size=2, image_size=16)
+    )
+    table = metadata_table(batch.records)
+    assert table.schema.equals(METADATA_SCHEMA)
+    row = table.to_pylist()[0]
+    assert (row["sha256"], row["license"], row["clip_similarity"]) == ("ab", "cc-by-4.0", pytest.approx(0.33))
+
+
+def test_metadata_of_an_index_without_provenance_reads_as_none(tmp_path):
+    """Indexes built before the provenance columns: their matches carry nulls there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from search.ann.searcher import describe_row, load_metadata
+
+    path = str(tmp_path / "metadata_00000.parquet")
+    pq.write_table(pa.table({"row": [0], "key": ["k0"], "url": ["http://x/0"], "caption": ["c"]}), path)
+    columns = load_metadata(path, str(tmp_path / "cache" / "m.parquet"), None)
+    assert describe_row(columns, 0) == {
+        "train_key": "k0",
+        "train_url": "http://x/0",
+        "caption": "c",
+        "sha256": None,
+        "license": None,
+        "pwatermark": None,
+        "punsafe": None,
+        "clip_similarity": None,
+    }

@@ -95,3 +95,50 @@ def test_cli_prints_and_writes(two_runs, tmp_path, capsys):
     assert query_job.JOB.main([a, b, sql, "--out", str(out)]) == 0
     assert pcsv.read_csv(out).num_rows == 4
     assert query_job.JOB.main([a]) == 2  # no SQL
+
+
+def test_sql_filters_on_provenance_and_reads_older_runs(tmp_path):
+    """Matches carry the training image's source metadata; a run written before those columns (its files
+    lack them) reads them as null, so one query spans both."""
+    new = _run(
+        tmp_path,
+        "new",
+        [
+            {
+                "query_id": "q1",
+                "rank": 0,
+                "train_key": "t1",
+                "score": 0.9,
+                "license": "cc-by",
+                "pwatermark": 0.95,
+            },
+            {
+                "query_id": "q2",
+                "rank": 0,
+                "train_key": "t2",
+                "score": 0.8,
+                "license": "?",
+                "pwatermark": 0.99,
+            },
+            {
+                "query_id": "q3",
+                "rank": 0,
+                "train_key": "t3",
+                "score": 0.7,
+                "license": "cc-by",
+                "pwatermark": 0.1,
+            },
+        ],
+        flagged=3,
+    )
+    old = _run(tmp_path, "old", [{"query_id": "q1", "rank": 0, "train_key": "t1", "score": 0.9}], flagged=1)
+    files = tmp_path / "old" / "matches" / "part-00000.parquet"
+    table = pq.read_table(files)
+    pq.write_table(table.drop(["sha256", "license", "pwatermark", "punsafe", "clip_similarity"]), files)
+    found = run_query(
+        [new, old],
+        "SELECT train_key FROM matches WHERE pwatermark > 0.8 AND license <> '?' ORDER BY train_key",
+    )
+    assert found.to_pylist() == [{"train_key": "t1"}]
+    nulls = run_query([new, old], "SELECT run, count(*) AS n FROM matches WHERE license IS NULL GROUP BY run")
+    assert [r["n"] for r in nulls.to_pylist()] == [1] and nulls.to_pylist()[0]["run"].endswith("old")

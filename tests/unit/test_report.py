@@ -265,3 +265,65 @@ def test_gallery_and_overview_link_only_http_urls_in_chromium(open_page, tmp_pat
     overview = page.locator("table.kv a").evaluate_all("e => e.map(a => [a.getAttribute('href'), a.rel])")
     assert overview == [["https://runs.example.org/scan-1", "noopener noreferrer"]]  # s3:// index: text
     assert page.locator("svg.hist title").count() > 1  # the histogram's bins have hover values
+
+
+def test_gallery_filters_by_source_metadata_in_chromium(open_page, tmp_path):
+    """The gallery's source-metadata filters: a pwatermark / punsafe / clip_similarity range keeps only rows
+    whose source had the value; license contains is a case-insensitive substring."""
+    provenance = [  # (license, pwatermark, punsafe, clip_similarity, sha256)
+        ("CC-BY-4.0", 0.95, 0.01, 0.31, "a" * 64),
+        ("?", 0.10, 0.80, 0.28, "b" * 64),
+        (None, None, None, None, None),  # an index built without the source's columns
+        ("cc-by-nc", 0.60, 0.02, 0.35, "c" * 64),
+    ]
+    rows = [
+        {
+            "query_id": f"gen-{i}",
+            "rank": 0,
+            "train_key": f"k{i}",
+            "train_url": None,
+            "caption": f"caption {i}",
+            "score": 0.9 - i / 100,
+            "score_norm": None,
+            "score_raw": None,
+            "is_copy": True,
+            "license": lic,
+            "pwatermark": wm,
+            "punsafe": unsafe,
+            "clip_similarity": sim,
+            "sha256": digest,
+            "query_thumb": None,
+            "train_thumb": None,
+        }
+        for i, (lic, wm, unsafe, sim, digest) in enumerate(provenance)
+    ]
+    result, distributions = _page()
+    path = tmp_path / "report.html"
+    path.write_text(html.render(dict(result, gallery_rows=len(rows)), distributions, rows), encoding="utf-8")
+    loaded = open_page(str(path))
+    page = loaded.page
+    assert loaded.console_errors == []
+
+    def shown() -> list[str]:
+        return page.locator("#gallery-body tr td:nth-child(8)").all_text_contents()
+
+    assert shown() == ["gen-0", "gen-1", "gen-2", "gen-3"]
+    cells = page.locator("#gallery-body td.provenance").all_text_contents()
+    assert (
+        cells[0]
+        == f"license CC-BY-4.0; pwatermark 0.950; punsafe 0.010; clip_similarity 0.310; sha256 {'a' * 64}"
+    )
+    assert cells[2] == ""
+    page.fill("#f-prov-min", "0.5")  # watermarked: pwatermark >= 0.5
+    assert shown() == ["gen-0", "gen-3"]
+    page.fill("#f-license", "CC-BY")  # and a CC-BY licence, any case
+    assert shown() == ["gen-0", "gen-3"]
+    page.fill("#f-license", "nc")
+    assert shown() == ["gen-3"]
+    page.fill("#f-license", "")
+    page.fill("#f-prov-min", "")
+    page.select_option("#f-prov", "punsafe")
+    page.fill("#f-prov-max", "0.05")  # safe images only
+    assert shown() == ["gen-0", "gen-3"]
+    page.fill("#f-prov-max", "")
+    assert shown() == ["gen-0", "gen-1", "gen-2", "gen-3"]
