@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.copyscan-installed
 
-.PHONY: demo test lint install clean browser
+.PHONY: demo test lint keys install clean browser
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP) browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jobs indexing search tests bench
 	$(VENV)/bin/ruff format --check jobs indexing search tests bench
+
+# The README's "Configuration keys" tables, from the config classes' key declarations (a unit test fails
+# when the README differs)
+keys: $(STAMP)
+	$(PY) -c 'from jobs.cli import write_readme_keys; write_readme_keys("README.md")'
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from indexing.errors import CopyscanError
 from indexing.models.embedders import DEFAULT_EMBEDDER
 from indexing.models.regions import MODES as REGION_MODES
 from indexing.models.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
+from indexing.runtime.config import key
 from indexing.runtime.devices import DEVICES
 
 MODES = ("resume", "overwrite")
@@ -19,76 +20,114 @@ WHITENINGS = ("learned", "pca", "none")
 class IndexConfig:
     """Every knob of ``copyscan index``; set with a YAML file (``--config``) and/or ``key=value``."""
 
-    shards: str  # brace pattern, glob, folder or list file of img2dataset webdataset tars (any fsspec URL)
-    out: str  # output URL (local path, s3://...)
-    mode: str = "resume"  # resume: skip finished shards; overwrite: delete a previous copyscan output first
+    shards: str = key(
+        help="img2dataset webdataset tars: brace pattern, glob, folder or list file (any fsspec URL)"
+    )
+    out: str = key(help="output URL of the index (local path, s3://...)")
+    mode: str = key(
+        "resume", "resume: skip finished shards; overwrite: delete a previous copyscan output first"
+    )
 
     # Embedding
-    embedder: str = DEFAULT_EMBEDDER
-    weights: str | None = None  # local path or fsspec URL; None = the embedder's packaged weights
-    embedder_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64
-    max_image_pixels: int = 64_000_000  # larger images are rejected ("too_large") before decoding
-    min_image_side: int = 8  # smaller images are rejected ("too_small")
+    embedder: str = key(DEFAULT_EMBEDDER, "embedder: effnet-lite0, sscd, dino-vitb16 or laion-clip (README)")
+    weights: str | None = key(
+        None, "embedder weights: local path or fsspec URL; null = the embedder's packaged ones"
+    )
+    embedder_options: dict[str, Any] = key(
+        help="embedder settings, e.g. {size: 288} or {model: ViT-L-14}", factory=dict
+    )
+    batch_size: int = key(64, "images per forward pass")
+    max_image_pixels: int = key(64_000_000, "larger images are rejected (too_large) before decoding")
+    min_image_side: int = key(8, "images with a smaller side are rejected (too_small)")
     # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
     # shard; N = N actors
-    embed_actors: int = 0
-    embed_actor_cpus: float = 0.5
+    embed_actors: int = key(
+        0, "embedding actors; 0 = one per alive GPU (or per 4 CPUs), growing as nodes join"
+    )
+    embed_actor_cpus: float = key(0.5, "CPUs per embedding actor")
     # -1 = 1 if the cluster has GPUs or its autoscaler can start a GPU node, else 0 (CPU actors)
-    embed_actor_gpus: float = -1.0
-    max_gpus: float = 0  # GPUs the embedding actors may hold in all; 0 = no limit
-    actor_start_timeout: float = 900.0  # seconds a pool waits for its first actor to start (node boots)
-    embed_concurrency: int = 2  # shards in flight per embedding actor (decode of one overlaps the next)
-    decode_cpus: float = 0.5  # CPUs per decode task
-    torch_threads: int = 0  # 0 = Ray's default for the actor
-    retries: int = 2  # extra attempts for a failed shard
+    embed_actor_gpus: float = key(
+        -1.0, "GPUs per embedding actor; -1 = 1 when the cluster has or can start GPUs, else 0"
+    )
+    max_gpus: float = key(0.0, "GPUs the embedding actors may hold in all; 0 = no limit")
+    actor_start_timeout: float = key(
+        900.0, "seconds a pool waits for its first actor to start (a node booting)"
+    )
+    embed_concurrency: int = key(2, "shards in flight per embedding actor (decode of one overlaps the next)")
+    decode_cpus: float = key(0.5, "CPUs per decode task")
+    torch_threads: int = key(0, "torch threads per embedding actor; 0 = Ray's default for the actor")
+    retries: int = key(2, "extra attempts for a failed shard")
 
     # Index
-    index_factory: str = "auto"  # or an explicit faiss factory string, e.g. "IVF4096,PQ64np"
-    flat_threshold: int = 100_000  # below this many vectors the index is exact (IDMap,Flat)
-    max_shard_vectors: int = 10_000_000  # vectors per index shard
-    max_code_bytes: int = 64  # PQ bytes per vector
-    shard_memory_bytes: int = 0  # bound on an index shard's ANN part (codes, ids, centroids); 0 = none
-    recall_target: float = 0.95  # recall@10 after re-ranking that nprobe and the re-rank depth aim at
-    nprobe: int = 0  # default nprobe recorded for scans; 0 = planner's choice
-    fill_cpus: float = 1.0  # CPUs per index-fill task
+    index_factory: str = key(
+        "auto", 'faiss index: auto (the planner) or a factory string, e.g. "IVF4096,PQ64np"'
+    )
+    flat_threshold: int = key(100_000, "below this many vectors the index is exact (IDMap,Flat)")
+    max_shard_vectors: int = key(10_000_000, "vectors per index shard at most")
+    max_code_bytes: int = key(64, "PQ bytes per vector at most")
+    shard_memory_bytes: int = key(0, "bound on an index shard's ANN part (codes, ids, centroids); 0 = none")
+    recall_target: float = key(
+        0.95, "recall@10 after re-ranking that the planned nprobe and re-rank depth aim at"
+    )
+    nprobe: int = key(0, "default nprobe recorded for scans; 0 = the planner's choice")
+    fill_cpus: float = key(1.0, "CPUs per index-fill task")
     # The training task's GPUs (k-means of the coarse quantizer): -1 = 1 for an IVF index when the cluster has
     # GPUs or its autoscaler can start a GPU node, else 0
-    train_gpus: float = -1.0
+    train_gpus: float = key(
+        -1.0, "GPUs of the training task (coarse k-means); -1 = 1 for IVF when GPUs are there or can start"
+    )
     # What runs the coarse k-means: auto (faiss-gpu, else torch on a CUDA device, else the CPU), cpu, faiss-gpu,
     # torch (indexing/build/clustering.py)
-    train_device: str = "auto"
+    train_device: str = key("auto", "what runs the coarse k-means: auto, cpu, faiss-gpu or torch")
     # "learned": whitening learned from pairs (image, augmented copy) made while embedding, so the directions
     # along which copies move count less; "pca": shrunk PCA-whitening of the database vectors; "none".
     # See indexing/build/postprocess.py and the README's evaluation.
-    whitening: str = "learned"
-    whitening_pair_images: int = (
-        10_000  # images (in all) that get augmented copies: the first ones of each shard
+    whitening: str = key(
+        "learned", "learned (from image/augmented-copy pairs), pca (of the database vectors) or none"
     )
-    whitening_pair_copies: int = 2  # augmented copies per such image
-    whitening_shrinkage: float = 0.1  # towards the identity, of the pair-difference (or database) covariance
-    # learned whitening only: a second, PCA stage on the learned-whitened database sample; null = none
-    whitening_pca_shrinkage: float | None = 0.3
-    whitening_sample: int = 100_000  # vectors the whitening is fitted on
-    background_size: int = 10_000  # database sample kept (whitened) for score normalisation
-    seed: int = 0
+    whitening_pair_images: int = key(
+        10_000, "images (in all) that get augmented copies: the first ones of each shard"
+    )
+    whitening_pair_copies: int = key(2, "augmented copies per such image")
+    whitening_shrinkage: float = key(
+        0.1, "shrinkage towards the identity of the pair-difference (or database) covariance"
+    )
+    whitening_pca_shrinkage: float | None = key(
+        0.3, "learned whitening only: a second, PCA stage's shrinkage; null = none"
+    )
+    whitening_sample: int = key(100_000, "vectors the whitening is fitted on")
+    background_size: int = key(10_000, "database sample kept (whitened) for score normalisation")
+    seed: int = key(0, "random seed (samples, whitening pairs, k-means)")
 
     # Partial copies (indexing/models/regions.py): every image also gets one vector per box of ``region_grid``
     # (pooled from the same forward pass) in a second, region index under OUT/regions/; scans search it with
     # windows of ``region_query_grid`` pooled from the query at ``region_query_size`` px (the manifest
     # records both, a scan may override the query side).
-    regions: bool = False
-    region_grid: str = TRAIN_GRID
+    regions: bool = key(
+        False, "also build a region index (one vector per region_grid box) for partial copies"
+    )
+    region_grid: str = key(
+        TRAIN_GRID,
+        "boxes of every training image, S:N,... (squares of side S, N x N positions; indexing/models/regions.py)",
+    )
     # "crop": every box cut from the image preprocessed at region_size px and embedded (one pass per box:
     # the same kind of vector as the scan's query windows); "pool": every box pooled from the forward pass
     # of the global vector (free, effnet-lite0 only, but such vectors match cropped windows poorly)
-    region_mode: str = "crop"
-    region_size: int = QUERY_SIZE
-    region_query_grid: str = QUERY_GRID
-    region_query_size: int = QUERY_SIZE
-    region_factory: str = "auto"  # like index_factory, for the region index
+    region_mode: str = key(
+        "crop", "crop: each box cut and embedded at region_size px; pool: pooled from the global pass"
+    )
+    region_size: int = key(
+        QUERY_SIZE, "px an image is preprocessed at before its boxes are cut (region_mode=crop)"
+    )
+    region_query_grid: str = key(
+        QUERY_GRID, "windows a scan cuts from each query (grid spec); recorded in the manifest"
+    )
+    region_query_size: int = key(QUERY_SIZE, "px a scan preprocesses the query at before cutting windows")
+    region_factory: str = key("auto", "like index_factory, for the region index")
 
-    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to every fsspec filesystem
+    storage_options: dict[str, Any] = key(
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+    )
 
     # Keys whose change makes an existing output incompatible (resume would mix two different indexes).
     RESUME_KEYS = (
@@ -115,7 +154,8 @@ class IndexConfig:
         "region_factory",
     )
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
@@ -164,5 +204,4 @@ class IndexConfig:
                 )
             if self.region_size < 64:
                 problems.append("region_size must be >= 64")
-        if problems:
-            raise CopyscanError("invalid index config: " + "; ".join(problems))
+        return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -89,7 +90,8 @@ def job_env_vars() -> dict[str, str]:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config, --ray-address, --num-cpus, -v and the key=value overrides of a configured job."""
+    """--config, --ray-address, --num-cpus, -v and the key=value overrides of a configured job (its keys
+    are listed after the flags: ``JobParser``)."""
     parser.add_argument("--config", help="YAML file of key: value settings (overridden by key=value)")
     parser.add_argument(
         "--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"
@@ -97,8 +99,44 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no cluster is given")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. k=20 nprobe=64"
+        "overrides", nargs="*", metavar="key=value", help="settings of the job: its keys are listed below"
     )
+
+
+class JobParser(argparse.ArgumentParser):
+    """An argument parser whose ``--help`` ends with the keys of its job's config (``Job.config``).
+
+    The config class is imported only when the help is shown: config modules import the libraries they
+    check values against (torch, faiss), which ``copyscan CMD`` without ``--help`` loads only for CMD.
+    """
+
+    def __init__(self, *args: Any, config: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def format_help(self) -> str:
+        if self.config and self.epilog is None:
+            from indexing.runtime.config import keys_text
+
+            cls = load_config_class(self.config)
+            keys = {f.name for f in dataclasses.fields(cls)}
+            # the flags and positionals that set a key too (--index, RUN)
+            flags = {
+                a.dest: a.option_strings[-1] if a.option_strings else (a.metavar or a.dest)
+                for a in self._actions
+                if a.dest in keys
+            }
+            self.epilog = keys_text(cls, flags)
+        return super().format_help()
+
+
+def load_config_class(path: str) -> type:
+    """The config dataclass named by ``path``, ``"package.module:ClassName"``."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,13 @@ class Job:
     body: Callable[[argparse.Namespace], int | None]
     uses_ray: bool = True  # jobs that run in this process (report, merge, ...) start no Ray
     config_arguments: bool = True  # --config, --ray-address, --num-cpus, -v and key=value overrides
+    # "module:Class" of the config dataclass that key=value sets, its keys listed by --help and the README;
+    # a name, not the class, so that declaring every job imports no config module (they import torch, faiss)
+    config: str | None = None
+
+    def config_class(self) -> type | None:
+        """The job's config dataclass (imported now), None for a job without one."""
+        return load_config_class(self.config) if self.config else None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The job's arguments, then (``config_arguments``) the config, Ray and logging ones."""
@@ -139,7 +184,9 @@ class Job:
 
     def main(self, argv: list[str] | None = None) -> int:
         """``python -m jobs.NAME [ARGS]``: parse ``argv`` (default: the command line) and run."""
-        parser = argparse.ArgumentParser(prog=f"python -m jobs.{self.name}", description=self.description)
+        parser = JobParser(
+            prog=f"python -m jobs.{self.name}", description=self.description, config=self.config
+        )
         self.add_arguments(parser)
         return self.run(parser.parse_args(argv))
 

@@ -39,6 +39,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="search.calibrate.config:CalibrateConfig",
     uses_ray=False,  # whole copies need no cluster; the body starts Ray for partial=N
 )
 

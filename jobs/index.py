@@ -41,6 +41,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="indexing.index_config:IndexConfig",
 )
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _body(args: argparse.Namespace) -> None:
     from indexing.runtime.config import resolve
-    from search.memorized.discover import MemorizedConfig
+    from search.memorized.config import MemorizedConfig
     from search.memorized.memorized_ray import run_memorized
 
     explicit = {"generations": args.generations, "out": args.out, "mode": args.mode}
@@ -44,6 +44,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="search.memorized.config:MemorizedConfig",
 )
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from indexing.runtime.config import key
 from jobs._runtime import Job, layers
 
 
@@ -22,15 +23,15 @@ from jobs._runtime import Job, layers
 class MergeConfig:
     """Every knob of ``copyscan merge``; set with a YAML file (``--config``) and/or ``key=value``."""
 
-    index: str  # URL of a finished copyscan index
-    max_shard_vectors: int = 10_000_000  # vectors per merged shard at most
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    index: str = key(help="URL of a finished copyscan index")
+    max_shard_vectors: int = key(10_000_000, "vectors per merged shard at most")
+    storage_options: dict[str, Any] = key(
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+    )
 
-    def validate(self) -> None:
-        from indexing.errors import CopyscanError
-
-        if self.max_shard_vectors < 1:
-            raise CopyscanError("invalid merge config: max_shard_vectors must be >= 1")
+    def problems(self) -> list[str]:
+        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        return ["max_shard_vectors must be >= 1"] if self.max_shard_vectors < 1 else []
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="jobs.merge:MergeConfig",
     uses_ray=False,
 )
 

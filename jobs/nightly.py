@@ -96,6 +96,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="search.scan_config:ScanConfig",
 )
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from jobs._runtime import Job, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_url", metavar="RUN", help="URL of a finished scan output")
+    parser.add_argument("run", metavar="RUN", help="URL of a finished scan output")
     parser.add_argument("--history", help="nightly history URL: adds the trend across checkpoints")
 
 
@@ -25,7 +25,7 @@ def _body(args: argparse.Namespace) -> None:
     from search.report.config import ReportConfig
     from search.report.run import run_report
 
-    given = {"run": args.run_url}
+    given = {"run": args.run}
     if args.history:
         given["history"] = args.history
     cfg = resolve(ReportConfig, *layers(args, given))
@@ -60,6 +60,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
+    config="search.report.config:ReportConfig",
     uses_ray=False,
 )
 

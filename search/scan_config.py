@@ -2,83 +2,112 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from indexing.errors import CopyscanError
 from indexing.index_config import MODES
 from indexing.models.regions import parse_slide
+from indexing.runtime.config import key
 from indexing.runtime.devices import DEVICES
+from search.calibrate.thresholds import NAMED_THRESHOLDS
 
 
 @dataclass(frozen=True)
 class ScanConfig:
     """Every knob of ``copyscan scan``; set with a YAML file (``--config``) and/or ``key=value``."""
 
-    index: str  # URL of a finished copyscan index (its manifest.json)
-    queries: str  # folder of images (query_id = file name) or webdataset shards (query_id = __key__)
-    out: str  # output URL
-    mode: str = "resume"
+    index: str = key(help="URL of a finished copyscan index (its manifest.json)")
+    queries: str = key(
+        help="folder of images (query_id = path in it) or webdataset shards (query_id = __key__)"
+    )
+    out: str = key(help="output URL of the scan (matches/, summary.json, run.yaml)")
+    mode: str = key(
+        "resume", "resume: skip finished chunks; overwrite: delete a previous copyscan output first"
+    )
 
-    k: int = 10  # results per query
+    k: int = key(10, "results per query")
     # ANN candidates per index shard, re-ranked exactly; 0 = the index's planned re-rank depth (manifest
     # index.candidates, from its recall_target), else max(10·k, 100)
-    candidates: int = 0
-    nprobe: int = 0  # 0 = the index's planned nprobe (manifest index.nprobe)
-    chunk_size: int = 1024  # queries per chunk (image folders; a query shard is one chunk)
-    beta: float = 1.0  # score normalisation: score_norm = score - beta * background bias
+    candidates: int = key(
+        0, "ANN candidates per index shard, re-ranked exactly; 0 = the index's planned depth"
+    )
+    nprobe: int = key(0, "inverted lists searched per query; 0 = the index's planned nprobe")
+    chunk_size: int = key(1024, "queries per chunk (image folders; a query shard is one chunk)")
+    beta: float = key(1.0, "score normalisation: score_norm = score - beta x background bias")
     # is_copy = the match passes this threshold: p90 / p99 (the index's calibration, copyscan calibrate),
     # somepalli (score_raw >= 0.5), duplicate (score_raw >= 0.95), a score_norm value, or none
-    threshold: str | float = "p90"
+    threshold: str | float = key(
+        "p90", "is_copy: p90 / p99 (calibrated), somepalli, duplicate, a score_norm value, or none"
+    )
     # is_partial_copy = a query's partial answer (dense_rank 0 with dense_verify, else local_rank 0) passes
     # this: p90 / p99 (copyscan calibrate partial=N, for scans with the same partial settings), a value of
     # the answer's score (dense_score, else local_score_norm), or none; "" = p90 / p99 when threshold is,
     # else none (search/calibrate/partial.py)
-    partial_threshold: str | float = ""
+    partial_threshold: str | float = key(
+        "", 'is_partial_copy: p90 / p99, a value of the answer\'s score, none; "" = as threshold'
+    )
     # Every match above a threshold, not only the top k (search/ann/radius.py): each query's k best plus every
     # further training image with score_norm >= radius, at most radius_max more per query (a training
     # image duplicated 500 times shows up 500 times): p90 / p99 (copyscan calibrate) or a score_norm
     # value. A range search with the score normalisation folded into the query; approximate scores down
     # to radius_margin below a query's floor are re-ranked exactly. "" = off (top k only)
-    radius: str | float = ""
-    radius_max: int = 1000
-    radius_margin: float = 0.1
+    radius: str | float = key(
+        "", 'also every match with score_norm >= this: p90, p99 or a value; "" = top k only'
+    )
+    radius_max: int = key(1000, "matches kept per query beyond the top k at most (radius)")
+    radius_margin: float = key(
+        0.1, "approximate scores this far below a query's radius floor are re-ranked exactly"
+    )
 
     # Pixel verification (Carlini et al.): the top ``verify_pixels`` matches of every query are re-fetched
     # (training image from its shard, generation from its source), aligned to verify_size px, and get
     # pixel_l2, tiled_l2 and extracted = tiled_l2 < extraction_delta; 0 = off. search/verify/matches.py
-    verify_pixels: int = 0
-    extraction_delta: float = 0.15
-    verify_size: int = 512  # both images: short side resized to this, centre crop (verify_fit=crop) or squash
-    verify_fit: str = "crop"
-    verify_threads: int = 8  # fetch and decode threads per verification task
+    verify_pixels: int = key(
+        0, "top matches per query re-fetched and compared in pixels (pixel_l2, tiled_l2); 0 = off"
+    )
+    extraction_delta: float = key(0.15, "extracted = tiled_l2 below this")
+    verify_size: int = key(512, "px both images are aligned to for pixel verification (short side)")
+    verify_fit: str = key("crop", "crop (short side, centre crop) or squash")
+    verify_threads: int = key(8, "fetch and decode threads per verification task")
     # Each chunk is verified, then written, by a Ray task of verify_cpus CPUs, overlapping the scan; at most
     # verify_in_flight such tasks at once (0 = 2 x cluster CPUs / verify_cpus), beyond which the scan waits
-    verify_cpus: float = 0.5
-    verify_in_flight: int = 0
+    verify_cpus: float = key(0.5, "CPUs per verification task (one per chunk)")
+    verify_in_flight: int = key(0, "verification tasks at once; 0 = 2 x cluster CPUs / verify_cpus")
     # Density-relative score (Carlini et al., for unconditional models): density_l2 = pixel_l2 /
     # (density_alpha x mean pixel_l2 of the generation to its top density_neighbours matches, which are
     # fetched and compared too; needs k >= density_neighbours and verify_pixels >= 1); < 1 = extracted.
     # 0 = off; the paper uses 50
-    density_neighbours: int = 0
-    density_alpha: float = 0.5
+    density_neighbours: int = key(
+        0, "density_l2: pixel_l2 relative to the top N matches' (Carlini et al.: 50); 0 = off"
+    )
+    density_alpha: float = key(
+        0.5, "density_l2 = pixel_l2 / (density_alpha x mean pixel_l2 to the neighbours)"
+    )
 
     # Partial copies (search/regions/): search the index's region index with windows of every query.
     # "auto": when the index has one (copyscan index regions=true); "on": fail without one; "off".
-    regions: str = "auto"
-    region_query_grid: str = ""  # windows (indexing/models/regions.py grid spec); "" = the index's
-    region_query_size: int = 0  # px the query is preprocessed at before cropping windows; 0 = the index's
-    region_hits: int = 20  # region hits per window, exactly re-ranked, before aggregating per training image
+    regions: str = key("auto", "search the region index: auto (when the index has one), on (required) or off")
+    region_query_grid: str = key("", 'windows cut from each query (grid spec); "" = the index\'s')
+    region_query_size: int = key(0, "px the query is preprocessed at before cutting windows; 0 = the index's")
+    region_hits: int = key(
+        20, "region hits per window, exactly re-ranked, before aggregating per training image"
+    )
     # region hits rank by cosine − region_density_beta · (the training region's density − the index's mean
     # density); density = its mean cosine to its 3 nearest background regions of other images, stored by
     # the index: generic regions (sky, texture) are near every window and would otherwise crowd out real
     # matches. 0 = off
-    region_density_beta: float = 1.0
+    region_density_beta: float = key(
+        1.0, "region hits lose this x their region's density (generic regions); 0 = off"
+    )
     # Localise, then search: the frames (where the whole training image lies in the query, from its best
     # window/region pairs) of the best region_refine images are cut from the query, embedded like images and
     # searched in the global index; a pasted object cut out that way matches its source like a whole copy.
     # Costs up to region_refine forward passes and global searches per query. 0 = off
-    region_refine: int = 5
+    region_refine: int = key(
+        5, "frames of the best N region images cut from the query and searched globally; 0 = off"
+    )
     # Sliding windows, searched in the global index like the frames: squares of these sides (fractions of
     # the query's shorter side; search/regions/geometry.py slide_boxes), a third of a side apart, e.g. "0.5,0.4":
     # 52 windows on a square query, 88 on a 3:2 one (forward passes and global searches); "WxH" entries
@@ -86,11 +115,15 @@ class ScanConfig:
     # put the source among the best 10 images for more pasted copies (98 instead of 91 of 120 with the
     # squares) but add as many false matches: recall@1 0.617 against 0.633 without, for 1.5x the scan time
     # (README); dense_verify then ranks those candidates. "" = off
-    region_slide: str = ""
+    region_slide: str = key(
+        "", 'sliding windows searched globally: sides (or WxH) as fractions, e.g. "0.5,0.4"; "" = off'
+    )
     # Somepalli et al.'s split product, position-aligned, each chunk normalised (a cosine): for every match,
     # split_score = max over the index's region boxes r of cos(query box r, training box r), in the region
     # index's space (needs a region index; query boxes made like the index's, indexing/models/regions.py)
-    split_product: bool = False
+    split_product: bool = key(
+        False, "split_score: Somepalli et al.'s split product over the region boxes (needs regions)"
+    )
     # Dense verification (search/verify/dense.py): the region candidates of local_rank < dense_verify are re-fetched
     # (training image from its shard, generation from its source), and the training image is searched in
     # the generation over offset and scale, cell by cell on EfficientNet-Lite0's block-10 feature maps:
@@ -102,37 +135,51 @@ class ScanConfig:
     # (dense_rank 0) and AP 0.822 (its dense_score) against 0.750 and 0.674 by local_score_norm, at 0.06
     # queries/s on a 2-core CPU against 0.17 with the defaults (README). Not for whole copies (they fit no
     # level of the generation's pyramid): read those from the global columns
-    dense_verify: int = 0
-    dense_weight: float = 0.05
+    dense_verify: int = key(
+        0, "region candidates per query re-fetched and located densely (dense_z, dense_score); 0 = off"
+    )
+    dense_weight: float = key(0.05, "dense_score = local_score_norm + dense_weight x dense_z")
 
-    weights: str | None = None  # query embedder weights; None = the ones the index was built with
-    batch_size: int = 64
-    max_image_pixels: int = 64_000_000
-    min_image_side: int = 8
+    weights: str | None = key(None, "query embedder weights; null = the ones the index was built with")
+    batch_size: int = key(64, "images per forward pass")
+    max_image_pixels: int = key(64_000_000, "larger queries are rejected (too_large) before decoding")
+    min_image_side: int = key(8, "queries with a smaller side are rejected (too_small)")
     # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
     # query chunk; N = N actors
-    embed_actors: int = 0
-    embed_actor_cpus: float = 0.5
+    embed_actors: int = key(
+        0, "embedding actors; 0 = one per alive GPU (or per 4 CPUs), growing as nodes join"
+    )
+    embed_actor_cpus: float = key(0.5, "CPUs per embedding actor")
     # -1 = 1 if the cluster has GPUs or its autoscaler can start a GPU node, else 0 (CPU actors)
-    embed_actor_gpus: float = -1.0
-    max_gpus: float = 0  # GPUs the embedding actors may hold in all; 0 = no limit
-    actor_start_timeout: float = 900.0  # seconds a pool waits for its first actor to start (node boots)
-    embed_concurrency: int = 2
-    decode_cpus: float = 0.5
-    torch_threads: int = 0
+    embed_actor_gpus: float = key(
+        -1.0, "GPUs per embedding actor; -1 = 1 when the cluster has or can start GPUs, else 0"
+    )
+    max_gpus: float = key(0.0, "GPUs the embedding actors may hold in all; 0 = no limit")
+    actor_start_timeout: float = key(
+        900.0, "seconds a pool waits for its first actor to start (a node booting)"
+    )
+    embed_concurrency: int = key(2, "query chunks in flight per embedding actor")
+    decode_cpus: float = key(0.5, "CPUs per decode task")
+    torch_threads: int = key(0, "torch threads per embedding actor; 0 = Ray's default for the actor")
 
-    scan_actors: int = 0  # 0 = min(index shards, CPUs / 2)
-    scan_actor_cpus: float = 0.5
+    scan_actors: int = key(0, "scan actors (each holds index shards); 0 = min(index shards, CPUs / 2)")
+    scan_actor_cpus: float = key(0.5, "CPUs per scan actor")
     # GPUs per scan actor (0: CPU actors). An actor holding one finds each query block's nearest inverted
     # lists there (search/ann/coarse.py: nq x nlist dot products, most of a query's FLOPs at LAION's
     # nlist); the lists themselves are scanned on the CPU, from the memory-mapped shards
-    scan_actor_gpus: float = 0.0
+    scan_actor_gpus: float = key(
+        0.0, "GPUs per scan actor (its coarse assignment runs there); 0 = CPU actors"
+    )
     # what runs the coarse assignment: auto (faiss-gpu, else torch on the actor's CUDA device, else the
     # CPU), cpu, faiss-gpu, torch (indexing/runtime/devices.py)
-    search_device: str = "auto"
-    cache_dir: str = ""  # local cache for index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan
-    retries: int = 2
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    search_device: str = key("auto", "what runs the coarse assignment: auto, cpu, faiss-gpu or torch")
+    cache_dir: str = key(
+        "", 'local cache of index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan'
+    )
+    retries: int = key(2, "extra attempts for a failed chunk")
+    storage_options: dict[str, Any] = key(
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+    )
 
     RESUME_KEYS = (
         "index",
@@ -205,15 +252,14 @@ class ScanConfig:
             "nprobe_from": nprobe_from,
         }
 
-    def validate(self) -> None:
-        problems = (
+    def problems(self) -> list[str]:
+        """Every problem of these settings that shows without the index (``indexing.runtime.config.resolve``)."""
+        return (
             self._search_problems()
             + self._threshold_problems()
             + self._verify_problems()
             + self._region_problems()
         )
-        if problems:
-            raise CopyscanError("invalid scan config: " + "; ".join(problems))
 
     def _search_problems(self) -> list[str]:
         """Mode, sizes, re-ranking depth and pools."""
@@ -241,31 +287,31 @@ class ScanConfig:
         return problems
 
     def _threshold_problems(self) -> list[str]:
-        """``radius`` and ``partial_threshold``."""
+        """``threshold``, ``radius`` and ``partial_threshold``: names, or numbers (``resolve`` reads a number
+        as a float); whether the index has the calibration p90 / p99 name shows only once it is loaded."""
         problems = []
-        if str(self.radius) != "":
-            if str(self.radius) in ("none", "somepalli", "duplicate"):
+        if not _named_or_number(self.threshold, ("p90", "p99", *NAMED_THRESHOLDS, "none")):
+            problems.append(
+                f"threshold must be p90, p99, somepalli, duplicate, none or a score_norm value, "
+                f"not {self.threshold!r}"
+            )
+        if self.radius != "":
+            if self.radius in ("none", *NAMED_THRESHOLDS):
                 problems.append(
                     f"radius is a score_norm threshold (p90, p99 or a value), not {self.radius!r}: the "
                     "index is range-searched in its own space, where score_raw thresholds do not apply"
                 )
-            elif str(self.radius) not in ("p90", "p99"):
-                try:
-                    float(self.radius)
-                except ValueError:
-                    problems.append(f"radius must be p90, p99 or a score_norm value, not {self.radius!r}")
+            elif not _named_or_number(self.radius, ("p90", "p99")):
+                problems.append(f"radius must be p90, p99 or a score_norm value, not {self.radius!r}")
             if self.radius_max <= 0 or self.radius_margin < 0:
                 problems.append("radius_max must be positive and radius_margin >= 0")
             if self.beta < 0:
                 problems.append("radius needs beta >= 0 (its range search bounds beta x background bias)")
-        if str(self.partial_threshold) not in ("", "none", "p90", "p99"):
-            try:
-                float(self.partial_threshold)
-            except ValueError:
-                problems.append(
-                    f"partial_threshold must be p90, p99, none or a value of the partial answer's score, "
-                    f"not {self.partial_threshold!r}"
-                )
+        if not _named_or_number(self.partial_threshold, ("", "none", "p90", "p99")):
+            problems.append(
+                f"partial_threshold must be p90, p99, none or a value of the partial answer's score, "
+                f"not {self.partial_threshold!r}"
+            )
         return problems
 
     def _verify_problems(self) -> list[str]:
@@ -318,3 +364,10 @@ class ScanConfig:
         except CopyscanError as exc:
             problems.append(str(exc))
         return problems
+
+
+def _named_or_number(value: str | float, names: tuple[str, ...]) -> bool:
+    """``value`` is one of ``names`` or a finite number (not a bool)."""
+    if isinstance(value, str):
+        return value in names
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

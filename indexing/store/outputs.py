@@ -8,6 +8,7 @@ written into, whatever the mode, so a typo cannot clobber someone else's data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,10 +62,18 @@ def claim_output(
 
 
 def _norm(value: Any) -> Any:
+    """``value`` as compared between runs: lists for tuples, and a number for the text of one, since keys
+    that take a name or a number (``threshold``) were recorded as text before copyscan read numbers."""
     if isinstance(value, tuple):
         return [_norm(v) for v in value]
     if isinstance(value, list):
         return [_norm(v) for v in value]
     if isinstance(value, dict):
         return {k: _norm(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
     return value

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from indexing.errors import CopyscanError
+from indexing.runtime.config import key, resolve
 
 # The settings measured best for pasted objects (README, Evaluation: recall@1 0.85 on held-out copies)
 PARTIAL_SCAN = {"region_refine": 10, "region_slide": "0.5,0.4,0.45x0.3,0.3x0.45", "dense_verify": 10}
@@ -15,28 +16,37 @@ PARTIAL_SCAN = {"region_refine": 10, "region_slide": "0.5,0.4,0.45x0.3,0.3x0.45"
 class CalibrateConfig:
     """Every knob of ``copyscan calibrate``; set with a YAML file (``--config``) and/or ``key=value``."""
 
-    index: str  # URL of a finished copyscan index
-    images: int = 1_000  # training images copied (read back from the index's source shards)
-    max_shards: int = 16  # source shards read at most
-    prevalence: float = 0.5  # share of copies among the queries the thresholds are for
-    seed: int = 1_234
-    candidates: int = 100  # ANN candidates per index shard, re-ranked exactly
-    nprobe: int = 0  # 0 = the index's default
-    batch_size: int = 64
-    weights: str | None = None  # embedder weights; None = those the index was built with
-    device: str = "auto"
-    cache_dir: str = ""
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    index: str = key(help="URL of a finished copyscan index")
+    images: int = key(1_000, "training images copied (read back from the index's source shards)")
+    max_shards: int = key(16, "source shards read at most")
+    prevalence: float = key(0.5, "share of copies among the queries the thresholds are for")
+    seed: int = key(1_234, "random seed (images sampled, copies, pastes)")
+    candidates: int = key(100, "ANN candidates per index shard, re-ranked exactly")
+    nprobe: int = key(0, "inverted lists searched per query; 0 = the index's default")
+    batch_size: int = key(64, "images per forward pass")
+    weights: str | None = key(None, "embedder weights; null = those the index was built with")
+    device: str = key("auto", "torch device of the embedder: auto (CUDA when there is one), cpu, cuda, ...")
+    cache_dir: str = key(
+        "", 'local cache of index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan'
+    )
+    storage_options: dict[str, Any] = key(
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+    )
     # Partial copies (an index with a region index; search/calibrate/partial.py): ``partial`` training
     # images pasted into scenes from ``outside`` (a folder of image files not in the training set), and as
     # many outside images pasted the same way, scanned on Ray with the copyscan scan settings
     # ``partial_scan``, give the thresholds of the partial answer (dense_score of dense_rank 0 with
     # dense_verify, else local_score_norm of local_rank 0). 0 = off
-    partial: int = 0
-    outside: str = ""
-    partial_scan: dict[str, Any] = field(default_factory=lambda: dict(PARTIAL_SCAN))
+    partial: int = key(
+        0, "training images pasted into outside scenes and scanned, for partial-copy thresholds; 0 = off"
+    )
+    outside: str = key("", "folder of images not in the training set: the scenes for partial=N")
+    partial_scan: dict[str, Any] = key(
+        help="copyscan scan settings of the partial-copy calibration scan", factory=lambda: dict(PARTIAL_SCAN)
+    )
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
         problems = []
         if self.partial < 0:
             problems.append("partial must be >= 0 (0 = whole copies only)")
@@ -48,11 +58,23 @@ class CalibrateConfig:
         fixed = sorted(set(self.partial_scan) & {"index", "queries", "out", "threshold", "partial_threshold"})
         if fixed:
             problems.append(f"partial_scan cannot set {', '.join(fixed)} (the calibration sets them)")
+        problems += self._partial_scan_problems()
         if self.images < 10:
             problems.append("images must be >= 10")
         if not 0.0 < self.prevalence < 1.0:
             problems.append("prevalence must be in (0, 1)")
         if self.max_shards < 1 or self.candidates < 2 or self.batch_size < 1:
             problems.append("max_shards, batch_size must be >= 1 and candidates >= 2")
-        if problems:
-            raise CopyscanError("invalid calibrate config: " + "; ".join(problems))
+        return problems
+
+    def _partial_scan_problems(self) -> list[str]:
+        """``partial_scan`` checked as the calibration's scan will resolve it (search/calibrate/partial.py),
+        so a typo shows before the whole copies are calibrated, not after."""
+        from search.scan_config import ScanConfig
+
+        fixed = {"index": "-", "queries": "-", "out": "-", "regions": "on"}
+        try:
+            resolve(ScanConfig, self.partial_scan, fixed)
+        except CopyscanError as exc:
+            return [f"partial_scan: {exc}"]
+        return []

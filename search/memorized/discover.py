@@ -47,7 +47,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,12 @@ import yaml
 
 from indexing.embed.decode import DecodeLimits
 from indexing.errors import CopyscanError
-from indexing.index_config import MODES
 from indexing.read.fetch import fetch_images
 from indexing.read.reader import iter_tar
 from indexing.store import layout, storage
 from search.memorized.clique import max_clique, threshold_graph
-from search.verify.pixel import FITS, decode_fetched, pairwise_tiled
+from search.memorized.config import MemorizedConfig
+from search.verify.pixel import decode_fetched, pairwise_tiled
 
 MANIFEST_NAMES = ("manifest.parquet", "manifest.jsonl", "manifest.csv")
 
@@ -86,60 +86,6 @@ PART_SCHEMA = pa.schema(
     ]
 )
 MEMORIZED_SCHEMA = pa.schema([("rank", pa.int32()), *PART_SCHEMA])
-
-
-@dataclass(frozen=True)
-class MemorizedConfig:
-    """Every knob of ``copyscan memorized``; YAML file (``--config``) and/or ``key=value``."""
-
-    generations: str  # webdataset shards of generations, or a folder of images with a manifest
-    out: str
-    mode: str = "resume"
-    graph_size: int = 128  # generations aligned to this many pixels for the graph (see module docstring)
-    tiles: int = 4
-    edge_threshold: float = 0.08  # tiled l2 at graph_size below which two generations are connected
-    min_clique: int = 10  # flag a prompt whose largest clique has at least this many generations
-    fit: str = "crop"  # crop (short side, centre crop) or squash
-    clique_max_steps: int = 200_000  # exact search budget per prompt; past it the clique is a lower bound
-    prompts_per_task: int = 4  # one Ray task per this many prompts (their images fetched together)
-    task_cpus: float = 0.5
-    max_in_flight: int = 0  # tasks at once; 0 = 2 x the cluster's CPUs / task_cpus
-    threads: int = 4  # fetch/decode threads per task
-    max_image_pixels: int = 64_000_000
-    min_image_side: int = 8
-    retries: int = 2
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    RESUME_KEYS = (
-        "generations",
-        "graph_size",
-        "tiles",
-        "edge_threshold",
-        "min_clique",
-        "fit",
-        "clique_max_steps",
-        "prompts_per_task",
-    )
-
-    def validate(self) -> None:
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.tiles <= 0 or self.graph_size <= 0 or self.graph_size % self.tiles:
-            problems.append(
-                f"graph_size ({self.graph_size}) must be a positive multiple of tiles ({self.tiles})"
-            )
-        if self.edge_threshold <= 0:
-            problems.append("edge_threshold must be positive")
-        if self.fit not in FITS:
-            problems.append(f"fit must be one of {', '.join(FITS)}, not {self.fit!r}")
-        for name in ("min_clique", "clique_max_steps", "prompts_per_task", "threads", "max_image_pixels"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.task_cpus <= 0 or self.max_in_flight < 0 or self.retries < 0:
-            problems.append("task_cpus must be positive, max_in_flight and retries >= 0")
-        if problems:
-            raise CopyscanError("invalid MemorizedConfig: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------

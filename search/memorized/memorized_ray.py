@@ -25,9 +25,9 @@ from indexing.runtime.pool_ray import Size, run_tasks
 from indexing.runtime.progress import Progress
 from indexing.store import layout, storage
 from indexing.store.outputs import claim_output
+from search.memorized.config import MemorizedConfig
 from search.memorized.discover import (
     GraphSpec,
-    MemorizedConfig,
     assign_tasks,
     find_manifest,
     finished_tasks,

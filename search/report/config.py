@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
+from indexing.runtime.config import key
 from indexing.store import layout
 
 COLUMNS = ("score", "score_raw", "score_norm")  # the score columns the report describes
@@ -15,32 +15,39 @@ COLUMNS = ("score", "score_raw", "score_norm")  # the score columns the report d
 class ReportConfig:
     """Every knob of ``copyscan report``; set with a YAML file (``--config``) and/or ``key=value``."""
 
-    run: str  # URL of a finished scan output
-    out: str = ""  # "" = RUN/report
-    index: str = ""  # "" = the index the run scanned (its run.yaml)
-    column: str = ""  # score column the HTML leads with; "" = the run's threshold column, else score
-    thresholds: list[float] = field(default_factory=lambda: [0.5])  # fractions above, for every column
-    train_sample: int = 2_000  # training images searched for the train→train distribution
-    seed: int = 0
-    resamples: int = 1_000  # bootstrap resamples of the mean shift (fractions use Wilson intervals)
-    duplicate_radius: float = 0.95  # near-duplicate: ``score`` (the index's space) ≥ this
-    duplicate_margin: float = 0.1  # range search radius = duplicate_radius − margin, then exact re-score
-    duplicate_images: int = 1_000  # matched training images counted at most (highest-scoring first)
-    duplicate_random: int = 1_000  # random training images, the baseline
-    gallery: int = 10_000  # best matches listed in the HTML gallery
-    thumbnails: int = 2_000  # of those, how many get inlined images (the best first)
-    thumb_size: int = 128  # longest side of an inlined thumbnail, pixels
-    ranks: int = 1  # gallery rows per generation (1 = its best match)
-    history: str = ""  # nightly history URL: adds the checkpoint trend
-    memorized: str = ""  # copyscan memorized output URL: adds the flagged prompts and their cliques
-    memorized_prompts: int = 50  # flagged prompts shown at most
-    memorized_images: int = 16  # clique members shown per prompt (closest to the rest first)
-    candidates: int = 100
-    nprobe: int = 0  # 0 = the index's default
-    cache_dir: str = ""
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    run: str = key(help="URL of a finished scan output")
+    out: str = key("", 'output URL of the report; "" = RUN/report')
+    index: str = key("", 'URL of the index; "" = the index the run scanned (its run.yaml)')
+    column: str = key("", 'score column the HTML leads with; "" = the run\'s threshold column, else score')
+    thresholds: tuple[float, ...] = key(
+        (0.5,), "the report gives the fraction of scores >= each of these values, for every score column"
+    )
+    train_sample: int = key(2_000, "training images searched for the train→train distribution")
+    seed: int = key(0, "random seed (train sample, random duplicates baseline, bootstrap)")
+    resamples: int = key(1_000, "bootstrap resamples of the mean shift (fractions use Wilson intervals)")
+    duplicate_radius: float = key(0.95, "near-duplicate: score (the index's space) >= this")
+    duplicate_margin: float = key(0.1, "range search radius = duplicate_radius - this, then exact re-scoring")
+    duplicate_images: int = key(1_000, "matched training images counted at most (highest-scoring first)")
+    duplicate_random: int = key(1_000, "random training images counted, the baseline")
+    gallery: int = key(10_000, "best matches listed in the HTML gallery")
+    thumbnails: int = key(2_000, "of those, how many get inlined images (the best first)")
+    thumb_size: int = key(128, "longest side of an inlined thumbnail, pixels")
+    ranks: int = key(1, "gallery rows per generation (1 = its best match)")
+    history: str = key("", "nightly history URL: adds the checkpoint trend")
+    memorized: str = key("", "copyscan memorized output URL: adds the flagged prompts and their cliques")
+    memorized_prompts: int = key(50, "flagged prompts shown at most")
+    memorized_images: int = key(16, "clique members shown per prompt (closest to the rest first)")
+    candidates: int = key(100, "ANN candidates per index shard, re-ranked exactly (train→train, duplicates)")
+    nprobe: int = key(0, "inverted lists searched per query; 0 = the index's default")
+    cache_dir: str = key(
+        "", 'local cache of index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan'
+    )
+    storage_options: dict[str, Any] = key(
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+    )
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
         problems = []
         if self.column and self.column not in COLUMNS:
             problems.append(f"column must be one of {', '.join(COLUMNS)}")
@@ -52,8 +59,7 @@ class ReportConfig:
                 problems.append(f"{name} must be >= 0")
         if not 0 < self.duplicate_margin < 1:
             problems.append("duplicate_margin must be in (0, 1)")
-        if problems:
-            raise CopyscanError("invalid report config: " + "; ".join(problems))
+        return problems
 
     @property
     def out_url(self) -> str:

@@ -97,3 +97,19 @@ def test_calibrate_config_checks_the_partial_options():
         resolve(CalibrateConfig, {**base, "partial": 20, "outside": "/s", "partial_scan": {"out": "/x"}})
     with pytest.raises(CopyscanError, match="partial must be"):
         resolve(CalibrateConfig, {**base, "partial": -1})
+
+
+def test_the_partial_scan_settings_are_checked_before_calibrating():
+    """partial_scan is resolved as the calibration's scan will resolve it: its typos show up front."""
+    bad = {"region_refin": 10, "dense_verify": "ten", "region_slide": "0.5,2"}
+    with pytest.raises(CopyscanError) as err:
+        resolve(
+            CalibrateConfig, {"index": "i", "partial": 20, "outside": "/s", "partial_scan": bad, "images": 5}
+        )
+    text = str(err.value)
+    assert "partial_scan: invalid ScanConfig" in text and "did you mean region_refine?" in text
+    assert (
+        "dense_verify must be an integer" in text
+        and "region_slide" in text
+        and "images must be >= 10" in text
+    )

@@ -71,12 +71,65 @@ def test_copyscan_runs_the_job_it_names(capsys):
         cli.main(["query", "--no-such-flag", "a", "b"])
 
 
-def test_copyscan_help_runs():
+def test_copyscan_help_runs_without_loading_a_library():
+    """``python -m jobs.cli --help`` (the ``copyscan`` script) lists every command; declaring them imports no
+    config module, so neither torch nor faiss (``-X importtime`` names every module imported)."""
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-X", "importtime", "-m", "jobs.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in cli.JOBS) and "90%/99%" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "jobs.scan" in imported and not imported & {"torch", "faiss", "ray", "pyarrow"}
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        cli.parser().parse_args(argv)
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(cli.JOBS))
+def test_every_command_help_lists_its_keys(name, capsys):
+    """``copyscan CMD --help``: the job's flags, then each key of its config with type, default and help."""
+    import dataclasses
+
+    job = cli.JOBS[name]
+    text = _help([name, "--help"], capsys)
+    assert text.startswith(f"usage: copyscan {name}") and "e.g. k=20" not in text
+    cls = job.config_class()
+    if cls is None:
+        assert "Keys:" not in text
+        return
+    keys = text[text.index("\nKeys: key=value") :]
+    for f in dataclasses.fields(cls):
+        line = next((x for x in keys.splitlines() if x.startswith(f"  {f.name}: ")), None)
+        assert line is not None, f"{name} --help does not list {f.name}"
+        assert keys.splitlines()[keys.splitlines().index(line) + 1].strip() == f.metadata["help"]
+
+
+def test_help_names_the_flags_that_set_a_key(capsys):
+    assert "  index: str (required, or --index)\n" in _help(["scan", "--help"], capsys)
+    assert "  run: str (required, or RUN)\n" in _help(["report", "--help"], capsys)
+    assert "  mode: str = resume (or --mode)\n" in _help(["memorized", "--help"], capsys)
+    top = _help(["--help"], capsys)
+    assert all(f"    {name}" in top for name in cli.JOBS) and "copyscan COMMAND --help" in top
+
+
+def test_python_m_job_help_lists_the_same_keys(capsys):
+    """``python -m jobs.merge --help`` (``ray job submit``) is the same parser as ``copyscan merge --help``."""
+    from jobs import merge
+
+    with pytest.raises(SystemExit):
+        merge.JOB.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m jobs.merge")
+    assert text.split("\nKeys:", 1)[1] == _help(["merge", "--help"], capsys).split("\nKeys:", 1)[1]
 
 
 def test_submit_exits_with_the_entrypoints_own_status():

@@ -184,8 +184,9 @@ def test_prompt_sources_and_manifests(tmp_path):
 
 def test_config_is_validated():
     from indexing.runtime.config import resolve
+    from search.memorized.config import MemorizedConfig
 
     with pytest.raises(CopyscanError, match="graph_size .* multiple of tiles"):
-        resolve(mem.MemorizedConfig, {"generations": "g", "out": "o", "graph_size": 130})
-    cfg = resolve(mem.MemorizedConfig, {"generations": "g", "out": "o"})
+        resolve(MemorizedConfig, {"generations": "g", "out": "o", "graph_size": 130})
+    cfg = resolve(MemorizedConfig, {"generations": "g", "out": "o"})
     assert cfg.edge_threshold == 0.08 and cfg.min_clique == 10 and cfg.graph_size == 128

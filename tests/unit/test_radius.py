@@ -7,6 +7,7 @@ from test_build_search import build, clustered, write_collection
 
 from indexing.build.ivf import BackgroundSample
 from indexing.errors import CopyscanError
+from indexing.runtime.config import validate
 from indexing.store import layout
 from indexing.store.manifest import resolve
 from search.ann.normalise import ScoreNormaliser, whiten
@@ -237,8 +238,8 @@ def test_radius_equals_a_deep_top_k_filtered_by_score_norm(tmp_path):
 
 def test_radius_config_is_checked():
     base = {"index": "i", "queries": "q", "out": "o"}
-    ScanConfig(**base, radius="p90").validate()
-    ScanConfig(**base, radius=0.2).validate()
+    validate(ScanConfig(**base, radius="p90"))
+    validate(ScanConfig(**base, radius=0.2))
     for bad, message in (
         ({"radius": "somepalli"}, "score_norm threshold"),
         ({"radius": "high"}, "p90, p99 or a score_norm value"),
@@ -246,4 +247,4 @@ def test_radius_config_is_checked():
         ({"radius": "p90", "beta": -1.0}, "beta >= 0"),
     ):
         with pytest.raises(CopyscanError, match=message):
-            ScanConfig(**base, **bad).validate()
+            validate(ScanConfig(**base, **bad))

@@ -9,6 +9,7 @@ import pytest
 from indexing.errors import CopyscanError
 from indexing.models.embedders import load_embedder
 from indexing.models.regions import WHOLE, parse_slide
+from indexing.runtime.config import validate
 from indexing.store import layout
 from search.ann.topk import ShardResult
 from search.regions.geometry import CROP_IOU, REFINE_PAIRS, SLIDE_MAX_AXIS, frames, slide_boxes
@@ -265,8 +266,8 @@ def test_parse_slide_and_its_config_check():
         with pytest.raises(CopyscanError, match="region_slide"):
             parse_slide(bad)
     with pytest.raises(CopyscanError, match="region_slide"):
-        ScanConfig(index="i", queries="q", out="o", region_slide="0.5,2").validate()
-    ScanConfig(index="i", queries="q", out="o", region_slide="").validate()
+        validate(ScanConfig(index="i", queries="q", out="o", region_slide="0.5,2"))
+    validate(ScanConfig(index="i", queries="q", out="o", region_slide=""))
 
 
 def test_refine_result_searches_the_sliding_windows_with_the_frames():

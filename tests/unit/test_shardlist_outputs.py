@@ -75,6 +75,18 @@ def test_claim_output_reads_keys_a_run_did_not_record_as_their_old_behaviour(tmp
     assert storage.exists(out + "/chunks/x")
 
 
+def test_a_threshold_recorded_as_text_resumes_as_the_number_it_is(tmp_path):
+    """Runs recorded ``threshold: '0.50'`` before copyscan read numbers as numbers: the same threshold."""
+    out = str(tmp_path / "out")
+    claim_output(out, "run.yaml", {"threshold": "0.50"}, "resume", ["threshold"])
+    storage.write_bytes(out + "/chunks/x", b"1")
+    assert claim_output(out, "run.yaml", {"threshold": 0.5}, "resume", ["threshold"])
+    with pytest.raises(CopyscanError, match=r"threshold: 0.5 -> 'p90'"):
+        claim_output(out, "run.yaml", {"threshold": "p90"}, "resume", ["threshold"])
+    with pytest.raises(CopyscanError, match=r"threshold: 0.5 -> 0.6"):
+        claim_output(out, "run.yaml", {"threshold": 0.6}, "resume", ["threshold"])
+
+
 def test_atomic_writes_leave_no_temp_files(tmp_path):
     storage.write_json(str(tmp_path / "a" / "b.json"), {"x": 1})
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
