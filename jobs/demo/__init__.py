@@ -5,7 +5,10 @@
    user's LAION download would (two planted dead links show img2dataset's own failure accounting).
 2. "Generated" images are made: transformed copies of some training images (crop, rotation, colour,
    rescale, JPEG, overlaid text) mixed with images that are not in the training set.
-3. ``copyscan index`` and ``copyscan scan`` run on a local Ray, and the planted copies found are printed.
+3. ``copyscan index`` runs on a local Ray, ``copyscan calibrate`` sets the index's 90 %-precision threshold
+   from copies of its own images, ``copyscan scan`` flags the generated images with it (``is_copy``) and
+   ``copyscan report`` writes the HTML report; the planted copies found and flagged, the unrelated images
+   flagged, and where the report is are printed.
 
 Everything lands in ``--out`` (default ``demo-output/``); a second run resumes (nothing is redone).
 """
@@ -80,9 +83,12 @@ def run_demo(
         staged, others, str(out / "generated"), n_copies=n_copies, n_unrelated=n_unrelated, seed=seed
     )
     init_ray(ray_address, num_cpus)
-    manifest, summary = _index_and_scan(out)
+    manifest, calibration, summary = _index_calibrate_scan(out)
+    report = _html_report(out)
     key_of_source = demo_data.source_keys(str(out / "shards"))
-    return _report(out, truth, key_of_source, www, manifest, summary, downloads, time.time() - t0)
+    return _report(
+        out, truth, key_of_source, www, (manifest, calibration, summary, report), downloads, time.time() - t0
+    )
 
 
 def _download(out: Path, www: Path, staged: list[Path]) -> dict[str, dict[str, Any]]:
@@ -104,40 +110,77 @@ def _download(out: Path, www: Path, staged: list[Path]) -> dict[str, dict[str, A
     return demo_data.read_shard_stats(str(shards_dir))
 
 
-def _index_and_scan(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``copyscan index`` of ``out/shards`` and ``copyscan scan`` of ``out/generated``, default settings
-    (Ray started): (the index manifest, the scan summary)."""
+def _index_calibrate_scan(out: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``copyscan index`` of ``out/shards``, ``copyscan calibrate`` of the index (once: a resumed demo keeps
+    its thresholds) and ``copyscan scan`` of ``out/generated``, default settings (Ray started): (the index
+    manifest, the manifest's calibration entry, the scan summary)."""
     from indexing.index_config import IndexConfig
     from indexing.index_ray import run_index
     from indexing.runtime.config import resolve
+    from indexing.store.manifest import load_manifest
+    from search.calibrate.config import CalibrateConfig
+    from search.calibrate.whole import run_calibrate
     from search.scan_config import ScanConfig
     from search.scan_ray import run_scan
 
-    index_cfg = resolve(IndexConfig, {"shards": str(out / "shards"), "out": str(out / "index")})
-    manifest = run_index(index_cfg)
+    index_url = str(out / "index")
+    manifest = run_index(resolve(IndexConfig, {"shards": str(out / "shards"), "out": index_url}))
+    if not manifest.get("calibration"):
+        # as many copies as the index has images (at most the default 1,000)
+        run_calibrate(
+            resolve(CalibrateConfig, {"index": index_url, "images": min(1_000, manifest["ntotal"])})
+        )
+        manifest = load_manifest(index_url)
     scan_cfg = resolve(
-        ScanConfig, {"index": str(out / "index"), "queries": str(out / "generated"), "out": str(out / "scan")}
+        ScanConfig, {"index": index_url, "queries": str(out / "generated"), "out": str(out / "scan")}
     )
-    return manifest, run_scan(scan_cfg)
+    return manifest, manifest["calibration"], run_scan(scan_cfg)
 
 
-def _report(out, truth, key_of_source, www, manifest, summary, downloads, seconds) -> str:
-    """The printed report: what was set up, each generated image's best match, where the outputs are;
-    writes ``out/demo_result.json``."""
+def _html_report(out: Path) -> dict[str, Any]:
+    """``copyscan report`` of the scan into ``out/scan/report`` (report.html, stats.json); its stats."""
+    from indexing.runtime.config import resolve
+    from search.report.config import ReportConfig
+    from search.report.run import run_report
+
+    return run_report(resolve(ReportConfig, {"run": str(out / "scan")}))
+
+
+def _report(out, truth, key_of_source, www, results, downloads, seconds) -> str:
+    """The printed report: what was set up, each generated image's best match, what was flagged, where the
+    outputs are; writes ``out/demo_result.json``. results: (manifest, calibration, scan summary, report
+    stats)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    manifest, calibration, summary, _ = results
     matches = pq.read_table(out / "scan" / "matches")
     top = matches.filter(pc.equal(matches["rank"], 0)).to_pylist()
     best = {row["query_id"]: row for row in top}
     lines, found = _match_lines(truth, best, key_of_source, www)
+    flagged = _flagged(truth, best, key_of_source, www)
     copies = [t for t in truth if t["is_copy"]]
-    (out / "demo_result.json").write_text(
-        json.dumps({"planted": len(copies), "found_at_rank0": found, "seconds": round(seconds, 1)}, indent=2)
-        + "\n"
-    )
-    header = _header(out, manifest, summary, downloads)
-    return "\n".join(header + lines + _footer(out, truth, best, found, seconds))
+    result = {"planted": len(copies), "found_at_rank0": found, **flagged, "seconds": round(seconds, 1)}
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    header = _header(out, manifest, summary, downloads, calibration)
+    return "\n".join(header + lines + _footer(out, truth, best, found, flagged, seconds))
+
+
+def _flagged(truth, best, key_of_source, www) -> dict[str, int]:
+    """What the scan flagged (``is_copy`` of each generated image's best match): planted copies flagged, of
+    them those flagged on their source, and unrelated images flagged."""
+    out = {"copies_flagged": 0, "copies_flagged_on_source": 0, "unrelated_flagged": 0, "unrelated": 0}
+    for t in truth:
+        row = best.get(t["file"])
+        is_copy = bool(row and row["is_copy"])
+        if not t["is_copy"]:
+            out["unrelated"] += 1
+            out["unrelated_flagged"] += is_copy
+            continue
+        out["copies_flagged"] += is_copy
+        source = key_of_source.get(Path(t["source_image"]).relative_to(www).as_posix())
+        out["copies_flagged_on_source"] += is_copy and row["train_key"] == source
+    return out
 
 
 def _match_lines(truth, best, key_of_source, www) -> tuple[list[str], int]:
@@ -152,6 +195,7 @@ def _match_lines(truth, best, key_of_source, www) -> tuple[list[str], int]:
         hit = row is not None and expected is not None and row["train_key"] == expected
         found += hit
         verdict = ("FOUND " if hit else "MISSED") if t["is_copy"] else "      "
+        verdict += " flagged" if row is not None and row["is_copy"] else "        "
         match = (
             f"{row['train_key']}  {row['score']:.3f}  {row['score_norm']:+.3f}  {row['caption']}"
             if row
@@ -162,7 +206,7 @@ def _match_lines(truth, best, key_of_source, www) -> tuple[list[str], int]:
     return lines, found
 
 
-def _header(out, manifest, summary, downloads) -> list[str]:
+def _header(out, manifest, summary, downloads, calibration) -> list[str]:
     failed_downloads = sum(
         s.get("failed_to_download", 0) + s.get("failed_to_resize", 0) for s in downloads.values()
     )
@@ -173,13 +217,32 @@ def _header(out, manifest, summary, downloads) -> list[str]:
         f"{len(downloads)} shards, {failed_downloads} failed (recorded in {out / 'shards'}/*_stats.json)",
         f"  index: {manifest['ntotal']} vectors, {manifest['index']['factory']}, embedder {manifest['embedder']['name']} "
         f"(dim {manifest['dim']}), {manifest['rejected_total']} images rejected",
-        f"  scan: {summary['queries']} generated images, {summary['matches']} matches (top-{summary['k']})",
+        f"  calibrate: {_threshold(calibration)}",
+        f"  scan: {summary['queries']} generated images, {summary['matches']} matches (top-{summary['k']}), "
+        f"{summary.get('flagged')} flagged ({_rule(summary['threshold'])})",
         "",
-        "generated image, what was planted, and its best match (train key, score, score_norm, caption):",
+        "generated image, verdict, what was planted, and its best match (train key, score, score_norm, caption):",
     ]
 
 
-def _footer(out, truth, best, found, seconds) -> list[str]:
+def _rule(threshold: dict[str, Any]) -> str:
+    """The scan's ``is_copy`` rule (its summary's ``threshold``) as one phrase."""
+    if "column" not in threshold:
+        return f"threshold {threshold['name']}: not calibrated, nothing flagged"
+    return f"is_copy: {threshold['column']} >= {threshold['value']:.3f}, {threshold['name']}"
+
+
+def _threshold(calibration: dict[str, Any]) -> str:
+    """The calibrated p90 threshold as one phrase."""
+    p90 = calibration["thresholds"]["score_norm"].get("p90")
+    if p90 is None:
+        return (
+            f"no score_norm threshold reaches 90 % precision on {calibration['images']} copies of its images"
+        )
+    return f"90 % precision at score_norm >= {p90:.3f} (from {calibration['images']} copies of its images)"
+
+
+def _footer(out, truth, best, found, flagged, seconds) -> list[str]:
     copies = [t for t in truth if t["is_copy"]]
     copy_scores = sorted(best[t["file"]]["score_norm"] for t in copies if t["file"] in best)
     other_scores = sorted(
@@ -188,6 +251,9 @@ def _footer(out, truth, best, found, seconds) -> list[str]:
     return [
         "",
         f"planted copies found at rank 0: {found}/{len(copies)}",
+        f"flagged as copies (is_copy): {flagged['copies_flagged']}/{len(copies)} planted copies "
+        f"({flagged['copies_flagged_on_source']} on their source), {flagged['unrelated_flagged']}/"
+        f"{flagged['unrelated']} unrelated images",
         f"top-1 score_norm of planted copies: min {copy_scores[0]:.3f}, median {copy_scores[len(copy_scores) // 2]:.3f}"
         if copy_scores
         else "",
@@ -200,6 +266,7 @@ def _footer(out, truth, best, found, seconds) -> list[str]:
         f"  index + manifest:      {out / 'index'}",
         f"  matches (parquet):     {out / 'scan' / 'matches'}   -> pyarrow.parquet.read_table(...)",
         f"  summary:               {out / 'scan' / 'summary.json'}",
+        f"  report (open it):      {out / 'scan' / 'report' / 'report.html'}",
         f"  ground truth:          {out / 'generated' / 'ground_truth.json'}",
         f"  demo took {seconds:.0f} s",
     ]
@@ -207,7 +274,7 @@ def _footer(out, truth, best, found, seconds) -> list[str]:
 
 JOB = Job(
     name="demo",
-    summary="the whole path offline on real images: img2dataset, index, scan, planted copies",
+    summary="the whole path offline on real images: img2dataset, index, calibrate, scan, report",
     description=__doc__,
     arguments=_arguments,
     body=_body,
