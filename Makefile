@@ -35,13 +35,13 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jobs indexing search tests bench
-	$(VENV)/bin/ruff format --check jobs indexing search tests bench
+	$(VENV)/bin/ruff check copyscan jobs indexing search tests bench
+	$(VENV)/bin/ruff format --check copyscan jobs indexing search tests bench
 
 # The README's "Configuration keys" tables, from the config classes' key declarations (a unit test fails
 # when the README differs)
 keys: $(STAMP)
-	$(PY) -c 'from jobs.cli import write_readme_keys; write_readme_keys("README.md")'
+	$(PY) -c 'from copyscan.jobs.cli import write_readme_keys; write_readme_keys("README.md")'
 
 clean:
 	rm -rf $(VENV) demo-output

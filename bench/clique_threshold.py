@@ -1,8 +1,8 @@
 """Calibrate the edge threshold of the memorised-prompt graph (``copyscan memorized``): JSON on stdout.
 
 Carlini et al. connect two generations of one prompt when their tiled ℓ2 is below a threshold they do not
-publish. Two distributions bound it, both on real images (``jobs.demo.sample_images``) aligned as the job
-aligns generations (short side, centre crop, ``graph_size`` px, 4 × 4 tiles):
+publish. Two distributions bound it, both on real images (``copyscan.jobs.demo.sample_images``) aligned as the
+job aligns generations (short side, centre crop, ``graph_size`` px, 4 × 4 tiles):
 
 - **different images**: every pair of N distinct real images (what unrelated generations look like at
   best: real photographs and paintings share colour and layout far less than generations of one prompt,
@@ -24,9 +24,9 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from indexing.read.images import open_rgb
-from jobs.demo.sample_images import real_image_files
-from search.verify.pixel import align, pairwise_tiled, pixel_distances
+from copyscan.indexing.read.images import open_rgb
+from copyscan.jobs.demo.sample_images import real_image_files
+from copyscan.search.verify.pixel import align, pairwise_tiled, pixel_distances
 
 
 def _shift_crop(img: Image.Image, fraction: float) -> Image.Image:

@@ -1,13 +1,13 @@
 """Copy-detection quality of the whole system, measured the way a user runs it. Prints JSON.
 
-The training set is ``--train`` real images (``jobs.demo.sample_images``) downloaded by img2dataset from a
-loopback HTTP server into LAION-format shards; the queries are ``--copies`` transformed copies of distinct
-training images (``indexing.embed.augment.copy_augment``: crop 60–90 %, rotation ±8°, brightness/contrast/colour,
-rescale 0.7–1.4×, JPEG 40–85, overlaid text) and ``--negatives`` images from outside the training set
-passed through the same transformations. ``copyscan index`` and ``copyscan scan`` run with their defaults on
-a local Ray, except that the learned whitening sees augmented copies of ``--pair-images`` training images
-(400, as a real index sees 10,000 of billions); those images are never copy sources. The metrics are
-computed from ``matches/``:
+The training set is ``--train`` real images (``copyscan.jobs.demo.sample_images``) downloaded by img2dataset
+from a loopback HTTP server into LAION-format shards; the queries are ``--copies`` transformed copies of
+distinct training images (``copyscan.indexing.embed.augment.copy_augment``: crop 60–90 %, rotation ±8°,
+brightness/contrast/colour, rescale 0.7–1.4×, JPEG 40–85, overlaid text) and ``--negatives`` images from
+outside the training set passed through the same transformations. ``copyscan index`` and ``copyscan scan`` run
+with their defaults on a local Ray, except that the learned whitening sees augmented copies of
+``--pair-images`` training images (400, as a real index sees 10,000 of billions); those images are never copy
+sources. The metrics are computed from ``matches/``:
 
 - recall@1: fraction of copies whose rank-0 match is their source;
 - AP (per score column): all queries ranked by their rank-0 score; a query is positive iff it is a copy and
@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.index_config import IndexConfig
-from indexing.runtime.config import resolve
-from jobs._runtime import init_ray, setup_logging
-from jobs.demo import data as demo_data
-from jobs.demo.sample_images import real_image_files
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.runtime.config import resolve
+from copyscan.jobs._runtime import init_ray, setup_logging
+from copyscan.jobs.demo import data as demo_data
+from copyscan.jobs.demo.sample_images import real_image_files
 
 SCORES = ("score", "score_norm", "score_raw")
 
@@ -192,10 +192,10 @@ def _local_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> d
 
 def paired_keys(index_url: str, manifest: dict, pair_images: int) -> set[str]:
     """Keys of the training images the learned whitening gets augmented copies of: the first
-    ``pair_quota`` rows of each shard (``indexing.index_ray.pair_spec``), whichever whitening this index
-    uses, so that every configuration is measured on the same queries."""
-    from indexing.embed.decode import pair_quota
-    from indexing.store import layout, storage
+    ``pair_quota`` rows of each shard (``copyscan.indexing.index_ray.pair_spec``), whichever whitening this
+    index uses, so that every configuration is measured on the same queries."""
+    from copyscan.indexing.embed.decode import pair_quota
+    from copyscan.indexing.store import layout, storage
 
     shards = manifest["embedding_shards"]
     keys: set[str] = set()
@@ -249,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = demo_data.source_keys(str(work / "shards"))
     key_of_source = {str(p): keys[p.relative_to(www).as_posix()] for p in staged}
 
-    from indexing.index_ray import run_index
-    from indexing.runtime.config import parse_overrides
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import parse_overrides
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     overrides = [f"whitening_pair_images={args.pair_images}", *args.overrides]
     tag = "-".join(sorted(overrides))

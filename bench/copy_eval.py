@@ -1,6 +1,6 @@
 """Copy-detection evaluation of descriptor configurations on real images; prints JSON.
 
-Data (all from ``jobs.demo.sample_images.real_image_files``, disjoint, in this order):
+Data (all from ``copyscan.jobs.demo.sample_images.real_image_files``, disjoint, in this order):
 - ``--train`` database images (default 1,000);
 - ``--copies`` copy queries: ``copy_augment`` of distinct random training images (default 500);
 - ``--negatives`` negative queries: unseen images, also passed through ``copy_augment`` (default 500);
@@ -42,19 +42,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexing.build.postprocess import (
+from copyscan.indexing.build.postprocess import (
     apply_whitening,
     background_bias,
     fit_learned_whitening,
     fit_whitening,
     normalised_scores,
 )
-from indexing.embed.augment import copy_augment
-from indexing.errors import CopyscanError
-from indexing.models.descriptor import LAYERS, PIXEL_NORMS, CopyDescriptor, preprocess
-from indexing.models.effnet import load_efficientnet_lite0
-from indexing.read.images import open_rgb
-from jobs.demo.sample_images import real_image_files
+from copyscan.indexing.embed.augment import copy_augment
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.descriptor import LAYERS, PIXEL_NORMS, CopyDescriptor, preprocess
+from copyscan.indexing.models.effnet import load_efficientnet_lite0
+from copyscan.indexing.read.images import open_rgb
+from copyscan.jobs.demo.sample_images import real_image_files
 
 POSTS = ("raw", "snorm", "white", "white+snorm", "lwhite", "lwhite+snorm")
 PARTS = ("train", "queries", "background", "pairs")

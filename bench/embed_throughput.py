@@ -44,8 +44,8 @@ def _time_embed(embedder, batch: int, seconds: float) -> dict:
 
 
 def _decode_rate(url: str, embedder) -> dict:
-    from indexing.embed.decode import decode_samples
-    from indexing.read.reader import iter_tar
+    from copyscan.indexing.embed.decode import decode_samples
+    from copyscan.indexing.read.reader import iter_tar
 
     t0 = time.perf_counter()
     n = rejected = 0
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from indexing.models.embedders import load_embedder
+    from copyscan.indexing.models.embedders import load_embedder
 
     weights = dict(item.split("=", 1) for item in args.weights)
     scratch = tempfile.mkdtemp(prefix="copyscan-bench-")
     if args.dino_random and "dino-vitb16" in args.embedders and "dino-vitb16" not in weights:
-        from indexing.models.vit import vit_base_patch16
+        from copyscan.indexing.models.vit import vit_base_patch16
 
         torch.manual_seed(0)
         weights["dino-vitb16"] = os.path.join(scratch, "dino_random.pth")

@@ -32,14 +32,14 @@ import faiss
 import numpy as np
 
 from bench.synthetic import LocalKDE, load_real, validate
-from indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
-from indexing.build.planner import plan_index
-from indexing.build.postprocess import apply_whitening
-from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.index_config import IndexConfig
-from indexing.store import layout, storage
-from indexing.store.manifest import build_manifest
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
+from copyscan.indexing.build.planner import plan_index
+from copyscan.indexing.build.postprocess import apply_whitening
+from copyscan.indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import build_manifest
+from copyscan.search.ann.searcher import ShardSearcher
 
 PART = 100_000  # vectors per embedding shard
 K = 10

@@ -2,9 +2,9 @@
 
 The evaluation set of the partial-copy issue: a real training image, scaled so its longer side is 35–50 % of
 a different real image's shorter side, pasted at a random position into it, then JPEG
-(``indexing.embed.augment.paste_partial``). Negatives are images from outside the training set pasted the same way
-into the same pool of scenes, so neither the scenes nor the pasting tell copies apart. The scenes are images
-from outside the training set, downsized to at most 768 px (generations are 512–1024 px).
+(``copyscan.indexing.embed.augment.paste_partial``). Negatives are images from outside the training set pasted
+the same way into the same pool of scenes, so neither the scenes nor the pasting tell copies apart. The scenes
+are images from outside the training set, downsized to at most 768 px (generations are 512–1024 px).
 
 It runs on the index of ``bench.copy_detection`` (same ``--work`` and ``--train``; run that first) with
 ``copyscan scan`` and scores ``matches/`` exactly as that bench does: recall@1 of the source, and AP per
@@ -28,13 +28,13 @@ import numpy as np
 from PIL import Image
 
 from bench.copy_detection import evaluate, paired_keys
-from indexing.embed.augment import paste_partial
-from indexing.read.images import composite_rgb
-from indexing.runtime.config import parse_overrides, resolve
-from indexing.store.manifest import load_manifest
-from jobs._runtime import init_ray, setup_logging
-from jobs.demo import data as demo_data
-from jobs.demo.sample_images import real_image_files
+from copyscan.indexing.embed.augment import paste_partial
+from copyscan.indexing.read.images import composite_rgb
+from copyscan.indexing.runtime.config import parse_overrides, resolve
+from copyscan.indexing.store.manifest import load_manifest
+from copyscan.jobs._runtime import init_ray, setup_logging
+from copyscan.jobs.demo import data as demo_data
+from copyscan.jobs.demo.sample_images import real_image_files
 
 SCENE_SIDE = 768
 
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     shutil.rmtree(scan_out, ignore_errors=True)
     init_ray()
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     t_scan = time.time()
     summary = run_scan(

@@ -29,12 +29,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from indexing.read.images import open_rgb
-from jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
-from search.memorized.clique import max_clique, threshold_graph
-from search.results.matches import MATCHES_SCHEMA
-from search.verify.matches import VerifySpec, verify_matches
-from search.verify.pixel import align, decode_pixels, pairwise_tiled, pixel_distances
+from copyscan.indexing.read.images import open_rgb
+from copyscan.jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
+from copyscan.search.memorized.clique import max_clique, threshold_graph
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.verify.matches import VerifySpec, verify_matches
+from copyscan.search.verify.pixel import align, decode_pixels, pairwise_tiled, pixel_distances
 
 
 def _jpeg(img: Image.Image | np.ndarray, quality: int = 90) -> bytes:

@@ -5,7 +5,7 @@ descriptors in near-duplicate groups, copyscan's default learned whitening, ``--
 queries, for each ``--radius`` and ``--margin``:
 
 - truth: every stored vector whose exact score_norm (score in the index's space minus the pair's background
-  bias, ``search.ann.normalise``) reaches the radius, from brute force over all stored vectors;
+  bias, ``copyscan.search.ann.normalise``) reaches the radius, from brute force over all stored vectors;
 - copyscan: ``ShardSearcher.search`` with ``Above`` (the folded range search, exact re-ranking), score
   normalisation and ``keep_above``, as the scan's driver runs them; its top K and extra matches together.
   The floor (one search of the background sample per query) is computed once, outside the timings.
@@ -31,12 +31,12 @@ import faiss
 import numpy as np
 
 from bench.index import build, write_collection
-from indexing.build.postprocess import apply_whitening
-from indexing.index_config import IndexConfig
-from indexing.store import layout, storage
-from search.ann.normalise import ScoreNormaliser
-from search.ann.radius import Above, keep_above, radius_counts
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.postprocess import apply_whitening
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.store import layout, storage
+from copyscan.search.ann.normalise import ScoreNormaliser
+from copyscan.search.ann.radius import Above, keep_above, radius_counts
+from copyscan.search.ann.searcher import ShardSearcher
 
 K = 10
 

@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 
-from indexing.build.ivf import fill_index_shard, train_phase
-from indexing.build.planner import plan_index
-from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.store.manifest import build_manifest
-from search.ann.normalise import whiten
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.ivf import fill_index_shard, train_phase
+from copyscan.indexing.build.planner import plan_index
+from copyscan.indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from copyscan.indexing.store.manifest import build_manifest
+from copyscan.search.ann.normalise import whiten
+from copyscan.search.ann.searcher import ShardSearcher
 
 
 def clustered(n: int, d: int, clusters: int, rng: np.random.Generator, noise: float = 0.35) -> np.ndarray:

@@ -33,11 +33,11 @@ import numpy as np
 
 from bench.index import PART, build, write_collection
 from bench.synthetic import LocalKDE, load_real
-from indexing.build.planner import plan_index
-from jobs._runtime import init_ray
-from search.ann.coarse import SharedCoarse
-from search.ann.topk import merge_topk
-from search.scan_ray import ScanWorker, assign_shards
+from copyscan.indexing.build.planner import plan_index
+from copyscan.jobs._runtime import init_ray
+from copyscan.search.ann.coarse import SharedCoarse
+from copyscan.search.ann.topk import merge_topk
+from copyscan.search.scan_ray import ScanWorker, assign_shards
 
 K = 10
 
@@ -95,8 +95,8 @@ def by_shards_per_actor(args: argparse.Namespace, xq: np.ndarray) -> list[dict[s
     import faiss
     import ray
 
-    from indexing.build.ivf import read_index
-    from indexing.store import layout
+    from copyscan.indexing.build.ivf import read_index
+    from copyscan.indexing.store import layout
 
     n = max(args.sizes)
     ns = _collection_args(args, n, n)

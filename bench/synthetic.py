@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from indexing.build.ivf import load_pairs
-from indexing.store import layout, storage
+from copyscan.indexing.build.ivf import load_pairs
+from copyscan.indexing.store import layout, storage
 
 
 def load_real(base: str) -> tuple[np.ndarray, np.ndarray]:

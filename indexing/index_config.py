@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.models.embedders import DEFAULT_EMBEDDER
-from indexing.models.regions import MODES as REGION_MODES
-from indexing.models.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
-from indexing.runtime.config import key
-from indexing.runtime.devices import DEVICES
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.embedders import DEFAULT_EMBEDDER
+from copyscan.indexing.models.regions import MODES as REGION_MODES
+from copyscan.indexing.models.regions import QUERY_GRID, QUERY_SIZE, TRAIN_GRID, check_train_boxes, parse_grid
+from copyscan.indexing.runtime.config import key
+from copyscan.indexing.runtime.devices import DEVICES
 
 MODES = ("resume", "overwrite")
 WHITENINGS = ("learned", "pca", "none")
@@ -155,7 +155,8 @@ class IndexConfig:
     )
 
     def problems(self) -> list[str]:
-        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
+        types)."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")

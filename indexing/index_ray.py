@@ -2,7 +2,7 @@
 
 Call ``run_index`` after ``ray.init`` (``jobs/index.py`` does both). Each phase skips what an earlier
 run finished: shards with a stats marker, a written ``trained.index``, index shards with a marker
-(``indexing.runtime.resumable.run_stage`` runs the embed, import and fill stages).
+(``copyscan.indexing.runtime.resumable.run_stage`` runs the embed, import and fill stages).
 """
 
 from __future__ import annotations
@@ -14,27 +14,27 @@ from typing import Any
 
 import ray
 
-from indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
-from indexing.build.merge_shards import keep_merged_layout
-from indexing.build.planner import IndexPlan, plan_index
-from indexing.embed import clip_import
-from indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
-from indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
-from indexing.embed.stage import finished_shards
-from indexing.errors import CopyscanError
-from indexing.index_config import IndexConfig
-from indexing.models import clip
-from indexing.models.embedder import spec_fingerprint
-from indexing.models.regions import RegionSpec, parse_grid
-from indexing.read.shardlist import expand_shards
-from indexing.runtime import cluster_ray
-from indexing.runtime.config import to_dict
-from indexing.runtime.pool_ray import run_tasks
-from indexing.runtime.progress import timed
-from indexing.runtime.resumable import Item, Stage, run_stage
-from indexing.store import layout, storage
-from indexing.store.manifest import build_manifest
-from indexing.store.outputs import claim_output
+from copyscan.indexing.build.ivf import fill_index_shard, index_shard_marker, train_phase
+from copyscan.indexing.build.merge_shards import keep_merged_layout
+from copyscan.indexing.build.planner import IndexPlan, plan_index
+from copyscan.indexing.embed import clip_import
+from copyscan.indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
+from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
+from copyscan.indexing.embed.stage import finished_shards
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.models import clip
+from copyscan.indexing.models.embedder import spec_fingerprint
+from copyscan.indexing.models.regions import RegionSpec, parse_grid
+from copyscan.indexing.read.shardlist import expand_shards
+from copyscan.indexing.runtime import cluster_ray
+from copyscan.indexing.runtime.config import to_dict
+from copyscan.indexing.runtime.pool_ray import run_tasks
+from copyscan.indexing.runtime.progress import timed
+from copyscan.indexing.runtime.resumable import Item, Stage, run_stage
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import build_manifest
+from copyscan.indexing.store.outputs import claim_output
 
 logger = logging.getLogger("copyscan")
 

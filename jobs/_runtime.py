@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 logger = logging.getLogger("copyscan")
 
@@ -117,7 +117,7 @@ class JobParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         if self.config and self.epilog is None:
-            from indexing.runtime.config import keys_text
+            from copyscan.indexing.runtime.config import keys_text
 
             cls = load_config_class(self.config)
             keys = {f.name for f in dataclasses.fields(cls)}
@@ -141,14 +141,15 @@ def load_config_class(path: str) -> type:
 
 @dataclass(frozen=True)
 class Job:
-    """One job: the ``copyscan NAME`` command and the ``python -m jobs.NAME`` entrypoint, declared once.
+    """One job: the ``copyscan NAME`` command and the ``python -m copyscan.jobs.NAME`` entrypoint, declared
+    once.
 
     The runner sets up logging, starts or attaches Ray when ``uses_ray`` (before ``body``), and turns a
     CopyscanError into its message on stderr and exit status 2. ``body(args)`` does the job's own work and
     prints its result; it returns None (exit status 0) or the job's own exit status (nightly's 3).
     """
 
-    name: str  # the copyscan subcommand, and the module jobs.NAME
+    name: str  # the copyscan subcommand, and the module copyscan.jobs.NAME
     summary: str  # its line in ``copyscan --help``
     description: str  # ``--help`` text: the job module's docstring
     arguments: Callable[[argparse.ArgumentParser], None]  # the job's own flags and positionals
@@ -183,9 +184,9 @@ class Job:
         return status or 0
 
     def main(self, argv: list[str] | None = None) -> int:
-        """``python -m jobs.NAME [ARGS]``: parse ``argv`` (default: the command line) and run."""
+        """``python -m copyscan.jobs.NAME [ARGS]``: parse ``argv`` (default: the command line) and run."""
         parser = JobParser(
-            prog=f"python -m jobs.{self.name}", description=self.description, config=self.config
+            prog=f"python -m copyscan.jobs.{self.name}", description=self.description, config=self.config
         )
         self.add_arguments(parser)
         return self.run(parser.parse_args(argv))
@@ -193,7 +194,7 @@ class Job:
 
 def layers(args: argparse.Namespace, explicit: dict[str, Any]) -> Sequence[dict[str, Any]]:
     """Config layers in precedence order: file, then the named flags, then key=value overrides."""
-    from indexing.runtime.config import load_yaml_file, parse_overrides
+    from copyscan.indexing.runtime.config import load_yaml_file, parse_overrides
 
     return (
         load_yaml_file(args.config),

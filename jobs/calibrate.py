@@ -1,4 +1,5 @@
-"""``copyscan calibrate`` / ``python -m jobs.calibrate``: thresholds for a chosen precision, from the index.
+"""``copyscan calibrate`` / ``python -m copyscan.jobs.calibrate``: thresholds for a chosen precision, from the
+index.
 
 Copies a sample of the index's own training images (read back from its source shards), searches them, and
 writes the thresholds of ``score`` and ``score_norm`` that reach 90 % and 99 % precision into
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._runtime import Job, init_ray, layers
+from copyscan.jobs._runtime import Job, init_ray, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +22,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.runtime.config import resolve
-    from search.calibrate.config import CalibrateConfig
-    from search.calibrate.whole import format_table, run_calibrate
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.whole import format_table, run_calibrate
 
     cfg = resolve(CalibrateConfig, *layers(args, {"index": args.index}))
     if cfg.partial:  # partial copies are calibrated with a real scan
@@ -39,7 +40,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="search.calibrate.config:CalibrateConfig",
+    config="copyscan.search.calibrate.config:CalibrateConfig",
     uses_ray=False,  # whole copies need no cluster; the body starts Ray for partial=N
 )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from indexing.errors import CopyscanError
-from jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan, submit
-from jobs._runtime import Job, JobParser, load_config_class
+from copyscan.indexing.errors import CopyscanError
+from copyscan.jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan, submit
+from copyscan.jobs._runtime import Job, JobParser, load_config_class
 
 JOBS: dict[str, Job] = {
     job.name: job
@@ -71,7 +71,7 @@ def key_sections() -> dict[str, tuple[str, list[str]]]:
 def readme_keys(text: str) -> str:
     """README ``text`` with the table between each ``<!-- keys:SECTION -->`` and ``<!-- /keys:SECTION -->``
     regenerated from the config class of ``SECTION`` (``key_sections``)."""
-    from indexing.runtime.config import keys_markdown
+    from copyscan.indexing.runtime.config import keys_markdown
 
     for section, (config, commands) in key_sections().items():
         start, end = f"<!-- keys:{section} -->", f"<!-- /keys:{section} -->"

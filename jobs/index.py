@@ -1,4 +1,5 @@
-"""``copyscan index`` / ``python -m jobs.index``: embed LAION-format shards and build a sharded FAISS index."""
+"""``copyscan index`` / ``python -m copyscan.jobs.index``: embed LAION-format shards and build a sharded FAISS
+index."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import sys
 
-from jobs._runtime import Job, layers
+from copyscan.jobs._runtime import Job, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,9 +19,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.index_config import IndexConfig
-    from indexing.index_ray import run_index
-    from indexing.runtime.config import resolve
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import resolve
 
     cfg = resolve(IndexConfig, *layers(args, {"shards": args.shards, "out": args.out, "mode": args.mode}))
     manifest = run_index(cfg)
@@ -41,7 +42,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="indexing.index_config:IndexConfig",
+    config="copyscan.indexing.index_config:IndexConfig",
 )
 
 if __name__ == "__main__":

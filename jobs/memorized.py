@@ -1,4 +1,5 @@
-"""``copyscan memorized`` / ``python -m jobs.memorized``: find memorised prompts from generations alone.
+"""``copyscan memorized`` / ``python -m copyscan.jobs.memorized``: find memorised prompts from generations
+alone.
 
 Carlini et al.'s generate-and-filter: the generations of each prompt (webdataset shards with the prompt
 in ``.txt``/``.json``, or a folder of images with manifest.parquet/.jsonl/.csv: path, prompt) are
@@ -13,7 +14,7 @@ import argparse
 import json
 import sys
 
-from jobs._runtime import Job, layers
+from copyscan.jobs._runtime import Job, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +26,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.runtime.config import resolve
-    from search.memorized.config import MemorizedConfig
-    from search.memorized.memorized_ray import run_memorized
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.memorized.config import MemorizedConfig
+    from copyscan.search.memorized.memorized_ray import run_memorized
 
     explicit = {"generations": args.generations, "out": args.out, "mode": args.mode}
     cfg = resolve(MemorizedConfig, *layers(args, explicit))
@@ -44,7 +45,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="search.memorized.config:MemorizedConfig",
+    config="copyscan.search.memorized.config:MemorizedConfig",
 )
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``copyscan merge --index URL max_shard_vectors=N`` / ``python -m jobs.merge``: fewer, larger index shards.
+"""``copyscan merge --index URL max_shard_vectors=N`` / ``python -m copyscan.jobs.merge``: fewer, larger index
+shards.
 
 Repacks a finished IVF index's consecutive small shards into shards of at most ``max_shard_vectors``
 vectors by appending their inverted lists (no vector is re-read or re-encoded; ids are kept), writes them
@@ -15,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.runtime.config import key
-from jobs._runtime import Job, layers
+from copyscan.indexing.runtime.config import key
+from copyscan.jobs._runtime import Job, layers
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class MergeConfig:
     )
 
     def problems(self) -> list[str]:
-        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
+        types)."""
         return ["max_shard_vectors must be >= 1"] if self.max_shard_vectors < 1 else []
 
 
@@ -39,9 +41,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.build.merge_shards import merge_index_shards
-    from indexing.runtime.config import resolve
-    from indexing.store.manifest import load_manifest
+    from copyscan.indexing.build.merge_shards import merge_index_shards
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.indexing.store.manifest import load_manifest
 
     cfg = resolve(MergeConfig, *layers(args, {"index": args.index}))
     before = len(load_manifest(cfg.index, cfg.storage_options)["index_shards"])
@@ -59,7 +61,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="jobs.merge:MergeConfig",
+    config="copyscan.jobs.merge:MergeConfig",
     uses_ray=False,
 )
 

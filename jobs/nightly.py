@@ -1,4 +1,5 @@
-"""``copyscan nightly`` / ``python -m jobs.nightly``: scan one checkpoint's generations and gate on the trend.
+"""``copyscan nightly`` / ``python -m copyscan.jobs.nightly``: scan one checkpoint's generations and gate on
+the trend.
 
 Scans the generations (made elsewhere: copyscan does not run the diffusion model) into
 ``HISTORY/runs/CHECKPOINT``, appends the checkpoint's row to ``HISTORY/history/``, compares its replication
@@ -15,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from jobs._runtime import Job, layers
+from copyscan.jobs._runtime import Job, layers
 
 REGRESSION_EXIT = 3
 
@@ -36,9 +37,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _body(args: argparse.Namespace) -> int:
     """Scan, gate, report; REGRESSION_EXIT when the replication rate rose significantly, else 0."""
-    from indexing.runtime.config import resolve
-    from indexing.store import layout
-    from search.scan_config import ScanConfig
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.indexing.store import layout
+    from copyscan.search.scan_config import ScanConfig
 
     scan_out = layout.history_run_dir(args.history, args.checkpoint)
     explicit = {"index": args.index, "queries": args.generations, "out": scan_out}
@@ -58,9 +59,9 @@ def _body(args: argparse.Namespace) -> int:
 
 def _scan_and_compare(args: argparse.Namespace, cfg: Any, scan_out: str) -> dict[str, Any]:
     """Scan the checkpoint's generations, append its history row and write its regression report."""
-    from indexing.store import layout, storage
-    from search.report import history
-    from search.scan_ray import run_scan
+    from copyscan.indexing.store import layout, storage
+    from copyscan.search.report import history
+    from copyscan.search.scan_ray import run_scan
 
     so = cfg.storage_options
     summary = run_scan(cfg)
@@ -73,9 +74,9 @@ def _scan_and_compare(args: argparse.Namespace, cfg: Any, scan_out: str) -> dict
 
 def _write_report(args: argparse.Namespace, cfg: Any, scan_out: str) -> None:
     """The checkpoint's HTML report with the trend across checkpoints (``copyscan report``)."""
-    from indexing.store import layout
-    from search.report.config import ReportConfig
-    from search.report.run import run_report
+    from copyscan.indexing.store import layout
+    from copyscan.search.report.config import ReportConfig
+    from copyscan.search.report.run import run_report
 
     report_out = layout.history_report_dir(args.history, args.checkpoint)
     run_report(
@@ -96,7 +97,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="search.scan_config:ScanConfig",
+    config="copyscan.search.scan_config:ScanConfig",
 )
 
 if __name__ == "__main__":

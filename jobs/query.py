@@ -1,4 +1,4 @@
-"""``copyscan query RUN [RUN ...] "SQL"`` / ``python -m jobs.query``: SQL over scan results (DuckDB).
+"""``copyscan query RUN [RUN ...] "SQL"`` / ``python -m copyscan.jobs.query``: SQL over scan results (DuckDB).
 
 The SQL sees ``matches`` (every match of the runs given, with a ``run`` column) and ``runs`` (one row per run
 from its summary.json); see search/results/sql.py. Prints the result as a table, or writes it with ``--out``
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from jobs._runtime import Job
+from copyscan.jobs._runtime import Job
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.errors import CopyscanError
-    from search.results.sql import run_query
+    from copyscan.indexing.errors import CopyscanError
+    from copyscan.search.results.sql import run_query
 
     if len(args.runs) < 2:
         raise CopyscanError('give the scan output(s), then the SQL: copyscan query RUN "SELECT ..."')
@@ -40,7 +40,7 @@ def _write(table: Any, out: str) -> None:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from indexing.errors import CopyscanError
+    from copyscan.indexing.errors import CopyscanError
 
     if out.endswith(".parquet"):
         pq.write_table(table, out)

@@ -1,4 +1,5 @@
-"""``copyscan report RUN`` / ``python -m jobs.report RUN``: statistics, duplicates and an HTML report.
+"""``copyscan report RUN`` / ``python -m copyscan.jobs.report RUN``: statistics, duplicates and an HTML
+report.
 
 Reads a finished scan (matches/ and summary.json) and the index it scanned; writes ``RUN/report/``
 (or ``out=URL``): ``stats.json``, ``histograms.parquet``, ``similarities.parquet``, ``duplicates.parquet``
@@ -12,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from jobs._runtime import Job, layers
+from copyscan.jobs._runtime import Job, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +22,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.runtime.config import resolve
-    from search.report.config import ReportConfig
-    from search.report.run import run_report
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.report.config import ReportConfig
+    from copyscan.search.report.run import run_report
 
     given = {"run": args.run}
     if args.history:
@@ -60,7 +61,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="search.report.config:ReportConfig",
+    config="copyscan.search.report.config:ReportConfig",
     uses_ray=False,
 )
 

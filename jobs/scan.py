@@ -1,4 +1,4 @@
-"""``copyscan scan`` / ``python -m jobs.scan``: search generated images against a copyscan index."""
+"""``copyscan scan`` / ``python -m copyscan.jobs.scan``: search generated images against a copyscan index."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jobs._runtime import Job, layers
+from copyscan.jobs._runtime import Job, layers
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +17,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _body(args: argparse.Namespace) -> None:
-    from indexing.runtime.config import resolve
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     explicit = {"index": args.index, "queries": args.queries, "out": args.out, "mode": args.mode}
     cfg = resolve(ScanConfig, *layers(args, explicit))
@@ -36,7 +36,7 @@ JOB = Job(
     description=__doc__,
     arguments=_arguments,
     body=_body,
-    config="search.scan_config:ScanConfig",
+    config="copyscan.search.scan_config:ScanConfig",
 )
 
 if __name__ == "__main__":

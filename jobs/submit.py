@@ -1,5 +1,5 @@
-"""``copyscan submit --address URL -- COMMAND`` / ``python -m jobs.submit``: run COMMAND as a Ray job on a
-cluster, stream its log, and exit with COMMAND's own exit status.
+"""``copyscan submit --address URL -- COMMAND`` / ``python -m copyscan.jobs.submit``: run COMMAND as a Ray job
+on a cluster, stream its log, and exit with COMMAND's own exit status.
 
 ``ray job submit`` exits 1 for every job that fails, so a scheduler cannot tell a nightly scan that found a
 significant rise of the replication rate (``copyscan nightly`` exits 3) from one that crashed. This waits for
@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 
-from jobs._runtime import Job
+from copyscan.jobs._runtime import Job
 
 POLL_S = 2.0
 # How Ray's job manager words an entrypoint's non-zero exit in the job's status message.
@@ -45,11 +45,11 @@ def _body(args: argparse.Namespace) -> int:
     import yaml
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from indexing.errors import CopyscanError
+    from copyscan.indexing.errors import CopyscanError
 
     command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not command:
-        raise CopyscanError("give the command to run after --, e.g. -- python -m jobs.nightly ...")
+        raise CopyscanError("give the command to run after --, e.g. -- python -m copyscan.jobs.nightly ...")
     with open(args.runtime_env) as f:
         runtime_env = {**(yaml.safe_load(f) or {}), "working_dir": args.working_dir}
     client = JobSubmissionClient(args.address)

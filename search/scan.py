@@ -16,19 +16,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from indexing.embed.decode import DecodeLimits
-from indexing.errors import CopyscanError
-from indexing.runtime.config import to_dict
-from indexing.store import layout
-from indexing.store.manifest import check_embedder, load_manifest
-from indexing.store.outputs import claim_output
-from search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
-from search.regions.windows import LocalWindows, local_windows
-from search.results.write import finished_chunks
-from search.scan_chunks import QueryChunk, plan_query_chunks
-from search.scan_config import ScanConfig
-from search.verify.dense import DenseSpec, verify_dense
-from search.verify.matches import MatchVerifier, VerifySpec
+from copyscan.indexing.embed.decode import DecodeLimits
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.config import to_dict
+from copyscan.indexing.store import layout
+from copyscan.indexing.store.manifest import check_embedder, load_manifest
+from copyscan.indexing.store.outputs import claim_output
+from copyscan.search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
+from copyscan.search.regions.windows import LocalWindows, local_windows
+from copyscan.search.results.write import finished_chunks
+from copyscan.search.scan_chunks import QueryChunk, plan_query_chunks
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.verify.dense import DenseSpec, verify_dense
+from copyscan.search.verify.matches import MatchVerifier, VerifySpec
 
 logger = logging.getLogger("copyscan")
 

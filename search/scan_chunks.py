@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from indexing.read.shardlist import expand_queries, relative_name
-from indexing.store import storage
+from copyscan.indexing.read.shardlist import expand_queries, relative_name
+from copyscan.indexing.store import storage
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.index_config import MODES
-from indexing.models.regions import parse_slide
-from indexing.runtime.config import key
-from indexing.runtime.devices import DEVICES
-from search.calibrate.thresholds import NAMED_THRESHOLDS
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.index_config import MODES
+from copyscan.indexing.models.regions import parse_slide
+from copyscan.indexing.runtime.config import key
+from copyscan.indexing.runtime.devices import DEVICES
+from copyscan.search.calibrate.thresholds import NAMED_THRESHOLDS
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,8 @@ class ScanConfig:
         }
 
     def problems(self) -> list[str]:
-        """Every problem of these settings that shows without the index (``indexing.runtime.config.resolve``)."""
+        """Every problem of these settings that shows without the index
+        (``copyscan.indexing.runtime.config.resolve``)."""
         return (
             self._search_problems()
             + self._threshold_problems()

@@ -24,21 +24,21 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
-from indexing.errors import CopyscanError
-from indexing.runtime import cluster_ray
-from indexing.runtime.pool_ray import TaskStream
-from indexing.runtime.progress import Progress
-from search.ann.normalise import ScoreNormaliser, whiten
-from search.ann.radius import Above
-from search.ann.searcher import ShardSearcher
-from search.ann.topk import ShardResult, carry_values, merge_sorted_with, merge_topk
-from search.regions.searcher import RegionSearcher
-from search.results.write import write_chunk
-from search.scan import ChunkVerifier, ScanSetup, prepare_scan
-from search.scan_chunks import QueryChunk
-from search.scan_config import ScanConfig
-from search.scan_steps import (
+from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime import cluster_ray
+from copyscan.indexing.runtime.pool_ray import TaskStream
+from copyscan.indexing.runtime.progress import Progress
+from copyscan.search.ann.normalise import ScoreNormaliser, whiten
+from copyscan.search.ann.radius import Above
+from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.ann.topk import ShardResult, carry_values, merge_sorted_with, merge_topk
+from copyscan.search.regions.searcher import RegionSearcher
+from copyscan.search.results.write import write_chunk
+from copyscan.search.scan import ChunkVerifier, ScanSetup, prepare_scan
+from copyscan.search.scan_chunks import QueryChunk
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_steps import (
     ChunkScan,
     EmbedStep,
     Failures,
@@ -47,7 +47,7 @@ from search.scan_steps import (
     WriteStep,
     chunk_written,
 )
-from search.scan_summary import raise_if_failed, write_summary
+from copyscan.search.scan_summary import raise_if_failed, write_summary
 
 logger = logging.getLogger("copyscan")
 
@@ -196,7 +196,7 @@ class Fanout:
 
     def search(self, xq: np.ndarray, above: Above | None = None) -> ShardResult:
         """Top k of every query from all actors, merged; with ``above``, followed by each query's further
-        matches of score >= above.lo (``search.ann.radius``)."""
+        matches of score >= above.lo (``copyscan.search.ann.radius``)."""
         cfg = self.cfg
         xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
         for attempt in range(cfg.retries + 1):

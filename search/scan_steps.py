@@ -4,10 +4,10 @@
   aligned boxes and pixels region matching needs) → an ``EmbeddedSource``;
 - ``SearchStep`` searches the chunk's queries in the global index: top k merged from every scan actor,
   score-normalised (``score_norm``), and with a radius every further match above it;
-- ``RegionsStep`` searches their windows in the region index (``search.regions``): local matches per
+- ``RegionsStep`` searches their windows in the region index (``copyscan.search.regions``): local matches per
   training image, crops of the frames searched back in the global index, split scores;
-- ``WriteStep`` writes the chunk (``search.results.write.write_chunk``): here, or handed to the Ray tasks
-  that verify its matches first;
+- ``WriteStep`` writes the chunk (``copyscan.search.results.write.write_chunk``): here, or handed to the Ray
+  tasks that verify its matches first;
 - ``ChunkScan`` runs search → regions → write on each embedded chunk and lists the chunks that failed.
 
 The steps import no Ray: the Ray layer (``search/scan_ray.py``) hands them their Ray-backed collaborators
@@ -24,18 +24,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexing.embed.decode import DecodeLimits
-from indexing.embed.stage import EmbeddedSource
-from indexing.models.regions import RegionSpec
-from indexing.runtime.progress import Progress
-from search.ann.normalise import ScoreNormaliser
-from search.ann.radius import Above, keep_above, radius_counts
-from search.ann.topk import ShardResult
-from search.regions.result import LocalResult
-from search.regions.windows import LocalWindows, RegionIndex
-from search.results.write import write_chunk
-from search.scan import ScanSetup
-from search.scan_chunks import QueryChunk
+from copyscan.indexing.embed.decode import DecodeLimits
+from copyscan.indexing.embed.stage import EmbeddedSource
+from copyscan.indexing.models.regions import RegionSpec
+from copyscan.indexing.runtime.progress import Progress
+from copyscan.search.ann.normalise import ScoreNormaliser
+from copyscan.search.ann.radius import Above, keep_above, radius_counts
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.regions.result import LocalResult
+from copyscan.search.regions.windows import LocalWindows, RegionIndex
+from copyscan.search.results.write import write_chunk
+from copyscan.search.scan import ScanSetup
+from copyscan.search.scan_chunks import QueryChunk
 
 logger = logging.getLogger("copyscan")
 
@@ -46,7 +46,7 @@ Failures = list[tuple[QueryChunk, str]]  # chunks that failed for good, with the
 
 
 class Index(Protocol):
-    """The global index as the scan searches it (``search.scan_ray.Fanout`` over the scan actors)."""
+    """The global index as the scan searches it (``copyscan.search.scan_ray.Fanout`` over the scan actors)."""
 
     def search(self, xq: np.ndarray, above: Above | None = None) -> ShardResult:
         """xq: (nq, d) float32 raw descriptors → the merged top k (+ matches above ``above.lo``)."""

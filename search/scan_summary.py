@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from search.results.summary import summarize
-from search.results.write import finished_chunks
-from search.scan import ScanSetup
-from search.scan_chunks import QueryChunk
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.search.results.summary import summarize
+from copyscan.search.results.write import finished_chunks
+from copyscan.search.scan import ScanSetup
+from copyscan.search.scan_chunks import QueryChunk
 
 
 def write_summary(setup: ScanSetup, failed: list[tuple[QueryChunk, str]], started: float) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def ray_session(s3_server: S3Server) -> Iterator[Any]:
     session, so subprocesses attaching with ``RAY_ADDRESS`` see the same settings. Yields Ray's context
     (``.address_info``); shuts Ray down at the end.
     """
-    from jobs._runtime import FORWARDED_ENV, WORKER_ENV
+    from copyscan.jobs._runtime import FORWARDED_ENV, WORKER_ENV
 
     env = _Environ()
     env.unset("RAY_ADDRESS")  # always a private cluster, never one the developer happens to point at
@@ -158,7 +158,7 @@ def real_images() -> list[Path]:
     Unpacked once into the copyscan cache (``$COPYSCAN_CACHE``); the first call on a fresh machine runs
     ``apt-get download`` (≈ 47 MB).
     """
-    from jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
+    from copyscan.jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
 
     return real_image_files(N_REAL_IMAGES, packages=DEMO_PACKAGES)
 
@@ -199,7 +199,13 @@ def laion_shards(real_images: list[Path], tmp_path_factory: pytest.TempPathFacto
     session) with three bad rows appended (a 404, HTML named .jpg, a truncated JPEG), listed in a
     metadata parquet, and downloaded by img2dataset into 4 shards of ≤ 16 rows. Runs once per session.
     """
-    from jobs.demo.data import run_img2dataset, serve_directory, source_keys, stage_images, write_url_list
+    from copyscan.jobs.demo.data import (
+        run_img2dataset,
+        serve_directory,
+        source_keys,
+        stage_images,
+        write_url_list,
+    )
 
     work = tmp_path_factory.mktemp("laion")
     served = work / "served"
@@ -255,7 +261,7 @@ def laion_shards_s3(s3_server: S3Server, laion_shards: LaionShards) -> LaionShar
     Uploaded rather than downloaded again: img2dataset writing straight to S3 is tested once in
     tests/integration/test_demo_data.py; every other S3 test reuses these bytes.
     """
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     bucket = s3_server.make_bucket("laion")
     folder = f"s3://{bucket}/shards"

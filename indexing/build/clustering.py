@@ -24,7 +24,7 @@ import logging
 import faiss
 import numpy as np
 
-from indexing.runtime.devices import compute_device, torch_device
+from copyscan.indexing.runtime.devices import compute_device, torch_device
 
 logger = logging.getLogger("copyscan")
 
@@ -135,5 +135,6 @@ def _update(xs, assign, centroids, spherical: bool, rng: np.random.Generator):
 
 
 def training_device(requested: str = "auto") -> str:
-    """What trains the coarse quantizer in this process (``indexing.runtime.devices.compute_device``)."""
+    """What trains the coarse quantizer in this process
+    (``copyscan.indexing.runtime.devices.compute_device``)."""
     return compute_device(requested, "train_device")

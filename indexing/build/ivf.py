@@ -17,16 +17,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexing.build.clustering import prepare_training, training_device
-from indexing.build.postprocess import (
+from copyscan.indexing.build.clustering import prepare_training, training_device
+from copyscan.indexing.build.postprocess import (
     apply_whitening,
     fit_learned_whitening,
     fit_whitening,
     pair_background_bias,
     whiten_with_norms,
 )
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
 
 ADD_BATCH = 65_536
 
@@ -117,8 +117,8 @@ def train_phase(
     sample; see indexing/build/postprocess.py),
     ``background.npz`` (``background_size`` whitened sample vectors with their ids, for score
     normalisation), ``train.json`` (what was used, also returned) and, last, ``trained.index`` (trained on
-    the whitened sample, its coarse k-means on ``train_device``: ``indexing.build.clustering``): its presence
-    means the phase is complete.
+    the whitened sample, its coarse k-means on ``train_device``: ``copyscan.indexing.build.clustering``): its
+    presence means the phase is complete.
     """
     if whitening not in ("learned", "pca", "none"):
         raise CopyscanError(f"whitening must be 'learned', 'pca' or 'none', not {whitening!r}")
@@ -215,8 +215,8 @@ def train_index(
     factory: str, xt: np.ndarray, seed: int = 0, device: str = "auto", info: dict[str, Any] | None = None
 ) -> faiss.Index:
     """Create ``factory`` (inner-product metric) and train it on ``xt`` (n, d) float32, its coarse k-means on
-    ``device`` (``indexing.build.clustering``: auto = faiss-gpu, torch on CUDA, or the CPU); what trained it
-    goes into ``info["train_device"]``."""
+    ``device`` (``copyscan.indexing.build.clustering``: auto = faiss-gpu, torch on CUDA, or the CPU); what
+    trained it goes into ``info["train_device"]``."""
     d = xt.shape[1]
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -350,7 +350,7 @@ class BackgroundSample:
     """An index's background sample (``background.npz``: vectors already in the index's space, and their
     ids) as a flat index. ``bias`` gives (vector, hit) pairs their background bias with the hit's whole
     image left out: ``per_image`` > 1 is a region index, whose other boxes of the hit's image overlap it.
-    Score normalisation (``search.ann.normalise``) and region densities both use it."""
+    Score normalisation (``copyscan.search.ann.normalise``) and region densities both use it."""
 
     def __init__(
         self,
@@ -384,8 +384,8 @@ class BackgroundSample:
     def floor(self, xw: np.ndarray) -> np.ndarray:
         """(nq,) float32: the lowest ``bias`` any hit can give query ``xw[i]``, the one of a hit that is the
         nearest background vector (leaving it out shifts every later rank up the most); NaN where too few.
-        A lower bound of score normalisation for range search (``search.ann.radius``); a global index only
-        (``per_image`` 1): one region image holds several background vectors."""
+        A lower bound of score normalisation for range search (``copyscan.search.ann.radius``); a global index
+        only (``per_image`` 1): one region image holds several background vectors."""
         if self.per_image != 1:
             raise ValueError("floor is defined for a global index (per_image 1)")
         m = min(self.ranks[1] + 1, self.index.ntotal)

@@ -16,11 +16,11 @@ from typing import Any
 
 import faiss
 
-from indexing.build.ivf import read_index, write_index
-from indexing.build.planner import group_shards
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from indexing.store.manifest import resolve
+from copyscan.indexing.build.ivf import read_index, write_index
+from copyscan.indexing.build.planner import group_shards
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import resolve
 
 MERGED_DIR = "merged"
 

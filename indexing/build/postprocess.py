@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 
 def fit_whitening(xb: np.ndarray, shrinkage: float = 0.5, dim: int | None = None) -> dict[str, np.ndarray]:

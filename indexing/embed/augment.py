@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from indexing.read.images import composite_rgb
+from copyscan.indexing.read.images import composite_rgb
 
 CROP_FRACTION = (0.60, 0.90)  # of each side, drawn independently for width and height
 MAX_ROTATION_DEG = 8.0

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexing.embed.provenance import PROVENANCE, provenance
-from indexing.embed.stage import EmbeddedSource, write_shard_outputs
-from indexing.errors import CopyscanError
-from indexing.store import storage
+from copyscan.indexing.embed.provenance import PROVENANCE, provenance
+from copyscan.indexing.embed.stage import EmbeddedSource, write_shard_outputs
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import storage
 
 _PART = re.compile(r"img_emb_(\d+)\.npy$")
 

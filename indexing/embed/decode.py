@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from indexing.embed.augment import copy_augment, key_seed
-from indexing.embed.provenance import provenance
-from indexing.read.reader import Sample
+from copyscan.indexing.embed.augment import copy_augment, key_seed
+from copyscan.indexing.embed.provenance import provenance
+from copyscan.indexing.read.reader import Sample
 
 # Stable rejection codes (stats count them by code).
 MISSING_IMAGE = "missing_image"
@@ -62,15 +62,15 @@ class DecodedBatch:
     # images whose augmented copies could not be made ({"key", "detail"}); the image itself is still indexed
     pair_errors: list[dict[str, Any]] = field(default_factory=list)
     # The same images preprocessed a second time at another size (query windows for partial copies,
-    # ``indexing.models.regions``): (n, 3, S', S') uint8, aligned with ``pixels``.
+    # ``copyscan.indexing.models.regions``): (n, 3, S', S') uint8, aligned with ``pixels``.
     region_pixels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class PairSpec:
     """Which images of a source also get augmented copies: the first ``images`` accepted ones, ``copies``
-    copies each (``indexing.embed.augment.copy_augment``, seeded by (seed, shard, the key's ``key_seed``, copy), so
-    an image's copies do not depend on its position in the shard)."""
+    copies each (``copyscan.indexing.embed.augment.copy_augment``, seeded by (seed, shard, the key's
+    ``key_seed``, copy), so an image's copies do not depend on its position in the shard)."""
 
     images: int = 0
     copies: int = 2

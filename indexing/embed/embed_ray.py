@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import ray
 
-from indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
-from indexing.embed.stage import EmbeddedSource, embed_batches, write_shard_outputs
-from indexing.models.embedder import make_preprocess
-from indexing.models.embedders import load_embedder
-from indexing.models.regions import RegionSpec
-from indexing.read.reader import iter_image_files, iter_tar
-from indexing.runtime import cluster_ray
-from indexing.runtime.cluster_ray import PoolSize
-from indexing.store import storage
+from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
+from copyscan.indexing.embed.stage import EmbeddedSource, embed_batches, write_shard_outputs
+from copyscan.indexing.models.embedder import make_preprocess
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.regions import RegionSpec
+from copyscan.indexing.read.reader import iter_image_files, iter_tar
+from copyscan.indexing.runtime import cluster_ray
+from copyscan.indexing.runtime.cluster_ray import PoolSize
+from copyscan.indexing.store import storage
 
 # Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
 PREFETCH_BATCHES = 4
@@ -135,7 +135,8 @@ class EmbedWorker:
     ) -> dict[str, Any]:
         """Embed tar shard ``url`` (and, with ``pairs``, augmented copies of its first images; with
         ``regions``, its region vectors) and write its outputs as shard ``shard`` of ``out``; return its
-        stats. The arguments of ``indexing.embed.stage.embed_shard``, less the embedder (this actor's)."""
+        stats. The arguments of ``copyscan.indexing.embed.stage.embed_shard``, less the embedder (this
+        actor's)."""
         t0 = time.perf_counter()
         result = self._embed(("tar", url), batch_size, limits, pairs, regions)
         return write_shard_outputs(

@@ -2,7 +2,7 @@
 
 Read where the source's metadata has them (LAION's parquet columns, kept in img2dataset's per-sample .json
 by its ``save_additional_columns``, or in clip-retrieval's metadata parquet), stored in each embedding
-shard's metadata (``indexing.embed.stage.METADATA_SCHEMA``) and carried into the scan's matches.
+shard's metadata (``copyscan.indexing.embed.stage.METADATA_SCHEMA``) and carried into the scan's matches.
 """
 
 from __future__ import annotations

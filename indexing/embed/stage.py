@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
-from indexing.models.embedder import Embedder, make_preprocess
-from indexing.models.regions import RegionSpec
-from indexing.read.reader import iter_tar
-from indexing.store import layout, storage
+from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
+from copyscan.indexing.models.embedder import Embedder, make_preprocess
+from copyscan.indexing.models.regions import RegionSpec
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.store import layout, storage
 
 METADATA_SCHEMA = pa.schema(
     [

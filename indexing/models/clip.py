@@ -1,13 +1,19 @@
 """CLIP as LAION used it: the spec of its image vectors, and the image encoder that embeds queries for an index
-of LAION's precomputed CLIP embeddings (imported by ``indexing.embed.clip_import``)."""
+of LAION's precomputed CLIP embeddings (imported by ``copyscan.indexing.embed.clip_import``)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.models.embedder import Embedder, fetch_weights, pick_device, size_option, weights_digest
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.embedder import (
+    Embedder,
+    fetch_weights,
+    pick_device,
+    size_option,
+    weights_digest,
+)
 
 NAME = "laion-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +60,7 @@ class ClipEmbedder(Embedder):
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
-        from indexing.models import sscd
+        from copyscan.indexing.models import sscd
 
         spec = clip_spec(options, 0)  # validates the options before anything is loaded
         if not weights:

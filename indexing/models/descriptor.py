@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.models.effnet import EfficientNetLite0
-from indexing.read.images import composite_rgb
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.effnet import EfficientNetLite0
+from copyscan.indexing.read.images import composite_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,9 +303,9 @@ class CopyDescriptor(torch.nn.Module):
 
     def pool_boxes(self, maps: list[list[torch.Tensor]], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
         """maps[scale][layer] (B, C, h, w) → (B, R, dim): each box (x0, y0, x1, y1 fractions) pooled like
-        ``pool`` pools a whole map, from the cells whose centres lie in it (``indexing.models.regions.box_cells``).
-        The box (0, 0, 1, 1) gives exactly ``pool(maps)``."""
-        from indexing.models.regions import box_cells
+        ``pool`` pools a whole map, from the cells whose centres lie in it
+        (``copyscan.indexing.models.regions.box_cells``). The box (0, 0, 1, 1) gives exactly ``pool(maps)``."""
+        from copyscan.indexing.models.regions import box_cells
 
         out = []
         for box in boxes:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 BN_EPS = 1e-3
 

@@ -8,7 +8,8 @@ An embedder has two halves that run in different places:
 
 ``spec`` records everything that changes the vectors (network, weights digest, input size, pooling,
 normalisation); it goes into the index manifest, and a scan refuses an index whose spec differs from
-the query embedder's (``fingerprint`` is its digest). The embedders themselves: ``indexing.models.embedders``.
+the query embedder's (``fingerprint`` is its digest). The embedders themselves:
+``copyscan.indexing.models.embedders``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 
 def file_sha256(path: str) -> str:
@@ -87,8 +88,8 @@ class Embedder:
     @torch.inference_mode()
     def embed_boxes(self, pixels: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         """pixels: (n, 3, S, S) uint8 RGB → (n, R, dim) float32: one L2-normalised vector per box (fractions
-        x0, y0, x1, y1), all pooled from one forward pass (``indexing.models.regions``). Box (0, 0, 1, 1) is ``embed``'s
-        vector. Embedders without a pooled feature map cannot."""
+        x0, y0, x1, y1), all pooled from one forward pass (``copyscan.indexing.models.regions``). Box
+        (0, 0, 1, 1) is ``embed``'s vector. Embedders without a pooled feature map cannot."""
         raise CopyscanError(
             f"the {self.name} embedder cannot pool region descriptors (partial copies); "
             "use embedder=effnet-lite0 or regions=false"
@@ -185,22 +186,23 @@ RESAMPLE = {
 def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
     """The preprocessing a spec describes: PIL image → (3, S, S) uint8.
 
-    Kinds: "squash" (the effnet-lite0 descriptor's, ``indexing.models.descriptor.preprocess``), "resize" (RGB,
-    transparency composited on ``background``, both sides resized to ``size`` with filter ``resample``),
-    "clip" (shorter side to ``size``, centre crop) and "short-edge" (like "resize" but the shorter side to
-    ``size``, aspect kept, longer side at most ``max_size``, no crop: (3, H, W) uint8, H and W per image).
+    Kinds: "squash" (the effnet-lite0 descriptor's, ``copyscan.indexing.models.descriptor.preprocess``),
+    "resize" (RGB, transparency composited on ``background``, both sides resized to ``size`` with filter
+    ``resample``), "clip" (shorter side to ``size``, centre crop) and "short-edge" (like "resize" but the
+    shorter side to ``size``, aspect kept, longer side at most ``max_size``, no crop: (3, H, W) uint8, H and W
+    per image).
     """
     kind = spec.get("kind")
     if kind == "squash":
         size = int(spec["size"])
-        from indexing.models.descriptor import preprocess as squash
+        from copyscan.indexing.models.descriptor import preprocess as squash
 
         return lambda img: squash(img, size)
     if kind == "clip":
         size = int(spec["size"])
         resample = RESAMPLE[spec["resample"]]
         background = tuple(int(c) for c in spec["background"])
-        from indexing.models.descriptor import resize_crop_rgb
+        from copyscan.indexing.models.descriptor import resize_crop_rgb
 
         return lambda img: resize_crop_rgb(img, size, resample, background)
     if kind in ("resize", "short-edge"):
@@ -211,7 +213,7 @@ def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]
             )
         resample = RESAMPLE[spec["resample"]]
         background = tuple(int(c) for c in spec["background"])
-        from indexing.models.descriptor import resize_rgb, resize_short_edge_rgb
+        from copyscan.indexing.models.descriptor import resize_rgb, resize_short_edge_rgb
 
         if kind == "short-edge":
             max_size = int(spec["max_size"])
@@ -227,7 +229,7 @@ def weights_digest(path: str, mtime: float) -> str:
 
 def fetch_weights(path: str) -> str:
     """A local copy of a weights file given by path or fsspec URL (downloaded once into the cache)."""
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     if storage.is_local(path):
         local = storage.local_path(path)

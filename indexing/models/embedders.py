@@ -1,6 +1,6 @@
 """The embedder registry: ``embedder=NAME`` → the class that loads it (model loaded once per actor).
 
-The interface every embedder implements, its spec and preprocessing: ``indexing.models.embedder``.
+The interface every embedder implements, its spec and preprocessing: ``copyscan.indexing.models.embedder``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexing.errors import CopyscanError
-from indexing.models.clip import ClipEmbedder
-from indexing.models.embedder import Embedder, fetch_weights, pick_device, size_option, weights_digest
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.clip import ClipEmbedder
+from copyscan.indexing.models.embedder import (
+    Embedder,
+    fetch_weights,
+    pick_device,
+    size_option,
+    weights_digest,
+)
 
 DEFAULT_EMBEDDER = "effnet-lite0"
 
@@ -25,8 +31,8 @@ class EffnetLite0Embedder(Embedder):
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
-        from indexing.models.descriptor import CopyDescriptor
-        from indexing.models.effnet import load_efficientnet_lite0, package_weights_path
+        from copyscan.indexing.models.descriptor import CopyDescriptor
+        from copyscan.indexing.models.effnet import load_efficientnet_lite0, package_weights_path
 
         path = weights or package_weights_path()
         local = fetch_weights(path)
@@ -51,7 +57,7 @@ class SSCDEmbedder(Embedder):
 
     ``weights`` (local path or fsspec URL) is required: copyscan ships no SSCD weights and downloads nothing
     itself. Preprocessing: RGB (transparency on white), PIL's antialiased bilinear filter, ImageNet mean/std
-    (applied in the module, on the GPU), resized by option ``resize`` (``indexing.models.sscd``):
+    (applied in the module, on the GPU), resized by option ``resize`` (``copyscan.indexing.models.sscd``):
     - ``square`` (default): both sides to ``size`` (default 320), SSCD's batched setup;
     - ``short_edge``: the paper's evaluation mode, the shorter side to ``size`` (default 288), aspect kept,
       no crop, the longer side capped at ``max_size`` (default 4 × size); each image keeps its own shape and
@@ -64,7 +70,7 @@ class SSCDEmbedder(Embedder):
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
-        from indexing.models import sscd
+        from copyscan.indexing.models import sscd
 
         if not weights:
             raise CopyscanError(
@@ -90,7 +96,7 @@ class SSCDEmbedder(Embedder):
     @classmethod
     def _preprocess_spec(cls, options: dict[str, Any] | None) -> dict[str, Any]:
         """The spec's ``preprocess`` for ``options``, validated (before any weights are read)."""
-        from indexing.models import sscd
+        from copyscan.indexing.models import sscd
 
         resize = (options or {}).get("resize", "square")
         default = sscd.SHORT_EDGE_SIZE if resize == "short_edge" else sscd.DEFAULT_SIZE
@@ -123,7 +129,7 @@ class SSCDEmbedder(Embedder):
         """pixels: (n, 3, S, S) uint8 RGB, or with resize=short_edge n arrays (3, H_i, W_i) uint8 (a list, as
         the decode workers send images of different shapes) → (n, dim) float32, L2-normalised. Images of one
         shape share a forward pass (``sscd.shape_groups``); nothing is padded or cropped."""
-        from indexing.models import sscd
+        from copyscan.indexing.models import sscd
 
         if self.spec["preprocess"]["kind"] != sscd.SHORT_EDGE_KIND:
             return super().embed(pixels)
@@ -138,11 +144,12 @@ class DinoEmbedder(Embedder):
 
     ``weights`` (local path or fsspec URL) is required: copyscan ships no DINO weights and downloads nothing
     itself. The file is a state dict (plain, or inside a training checkpoint's "teacher"/"student"/"model"/
-    "state_dict" entry, "module."/"backbone." prefixes stripped) loaded into ``indexing.models.vit`` strictly.
-    Preprocessing is DINO's evaluation one without the crop: RGB (transparency on white), both sides resized to
-    ``size`` (option, default 224, a multiple of 16; other sizes interpolate the position embeddings) with PIL's
-    antialiased bicubic filter, ImageNet mean/std (in the module, on the GPU). The descriptor is the CLS token
-    after the final LayerNorm, L2-normalised (768-d); ``tokens`` gives the patch tokens for region work.
+    "state_dict" entry, "module."/"backbone." prefixes stripped) loaded into ``copyscan.indexing.models.vit``
+    strictly. Preprocessing is DINO's evaluation one without the crop: RGB (transparency on white), both sides
+    resized to ``size`` (option, default 224, a multiple of 16; other sizes interpolate the position
+    embeddings) with PIL's antialiased bicubic filter, ImageNet mean/std (in the module, on the GPU). The
+    descriptor is the CLS token after the final LayerNorm, L2-normalised (768-d); ``tokens`` gives the patch
+    tokens for region work.
     """
 
     OPTIONS = ("size",)
@@ -153,8 +160,8 @@ class DinoEmbedder(Embedder):
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
-        from indexing.models import vit
-        from indexing.models.descriptor import BACKGROUND_RGB
+        from copyscan.indexing.models import vit
+        from copyscan.indexing.models.descriptor import BACKGROUND_RGB
 
         if not weights:
             raise CopyscanError(

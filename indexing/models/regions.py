@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 Box = tuple[float, float, float, float]
 

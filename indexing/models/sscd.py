@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from indexing.errors import CopyscanError
-from indexing.models.descriptor import BACKGROUND_RGB, IMAGENET_MEAN, IMAGENET_STD
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.descriptor import BACKGROUND_RGB, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "BACKGROUND_RGB",

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexing.errors import CopyscanError
-from indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DinoModule",

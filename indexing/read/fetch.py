@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.read.reader import iter_tar
-from indexing.store import storage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.store import storage
 
 # Why a requested image has no bytes (stable codes, counted in reports).
 NO_SOURCE = "no_source"  # the index holds no source shard for it (e.g. imported CLIP embeddings)

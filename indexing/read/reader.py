@@ -14,8 +14,8 @@ from typing import Any
 
 from webdataset import tariterators
 
-from indexing.errors import CopyscanError
-from indexing.store import storage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import storage
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 

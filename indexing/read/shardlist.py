@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import braceexpand
 
-from indexing.errors import CopyscanError
-from indexing.store import storage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")

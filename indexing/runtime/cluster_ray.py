@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from indexing.runtime.pool_ray import PoolOutcome, run_pool
+from copyscan.indexing.runtime.pool_ray import PoolOutcome, run_pool
 
 logger = logging.getLogger("copyscan")
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 C = TypeVar("C")
 
@@ -67,7 +67,7 @@ def _parse_raw(value: _Raw, name: str) -> Any:
 def load_yaml_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     try:
         text = storage.read_bytes(path).decode("utf-8")

@@ -2,10 +2,11 @@
 device, or faiss on the CPU.
 
 The index files are CPU faiss indexes whatever ran (a GPU-trained index is a normal index on object
-storage); only the heavy inner loops move: the coarse k-means of training (``indexing.build.clustering``)
-and the coarse assignment of every query block in the scan (``search.ann.coarse``). ``faiss-gpu`` needs a
-faiss built with GPUs (the ``.[gpu]`` extra); ``torch`` needs nothing more than torch, and runs on the CPU
-where torch sees no CUDA device (how its code is tested without a GPU).
+storage); only the heavy inner loops move: the coarse k-means of training
+(``copyscan.indexing.build.clustering``) and the coarse assignment of every query block in the scan
+(``copyscan.search.ann.coarse``). ``faiss-gpu`` needs a faiss built with GPUs (the ``.[gpu]`` extra);
+``torch`` needs nothing more than torch, and runs on the CPU where torch sees no CUDA device (how its code is
+tested without a GPU).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 logger = logging.getLogger("copyscan")
 
@@ -31,7 +31,7 @@ class PoolOutcome(Generic[T]):
 
 
 # A pool's size: a number, or a function giving the number wanted now (called again as the run goes, so a
-# pool can grow as nodes join: indexing.runtime.cluster_ray.PoolSize)
+# pool can grow as nodes join: copyscan.indexing.runtime.cluster_ray.PoolSize)
 Size = int | Callable[[], int]
 RESIZE_S = 2.0  # how often a pool re-reads its size, and how long it waits for news before doing so
 START_FAILURES = 3  # actors failing to start (their constructor raised) before the pool gives up

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from indexing.errors import CopyscanError
-from indexing.runtime.progress import Progress
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.progress import Progress
 
 if TYPE_CHECKING:
-    from indexing.runtime.pool_ray import PoolOutcome
+    from copyscan.indexing.runtime.pool_ray import PoolOutcome
 
 logger = logging.getLogger("copyscan")
 

@@ -58,8 +58,8 @@ import re
 
 import numpy as np
 
-from indexing.errors import CopyscanError
-from indexing.store.storage import join
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store.storage import join
 
 CONFIG_NAME = "index.yaml"
 MANIFEST_NAME = "manifest.json"
@@ -139,7 +139,8 @@ def index_shard_url(out: str, factory: str, shard: int) -> str:
 
 
 def density_url(out: str, factory: str, shard: int) -> str:
-    """(n,) float32: region densities of a region index's embedding shard ``shard`` (``indexing.build.ivf``)."""
+    """(n,) float32: region densities of a region index's embedding shard ``shard``
+    (``copyscan.indexing.build.ivf``)."""
     return join(index_dir(out, factory), "density", f"density_{shard:05d}.npy")
 
 

@@ -10,10 +10,10 @@ import time
 import uuid
 from typing import Any
 
-from indexing.build.planner import IndexPlan
-from indexing.errors import CopyscanError
-from indexing.models.embedder import spec_fingerprint
-from indexing.store import layout, storage
+from copyscan.indexing.build.planner import IndexPlan
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.embedder import spec_fingerprint
+from copyscan.indexing.store import layout, storage
 
 FORMAT = "copyscan-index/1"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from indexing.errors import CopyscanError
-from indexing.store import storage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import storage
 
 
 def claim_output(

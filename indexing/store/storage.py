@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 # Options passed to every filesystem (e.g. {"endpoint_url": ...} for a private S3). s3fs also honours the
 # standard AWS environment (AWS_ENDPOINT_URL_S3, AWS_PROFILE, instance profiles), which is the usual route.

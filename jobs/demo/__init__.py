@@ -1,6 +1,6 @@
 """``copyscan demo``: the whole path, offline, on real images.
 
-1. Real artwork from small Debian packages (``jobs.demo.sample_images.DEMO_PACKAGES``) is served on a
+1. Real artwork from small Debian packages (``copyscan.jobs.demo.sample_images.DEMO_PACKAGES``) is served on a
    loopback HTTP server, and **img2dataset** downloads it into LAION-format webdataset shards, as a real
    user's LAION download would (two planted dead links show img2dataset's own failure accounting).
 2. "Generated" images are made: transformed copies of some training images (crop, rotation, colour,
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs._runtime import Job, init_ray
+from copyscan.jobs._runtime import Job, init_ray
 
 logger = logging.getLogger("copyscan")
 
@@ -65,8 +65,8 @@ def run_demo(
     num_cpus: int | None = None,
 ) -> str:
     """Run the demo into ``out``; return the printed report."""
-    from jobs.demo import data as demo_data
-    from jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
+    from copyscan.jobs.demo import data as demo_data
+    from copyscan.jobs.demo.sample_images import DEMO_PACKAGES, real_image_files
 
     t0 = time.time()
     if fresh and out.exists():
@@ -94,7 +94,7 @@ def run_demo(
 def _download(out: Path, www: Path, staged: list[Path]) -> dict[str, dict[str, Any]]:
     """img2dataset downloads the ``staged`` images (and two dead links) from a loopback server of ``www``
     into ``out/shards``; returns its per-shard stats."""
-    from jobs.demo import data as demo_data
+    from copyscan.jobs.demo import data as demo_data
 
     dead = [www / "missing" / "dead-link-1.jpg", www / "missing" / "dead-link-2.jpg"]
     shards_dir = out / "shards"
@@ -114,14 +114,14 @@ def _index_calibrate_scan(out: Path) -> tuple[dict[str, Any], dict[str, Any], di
     """``copyscan index`` of ``out/shards``, ``copyscan calibrate`` of the index (once: a resumed demo keeps
     its thresholds) and ``copyscan scan`` of ``out/generated``, default settings (Ray started): (the index
     manifest, the manifest's calibration entry, the scan summary)."""
-    from indexing.index_config import IndexConfig
-    from indexing.index_ray import run_index
-    from indexing.runtime.config import resolve
-    from indexing.store.manifest import load_manifest
-    from search.calibrate.config import CalibrateConfig
-    from search.calibrate.whole import run_calibrate
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.indexing.store.manifest import load_manifest
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.whole import run_calibrate
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     index_url = str(out / "index")
     manifest = run_index(resolve(IndexConfig, {"shards": str(out / "shards"), "out": index_url}))
@@ -139,9 +139,9 @@ def _index_calibrate_scan(out: Path) -> tuple[dict[str, Any], dict[str, Any], di
 
 def _html_report(out: Path) -> dict[str, Any]:
     """``copyscan report`` of the scan into ``out/scan/report`` (report.html, stats.json); its stats."""
-    from indexing.runtime.config import resolve
-    from search.report.config import ReportConfig
-    from search.report.run import run_report
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.report.config import ReportConfig
+    from copyscan.search.report.run import run_report
 
     return run_report(resolve(ReportConfig, {"run": str(out / "scan")}))
 

@@ -2,8 +2,9 @@
 
 Training shards come from img2dataset itself, downloading real images from a loopback HTTP server, so the
 tars, per-shard parquets and ``*_stats.json`` files are exactly what a LAION download leaves (failed rows
-included). The generated images are transformed copies of some training images (``indexing.embed.augment``)
-mixed with images that are not in the training set, with the ground truth written next to them.
+included). The generated images are transformed copies of some training images
+(``copyscan.indexing.embed.augment``) mixed with images that are not in the training set, with the ground
+truth written next to them.
 
 img2dataset runs in a child Python process (see ``run_img2dataset`` for why). Nothing here calls
 ``ray.init``.
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 # The additional metadata column saved by img2dataset into every sample's .json and the shard parquet.
 SOURCE_ID_COLUMN = "source_id"
@@ -148,7 +149,7 @@ def write_url_list(
     """
     import pyarrow as pa
 
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     if not images:
         raise CopyscanError("write_url_list: no images given")
@@ -232,7 +233,7 @@ def run_img2dataset(
     CopyscanError when the child fails or a shard has no ``_stats.json`` (img2dataset reports shard
     failures only by printing them).
     """
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     rows, columns = _count_rows(url_list)
     params: dict[str, Any] = {
@@ -310,7 +311,7 @@ def _count_rows(url_list: str) -> tuple[int, list[str]]:
     """The rows and the column names of ``url_list``."""
     import pyarrow.parquet as pq
 
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     fs, path = storage.get_fs(url_list)
     if fs.isdir(path):
@@ -326,7 +327,7 @@ def _tail(text: str, lines: int = 40) -> str:
 
 def read_shard_stats(output_folder: str) -> dict[str, dict[str, Any]]:
     """img2dataset's ``{shard}_stats.json`` files under ``output_folder``, by shard name (``"00000"``)."""
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     stats = {}
     for url in storage.list_files(output_folder):
@@ -340,7 +341,7 @@ def source_keys(output_folder: str) -> dict[str, str]:
     """``source_id`` → img2dataset key of every successfully downloaded row, from the shard parquets."""
     import pyarrow.parquet as pq
 
-    from indexing.store import storage
+    from copyscan.indexing.store import storage
 
     mapping = {}
     for url in storage.list_files(output_folder):
@@ -372,17 +373,18 @@ def make_generated_images(
     ``n_copies`` are ``augment``-ed copies of distinct images drawn from ``train_images``; ``n_unrelated``
     are the same transformation applied to distinct images from ``other_images`` (which must not be
     in the training set), so only the source tells them apart. Copies and unrelated images are shuffled
-    together. ``augment`` defaults to ``indexing.embed.augment.copy_augment``; query i gets its own generator
-    seeded by ``(seed, i)``. Images are read as RGB with transparency on white, saved as JPEG quality 90.
+    together. ``augment`` defaults to ``copyscan.indexing.embed.augment.copy_augment``; query i gets its own
+    generator seeded by ``(seed, i)``. Images are read as RGB with transparency on white, saved as JPEG
+    quality 90.
 
     Returns the ground truth, one dict per query in id order: ``query_id`` (``gen_00007``), ``file``,
     ``is_copy`` and ``source_image`` (the training image's path as str, or None), also written as
     ``out_dir/ground_truth.json``. The same arguments give byte-identical files.
     """
-    from indexing.read.images import open_rgb
+    from copyscan.indexing.read.images import open_rgb
 
     if augment is None:
-        from indexing.embed.augment import copy_augment as augment
+        from copyscan.indexing.embed.augment import copy_augment as augment
     if n_copies > len(train_images) or n_unrelated > len(other_images):
         raise CopyscanError(
             f"asked for {n_copies} copies of {len(train_images)} training images and "

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.read.images import composite_rgb
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.images import composite_rgb
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def _campaign(note: str) -> Source:
 
 
 # Package → images. Sizes are the Debian 12 (bookworm) .deb downloads; counts are the distinct images each
-# gives on its own (filters + near-duplicate removal; `python -m jobs.demo.sample_images` prints this table).
-# All of them together: 2,496 images pass the filters, 1,838 distinct (~1.2 GB of downloads).
+# gives on its own (filters + near-duplicate removal; `python -m copyscan.jobs.demo.sample_images` prints this
+# table). All of them together: 2,496 images pass the filters, 1,838 distinct (~1.2 GB of downloads).
 SOURCES: dict[str, Source] = {
     "endless-sky-data": Source(
         (
@@ -425,12 +425,13 @@ def real_image_files(
     if len(kept) < count:
         raise CopyscanError(
             f"only {len(kept)} distinct images in {', '.join(names)}; asked for {count}. "
-            f"Add packages from jobs.demo.sample_images.SOURCES."
+            f"Add packages from copyscan.jobs.demo.sample_images.SOURCES."
         )
     return [kept[i] for i in order[:count]]
 
 
-def _main() -> None:  # a table of what each package gives: python -m jobs.demo.sample_images [PACKAGE ...]
+# a table of what each package gives: python -m copyscan.jobs.demo.sample_images [PACKAGE ...]
+def _main() -> None:
     import sys
 
     names = sys.argv[1:] or list(SOURCES)

@@ -9,8 +9,8 @@ own copies of the centroids are dropped for the first shard's (one copy per sear
 shard). The inverted lists stay memory-mapped.
 
 The assignment (every query against every centroid: most of the FLOPs) runs where ``use_device`` puts it:
-faiss's GPUs, torch on a CUDA device (``indexing.build.clustering.nearest``), or the CPU; the scan of the
-inverted lists stays on the CPU, where the lists are.
+faiss's GPUs, torch on a CUDA device (``copyscan.indexing.build.clustering.nearest``), or the CPU; the scan of
+the inverted lists stays on the CPU, where the lists are.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
-from indexing.build.clustering import nearest
-from indexing.runtime.devices import torch_device
+from copyscan.indexing.build.clustering import nearest
+from copyscan.indexing.runtime.devices import torch_device
 
 
 class SharedCoarse:
@@ -54,11 +54,11 @@ class SharedCoarse:
         return shared
 
     def use_device(self, device: str) -> str:
-        """Find each query's nearest lists on ``device`` (``indexing.runtime.devices.compute_device``'s
-        answer): ``faiss-gpu`` (a flat index of the centroids on every GPU), ``torch`` (the centroids as a
-        tensor on torch's device: CUDA when this process holds a GPU, else the CPU) or ``cpu`` (the index's
-        own quantizer). Returns what it runs on (``torch:cuda``, ...). The lists found are the same up to
-        ties and rounding (float32 either way)."""
+        """Find each query's nearest lists on ``device``
+        (``copyscan.indexing.runtime.devices.compute_device``'s answer): ``faiss-gpu`` (a flat index of the
+        centroids on every GPU), ``torch`` (the centroids as a tensor on torch's device: CUDA when this
+        process holds a GPU, else the CPU) or ``cpu`` (the index's own quantizer). Returns what it runs on
+        (``torch:cuda``, ...). The lists found are the same up to ties and rounding (float32 either way)."""
         centroids = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
         inner_product = self.ivfs[0].metric_type == faiss.METRIC_INNER_PRODUCT
         if device == "faiss-gpu":
@@ -98,8 +98,8 @@ class SharedCoarse:
         [(lims, D, I)] per shard, as faiss' ``range_search`` returns them, D in score units. ``assigned``:
         the query block through ``assign`` (the same lists as its top-k search).
 
-        One radius per query, folded into the query (``search.ann.radius``): lists are assigned with the
-        query itself, then scanned with ``xq[i] / tau[i]`` against radius 1. tau: (nq,) float32, > 0."""
+        One radius per query, folded into the query (``copyscan.search.ann.radius``): lists are assigned with
+        the query itself, then scanned with ``xq[i] / tau[i]`` against radius 1. tau: (nq,) float32, > 0."""
         x, Iq, Dq = assigned
         scale = np.asarray(tau, dtype=np.float32)[:, None]
         xs, Ds = np.ascontiguousarray(x / scale), np.ascontiguousarray(Dq / scale)

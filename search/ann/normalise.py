@@ -1,7 +1,7 @@
 """Score normalisation at scan time: ``score_norm = score − β · background bias`` (METHODS.md §1).
 
 The background is the index's own sample of database vectors (``background.npz``, whitened), so each
-pair's bias leaves out the matched training image itself (``indexing.build.ivf.BackgroundSample``).
+pair's bias leaves out the matched training image itself (``copyscan.indexing.build.ivf.BackgroundSample``).
 Rankings are unchanged; scores of different queries become comparable, so one global threshold applies.
 """
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from indexing.build.ivf import BackgroundSample
-from indexing.build.postprocess import apply_whitening
-from indexing.store import storage
-from indexing.store.manifest import resolve
+from copyscan.indexing.build.ivf import BackgroundSample
+from copyscan.indexing.build.postprocess import apply_whitening
+from copyscan.indexing.store import storage
+from copyscan.indexing.store.manifest import resolve
 
 
 def load_whitening(
@@ -36,7 +36,7 @@ def whiten(params: dict[str, np.ndarray] | None, x: np.ndarray) -> np.ndarray:
 class ScoreNormaliser:
     """Holds the background sample; ``__call__`` gives score_norm for merged results. ``per_image`` > 1 (a
     region index) leaves a hit's whole image out of its background, not just the region
-    (``indexing.build.ivf.BackgroundSample``)."""
+    (``copyscan.indexing.build.ivf.BackgroundSample``)."""
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from search.ann.topk import ShardResult
+from copyscan.search.ann.topk import ShardResult
 
 # The fold divides by the floor: a query whose approximate-score floor is below this (a low or negative
 # radius) would range-search most of the probed lists, so it takes its approximate top k + extra instead,

@@ -17,15 +17,15 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexing.build.postprocess import whitened_score_terms
-from indexing.embed.provenance import PROVENANCE
-from indexing.runtime.devices import compute_device
-from indexing.store import layout, storage
-from indexing.store.manifest import resolve
-from search.ann.coarse import SharedCoarse
-from search.ann.normalise import load_whitening, whiten
-from search.ann.radius import Above, capped, range_search_index
-from search.ann.topk import ShardResult, carry_values, merge_topk
+from copyscan.indexing.build.postprocess import whitened_score_terms
+from copyscan.indexing.embed.provenance import PROVENANCE
+from copyscan.indexing.runtime.devices import compute_device
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import resolve
+from copyscan.search.ann.coarse import SharedCoarse
+from copyscan.search.ann.normalise import load_whitening, whiten
+from copyscan.search.ann.radius import Above, capped, range_search_index
+from copyscan.search.ann.topk import ShardResult, carry_values, merge_topk
 
 logger = logging.getLogger("copyscan")
 
@@ -52,7 +52,7 @@ def _cached(url: str, local: str, storage_options: storage.StorageOptions | None
     return local
 
 
-# an embedding shard's metadata columns a match carries (indexing.embed.stage.METADATA_SCHEMA)
+# an embedding shard's metadata columns a match carries (copyscan.indexing.embed.stage.METADATA_SCHEMA)
 DESCRIBED = ("key", "url", "caption", "sha256", *PROVENANCE)
 
 
@@ -121,9 +121,9 @@ class ShardSearcher:
         self.norms: dict[int, np.ndarray] | None = None
         if self.whitening is not None and manifest["index"].get("whitened_norms"):
             self.norms = self._per_shard("norms", storage_options)
-        # a region index's densities (indexing.build.ivf.DENSITY_RANKS): hits rank by cosine − β · (density −
-        # the index's mean density), so generic regions (sky, texture: near everything) do not crowd out
-        # the real match; the mean keeps the scores centred as without densities
+        # a region index's densities (copyscan.indexing.build.ivf.DENSITY_RANKS): hits rank by cosine − β ·
+        # (density − the index's mean density), so generic regions (sky, texture: near everything) do not
+        # crowd out the real match; the mean keeps the scores centred as without densities
         self.density: dict[int, np.ndarray] | None = None
         self.density_beta = float(density_beta)
         self.density_mean = float(manifest["index"].get("region_density_mean") or 0.0)
@@ -180,8 +180,8 @@ class ShardSearcher:
     ) -> ShardResult:
         """xq: (nq, d) float32 raw (unwhitened) unit descriptors. Exact top-k over this searcher's shards;
         with ``above``, each query's row continues with every further vector of exact score >= above.lo
-        (at most above.extra, best first; ``search.ann.radius``), so rows are k + (the most any query got)
-        wide, padded with -1."""
+        (at most above.extra, best first; ``copyscan.search.ann.radius``), so rows are k + (the most any query
+        got) wide, padded with -1."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         xw = whiten(self.whitening, xq)
         if nprobe:

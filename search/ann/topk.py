@@ -19,10 +19,10 @@ class ShardResult:
     that cosine minus ``prior``); I: (nq, k) int64 packed ids (-1 = none); D_raw: (nq, k) float32 cosine of
     the raw descriptors of the same pairs; prior: (nq, k) float32 β · (region density − the index's mean
     density) of each hit, or None;
-    D_norm: (nq, k) float32 score-normalised D (search.ann.normalise), set after merging;
+    D_norm: (nq, k) float32 score-normalised D (copyscan.search.ann.normalise), set after merging;
     meta: id → {"train_key", "train_url", "caption", "index_shard"};
-    truncated: (nq,) bool, with a range search (``search.ann.radius``): queries that had more matches above
-    their floor than the extra ones kept.
+    truncated: (nq,) bool, with a range search (``copyscan.search.ann.radius``): queries that had more matches
+    above their floor than the extra ones kept.
     """
 
     D: np.ndarray
@@ -30,7 +30,7 @@ class ShardResult:
     D_raw: np.ndarray
     meta: dict[int, dict[str, Any]]
     D_norm: np.ndarray | None = None  # (nq, k) score_norm, filled in by the driver after the merge
-    split: np.ndarray | None = None  # (nq, k) split product (search.regions), when the scan asks
+    split: np.ndarray | None = None  # (nq, k) split product (copyscan.search.regions), when the scan asks
     prior: np.ndarray | None = None  # (nq, k) subtracted from the hits' cosines (region densities)
     truncated: np.ndarray | None = None  # (nq,) bool: more matches above the radius than were kept
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.errors import CopyscanError
-from indexing.runtime.config import key, resolve
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.config import key, resolve
 
 # The settings measured best for pasted objects (README, Evaluation: recall@1 0.85 on held-out copies)
 PARTIAL_SCAN = {"region_refine": 10, "region_slide": "0.5,0.4,0.45x0.3,0.3x0.45", "dense_verify": 10}
@@ -46,7 +46,8 @@ class CalibrateConfig:
     )
 
     def problems(self) -> list[str]:
-        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
+        types)."""
         problems = []
         if self.partial < 0:
             problems.append("partial must be >= 0 (0 = whole copies only)")
@@ -70,7 +71,7 @@ class CalibrateConfig:
     def _partial_scan_problems(self) -> list[str]:
         """``partial_scan`` checked as the calibration's scan will resolve it (search/calibrate/partial.py),
         so a typo shows before the whole copies are calibrated, not after."""
-        from search.scan_config import ScanConfig
+        from copyscan.search.scan_config import ScanConfig
 
         fixed = {"index": "-", "queries": "-", "out": "-", "regions": "on"}
         try:

@@ -3,10 +3,11 @@
 For an index with a region index (``copyscan index regions=true``), ``copyscan calibrate partial=N
 outside=URL`` makes the partial-copy issue's evaluation set from the index itself: ``N`` of its training
 images (never whitening-pair images), each scaled so its longer side is 35–50 % of a scene's shorter side
-and pasted at a random place (``indexing.embed.augment.paste_partial``, then JPEG), into scenes from ``outside``
-(image files that are not in the training set); and as many images from ``outside`` pasted the same way
-into the same scenes, which copy nothing. They are written under ``INDEX/calibration/partial-seedS/`` and
-scanned by the real scan (``search.scan_ray.run_scan``) with the partial-copy settings ``partial_scan``.
+and pasted at a random place (``copyscan.indexing.embed.augment.paste_partial``, then JPEG), into scenes from
+``outside`` (image files that are not in the training set); and as many images from ``outside`` pasted the
+same way into the same scenes, which copy nothing. They are written under ``INDEX/calibration/partial-seedS/``
+and scanned by the real scan (``copyscan.search.scan_ray.run_scan``) with the partial-copy settings
+``partial_scan``.
 
 Each generation's *answer* is its row of ``dense_rank`` 0 scored by ``dense_score`` (with dense
 verification), else its row of ``local_rank`` 0 scored by ``local_score_norm``. A pasted copy's answer is a
@@ -25,14 +26,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexing.embed.augment import key_seed, paste_partial
-from indexing.errors import CopyscanError
-from indexing.read.images import composite_rgb
-from indexing.read.shardlist import expand_queries
-from indexing.runtime.config import resolve
-from indexing.store import layout, storage
-from search.calibrate.sample import read_back
-from search.calibrate.thresholds import answer_columns, partial_answers, partial_settings, precision_table
+from copyscan.indexing.embed.augment import key_seed, paste_partial
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.images import composite_rgb
+from copyscan.indexing.read.shardlist import expand_queries
+from copyscan.indexing.runtime.config import resolve
+from copyscan.indexing.store import layout, storage
+from copyscan.search.calibrate.sample import read_back
+from copyscan.search.calibrate.thresholds import (
+    answer_columns,
+    partial_answers,
+    partial_settings,
+    precision_table,
+)
 
 logger = logging.getLogger("copyscan")
 
@@ -102,7 +108,7 @@ def make_partial_queries(
 
 def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.ndarray]) -> dict[str, Any]:
     """Paste, scan and score (module docstring); the ``partial`` entry of the calibration report."""
-    from search.results.dataset import open_matches
+    from copyscan.search.results.dataset import open_matches
 
     so = cfg.storage_options
     if not manifest.get("regions"):
@@ -142,8 +148,8 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
 def _scan_pasted(cfg: Any, queries: str, out: str, counts: dict[str, int]) -> tuple[Any, dict[str, Any]]:
     """Scan the pasted generations in ``queries`` into ``out`` on Ray with ``cfg.partial_scan`` (no flags):
     (the scan's resolved config, its summary)."""
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     scan_cfg = resolve(
         ScanConfig,

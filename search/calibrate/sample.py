@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from indexing.embed.decode import DecodeLimits, Rejected, decode_image, pair_quota
-from indexing.errors import CopyscanError
-from indexing.read.reader import iter_tar
-from indexing.store import storage
+from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image, pair_quota
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.store import storage
 
 MIN_IMAGES = 10
 
@@ -28,7 +28,7 @@ def select_rows(
 ) -> tuple[dict[int, np.ndarray], bool]:
     """Rows to copy, by embedding shard, seeded, spread over at most ``max_shards`` shards, and whether they
     include images the learned whitening saw copies of (only when the collection has too few others: the
-    first rows of every shard are its pair images, see ``indexing.embed.decode.pair_quota``).
+    first rows of every shard are its pair images, see ``copyscan.indexing.embed.decode.pair_quota``).
 
     ``keys_of(shard)`` (the shard's keys in row order) makes the draw one of keys, not of positions: the same
     images are chosen whatever order img2dataset wrote the shard's samples in."""

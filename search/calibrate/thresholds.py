@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 PRECISIONS = (0.5, 0.8, 0.9, 0.95, 0.99)
 

@@ -28,18 +28,18 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexing.embed.augment import copy_augment, key_seed
-from indexing.embed.decode import stack_pixels
-from indexing.errors import CopyscanError
-from indexing.models.embedders import load_embedder
-from indexing.store import layout, storage
-from indexing.store.manifest import check_embedder, load_manifest
-from search.ann.normalise import ScoreNormaliser
-from search.ann.searcher import ShardSearcher
-from search.calibrate.config import CalibrateConfig
-from search.calibrate.partial import calibrate_partial
-from search.calibrate.sample import read_back, select_rows
-from search.calibrate.thresholds import precision_table
+from copyscan.indexing.embed.augment import copy_augment, key_seed
+from copyscan.indexing.embed.decode import stack_pixels
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import check_embedder, load_manifest
+from copyscan.search.ann.normalise import ScoreNormaliser
+from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.calibrate.config import CalibrateConfig
+from copyscan.search.calibrate.partial import calibrate_partial
+from copyscan.search.calibrate.sample import read_back, select_rows
+from copyscan.search.calibrate.thresholds import precision_table
 
 logger = logging.getLogger("copyscan")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.index_config import MODES
-from indexing.runtime.config import key
-from search.verify.pixel import FITS
+from copyscan.indexing.index_config import MODES
+from copyscan.indexing.runtime.config import key
+from copyscan.search.verify.pixel import FITS
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class MemorizedConfig:
     )
 
     def problems(self) -> list[str]:
-        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
+        types)."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")

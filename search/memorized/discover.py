@@ -57,14 +57,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from indexing.embed.decode import DecodeLimits
-from indexing.errors import CopyscanError
-from indexing.read.fetch import fetch_images
-from indexing.read.reader import iter_tar
-from indexing.store import layout, storage
-from search.memorized.clique import max_clique, threshold_graph
-from search.memorized.config import MemorizedConfig
-from search.verify.pixel import decode_fetched, pairwise_tiled
+from copyscan.indexing.embed.decode import DecodeLimits
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.fetch import fetch_images
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.store import layout, storage
+from copyscan.search.memorized.clique import max_clique, threshold_graph
+from copyscan.search.memorized.config import MemorizedConfig
+from copyscan.search.verify.pixel import decode_fetched, pairwise_tiled
 
 MANIFEST_NAMES = ("manifest.parquet", "manifest.jsonl", "manifest.csv")
 
@@ -349,8 +349,8 @@ def memorized_for_report(
     One dict per flagged prompt (at most ``limit``; None = all): ``rank``, ``prompt``, ``n_generations``,
     ``clique_size``, ``clique_exact``, ``mean_distance``, ``max_distance`` (tiled ℓ2 at ``graph_size``),
     ``graph_size``, ``edge_threshold`` and ``members``: [{``source``, ``key``, ``mean_distance``}],
-    closest to the rest of the clique first. ``indexing.read.fetch.fetch_images([(source, key), ...])`` gives
-    the images' bytes.
+    closest to the rest of the clique first. ``copyscan.indexing.read.fetch.fetch_images([(source, key),
+    ...])`` gives the images' bytes.
     """
     cfg = (
         yaml.safe_load(storage.read_bytes(storage.join(out, layout.MEMORIZED_CONFIG_NAME), storage_options))

@@ -17,16 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from indexing.errors import CopyscanError
-from indexing.read.shardlist import expand_queries
-from indexing.runtime import cluster_ray
-from indexing.runtime.config import to_dict
-from indexing.runtime.pool_ray import Size, run_tasks
-from indexing.runtime.progress import Progress
-from indexing.store import layout, storage
-from indexing.store.outputs import claim_output
-from search.memorized.config import MemorizedConfig
-from search.memorized.discover import (
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.shardlist import expand_queries
+from copyscan.indexing.runtime import cluster_ray
+from copyscan.indexing.runtime.config import to_dict
+from copyscan.indexing.runtime.pool_ray import Size, run_tasks
+from copyscan.indexing.runtime.progress import Progress
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.outputs import claim_output
+from copyscan.search.memorized.config import MemorizedConfig
+from copyscan.search.memorized.discover import (
     GraphSpec,
     assign_tasks,
     find_manifest,

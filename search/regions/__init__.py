@@ -1,10 +1,10 @@
 """Partial copies at scan time: query windows searched against the region index, aggregated per image.
 
-Every query is cut into windows (``indexing.models.regions``: the whole image plus a grid of smaller boxes,
-cropped from the query preprocessed at the index's ``query_size`` and embedded like images). Each window
-is searched in the region index (``RegionSearcher``: the training images' region vectors, exact re-ranking
-like the global index), each hit is score-normalised against the region index's own background sample,
-and the hits of one query are aggregated per training image: its ``local_score`` is the best (window,
+Every query is cut into windows (``copyscan.indexing.models.regions``: the whole image plus a grid of smaller
+boxes, cropped from the query preprocessed at the index's ``query_size`` and embedded like images). Each
+window is searched in the region index (``RegionSearcher``: the training images' region vectors, exact
+re-ranking like the global index), each hit is score-normalised against the region index's own background
+sample, and the hits of one query are aggregated per training image: its ``local_score`` is the best (window,
 region) pair by normalised score, which also gives ``query_box`` and ``train_box``.
 
 Localise, then search (``refine``): a (window, region) pair also says where the whole training image would

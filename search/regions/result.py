@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from indexing.models.regions import WHOLE, Box
-from indexing.store import layout
-from search.ann.topk import ShardResult
-from search.regions.geometry import CROP_IOU, MIN_CROP, REFINE_PAIRS, box_iou, frames
+from copyscan.indexing.models.regions import WHOLE, Box
+from copyscan.indexing.store import layout
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.regions.geometry import CROP_IOU, MIN_CROP, REFINE_PAIRS, box_iou, frames
 
 
 @dataclass

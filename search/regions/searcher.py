@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import CopyscanError
-from indexing.models.regions import RegionSpec, parse_grid
-from indexing.store import layout, storage
-from indexing.store.manifest import load_manifest
-from search.ann.searcher import ShardSearcher, describe_row, index_cache_dir, load_metadata
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.regions import RegionSpec, parse_grid
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import load_manifest
+from copyscan.search.ann.searcher import ShardSearcher, describe_row, index_cache_dir, load_metadata
 
 
 def region_manifest(

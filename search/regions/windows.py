@@ -10,18 +10,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexing.errors import CopyscanError
-from indexing.models.regions import Box, RegionSpec, parse_slide
-from indexing.store import layout
-from search.ann.normalise import ScoreNormaliser
-from search.ann.topk import ShardResult
-from search.regions.geometry import REFINE_PAIRS, SLIDE_MAX_AXIS, SLIDE_STEP, slide_boxes
-from search.regions.result import LocalResult, aggregate, crop_boxes, merge_crops
-from search.regions.searcher import query_regions, region_manifest
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.regions import Box, RegionSpec, parse_slide
+from copyscan.indexing.store import layout
+from copyscan.search.ann.normalise import ScoreNormaliser
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.regions.geometry import REFINE_PAIRS, SLIDE_MAX_AXIS, SLIDE_STEP, slide_boxes
+from copyscan.search.regions.result import LocalResult, aggregate, crop_boxes, merge_crops
+from copyscan.search.regions.searcher import query_regions, region_manifest
 
 
 class RegionIndex(Protocol):
-    """The region index as the scan searches it (``search.scan_ray.Fanout`` over its shards)."""
+    """The region index as the scan searches it (``copyscan.search.scan_ray.Fanout`` over its shards)."""
 
     def search(self, xq: np.ndarray) -> ShardResult:
         """xq: (n, d) float32 raw descriptors → the merged top hits of every row."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from indexing.runtime.config import key
-from indexing.store import layout
+from copyscan.indexing.runtime.config import key
+from copyscan.indexing.store import layout
 
 COLUMNS = ("score", "score_raw", "score_norm")  # the score columns the report describes
 
@@ -47,7 +47,8 @@ class ReportConfig:
     )
 
     def problems(self) -> list[str]:
-        """Every problem of these settings (``indexing.runtime.config.resolve`` reports them with bad types)."""
+        """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
+        types)."""
         problems = []
         if self.column and self.column not in COLUMNS:
             problems.append(f"column must be one of {', '.join(COLUMNS)}")

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from search.report.config import ReportConfig
-from search.report.neighbours import near_duplicates, sample_ids
+from copyscan.search.report.config import ReportConfig
+from copyscan.search.report.neighbours import near_duplicates, sample_ids
 
 
 @dataclass(frozen=True)

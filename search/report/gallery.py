@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from indexing.read import fetch
-from search.report import html
-from search.report.config import ReportConfig
+from copyscan.indexing.read import fetch
+from copyscan.search.report import html
+from copyscan.search.report.config import ReportConfig
 
 # the matches columns a gallery row carries (those the run has)
 GALLERY_COLUMNS = (
@@ -123,7 +123,7 @@ def _attach_thumbnails(
 
 def memorized_section(cfg: ReportConfig) -> str:
     """The HTML section of ``cfg.memorized``'s flagged prompts, each with its clique's thumbnails."""
-    from search.memorized.discover import memorized_for_report
+    from copyscan.search.memorized.discover import memorized_for_report
 
     prompts = memorized_for_report(cfg.memorized, cfg.storage_options, cfg.memorized_prompts)
     requests = [(m["source"], m["key"]) for p in prompts for m in p["members"][: cfg.memorized_images]]

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from search.report.stats import wilson_interval
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.search.report.stats import wilson_interval
 
 HISTORY_SCHEMA = pa.schema(
     [

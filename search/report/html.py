@@ -1,11 +1,11 @@
 """Render the report as one self-contained HTML file: no external script, style, font or image.
 
-Plots are inline SVG (``search.report.plots``); the gallery is a JSON array in the page, rendered 100 rows
-at a time by a small script (sort, filter by column and threshold, pages), so a report with 10,000 matches
-opens as fast as one with ten. Every string from the data (captions, keys, URLs) reaches the page as JSON or
-escaped text and is inserted with ``textContent``: a caption cannot inject markup. A URL becomes a link only
-when it is http(s) (``LINK_PATTERN``, the same test here and in the script), opened in a new tab with
-``rel="noopener noreferrer"``; any other scheme (``javascript:``, ``data:``, ``s3://``) stays text.
+Plots are inline SVG (``copyscan.search.report.plots``); the gallery is a JSON array in the page, rendered 100
+rows at a time by a small script (sort, filter by column and threshold, pages), so a report with 10,000
+matches opens as fast as one with ten. Every string from the data (captions, keys, URLs) reaches the page as
+JSON or escaped text and is inserted with ``textContent``: a caption cannot inject markup. A URL becomes a
+link only when it is http(s) (``LINK_PATTERN``, the same test here and in the script), opened in a new tab
+with ``rel="noopener noreferrer"``; any other scheme (``javascript:``, ``data:``, ``s3://``) stays text.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from search.report.plots import histogram_svg, trend_svg
+from copyscan.search.report.plots import histogram_svg, trend_svg
 
 PAGE_SIZE = 100
 # http:// or https:// and a host character: the only URLs that become links. Anchored at the first
@@ -73,8 +73,9 @@ def memorized_section(
     thumbs: dict[tuple[str | None, str], dict[str, str | None]],
     per_prompt: int,
 ) -> str:
-    """Flagged prompts of ``copyscan memorized`` (``search.memorized.discover.memorized_for_report``), each with
-    its clique's images; ``thumbs``: (source, key) → {"src", "reason"}."""
+    """Flagged prompts of ``copyscan memorized``
+    (``copyscan.search.memorized.discover.memorized_for_report``), each with its clique's images; ``thumbs``:
+    (source, key) → {"src", "reason"}."""
     if not prompts:
         return f"<h2>Memorised prompts</h2><p>No prompt of {link(url)} has a clique large enough to flag.</p>"
     first = prompts[0]

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from indexing.store import layout, storage
-from indexing.store.manifest import resolve
-from search.ann.normalise import ScoreNormaliser, whiten
-from search.ann.searcher import ShardSearcher
-from search.ann.topk import carry_values, merge_topk
-from search.report.config import ReportConfig
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import resolve
+from copyscan.search.ann.normalise import ScoreNormaliser, whiten
+from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.ann.topk import carry_values, merge_topk
+from copyscan.search.report.config import ReportConfig
 
 
 def sample_ids(manifest: dict[str, Any], n: int, seed: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from search.report import stats
+from copyscan.search.report import stats
 
 COLOURS = {"gen_train": "#c0392b", "train_train": "#2c7fb8"}
 LABELS = {"gen_train": "gen→train top-1", "train_train": "train→train"}

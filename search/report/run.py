@@ -31,18 +31,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from indexing.store.manifest import load_manifest
-from search.calibrate.thresholds import NAMED_THRESHOLDS
-from search.report import html, stats
-from search.report.config import COLUMNS, ReportConfig
-from search.report.duplicates import Duplicates, count_duplicates
-from search.report.gallery import gallery, memorized_section
-from search.report.history import trend
-from search.report.neighbours import sample_ids, train_train
-from search.report.tables import write_tables
-from search.results.dataset import open_matches
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import load_manifest
+from copyscan.search.calibrate.thresholds import NAMED_THRESHOLDS
+from copyscan.search.report import html, stats
+from copyscan.search.report.config import COLUMNS, ReportConfig
+from copyscan.search.report.duplicates import Duplicates, count_duplicates
+from copyscan.search.report.gallery import gallery, memorized_section
+from copyscan.search.report.history import trend
+from copyscan.search.report.neighbours import sample_ids, train_train
+from copyscan.search.report.tables import write_tables
+from copyscan.search.results.dataset import open_matches
 
 logger = logging.getLogger("copyscan")
 

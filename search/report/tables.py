@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.store import layout, storage
-from search.report import stats
-from search.report.config import COLUMNS
-from search.report.duplicates import Duplicates
+from copyscan.indexing.store import layout, storage
+from copyscan.search.report import stats
+from copyscan.search.report.config import COLUMNS
+from copyscan.search.report.duplicates import Duplicates
 
 
 def write_tables(

@@ -2,9 +2,10 @@
 
 ``matches`` (the table and its schema), ``write`` (a chunk's files and marker), ``summary`` (run-level
 counts from the markers), ``dataset`` (reading the matches: ``open``, ``open_matches``, the documented
-analytics API, importable from here: ``from search import results; results.open(URL)``), ``sql`` (DuckDB).
+analytics API, importable from here: ``from copyscan.search import results; results.open(URL)``), ``sql``
+(DuckDB).
 """
 
-from search.results.dataset import open, open_matches  # the documented analytics API
+from copyscan.search.results.dataset import open, open_matches  # the documented analytics API
 
 __all__ = ["open", "open_matches"]

@@ -1,5 +1,5 @@
 """Reading a scan's results: its matches as a pyarrow dataset or a DuckDB relation (the analytics API,
-``from search import results; results.open(URL)``)."""
+``from copyscan.search import results; results.open(URL)``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from indexing.store import layout, storage
-from search.results.matches import MATCHES_SCHEMA
+from copyscan.indexing.store import layout, storage
+from copyscan.search.results.matches import MATCHES_SCHEMA
 
 
 def open_matches(out: str, storage_options: storage.StorageOptions | None = None) -> pads.Dataset:
@@ -17,7 +17,7 @@ def open_matches(out: str, storage_options: storage.StorageOptions | None = None
     return pads.dataset(path, filesystem=fs, format="parquet", schema=MATCHES_SCHEMA)
 
 
-def open(  # noqa: A001 - the documented entry point: ``from search import results; results.open(url)``
+def open(  # noqa: A001 - the documented entry point: ``copyscan.search.results.open(url)``
     out: str,
     storage_options: storage.StorageOptions | None = None,
     engine: str = "arrow",

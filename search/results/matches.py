@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.embed.provenance import PROVENANCE
-from indexing.store import layout
-from search.ann.topk import ShardResult
+from copyscan.indexing.embed.provenance import PROVENANCE
+from copyscan.indexing.store import layout
+from copyscan.search.ann.topk import ShardResult
 
 if TYPE_CHECKING:
-    from search.regions.result import LocalResult
+    from copyscan.search.regions.result import LocalResult
 
 
 MATCHES_SCHEMA = pa.schema(
@@ -154,9 +154,10 @@ def matches_table(
 ) -> pa.Table:
     """One row per (query, rank) with a valid id; ``records[i]`` describes query row i of ``result``.
 
-    ``threshold`` ({"column", "value"}, ``search.calibrate.thresholds.resolve_threshold``) sets ``is_copy``. With
-    ``local`` (region matching), the local columns are filled for the images it found, and the images it
-    found that are not among the query's global top k get rows of their own (null rank and global scores).
+    ``threshold`` ({"column", "value"}, ``copyscan.search.calibrate.thresholds.resolve_threshold``) sets
+    ``is_copy``. With ``local`` (region matching), the local columns are filled for the images it found, and
+    the images it found that are not among the query's global top k get rows of their own (null rank and
+    global scores).
     """
     q_idx, ranks = np.nonzero(result.I >= 0)
     ids = result.I[q_idx, ranks]

@@ -20,9 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from search.results.dataset import open_matches
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.search.results.dataset import open_matches
 
 RUNS_SCHEMA = pa.schema(
     [

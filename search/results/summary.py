@@ -30,7 +30,7 @@ def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if markers and all(m.get(name) is not None for m in markers.values()):
             summary[name] = sum(m[name] for m in markers.values())
     radius = [m["radius"] for m in markers.values() if m.get("radius")]
-    if radius:  # scan option radius: matches past the top k (search.ann.radius.radius_counts)
+    if radius:  # scan option radius: matches past the top k (copyscan.search.ann.radius.radius_counts)
         summary["radius"] = {name: sum(r[name] for r in radius) for name in radius[0]}
     verification = summarize_verification(markers)
     if verification is not None:

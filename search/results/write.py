@@ -1,7 +1,7 @@
 """Writing one query chunk of a scan: its query vectors, its matches and, last, its marker (the resume
 point and the source of the run's summary).
 
-Layout of a scan output ``OUT`` (paths from ``indexing.store.layout``)::
+Layout of a scan output ``OUT`` (paths from ``copyscan.indexing.store.layout``)::
 
     OUT/run.yaml                        resolved scan config (written first)
     OUT/matches/part-00000.parquet      top-k matches of chunk 0 (schema MATCHES_SCHEMA)
@@ -10,7 +10,8 @@ Layout of a scan output ``OUT`` (paths from ``indexing.store.layout``)::
     OUT/chunks/chunk_00000.json         per-chunk marker, written last: counts, rejected queries, timings
     OUT/summary.json                    written at the end of the run
 
-``pyarrow.parquet.read_table("OUT/matches")`` reads every match; ``search.results.open(OUT)`` gives a dataset.
+``pyarrow.parquet.read_table("OUT/matches")`` reads every match; ``copyscan.search.results.open(OUT)`` gives a
+dataset.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.store import layout, storage
-from search.ann.topk import ShardResult
-from search.results.matches import matches_table, with_columns
+from copyscan.indexing.store import layout, storage
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.results.matches import matches_table, with_columns
 
 if TYPE_CHECKING:
-    from search.regions.result import LocalResult
+    from copyscan.search.regions.result import LocalResult
 
 
 def write_chunk(
@@ -47,10 +48,11 @@ def write_chunk(
     """Write a chunk's query vectors (xq: (n, d) float32, stored float16; ``records[i]`` describes row i),
     matches and, last, its marker: ``marker`` with the chunk's counts (``chunk_marker``). Returns the marker.
 
-    ``verify`` (``search.verify.matches.verify_matches`` bound to the index) sets the pixel columns of the
-    matches before they are written; its counts go into the marker under ``verify``. ``partial_threshold``
-    ({"rank", "column", "value"}, ``search.calibrate.thresholds.resolve_partial_threshold``) then sets
-    ``is_partial_copy`` on each query's partial answer."""
+    ``verify`` (``copyscan.search.verify.matches.verify_matches`` bound to the index) sets the pixel columns
+    of the matches before they are written; its counts go into the marker under ``verify``.
+    ``partial_threshold`` ({"rank", "column", "value"},
+    ``copyscan.search.calibrate.thresholds.resolve_partial_threshold``) then sets ``is_partial_copy`` on each
+    query's partial answer."""
     storage.save_npy(layout.query_emb_url(out, chunk), xq.astype(np.float16), storage_options)
     ids = pa.table({"query_id": [r["key"] for r in records], "query_source": [r.get("url") for r in records]})
     storage.write_parquet(layout.query_ids_url(out, chunk), ids, storage_options)

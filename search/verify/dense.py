@@ -1,8 +1,8 @@
 """Dense verification of partial-copy candidates: where, and how clearly, a training image sits in a generation.
 
-Region matching (``search.regions``) proposes, for each generation, its best training images by pooled
-descriptors of windows. A pooled descriptor of a window that is only roughly on a pasted object is a weak
-cue, and the maximum over many windows favours wrong images as often as the right one. This stage checks
+Region matching (``copyscan.search.regions``) proposes, for each generation, its best training images by
+pooled descriptors of windows. A pooled descriptor of a window that is only roughly on a pasted object is a
+weak cue, and the maximum over many windows favours wrong images as often as the right one. This stage checks
 each proposed image against the generation cell by cell instead:
 
 - the training image T is resized so its longer side is ``template_side`` px and run through
@@ -51,13 +51,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing.embed.decode import DecodeLimits, Rejected, decode_image
-from indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD, resize_short_edge_rgb
-from indexing.models.effnet import EfficientNetLite0, load_efficientnet_lite0
-from indexing.read.fetch import Fetched, fetch_images
-from indexing.store import storage
-from search.results.matches import with_columns
-from search.verify.matches import (
+from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image
+from copyscan.indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD, resize_short_edge_rgb
+from copyscan.indexing.models.effnet import EfficientNetLite0, load_efficientnet_lite0
+from copyscan.indexing.read.fetch import Fetched, fetch_images
+from copyscan.indexing.store import storage
+from copyscan.search.results.matches import with_columns
+from copyscan.search.verify.matches import (
     PairFailures,
     Request,
     count_reasons,

@@ -1,12 +1,12 @@
 """Pixel verification of scan matches: Carlini et al.'s (ℓ2, δ)-extraction test on re-fetched originals.
 
 For the matches of rank < ``ranks``, the training image is re-read from the index's source shard by its
-key and the generation from its query source (``indexing.read.fetch``: one streamed read per tar, all sources
-in parallel threads), both are decoded and aligned (``search.verify.pixel``), and ``pixel_l2``, ``tiled_l2`` and
-``extracted`` (``tiled_l2 < delta``) are set. A pair that cannot be verified keeps null distances and gets
-a reason in ``verify_error`` (``train_key_not_found``, ``query_truncated``, ``train_no_source``, ...):
-nothing is dropped, and the counts go into the chunk marker and ``summary.json``. Matches not selected
-for verification keep null in all four columns.
+key and the generation from its query source (``copyscan.indexing.read.fetch``: one streamed read per tar, all
+sources in parallel threads), both are decoded and aligned (``copyscan.search.verify.pixel``), and
+``pixel_l2``, ``tiled_l2`` and ``extracted`` (``tiled_l2 < delta``) are set. A pair that cannot be verified
+keeps null distances and gets a reason in ``verify_error`` (``train_key_not_found``, ``query_truncated``,
+``train_no_source``, ...): nothing is dropped, and the counts go into the chunk marker and ``summary.json``.
+Matches not selected for verification keep null in all four columns.
 
 Density-relative score (Carlini et al., for unconditional models; opt-in, ``neighbours`` > 0):
 ``density_l2 = pixel_l2 / (alpha · mean pixel_l2 of the generation to its nearest training images)``,
@@ -19,9 +19,9 @@ Images are fetched for at most ``fetch_pairs`` pairs (whole queries) at a time a
 at a time in a thread pool (PIL's decode and torch's resize release the GIL), so memory stays bounded
 by those whatever the number of matches.
 
-The plumbing this shares with dense verification (``search.verify.dense``) lives here: the fetch requests of
-a table's pairs (``pair_requests``) cut into groups of whole queries (``query_groups``), their decoding in a
-thread pool (``decode_all``), the failures with their reasons and examples (``PairFailures``,
+The plumbing this shares with dense verification (``copyscan.search.verify.dense``) lives here: the fetch
+requests of a table's pairs (``pair_requests``) cut into groups of whole queries (``query_groups``), their
+decoding in a thread pool (``decode_all``), the failures with their reasons and examples (``PairFailures``,
 ``count_reasons``) and the phase timings of a chunk marker (``timed``, ``seconds``).
 """
 
@@ -37,11 +37,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from indexing.embed.decode import DecodeLimits
-from indexing.read.fetch import Fetched, fetch_images, training_source
-from indexing.store import storage
-from search.results.matches import with_columns
-from search.verify.pixel import (
+from copyscan.indexing.embed.decode import DecodeLimits
+from copyscan.indexing.read.fetch import Fetched, fetch_images, training_source
+from copyscan.indexing.store import storage
+from copyscan.search.results.matches import with_columns
+from copyscan.search.verify.pixel import (
     DEFAULT_SIZE,
     DEFAULT_TILES,
     EXTRACTION_DELTA,
@@ -60,7 +60,8 @@ VERIFY_FIELDS = (
 )
 EXAMPLES_KEPT = 5  # failed pairs listed (with details) per chunk marker
 
-Request = tuple[str | None, str]  # an indexing.read.fetch request: (source, key); source None when unknown
+# a copyscan.indexing.read.fetch request: (source, key); source None when unknown
+Request = tuple[str | None, str]
 Decoded = TypeVar("Decoded")
 
 
@@ -105,8 +106,8 @@ class VerifySpec:
 class MatchVerifier:
     """A verification bound to one index: a picklable ``table -> (table, counts)`` that can travel to the
     Ray tasks that verify scan chunks (put it in the object store once; the manifest can be large).
-    ``verify`` is ``verify_matches`` (pixels, with a VerifySpec) or ``search.verify.dense.verify_dense`` (with a
-    DenseSpec)."""
+    ``verify`` is ``verify_matches`` (pixels, with a VerifySpec) or
+    ``copyscan.search.verify.dense.verify_dense`` (with a DenseSpec)."""
 
     manifest: dict[str, Any]
     index_url: str
@@ -254,8 +255,9 @@ class _PixelRun:
 def pair_requests(
     table: pa.Table, rows: np.ndarray, manifest: dict[str, Any], index_url: str
 ) -> tuple[dict[int, Request], dict[int, Request]]:
-    """The images to fetch for ``rows`` of ``table`` (MATCHES_SCHEMA columns), as ``indexing.read.fetch``
-    requests: {row: (the training shard's source tar, train_key)} and {row: (query_source, query_id)}."""
+    """The images to fetch for ``rows`` of ``table`` (MATCHES_SCHEMA columns), as
+    ``copyscan.indexing.read.fetch`` requests: {row: (the training shard's source tar, train_key)} and {row:
+    (query_source, query_id)}."""
     shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
     train_keys = table["train_key"].to_pylist()
     query_ids = table["query_id"].to_pylist()
@@ -355,8 +357,8 @@ def _density(
     table: pa.Table, rank: np.ndarray, l2: np.ndarray, done: np.ndarray, spec: VerifySpec
 ) -> np.ndarray:
     """(n,) float32 density-relative score of the verified rows (NaN elsewhere), by
-    ``search.verify.pixel.density_relative``; a query's neighbours are its rows of rank < ``spec.neighbours``
-    whose pixel l2 is known."""
+    ``copyscan.search.verify.pixel.density_relative``; a query's neighbours are its rows of rank <
+    ``spec.neighbours`` whose pixel l2 is known."""
     sources = table["query_source"].to_pylist()
     ids = table["query_id"].to_pylist()
     neighbour_l2: dict[tuple[Any, Any], list[float]] = {}

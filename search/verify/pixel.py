@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexing.embed.decode import DecodeLimits, Rejected, decode_image
-from indexing.read.fetch import Fetched
-from indexing.read.images import composite_rgb
+from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image
+from copyscan.indexing.read.fetch import Fetched
+from copyscan.indexing.read.images import composite_rgb
 
 DEFAULT_SIZE = 512
 DEFAULT_TILES = 4
@@ -83,7 +83,8 @@ def decode_pixels(
 def decode_fetched(
     fetched: Fetched, size: int, fit: str, limits: DecodeLimits
 ) -> np.ndarray | tuple[str, str]:
-    """A re-fetched image (``indexing.read.fetch``) aligned to (size, size, 3) uint8, or (reason, detail) why not."""
+    """A re-fetched image (``copyscan.indexing.read.fetch``) aligned to (size, size, 3) uint8, or (reason,
+    detail) why not."""
     if fetched.data is None:
         return fetched.reason or "no_image", fetched.detail
     try:

@@ -49,7 +49,7 @@ class RayHead:
     process: subprocess.Popen
 
     def env(self) -> dict[str, str]:
-        """The environment of a driver attaching to this head (``python -m jobs.X``)."""
+        """The environment of a driver attaching to this head (``python -m copyscan.jobs.X``)."""
         return {
             **os.environ,
             "RAY_ADDRESS": self.address,

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.index_config import IndexConfig
-from indexing.index_ray import run_index
-from indexing.runtime.config import resolve
-from search.scan_config import ScanConfig
-from search.scan_ray import run_scan
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.index_ray import run_index
+from copyscan.indexing.runtime.config import resolve
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_ray import run_scan
 
 # the test writes its stand-in encoder with torch.jit, which torch 2.13 marks deprecated
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -49,7 +49,7 @@ def _tower(path: Path, dim: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def clip_folder(laion_shards, tmp_path_factory):
     """clip-retrieval parts of the training images: img_emb/img_emb_{0,1}.npy + metadata/metadata_{0,1}.parquet."""
-    from indexing.models.embedders import load_embedder
+    from copyscan.indexing.models.embedders import load_embedder
 
     root = tmp_path_factory.mktemp("clip")
     weights = _tower(root / "tower.torchscript.pt", 32, seed=0)
@@ -142,8 +142,8 @@ def test_import_precomputed_clip_embeddings_and_scan(ray_session, clip_folder, l
                 {"index": out, "queries": str(queries), "out": str(tmp_path / "s2"), "weights": other},
             )
         )
-    from search.calibrate.config import CalibrateConfig
-    from search.calibrate.whole import run_calibrate
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.whole import run_calibrate
 
     with pytest.raises(CopyscanError, match="no images"):
         run_calibrate(resolve(CalibrateConfig, {"index": out}))
@@ -164,6 +164,6 @@ def test_import_refuses_what_is_not_clip_retrieval(ray_session, tmp_path):
             )
         )
     with pytest.raises(CopyscanError, match="needs the CLIP model"):
-        from indexing.models.clip import clip_spec
+        from copyscan.indexing.models.clip import clip_spec
 
         clip_spec({}, 768)

@@ -31,7 +31,8 @@ WORKER_TYPES = {
 
 
 def _job(head, *args: str, timeout: float = 600) -> str:
-    """Run ``python -m jobs.ARGS`` attached to ``head``; its log (stderr), after checking it succeeded."""
+    """Run ``python -m copyscan.jobs.ARGS`` attached to ``head``; its log (stderr), after checking it
+    succeeded."""
     done = subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
@@ -63,12 +64,12 @@ def _matches(run: Path) -> list[dict]:
 def test_index_and_scan_on_an_autoscaling_cluster(ray_session, laion_shards, tmp_path):
     from ray_heads import ray_head
 
-    from indexing.index_config import IndexConfig
-    from indexing.index_ray import run_index
-    from indexing.runtime.config import resolve
-    from jobs.demo.data import make_generated_images
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.jobs.demo.data import make_generated_images
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     queries = tmp_path / "generated"
     make_generated_images(laion_shards.source_images[:6], [], str(queries), n_copies=6, n_unrelated=0, seed=3)
@@ -80,8 +81,10 @@ def test_index_and_scan_on_an_autoscaling_cluster(ray_session, laion_shards, tmp
 
     index, scan = tmp_path / "index", tmp_path / "scan"
     with ray_head(0, worker_types=WORKER_TYPES) as head:
-        log = _job(head, "jobs.index", "--shards", laion_shards.folder, "--out", str(index))
-        log += _job(head, "jobs.scan", "--index", str(index), "--queries", str(queries), "--out", str(scan))
+        log = _job(head, "copyscan.jobs.index", "--shards", laion_shards.folder, "--out", str(index))
+        log += _job(
+            head, "copyscan.jobs.scan", "--index", str(index), "--queries", str(queries), "--out", str(scan)
+        )
         added, _ = _nodes_added_and_removed(head.monitor_log())
         # every node goes idle once the jobs end, and the autoscaler removes it
         deadline = time.time() + 120

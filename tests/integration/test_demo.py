@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from jobs.demo import run_demo
+from copyscan.jobs.demo import run_demo
 
 
 def test_demo_ends_in_a_calibrated_scan_and_its_report(ray_session, tmp_path, open_page):

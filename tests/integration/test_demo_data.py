@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.read.reader import iter_tar
-from indexing.store import storage
-from jobs.demo.data import (
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.store import storage
+from copyscan.jobs.demo.data import (
     SOURCE_ID_COLUMN,
     file_sha256,
     make_generated_images,
@@ -234,7 +234,7 @@ def test_generated_copies_resemble_their_sources(laion_shards, real_images, tmp_
     truth = make_generated_images(train, others, str(tmp_path), n_copies=5, n_unrelated=0, seed=1)
 
     def thumb(path) -> np.ndarray:
-        from indexing.read.images import open_rgb
+        from copyscan.indexing.read.images import open_rgb
 
         x = np.asarray(open_rgb(path).convert("L").resize((16, 16)), dtype=np.float32).ravel()
         return (x - x.mean()) / (x.std() + 1e-6)

@@ -15,16 +15,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.index_config import IndexConfig
-from indexing.index_ray import run_index
-from indexing.runtime.config import resolve
-from indexing.store import layout, storage
-from indexing.store.manifest import load_manifest
-from jobs.demo.data import file_sha256
-from search.ann.searcher import ShardSearcher
-from search.results.matches import MATCHES_SCHEMA
-from search.scan_config import ScanConfig
-from search.scan_ray import run_scan
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.index_ray import run_index
+from copyscan.indexing.runtime.config import resolve
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import load_manifest
+from copyscan.jobs.demo.data import file_sha256
+from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_ray import run_scan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def _fs(url: str, storage_options=None):
 @pytest.fixture(scope="module")
 def generated(laion_shards, real_images, tmp_path_factory):
     """Generated images: 8 planted copies of training images, 8 images from outside the training set."""
-    from jobs.demo.data import make_generated_images
+    from copyscan.jobs.demo.data import make_generated_images
 
     train = set(laion_shards.source_images)
     others = [p for p in real_images if p not in train]
@@ -142,7 +142,7 @@ def test_scan_finds_planted_copies(local_index, generated, laion_shards, tmp_pat
 
 def test_scan_refuses_to_resume_against_a_rebuilt_index(ray_session, laion_shards, generated, tmp_path):
     """Chunks scanned against one build of an index are not mixed with chunks from a rebuild at the same URL."""
-    from indexing.errors import CopyscanError
+    from copyscan.indexing.errors import CopyscanError
 
     folder, truth = generated
     index_url, out = str(tmp_path / "index"), str(tmp_path / "scan")
@@ -262,7 +262,7 @@ def test_interrupted_index_resumes_to_the_clean_result(ray_session, laion_shards
     cmd = [
         sys.executable,
         "-m",
-        "jobs.index",
+        "copyscan.jobs.index",
         "--shards",
         laion_shards.folder,
         "--out",
@@ -366,7 +366,7 @@ def test_cli_refuses_a_foreign_output(ray_session, laion_shards, tmp_path):
         [
             sys.executable,
             "-m",
-            "jobs.cli",
+            "copyscan.jobs.cli",
             "index",
             "--shards",
             laion_shards.folder,
@@ -442,8 +442,8 @@ def calibrated(ray_session, local_index, generated, tmp_path_factory):
     """A copy of the local index (calibration rewrites the manifest), scanned once before calibration."""
     import shutil
 
-    from search.calibrate.config import CalibrateConfig
-    from search.calibrate.whole import run_calibrate
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.whole import run_calibrate
 
     root = tmp_path_factory.mktemp("calibrated")
     index_url = str(root / "index")
@@ -498,7 +498,7 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
     """Two checkpoints: one whose generations copy nothing, then one whose generations all copy."""
     import shutil
 
-    from jobs import nightly
+    from copyscan.jobs import nightly
 
     index_url = calibrated[0]
     folder, truth = generated
@@ -533,9 +533,9 @@ def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_
 
 def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page, tmp_path):
     """copyscan report: Somepalli statistics, duplicates, and a self-contained page that works in Chromium."""
-    from jobs import report as report_job
-    from search.report import html
-    from search.report.gallery import thumbnail
+    from copyscan.jobs import report as report_job
+    from copyscan.search.report import html
+    from copyscan.search.report.gallery import thumbnail
 
     index_url = calibrated[0]
     folder, truth = generated

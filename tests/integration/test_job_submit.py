@@ -31,7 +31,7 @@ def ray_head():
 def test_index_and_scan_as_a_ray_job(ray_head, laion_shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.demo.data import make_generated_images
+    from copyscan.jobs.demo.data import make_generated_images
 
     queries = tmp_path / "generated"
     truth = make_generated_images(
@@ -42,8 +42,8 @@ def test_index_and_scan_as_a_ray_job(ray_head, laion_shards, tmp_path):
     runtime_env["working_dir"] = str(REPO)
     client = JobSubmissionClient(ray_head)
     entrypoint = (
-        f"python -m jobs.index --shards {laion_shards.folder} --out {index_out} && "
-        f"python -m jobs.scan --index {index_out} --queries {queries} --out {scan_out}"
+        f"python -m copyscan.jobs.index --shards {laion_shards.folder} --out {index_out} && "
+        f"python -m copyscan.jobs.scan --index {index_out} --queries {queries} --out {scan_out}"
     )
     deadline = time.time() + 120
     while True:  # the dashboard answers before the node's job agent has registered with it
@@ -80,7 +80,7 @@ def test_submit_passes_the_entrypoints_exit_status_on(ray_head):
 
     def submit(code: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "jobs.submit", "--address", ray_head, "--working-dir", str(REPO),
+            [sys.executable, "-m", "copyscan.jobs.submit", "--address", ray_head, "--working-dir", str(REPO),
              "--runtime-env", str(REPO / "infra" / "runtime_env.yaml"), "--", "python", "-c", code],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )  # fmt: skip

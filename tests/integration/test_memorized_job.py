@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from indexing.read.fetch import fetch_images
-from indexing.read.images import open_rgb
-from search.memorized.discover import MEMORIZED_SCHEMA, memorized_for_report
-from search.verify.pixel import align
+from copyscan.indexing.read.fetch import fetch_images
+from copyscan.indexing.read.images import open_rgb
+from copyscan.search.memorized.discover import MEMORIZED_SCHEMA, memorized_for_report
+from copyscan.search.verify.pixel import align
 
 
 def _write(folder: Path, name: str, x: np.ndarray) -> str:
@@ -22,7 +22,7 @@ def _write(folder: Path, name: str, x: np.ndarray) -> str:
 
 
 def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_images, tmp_path):
-    from jobs import memorized as job
+    from copyscan.jobs import memorized as job
 
     rng = np.random.default_rng(5)
     folder = tmp_path / "gens"
@@ -71,8 +71,8 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     fetched = fetch_images([(m["source"], m["key"]) for m in members])
     assert all(f.data for f in fetched.values()) and len(fetched) == 12
     # the HTML report's section: every clique member inlined, the prompt as text
-    from search.report import html
-    from search.report.gallery import thumbnails
+    from copyscan.search.report import html
+    from copyscan.search.report.gallery import thumbnails
 
     thumbs = thumbnails([(m["source"], m["key"]) for m in members], 64)
     section = html.memorized_section(out, report, thumbs, per_prompt=16)

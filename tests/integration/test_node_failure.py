@@ -31,9 +31,9 @@ WORKER_TYPES = {"cpu": {"resources": {"CPU": 1}, "min_workers": 3, "max_workers"
 
 
 def _run_losing_a_node(head, method: str, log: Path, *args: str, settings: list[str]) -> str:
-    """``python -m jobs.ARGS`` attached to ``head``; once an actor runs ``method`` (``Class.method``: the title
-    Ray gives its process meanwhile; ``Class``: the actor exists), that actor's node is lost. Returns the job's
-    log, after checking that the job succeeded."""
+    """``python -m copyscan.jobs.ARGS`` attached to ``head``; once an actor runs ``method`` (``Class.method``:
+    the title Ray gives its process meanwhile; ``Class``: the actor exists), that actor's node is lost.
+    Returns the job's log, after checking that the job succeeded."""
     from ray_heads import actor_processes, kill_node_of
 
     with log.open("w") as err:
@@ -70,12 +70,12 @@ def _matches(run: Path) -> list[dict]:
 def test_index_and_scan_survive_a_lost_node(ray_session, laion_shards, tmp_path):
     from ray_heads import ray_head, wait_for_nodes
 
-    from indexing.index_config import IndexConfig
-    from indexing.index_ray import run_index
-    from indexing.runtime.config import parse_overrides, resolve
-    from jobs.demo.data import make_generated_images
-    from search.scan_config import ScanConfig
-    from search.scan_ray import run_scan
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import parse_overrides, resolve
+    from copyscan.jobs.demo.data import make_generated_images
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
 
     queries = tmp_path / "generated"
     make_generated_images(
@@ -96,14 +96,14 @@ def test_index_and_scan_survive_a_lost_node(ray_session, laion_shards, tmp_path)
     with ray_head(0, worker_types=WORKER_TYPES) as head:
         wait_for_nodes(head, 4)
         index_log = _run_losing_a_node(
-            head, "EmbedWorker.embed_shard", tmp_path / "index.log", "jobs.index", "--shards", laion_shards.folder,
-            "--out", str(index), settings=INDEX_SETTINGS,
+            head, "EmbedWorker.embed_shard", tmp_path / "index.log", "copyscan.jobs.index",
+            "--shards", laion_shards.folder, "--out", str(index), settings=INDEX_SETTINGS,
         )  # fmt: skip
     with ray_head(0, worker_types=WORKER_TYPES) as head:
         wait_for_nodes(head, 4)
         scan_log = _run_losing_a_node(
-            head, "ScanWorker", tmp_path / "scan.log", "jobs.scan", "--index", str(index), "--queries",
-            str(queries), "--out", str(scan), settings=SCAN_SETTINGS,
+            head, "ScanWorker", tmp_path / "scan.log", "copyscan.jobs.scan", "--index", str(index),
+            "--queries", str(queries), "--out", str(scan), settings=SCAN_SETTINGS,
         )  # fmt: skip
 
     assert "died" in index_log  # the lost node's actor was replaced and its shard in flight retried

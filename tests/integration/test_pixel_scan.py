@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.index_config import IndexConfig
-from indexing.index_ray import run_index
-from indexing.read.reader import iter_tar
-from indexing.runtime.config import resolve
-from search.results.matches import MATCHES_SCHEMA
-from search.scan_config import ScanConfig
-from search.scan_ray import run_scan
-from search.verify import pixel
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.index_ray import run_index
+from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.runtime.config import resolve
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_ray import run_scan
+from copyscan.search.verify import pixel
 
 
 def scan(index_url: str, queries: str, out: str, **overrides) -> dict:
@@ -85,7 +85,7 @@ def test_webdataset_queries_are_refetched_from_their_shard(flat_index, laion_sha
 
 
 def test_verification_settings_are_checked(flat_index, tmp_path):
-    from indexing.errors import CopyscanError
+    from copyscan.indexing.errors import CopyscanError
 
     with pytest.raises(CopyscanError, match="verify_pixels must be between 0"):
         scan(flat_index, str(tmp_path), str(tmp_path / "x"), k=3, verify_pixels=4)

@@ -1,4 +1,5 @@
-"""indexing.runtime.pool_ray.TaskStream: Ray tasks fed as items arrive, bounded in flight, retried, then listed."""
+"""copyscan.indexing.runtime.pool_ray.TaskStream: Ray tasks fed as items arrive, bounded in flight, retried,
+then listed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 def test_task_stream_bounds_in_flight_retries_and_forgets(ray_session, tmp_path):
     import ray
 
-    from indexing.runtime.pool_ray import TaskStream, run_tasks
+    from copyscan.indexing.runtime.pool_ray import TaskStream, run_tasks
 
     def square(x: int, folder: str) -> int:  # nested: pickled by value, so workers need not import tests
         mark = Path(folder) / f"tried_{x}"
@@ -43,7 +44,7 @@ def test_task_stream_bounds_in_flight_retries_and_forgets(ray_session, tmp_path)
 def test_run_pool_hands_on_result_the_actor_and_can_drop_results(ray_session):
     import ray
 
-    from indexing.runtime.pool_ray import run_pool
+    from copyscan.indexing.runtime.pool_ray import run_pool
 
     class Doubler:  # nested: pickled by value
         def double(self, x: int) -> int:
@@ -85,7 +86,7 @@ def test_run_pool_gives_work_only_to_started_actors_and_grows(ray_session):
     function read again as the run goes grows the pool; the peak counts started actors."""
     import ray
 
-    from indexing.runtime.pool_ray import run_pool
+    from copyscan.indexing.runtime.pool_ray import run_pool
 
     made = []
 
@@ -105,8 +106,8 @@ def test_run_pool_stops_when_no_actor_can_start(ray_session):
     import pytest
     import ray
 
-    from indexing.errors import CopyscanError
-    from indexing.runtime.pool_ray import run_pool
+    from copyscan.indexing.errors import CopyscanError
+    from copyscan.indexing.runtime.pool_ray import run_pool
 
     def nowhere():
         return ray.remote(_echo_class()).options(num_cpus=0.25, resources={"nowhere": 1}).remote()
@@ -130,7 +131,7 @@ def test_run_pool_stops_when_no_actor_can_start(ray_session):
 def test_task_stream_follows_a_size_function(ray_session):
     import ray
 
-    from indexing.runtime import pool_ray
+    from copyscan.indexing.runtime import pool_ray
 
     remote = ray.remote(lambda x: x).options(num_cpus=0.1)
     limits = iter([1, 1, 3])

@@ -9,19 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.embed.augment import paste_partial
-from indexing.errors import CopyscanError
-from indexing.index_config import IndexConfig
-from indexing.index_ray import run_index
-from indexing.models.regions import TRAIN_GRID, parse_grid, parse_slide
-from indexing.read.images import open_rgb
-from indexing.runtime.config import resolve
-from indexing.store import layout
-from indexing.store.manifest import load_manifest
-from search.regions.geometry import box_iou, slide_boxes
-from search.results.matches import MATCHES_SCHEMA
-from search.scan_config import ScanConfig
-from search.scan_ray import run_scan
+from copyscan.indexing.embed.augment import paste_partial
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.index_ray import run_index
+from copyscan.indexing.models.regions import TRAIN_GRID, parse_grid, parse_slide
+from copyscan.indexing.read.images import open_rgb
+from copyscan.indexing.runtime.config import resolve
+from copyscan.indexing.store import layout
+from copyscan.indexing.store.manifest import load_manifest
+from copyscan.search.regions.geometry import box_iou, slide_boxes
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_ray import run_scan
 
 N_COPIES = 6
 N_NEGATIVES = 6
@@ -204,7 +204,7 @@ def test_scan_regions_off(region_index, pasted, tmp_path):
 
 
 def test_regions_on_needs_a_region_index(region_index):
-    from search.regions.windows import local_windows
+    from copyscan.search.regions.windows import local_windows
 
     index_url, manifest = region_index
     cfg = resolve(ScanConfig, {"index": index_url, "queries": "q", "out": "o", "regions": "on"})
@@ -223,8 +223,8 @@ def test_calibrate_partial_then_scan_flags_partial_answers(
     flags is_partial_copy on each query's answer, one with other settings leaves it empty and says why."""
     import shutil
 
-    from search.calibrate.config import CalibrateConfig
-    from search.calibrate.whole import format_table, run_calibrate
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.whole import format_table, run_calibrate
 
     index_url = str(tmp_path / "index")
     shutil.copytree(region_index[0], index_url)  # calibration rewrites the manifest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.embed.augment import copy_augment, paste_partial
+from copyscan.indexing.embed.augment import copy_augment, paste_partial
 
 
 def _picture(width: int = 240, height: int = 160, seed: int = 0) -> Image.Image:

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from indexing.build.ivf import fill_index_shard, train_phase
-from indexing.build.planner import plan_index
-from indexing.build.postprocess import apply_whitening
-from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.store import layout, storage
-from indexing.store.manifest import build_manifest
-from search.ann.normalise import ScoreNormaliser
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.ivf import fill_index_shard, train_phase
+from copyscan.indexing.build.planner import plan_index
+from copyscan.indexing.build.postprocess import apply_whitening
+from copyscan.indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import build_manifest
+from copyscan.search.ann.normalise import ScoreNormaliser
+from copyscan.search.ann.searcher import ShardSearcher
 
 
 def clustered(n, d, n_clusters, rng, noise=0.35):

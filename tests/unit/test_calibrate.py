@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from indexing.errors import CopyscanError
-from search.calibrate.sample import select_rows
-from search.calibrate.thresholds import precision_recall, resolve_threshold, threshold_for
+from copyscan.indexing.errors import CopyscanError
+from copyscan.search.calibrate.sample import select_rows
+from copyscan.search.calibrate.thresholds import precision_recall, resolve_threshold, threshold_for
 
 
 def test_precision_and_recall_by_hand():

@@ -3,11 +3,11 @@
 import pyarrow as pa
 import pytest
 
-from indexing.errors import CopyscanError
-from indexing.runtime.config import resolve
-from search.calibrate.config import PARTIAL_SCAN, CalibrateConfig
-from search.calibrate.thresholds import partial_answers, partial_settings, resolve_partial_threshold
-from search.scan_config import ScanConfig
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.config import resolve
+from copyscan.search.calibrate.config import PARTIAL_SCAN, CalibrateConfig
+from copyscan.search.calibrate.thresholds import partial_answers, partial_settings, resolve_partial_threshold
+from copyscan.search.scan_config import ScanConfig
 
 
 def _scan(**over):

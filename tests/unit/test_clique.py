@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from search.memorized.clique import greedy_clique, max_clique, threshold_graph
+from copyscan.search.memorized.clique import greedy_clique, max_clique, threshold_graph
 
 
 def _random_graph(n: int, p: float, rng: np.random.Generator) -> np.ndarray:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.build import clustering
-from indexing.build.ivf import train_index
-from indexing.runtime.devices import compute_device
+from copyscan.indexing.build import clustering
+from copyscan.indexing.build.ivf import train_index
+from copyscan.indexing.runtime.devices import compute_device
 
 
 def _blobs(n: int, d: int, centres: int, seed: int = 0, spread: float = 0.05) -> np.ndarray:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing.store import layout
-from search.ann.coarse import SharedCoarse
-from search.ann.normalise import whiten
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.store import layout
+from copyscan.search.ann.coarse import SharedCoarse
+from copyscan.search.ann.normalise import whiten
+from copyscan.search.ann.searcher import ShardSearcher
 
 
 def _collection(tmp_path, whitening, seed=0, name="idx", factory="auto"):
@@ -111,7 +111,7 @@ def test_coarse_assignment_off_the_cpu_finds_the_same_lists(tmp_path, device):
 def test_torch_nearest_answers_like_a_flat_faiss_index(inner_product):
     import torch
 
-    from indexing.build.clustering import nearest
+    from copyscan.indexing.build.clustering import nearest
 
     rng = np.random.default_rng(4)
     xb, xq = (

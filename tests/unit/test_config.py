@@ -1,10 +1,10 @@
 import pytest
 import yaml
 
-from indexing.errors import CopyscanError
-from indexing.index_config import IndexConfig
-from indexing.runtime.config import parse_overrides, resolve, to_yaml
-from search.scan_config import ScanConfig
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.index_config import IndexConfig
+from copyscan.indexing.runtime.config import parse_overrides, resolve, to_yaml
+from copyscan.search.scan_config import ScanConfig
 
 
 def test_layers_merge_in_order_and_types_are_parsed():
@@ -123,8 +123,8 @@ def test_bad_types_and_bad_values_are_reported_together():
 
 def test_every_config_checks_its_values_without_its_required_keys():
     """resolve() runs a config's problems() with its missing required keys as None: none may read them."""
-    from jobs._runtime import load_config_class
-    from jobs.cli import JOBS
+    from copyscan.jobs._runtime import load_config_class
+    from copyscan.jobs.cli import JOBS
 
     for config in {job.config for job in JOBS.values() if job.config}:
         cls = load_config_class(config)
@@ -141,7 +141,7 @@ def test_a_resolved_config_resolves_back_from_its_yaml():
 
 def test_a_number_threshold_is_a_score_norm_value_downstream():
     """A float threshold, radius or partial threshold means what the same text did: score_norm >= it."""
-    from search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
+    from copyscan.search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
 
     cfg = resolve(
         ScanConfig, SCAN, parse_overrides(["threshold=0.5", "radius=0.25", "partial_threshold=0.75"])

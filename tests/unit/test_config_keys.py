@@ -6,10 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from indexing.errors import CopyscanError
-from indexing.runtime.config import default_text, key, key_rows, keys_markdown, keys_text, resolve, type_text
-from jobs import cli
-from jobs._runtime import load_config_class
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.config import (
+    default_text,
+    key,
+    key_rows,
+    keys_markdown,
+    keys_text,
+    resolve,
+    type_text,
+)
+from copyscan.jobs import cli
+from copyscan.jobs._runtime import load_config_class
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted({job.config for job in cli.JOBS.values() if job.config})
@@ -54,9 +62,9 @@ def test_a_key_without_help_is_refused():
 
 
 def test_types_and_defaults_read_as_on_the_command_line():
-    from search.calibrate.config import CalibrateConfig
-    from search.report.config import ReportConfig
-    from search.scan_config import ScanConfig
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.report.config import ReportConfig
+    from copyscan.search.scan_config import ScanConfig
 
     rows = {row.name: row for row in key_rows(ScanConfig)}
     assert list(rows) == [f.name for f in dataclasses.fields(ScanConfig)]
@@ -75,7 +83,7 @@ def test_types_and_defaults_read_as_on_the_command_line():
 
 
 def test_the_help_block_and_the_markdown_table_list_every_key():
-    from search.scan_config import ScanConfig
+    from copyscan.search.scan_config import ScanConfig
 
     text = keys_text(ScanConfig, {"index": "--index", "mode": "--mode"})
     assert "  index: str (required, or --index)\n      URL of a finished copyscan index" in text
@@ -93,7 +101,7 @@ def test_the_readme_key_reference_is_generated_from_the_declarations():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert cli.readme_keys(readme) == readme, (
         "README.md's Configuration keys differ from the config classes: run `make keys` "
-        "(python -c 'from jobs.cli import write_readme_keys; write_readme_keys(\"README.md\")')"
+        "(python -c 'from copyscan.jobs.cli import write_readme_keys; write_readme_keys(\"README.md\")')"
     )
     for section in cli.key_sections():
         assert f"<!-- keys:{section} -->\n| key | type | default | meaning |" in readme

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.embed.decode import DecodeLimits, PairSpec, decode_samples
-from indexing.errors import CopyscanError
-from indexing.read.reader import Sample, iter_tar
+from copyscan.indexing.embed.decode import DecodeLimits, PairSpec, decode_samples
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.reader import Sample, iter_tar
 
 
 def _jpeg(w=64, h=48, seed=0) -> bytes:
@@ -139,8 +139,8 @@ def test_a_failed_augmentation_is_noted_and_the_image_still_indexed():
 
 
 def test_provenance_columns_come_from_the_sample_json():
-    from indexing.embed.provenance import provenance
-    from indexing.embed.stage import METADATA_SCHEMA, metadata_table
+    from copyscan.indexing.embed.provenance import provenance
+    from copyscan.indexing.embed.stage import METADATA_SCHEMA, metadata_table
 
     meta = {"LICENSE": "cc-by-4.0", "pwatermark": 0.91, "punsafe": "0.02", "similarity": 0.33, "sha256": "ab"}
     assert provenance(meta) == {
@@ -171,7 +171,7 @@ def test_metadata_of_an_index_without_provenance_reads_as_none(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from search.ann.searcher import describe_row, load_metadata
+    from copyscan.search.ann.searcher import describe_row, load_metadata
 
     path = str(tmp_path / "metadata_00000.parquet")
     pq.write_table(pa.table({"row": [0], "key": ["k0"], "url": ["http://x/0"], "caption": ["c"]}), path)

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.errors import CopyscanError
-from jobs.demo.data import caption_for, serve_directory, stage_images, write_url_list
+from copyscan.indexing.errors import CopyscanError
+from copyscan.jobs.demo.data import caption_for, serve_directory, stage_images, write_url_list
 
 
 def _get(url: str) -> bytes:

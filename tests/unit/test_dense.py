@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexing.embed.augment import paste_partial
-from indexing.embed.decode import DecodeLimits
-from indexing.read.images import open_rgb
-from search.regions.geometry import box_iou
-from search.verify.dense import MIN_POSITIONS, DenseMatcher, DenseSpec, verify_dense
+from copyscan.indexing.embed.augment import paste_partial
+from copyscan.indexing.embed.decode import DecodeLimits
+from copyscan.indexing.read.images import open_rgb
+from copyscan.search.regions.geometry import box_iou
+from copyscan.search.verify.dense import MIN_POSITIONS, DenseMatcher, DenseSpec, verify_dense
 
 
 def _unit_cells(x: np.ndarray) -> torch.Tensor:

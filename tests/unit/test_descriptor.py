@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing.embed.augment import copy_augment
-from indexing.errors import CopyscanError
-from indexing.models import descriptor, effnet
-from indexing.read.images import open_rgb
-from jobs.demo import sample_images
+from copyscan.indexing.embed.augment import copy_augment
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models import descriptor, effnet
+from copyscan.indexing.read.images import open_rgb
+from copyscan.jobs.demo import sample_images
 
 SKIMAGE_DATA = "usr/lib/python3/dist-packages/skimage/data"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "color.png")

@@ -1,4 +1,5 @@
-"""The dino-vitb16 embedder and ``indexing.models.vit``: official key layout, loading, the maths, preprocessing, errors.
+"""The dino-vitb16 embedder and ``copyscan.indexing.models.vit``: official key layout, loading, the maths,
+preprocessing, errors.
 
 The weights are a seeded random ViT-B/16 written by the test (built once per module: about 3 s on 2 CPUs); no
 real DINO file is needed. Full-size forwards run on one image only; the maths is checked on tiny variants
@@ -15,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.models import vit
-from indexing.models.embedder import make_preprocess
-from indexing.models.embedders import load_embedder
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models import vit
+from copyscan.indexing.models.embedder import make_preprocess
+from copyscan.indexing.models.embedders import load_embedder
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.models import effnet
-from jobs.demo import sample_images
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models import effnet
+from copyscan.jobs.demo import sample_images
 
 SKIMAGE_DATA = "usr/lib/python3/dist-packages/skimage/data"
 # ImageNet class indices: 281 tabby, 282 tiger cat, 283 Persian, 284 Siamese, 285 Egyptian cat;

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from test_decode import _tar
 
-from indexing.read import fetch
+from copyscan.indexing.read import fetch
 
 
 def _jpeg(seed: int) -> bytes:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from indexing.errors import CopyscanError
-from search.report.history import compare, regression_report, rise_p_value, wilson_interval
+from copyscan.indexing.errors import CopyscanError
+from copyscan.search.report.history import compare, regression_report, rise_p_value, wilson_interval
 
 
 def test_wilson_interval_matches_the_formula_and_stays_in_0_1():

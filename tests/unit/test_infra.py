@@ -2,6 +2,9 @@
 
 import argparse
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -37,7 +40,7 @@ def test_ray_cluster_yaml_is_a_valid_autoscaling_cluster_without_credentials():
 def test_runtime_env_is_valid_for_ray_and_ships_no_build_outputs():
     from ray.runtime_env import RuntimeEnv
 
-    from jobs._runtime import WORKER_ENV
+    from copyscan.jobs._runtime import WORKER_ENV
 
     text = (REPO / "infra" / "runtime_env.yaml").read_text()
     assert not SECRET.search(text)
@@ -45,6 +48,24 @@ def test_runtime_env_is_valid_for_ray_and_ships_no_build_outputs():
     RuntimeEnv(**env, working_dir=str(REPO))  # Ray validates the fields
     assert {".venv", ".git", "demo-output"} <= set(env["excludes"])
     assert WORKER_ENV.items() <= env["env_vars"].items()  # what the entrypoints would otherwise add
+
+
+def test_a_working_dir_runs_the_source_it_ships(tmp_path):
+    """Ray starts a job's driver and workers in its working dir (the repository, as shipped), first on
+    sys.path: its ``copyscan/`` shadows the image's installed package and must find the sub-packages in the
+    shipped folders jobs/, indexing/ and search/, so that the shipped source runs (not the image's, nor a
+    mix)."""
+    for folder in ("copyscan", "jobs", "indexing", "search"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    code = (
+        "import copyscan.jobs.cli as c, copyscan.indexing.errors as e; print(c.__file__); print(e.__file__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert [Path(f).parent.parent for f in done.stdout.split()] == [tmp_path.resolve()] * 2
 
 
 def _dockerfile_args() -> dict[str, str]:
@@ -86,7 +107,7 @@ def _entrypoint_args(command: str, module: str) -> list[str]:
 
 
 def test_kuberay_rayjob_runs_the_index_entrypoint_on_gpu_and_cpu_workers():
-    from jobs import index
+    from copyscan.jobs import index
 
     text = (REPO / "infra" / "k8s" / "rayjob-index.yaml").read_text()
     assert not SECRET.search(text)
@@ -96,7 +117,7 @@ def test_kuberay_rayjob_runs_the_index_entrypoint_on_gpu_and_cpu_workers():
     assert spec["rayClusterSpec"]["rayVersion"] == _dockerfile_args()["RAY_VERSION"]
     parser = argparse.ArgumentParser()
     index.JOB.add_arguments(parser)
-    parsed = parser.parse_args(_entrypoint_args(spec["entrypoint"], "jobs.index"))
+    parsed = parser.parse_args(_entrypoint_args(spec["entrypoint"], "copyscan.jobs.index"))
     assert parsed.shards.startswith("s3://") and parsed.out.startswith("s3://")
     groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -120,7 +141,7 @@ def test_the_nightly_raycluster_is_the_index_jobs_cluster():
 
 
 def test_nightly_cronjob_submits_a_valid_nightly_command():
-    from jobs import nightly, submit
+    from copyscan.jobs import nightly, submit
 
     text = (REPO / "infra" / "k8s" / "nightly-cronjob.yaml").read_text()
     assert not SECRET.search(text)
@@ -131,7 +152,7 @@ def test_nightly_cronjob_submits_a_valid_nightly_command():
     assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "copyscan"
     command = pod["containers"][0]["args"][0]
     # copyscan submit, not ray job submit: the pod exits 3 on a regression and not on an error
-    submit_args = _entrypoint_args(command.split(" -- ")[0], "jobs.submit")
+    submit_args = _entrypoint_args(command.split(" -- ")[0], "copyscan.jobs.submit")
     parser = argparse.ArgumentParser()
     submit.JOB.add_arguments(parser)
     parsed = parser.parse_args(submit_args)
@@ -140,7 +161,7 @@ def test_nightly_cronjob_submits_a_valid_nightly_command():
     assert parsed.runtime_env == "infra/runtime_env.yaml"
     parser = argparse.ArgumentParser()
     nightly.JOB.add_arguments(parser)
-    parsed = parser.parse_args(_entrypoint_args(command, "jobs.nightly"))
+    parsed = parser.parse_args(_entrypoint_args(command, "copyscan.jobs.nightly"))
     assert parsed.index.startswith("s3://") and parsed.history.startswith("s3://") and parsed.baseline
     rules = cron["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     assert {

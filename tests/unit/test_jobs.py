@@ -1,5 +1,5 @@
-"""The job runner: one declaration per job gives ``copyscan CMD`` and ``python -m jobs.CMD`` the same flags,
-exit statuses (2 for a CopyscanError, the body's own otherwise) and Ray start-up."""
+"""The job runner: one declaration per job gives ``copyscan CMD`` and ``python -m copyscan.jobs.CMD`` the same
+flags, exit statuses (2 for a CopyscanError, the body's own otherwise) and Ray start-up."""
 
 import argparse
 import importlib
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from indexing.errors import CopyscanError
-from jobs import _runtime, cli
+from copyscan.indexing.errors import CopyscanError
+from copyscan.jobs import _runtime, cli
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_JOBS = {
@@ -26,7 +26,7 @@ def test_every_job_module_declares_its_copyscan_command():
     modules.remove("cli")
     assert sorted(cli.JOBS) == sorted(modules)
     for name in modules:
-        job = importlib.import_module(f"jobs.{name}").JOB
+        job = importlib.import_module(f"copyscan.jobs.{name}").JOB
         assert cli.JOBS[name] is job and job.name == name and job.description
     assert {name for name, job in cli.JOBS.items() if job.uses_ray} == RAY_JOBS
 
@@ -72,10 +72,10 @@ def test_copyscan_runs_the_job_it_names(capsys):
 
 
 def test_copyscan_help_runs_without_loading_a_library():
-    """``python -m jobs.cli --help`` (the ``copyscan`` script) lists every command; declaring them imports no
-    config module, so neither torch nor faiss (``-X importtime`` names every module imported)."""
+    """``python -m copyscan.jobs.cli --help`` (the ``copyscan`` script) lists every command; declaring them
+    imports no config module, so neither torch nor faiss (``-X importtime`` names every module imported)."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "jobs.cli", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "copyscan.jobs.cli", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -84,7 +84,7 @@ def test_copyscan_help_runs_without_loading_a_library():
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in cli.JOBS) and "90%/99%" in done.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
-    assert "jobs.scan" in imported and not imported & {"torch", "faiss", "ray", "pyarrow"}
+    assert "copyscan.jobs.scan" in imported and not imported & {"torch", "faiss", "ray", "pyarrow"}
 
 
 def _help(argv, capsys) -> str:
@@ -122,18 +122,19 @@ def test_help_names_the_flags_that_set_a_key(capsys):
 
 
 def test_python_m_job_help_lists_the_same_keys(capsys):
-    """``python -m jobs.merge --help`` (``ray job submit``) is the same parser as ``copyscan merge --help``."""
-    from jobs import merge
+    """``python -m copyscan.jobs.merge --help`` (``ray job submit``) is the same parser as ``copyscan merge
+    --help``."""
+    from copyscan.jobs import merge
 
     with pytest.raises(SystemExit):
         merge.JOB.main(["--help"])
     text = capsys.readouterr().out
-    assert text.startswith("usage: python -m jobs.merge")
+    assert text.startswith("usage: python -m copyscan.jobs.merge")
     assert text.split("\nKeys:", 1)[1] == _help(["merge", "--help"], capsys).split("\nKeys:", 1)[1]
 
 
 def test_submit_exits_with_the_entrypoints_own_status():
-    from jobs.submit import exit_status
+    from copyscan.jobs.submit import exit_status
 
     assert exit_status("SUCCEEDED", None) == 0
     message = (

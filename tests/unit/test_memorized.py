@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.read.images import open_rgb
-from search.memorized import discover as mem
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.images import open_rgb
+from copyscan.search.memorized import discover as mem
 
 SIZE = 256  # generations are written at this size (the graph aligns them to 128)
 
@@ -26,7 +26,7 @@ def _jpeg(x: np.ndarray, quality: int = 90) -> bytes:
 
 def _near_copies(path, count: int, rng: np.random.Generator) -> list[bytes]:
     """``count`` generations that differ like memorised ones: pixel noise, brightness, JPEG."""
-    from search.verify.pixel import align
+    from copyscan.search.verify.pixel import align
 
     base = align(open_rgb(path), SIZE).astype(np.float32)
     out = []
@@ -37,7 +37,7 @@ def _near_copies(path, count: int, rng: np.random.Generator) -> list[bytes]:
 
 
 def _varied(paths) -> list[bytes]:
-    from search.verify.pixel import align
+    from copyscan.search.verify.pixel import align
 
     return [_jpeg(align(open_rgb(p), SIZE)) for p in paths]
 
@@ -183,8 +183,8 @@ def test_prompt_sources_and_manifests(tmp_path):
 
 
 def test_config_is_validated():
-    from indexing.runtime.config import resolve
-    from search.memorized.config import MemorizedConfig
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.memorized.config import MemorizedConfig
 
     with pytest.raises(CopyscanError, match="graph_size .* multiple of tiles"):
         resolve(MemorizedConfig, {"generations": "g", "out": "o", "graph_size": 130})

@@ -1,7 +1,7 @@
 import numpy as np
 
-from indexing.store import layout
-from search.ann.topk import merge_topk
+from copyscan.indexing.store import layout
+from copyscan.search.ann.topk import merge_topk
 
 
 def test_merge_matches_a_global_sort():

@@ -4,10 +4,15 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing.build.merge_shards import keep_merged_layout, merge_index_shards, merged_marker_url, plan_merges
-from indexing.errors import CopyscanError
-from indexing.store import layout, storage
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.merge_shards import (
+    keep_merged_layout,
+    merge_index_shards,
+    merged_marker_url,
+    plan_merges,
+)
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.store import layout, storage
+from copyscan.search.ann.searcher import ShardSearcher
 
 
 def test_plan_merges_packs_consecutive_shards():
@@ -51,7 +56,7 @@ def test_merged_index_answers_like_the_unmerged_one_and_resumes(tmp_path, factor
 
 
 def test_merge_cli_and_an_index_rerun_keeps_the_merged_layout(tmp_path):
-    from jobs import merge as merge_job
+    from copyscan.jobs import merge as merge_job
 
     rng = np.random.default_rng(4)
     d = 16

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from test_decode import _tar
 
-from indexing.read.images import open_rgb
-from search.results.matches import MATCHES_SCHEMA
-from search.verify import pixel
-from search.verify.matches import VerifySpec, verify_matches
+from copyscan.indexing.read.images import open_rgb
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.verify import pixel
+from copyscan.search.verify.matches import VerifySpec, verify_matches
 
 
 def _reference(a: np.ndarray, b: np.ndarray, tiles: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +157,7 @@ def test_one_reduced_decode_stays_close_to_full_decode(real_images, source, size
 
 
 def test_reduced_decode_keeps_limits_and_truncation_checks(real_images):
-    from indexing.embed.decode import DecodeLimits, Rejected, decode_image
+    from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image
 
     data = _jpeg(open_rgb(real_images[1]).resize((1600, 1200)))
     assert decode_image(data, DecodeLimits(), draft=(512, 512)).size == (800, 600)  # ½ scale, one decode
@@ -332,7 +332,7 @@ def test_density_relative_score_from_the_query_top_matches(real_images, tmp_path
 
 
 def test_fetch_groups_hold_whole_queries():
-    from search.verify.matches import query_groups
+    from copyscan.search.verify.matches import query_groups
 
     query_of = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
     assert query_groups(list(query_of), query_of, 4) == [[0, 1, 2], [3, 4, 5]]

@@ -6,7 +6,7 @@ from itertools import pairwise
 
 import pytest
 
-from indexing.build.planner import (
+from copyscan.indexing.build.planner import (
     ID_BYTES,
     MIN_POINTS_PER_CENTROID,
     choose_pq_m,
@@ -16,7 +16,7 @@ from indexing.build.planner import (
     plan_index,
     search_settings,
 )
-from indexing.errors import CopyscanError
+from copyscan.indexing.errors import CopyscanError
 
 SIZES = [1, 10, 999, 5_000, 99_999, 100_000, 250_000, 1_000_000, 10_000_000, 100_000_000, 2_300_000_000]
 DIMS = [64, 128, 256, 320, 512, 768, 1024, 1280]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexing.build import postprocess
-from indexing.errors import CopyscanError
+from copyscan.indexing.build import postprocess
+from copyscan.indexing.errors import CopyscanError
 
 
 def test_whitening_decorrelates_and_shrinkage_interpolates():

@@ -7,11 +7,11 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.errors import CopyscanError
-from jobs import query as query_job
-from search import results
-from search.results.matches import MATCHES_SCHEMA
-from search.results.sql import run_query
+from copyscan.indexing.errors import CopyscanError
+from copyscan.jobs import query as query_job
+from copyscan.search import results
+from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.results.sql import run_query
 
 
 def _run(root, name, rows, flagged):

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing.build.ivf import BackgroundSample
-from indexing.errors import CopyscanError
-from indexing.runtime.config import validate
-from indexing.store import layout
-from indexing.store.manifest import resolve
-from search.ann.normalise import ScoreNormaliser, whiten
-from search.ann.radius import MIN_TAU, Above, capped, keep_above, radius_counts, range_search_index
-from search.ann.searcher import ShardSearcher
-from search.ann.topk import ShardResult, merge_sorted_with
-from search.scan_config import ScanConfig
+from copyscan.indexing.build.ivf import BackgroundSample
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.config import validate
+from copyscan.indexing.store import layout
+from copyscan.indexing.store.manifest import resolve
+from copyscan.search.ann.normalise import ScoreNormaliser, whiten
+from copyscan.search.ann.radius import MIN_TAU, Above, capped, keep_above, radius_counts, range_search_index
+from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.ann.topk import ShardResult, merge_sorted_with
+from copyscan.search.scan_config import ScanConfig
 
 PER_SHARD = 500
 

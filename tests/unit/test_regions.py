@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.embed.decode import DecodedBatch
-from indexing.embed.stage import embed_batches
-from indexing.errors import CopyscanError
-from indexing.models import effnet
-from indexing.models.descriptor import CopyDescriptor, gem
-from indexing.models.embedder import make_preprocess
-from indexing.models.embedders import load_embedder
-from indexing.models.regions import (
+from copyscan.indexing.embed.decode import DecodedBatch
+from copyscan.indexing.embed.stage import embed_batches
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models import effnet
+from copyscan.indexing.models.descriptor import CopyDescriptor, gem
+from copyscan.indexing.models.embedder import make_preprocess
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.regions import (
     QUERY_GRID,
     TRAIN_GRID,
     WHOLE,
@@ -22,7 +22,7 @@ from indexing.models.regions import (
     check_train_boxes,
     parse_grid,
 )
-from indexing.store import layout
+from copyscan.indexing.store import layout
 
 
 def test_parse_grid_whole_first_then_positions_edge_to_edge():
@@ -98,7 +98,7 @@ def test_a_pasted_image_is_found_by_the_window_that_covers_it():
     photo up to resampling; the window pooled from the whole query's maps is much less close (context)."""
     from PIL import Image
 
-    from jobs.demo.sample_images import real_image_files
+    from copyscan.jobs.demo.sample_images import real_image_files
 
     emb = load_embedder("effnet-lite0", None, "cpu", {})
     paths = real_image_files(2)
@@ -144,7 +144,7 @@ def test_embed_batches_regions_from_the_same_pass_and_a_second_size():
 
 def _hits(per_window: list[list[tuple[int, int, int, float]]], n_windows: int):
     """ShardResult of window hits: per window a list of (shard, image row, box, score) with per_image=3."""
-    from search.ann.topk import ShardResult
+    from copyscan.search.ann.topk import ShardResult
 
     kr = max(len(h) for h in per_window)
     I = np.full((len(per_window), kr), -1, dtype=np.int64)
@@ -166,7 +166,7 @@ def _hits(per_window: list[list[tuple[int, int, int, float]]], n_windows: int):
 
 
 def test_aggregate_keeps_each_images_best_pair():
-    from search.regions.result import aggregate
+    from copyscan.search.regions.result import aggregate
 
     qboxes, tboxes = [WHOLE, (0, 0, 0.5, 0.5)], [WHOLE, (0, 0, 0.6, 0.6), (0.4, 0.4, 1, 1)]
     # query 0: window 0 sees image (0, 5) box 0 at 0.3; window 1 sees it box 2 at 0.8, and image (1, 2) at 0.6
@@ -185,9 +185,9 @@ def test_aggregate_keeps_each_images_best_pair():
 
 
 def test_matches_table_adds_local_columns_and_local_only_rows():
-    from search.ann.topk import ShardResult
-    from search.regions.result import aggregate
-    from search.results.matches import MATCHES_SCHEMA, matches_table
+    from copyscan.search.ann.topk import ShardResult
+    from copyscan.search.regions.result import aggregate
+    from copyscan.search.results.matches import MATCHES_SCHEMA, matches_table
 
     image_a = int(layout.pack_ids(0, np.array([5]))[0])
     image_c = int(layout.pack_ids(0, np.array([9]))[0])

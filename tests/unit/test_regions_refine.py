@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexing.errors import CopyscanError
-from indexing.models.embedders import load_embedder
-from indexing.models.regions import WHOLE, parse_slide
-from indexing.runtime.config import validate
-from indexing.store import layout
-from search.ann.topk import ShardResult
-from search.regions.geometry import CROP_IOU, REFINE_PAIRS, SLIDE_MAX_AXIS, frames, slide_boxes
-from search.regions.result import LocalResult, aggregate, crop_boxes, merge_crops
-from search.regions.windows import LocalWindows
-from search.scan_config import ScanConfig
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.regions import WHOLE, parse_slide
+from copyscan.indexing.runtime.config import validate
+from copyscan.indexing.store import layout
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.regions.geometry import CROP_IOU, REFINE_PAIRS, SLIDE_MAX_AXIS, frames, slide_boxes
+from copyscan.search.regions.result import LocalResult, aggregate, crop_boxes, merge_crops
+from copyscan.search.regions.windows import LocalWindows
+from copyscan.search.scan_config import ScanConfig
 
 
 def _image(shard: int, row: int) -> int:

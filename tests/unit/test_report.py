@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing.store import layout
-from search.report import history, html, plots, stats
-from search.report.config import ReportConfig
-from search.report.neighbours import near_duplicates, sample_ids, train_train
+from copyscan.indexing.store import layout
+from copyscan.search.report import history, html, plots, stats
+from copyscan.search.report.config import ReportConfig
+from copyscan.search.report.neighbours import near_duplicates, sample_ids, train_train
 
 
 def test_histogram_counts_everything_and_integrates_to_the_share_inside():

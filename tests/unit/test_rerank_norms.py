@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from test_build_search import build, clustered, write_collection
 
-from indexing.build.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
-from indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
-from indexing.store import layout, storage
-from search.ann.searcher import ShardSearcher
+from copyscan.indexing.build.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
+from copyscan.indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
+from copyscan.indexing.store import layout, storage
+from copyscan.search.ann.searcher import ShardSearcher
 
 
 def test_score_terms_unroll_both_whitening_stages():

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from indexing.errors import CopyscanError
-from indexing.runtime.pool_ray import PoolOutcome
-from indexing.runtime.resumable import Stage, failure_message, run_stage
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.pool_ray import PoolOutcome
+from copyscan.indexing.runtime.resumable import Stage, failure_message, run_stage
 
 SHARDS = Stage("embed", "shard", "images", source=str)
 FILL = Stage("fill", "index shard", "vectors", count_field="ntotal")

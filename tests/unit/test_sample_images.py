@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.errors import CopyscanError
-from indexing.read.images import composite_rgb, open_rgb
-from jobs.demo import sample_images as si
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.images import composite_rgb, open_rgb
+from copyscan.jobs.demo import sample_images as si
 
 SMALL_PACKAGE = "wesnoth-1.16-dw"  # 5.2 MB: six campaign portraits and paintings
 

@@ -3,7 +3,7 @@
 import numpy as np
 from test_build_search import build, clustered, write_collection
 
-from search.scan_config import ScanConfig
+from copyscan.search.scan_config import ScanConfig
 
 
 def config(**overrides) -> ScanConfig:

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.embed.stage import EmbeddedSource
-from indexing.store import layout
-from search.ann.topk import ShardResult
-from search.scan_chunks import QueryChunk
-from search.scan_steps import ChunkScan, SearchStep, WriteStep
+from copyscan.indexing.embed.stage import EmbeddedSource
+from copyscan.indexing.store import layout
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.scan_chunks import QueryChunk
+from copyscan.search.scan_steps import ChunkScan, SearchStep, WriteStep
 
 K = 2
 IMAGES = [int(layout.pack_ids(1, np.array([row]))[0]) for row in range(3)]

@@ -1,9 +1,9 @@
 import pytest
 
-from indexing.errors import CopyscanError
-from indexing.read.shardlist import expand_queries, expand_shards
-from indexing.store import storage
-from indexing.store.outputs import claim_output
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.shardlist import expand_queries, expand_shards
+from copyscan.indexing.store import storage
+from copyscan.indexing.store.outputs import claim_output
 
 
 def _touch(path, data=b"x"):
@@ -94,7 +94,7 @@ def test_atomic_writes_leave_no_temp_files(tmp_path):
 
 
 def test_pair_images_are_spread_over_shards_and_sum_to_the_budget():
-    from indexing.embed.decode import pair_quota
+    from copyscan.indexing.embed.decode import pair_quota
 
     assert [pair_quota(400, 4, s) for s in range(4)] == [100] * 4
     for total, shards in ((10_000, 3), (10_000, 230_000), (7, 7), (0, 5), (5, 1)):

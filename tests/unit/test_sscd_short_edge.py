@@ -17,17 +17,17 @@ import torch.nn.functional as F
 from PIL import Image
 from test_sscd import TinySSCD  # conv → ReLU → mean pool → linear → L2: takes any H, W
 
-from indexing.embed.decode import PairSpec, decode_samples
-from indexing.embed.stage import embed_shard
-from indexing.errors import CopyscanError
-from indexing.models import sscd
-from indexing.models.descriptor import short_edge_size
-from indexing.models.embedder import make_preprocess
-from indexing.models.embedders import load_embedder
-from indexing.models.regions import RegionSpec
-from indexing.read.reader import Sample
-from indexing.store import layout, storage
-from indexing.store.manifest import check_embedder
+from copyscan.indexing.embed.decode import PairSpec, decode_samples
+from copyscan.indexing.embed.stage import embed_shard
+from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models import sscd
+from copyscan.indexing.models.descriptor import short_edge_size
+from copyscan.indexing.models.embedder import make_preprocess
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.regions import RegionSpec
+from copyscan.indexing.read.reader import Sample
+from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.manifest import check_embedder
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
