@@ -242,6 +242,21 @@ def laion_shards(real_images: list[Path], tmp_path_factory: pytest.TempPathFacto
         )
 
 
+@pytest.fixture(scope="session")
+def generated(laion_shards, real_images, tmp_path_factory):
+    """Generated images: 8 planted copies of ``laion_shards``' training images, 8 images from outside the
+    training set; (folder, ground truth)."""
+    from copyscan.jobs.demo.data import make_generated_images
+
+    train = set(laion_shards.source_images)
+    others = [p for p in real_images if p not in train]
+    folder = tmp_path_factory.mktemp("generated")
+    truth = make_generated_images(
+        laion_shards.source_images, others, str(folder), n_copies=8, n_unrelated=8, seed=3
+    )
+    return folder, truth
+
+
 @dataclass
 class LaionShardsS3:
     """The ``laion_shards`` files in a bucket of the loopback S3 server."""

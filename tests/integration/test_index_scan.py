@@ -49,20 +49,6 @@ def _fs(url: str, storage_options=None):
 
 
 @pytest.fixture(scope="module")
-def generated(laion_shards, real_images, tmp_path_factory):
-    """Generated images: 8 planted copies of training images, 8 images from outside the training set."""
-    from copyscan.jobs.demo.data import make_generated_images
-
-    train = set(laion_shards.source_images)
-    others = [p for p in real_images if p not in train]
-    folder = tmp_path_factory.mktemp("generated")
-    truth = make_generated_images(
-        laion_shards.source_images, others, str(folder), n_copies=8, n_unrelated=8, seed=3
-    )
-    return folder, truth
-
-
-@pytest.fixture(scope="module")
 def local_index(ray_session, laion_shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("local") / "index")
     # Small index shards so that the scan really fans out over several of them.
