@@ -226,6 +226,16 @@ def _page(column="score"):
     return result, {column: (gen, train)}
 
 
+def _gallery_page(open_page, tmp_path, rows):
+    """The report of ``_page()`` with gallery ``rows``, loaded in Chromium (no console errors)."""
+    result, distributions = _page()
+    path = tmp_path / "report.html"
+    path.write_text(html.render(dict(result, gallery_rows=len(rows)), distributions, rows), encoding="utf-8")
+    loaded = open_page(str(path))
+    assert loaded.console_errors == []
+    return loaded.page
+
+
 def test_gallery_and_overview_link_only_http_urls_in_chromium(open_page, tmp_path):
     urls = [
         "https://example.org/a.jpg?x=1&y=<b>",
@@ -250,12 +260,7 @@ def test_gallery_and_overview_link_only_http_urls_in_chromium(open_page, tmp_pat
         }
         for i, url in enumerate(urls)
     ]
-    result, distributions = _page()
-    path = tmp_path / "report.html"
-    path.write_text(html.render(dict(result, gallery_rows=len(rows)), distributions, rows), encoding="utf-8")
-    loaded = open_page(str(path))
-    page = loaded.page
-    assert loaded.console_errors == []
+    page = _gallery_page(open_page, tmp_path, rows)
     links = page.locator("#gallery-body a").evaluate_all(
         "e => e.map(a => [a.getAttribute('href'), a.textContent, a.rel, a.target])"
     )
@@ -297,12 +302,7 @@ def test_gallery_filters_by_source_metadata_in_chromium(open_page, tmp_path):
         }
         for i, (lic, wm, unsafe, sim, digest) in enumerate(provenance)
     ]
-    result, distributions = _page()
-    path = tmp_path / "report.html"
-    path.write_text(html.render(dict(result, gallery_rows=len(rows)), distributions, rows), encoding="utf-8")
-    loaded = open_page(str(path))
-    page = loaded.page
-    assert loaded.console_errors == []
+    page = _gallery_page(open_page, tmp_path, rows)
 
     def shown() -> list[str]:
         return page.locator("#gallery-body tr td:nth-child(8)").all_text_contents()
