@@ -9,9 +9,10 @@ LAION publishes CLIP image embeddings of its datasets in clip-retrieval's layout
 one embedding shard of the index (vectors re-normalised and stored float16, metadata mapped to copyscan's
 columns, the stats marker last), so billions of images are indexed at the speed of reading them. The
 vectors' model is not in the files: ``model`` names it, and queries must be embedded by that same CLIP
-image encoder (``embedder=laion-clip weights=ENCODER.torchscript.pt`` at scan time; see ``ClipEmbedder``).
-Without images there are no augmented pairs, so the index is PCA-whitened (recorded as a fallback), and
-``copyscan calibrate`` (which copies training images) does not apply: give a threshold instead.
+image encoder (``weights=ENCODER.torchscript.pt``, or an open_clip checkpoint with the ``[clip]`` extra, at
+scan time; see ``ClipEmbedder``). Without images there are no augmented pairs, so the index is PCA-whitened
+(recorded as a fallback), and ``copyscan calibrate`` (which copies training images) does not apply: give a
+threshold instead.
 """
 
 from __future__ import annotations

@@ -134,14 +134,17 @@ def resize_crop_rgb(
     background: tuple[int, int, int] = BACKGROUND_RGB,
 ) -> np.ndarray:
     """PIL image (any mode) → (3, size, size) uint8 RGB: shorter side resized to ``size`` (aspect kept), then
-    the centre ``size`` × ``size`` crop (CLIP's transform). Transparency is composited on ``background``."""
-    width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    the centre ``size`` × ``size`` crop. Transparency is composited on ``background``.
+
+    CLIP's and open_clip's evaluation transform, ``Resize(size)`` then ``CenterCrop(size)`` in torchvision, to
+    the pixel: the longer side truncated, ``int(size · long / short)`` (``short_edge_size``), the crop's offset
+    ``int(round((side − size) / 2))``."""
     rgb = composite_rgb(_to_8bit(img), background)
+    width, height = rgb.size
+    new_w, new_h = short_edge_size(width, height, size, max_size=size * max(width, height))  # no cap
     if (new_w, new_h) != rgb.size:
         rgb = rgb.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     rgb = rgb.crop((left, top, left + size, top + size))
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
