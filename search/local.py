@@ -88,14 +88,14 @@ class Index:
         the manifest."""
         if self._embedder is None:
             spec = self.manifest["embedder"]
-            if spec["name"] == "laion-clip" and self.cfg.weights is None:
+            weights = (
+                self.cfg.weights if self.cfg.weights is not None else self.manifest["config"].get("weights")
+            )
+            if spec["name"] == "laion-clip" and not weights:
                 raise CopyscanError(
                     f"{self.url} holds imported CLIP vectors: give weights= (the image tower) to search it "
                     "with images, or search it with vectors"
                 )
-            weights = (
-                self.cfg.weights if self.cfg.weights is not None else self.manifest["config"].get("weights")
-            )
             options = self.manifest["config"].get("embedder_options") or {}
             embedder = load_embedder(spec["name"], weights, "auto", options)
             check_embedder(self.manifest, embedder.spec)
