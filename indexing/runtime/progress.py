@@ -50,11 +50,18 @@ class Progress:
 
     def line(self) -> str:
         eta = self.eta_seconds()
-        eta_text = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        eta_text = "?" if eta is None else duration_text(eta)
         return (
             f"{self.phase}: {self.units}/{self.total_units} {self.unit}, {self.items:,} {self.item}, "
             f"{self.rate:,.1f} {self.item}/s, ETA {eta_text}"
         )
+
+
+def duration_text(seconds: float) -> str:
+    """``H:MM:SS`` for any number of seconds, days included as hours (``27:46:40``): never wraps at a day."""
+    total = max(int(round(seconds)), 0)
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 @contextmanager
