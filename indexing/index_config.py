@@ -126,7 +126,7 @@ class IndexConfig:
     region_factory: str = key("auto", "like index_factory, for the region index")
 
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
 
     # Keys whose change makes an existing output incompatible (resume would mix two different indexes).

@@ -52,8 +52,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     address = address or os.environ.get("RAY_ADDRESS")
+    env = worker_env(local=not address)
     if address:
         # Under `ray job submit` the job's runtime_env already reaches every worker, and Ray refuses to
         # merge an env var given twice: add only what the job does not set.
@@ -75,6 +75,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+
+
+def worker_env(local: bool) -> dict[str, str]:
+    """The env_vars ``init_ray`` gives every Ray worker: ``WORKER_ENV`` and the ``FORWARDED_ENV`` set here.
+
+    Ray writes a runtime_env's env_vars in plain text into its session logs (``runtime_env_agent.log``)
+    and its job table, so a local cluster gets no credential through them (``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_ACCESS_KEY_ID``): its workers inherit this process's environment anyway.
+    A remote cluster's workers have no other way to them.
+    """
+    from copyscan.indexing.store.storage import is_secret_option
+
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if local:
+        forwarded = {k: v for k, v in forwarded.items() if not is_secret_option(k)}
+    return {**WORKER_ENV, **forwarded}
 
 
 def job_env_vars() -> dict[str, str]:

@@ -27,7 +27,7 @@ class MergeConfig:
     index: str = key(help="URL of a finished copyscan index")
     max_shard_vectors: int = key(10_000_000, "vectors per merged shard at most")
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
 
     def problems(self) -> list[str]:

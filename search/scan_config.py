@@ -178,7 +178,7 @@ class ScanConfig:
     )
     retries: int = key(2, "extra attempts for a failed chunk")
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
 
     RESUME_KEYS = (

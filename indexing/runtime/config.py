@@ -265,8 +265,12 @@ _SCALARS: dict[type, Callable[[Any, str], Any]] = {
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain dict of a config dataclass (tuples become lists), for YAML/JSON."""
-    return {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
+    """Plain dict of a config dataclass (tuples become lists), for YAML/JSON: what is written next to the
+    outputs and into manifests, so the credentials of its ``storage_options`` are redacted
+    (``storage.redact``); ``config`` itself keeps them for use."""
+    from copyscan.indexing.store import storage
+
+    return storage.redact_config({k: _plain(v) for k, v in dataclasses.asdict(config).items()})
 
 
 def _plain(v: Any) -> Any:
@@ -288,15 +292,20 @@ HELP = "help"  # the field metadata entry holding a key's one-line meaning
 
 
 def key(
-    default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    shown: bool = True,
 ) -> Any:
     """A config key: a dataclass field with its ``default`` (``factory`` makes a mutable one; neither: a
-    required key) and ``help``, its meaning in one line, listed by ``copyscan CMD --help`` and the README."""
+    required key) and ``help``, its meaning in one line, listed by ``copyscan CMD --help`` and the README.
+    ``shown=False`` leaves it out of the config's repr (``storage_options``: credentials)."""
     if not help.strip() or "\n" in help:
         raise ValueError(f"a config key needs a one-line help, got {help!r}")
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={HELP: help})
-    return dataclasses.field(default=default, metadata={HELP: help})
+        return dataclasses.field(default_factory=factory, repr=shown, metadata={HELP: help})
+    return dataclasses.field(default=default, repr=shown, metadata={HELP: help})
 
 
 class KeyRow(typing.NamedTuple):

@@ -78,7 +78,7 @@ def build_manifest(
         "embedding_shards": embedding_shards,
         "index_shards": _index_shard_entries(out, plan, markers, embedding_shards),
         "timings": timings,
-        "config": cfg,
+        "config": storage.redact_config(cfg),  # never its credentials, whoever built cfg
     }
 
 

@@ -57,7 +57,10 @@ def claim_output(
                     f"Use mode=overwrite to replace it, or another output location."
                 )
             resumed = True
-    storage.write_bytes(config_url, yaml.safe_dump(config, sort_keys=True).encode(), storage_options)
+    # credentials are never written (to_dict redacts them already; this holds for any caller's dict), and
+    # storage options are no resume key, so a redacted record compares as well as a full one
+    record = storage.redact_config(config)
+    storage.write_bytes(config_url, yaml.safe_dump(record, sort_keys=True).encode(), storage_options)
     return resumed
 
 

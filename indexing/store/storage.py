@@ -11,6 +11,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,55 @@ from copyscan.indexing.errors import CopyscanError
 # Options passed to every filesystem (e.g. {"endpoint_url": ...} for a private S3). s3fs also honours the
 # standard AWS environment (AWS_ENDPOINT_URL_S3, AWS_PROFILE, instance profiles), which is the usual route.
 StorageOptions = Mapping[str, Any]
+
+REDACTED = "***"
+# Credentials in storage options, by option name (case-insensitive; split into words at camelCase and at every
+# character that is not a letter or digit): a name with one of these words (``key``, ``aws_access_key_id``,
+# ``account_key``, ``AccountKey``, ``sas_token``, ``client_secret``, ``headers.Authorization``) ...
+_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "auth", "authorization", "cookie"})
+# ... or, run together, one of these parts (``aws_secret_access_key``, ``apikey``, ``credentials``,
+# ``connection_string``: Azure's holds the account key).
+_SECRET_PARTS = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "credential",
+    "apikey",
+    "accesskey",
+    "connection_string",
+)
+
+
+def is_secret_option(name: Any) -> bool:
+    """Whether the storage option ``name`` holds a credential: its value is never written or logged.
+
+    Errs on the side of hiding: ``endpoint_url``, ``region_name``, ``anon``, ``use_ssl``, ``profile``,
+    ``client_kwargs`` or ``config_kwargs`` are kept; anything named like a key, secret, token, password or
+    credential is not (``sse_customer_key``, ``ssekms_key_id`` as well).
+    """
+    lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()  # SSECustomerKey: sse_customer_key
+    words = set(re.split(r"[^a-z0-9]+", lowered))
+    return bool(words & _SECRET_WORDS) or any(part in lowered for part in _SECRET_PARTS)
+
+
+def redact(options: Any) -> Any:
+    """A copy of storage options ``options`` in which every credential (``is_secret_option``), at any depth
+    of nested dicts and lists (``client_kwargs``, ``headers``), is replaced by ``REDACTED``: what configs,
+    manifests and logs record. The options in use keep the real values (``options`` is not changed)."""
+    if isinstance(options, Mapping):
+        return {
+            k: REDACTED if is_secret_option(k) and v not in (None, "") else redact(v)
+            for k, v in options.items()
+        }
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    return options
+
+
+def redact_config(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` (a config as a plain dict) with every ``*storage_options`` entry ``redact``-ed."""
+    return {k: redact(v) if str(k).endswith("storage_options") else v for k, v in record.items()}
 
 
 def get_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

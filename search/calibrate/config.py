@@ -30,7 +30,7 @@ class CalibrateConfig:
         "", 'local cache of index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan'
     )
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
     # Partial copies (an index with a region index; search/calibrate/partial.py): ``partial`` training
     # images pasted into scenes from ``outside`` (a folder of image files not in the training set), and as

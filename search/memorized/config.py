@@ -35,7 +35,7 @@ class MemorizedConfig:
     min_image_side: int = key(8, "generations with a smaller side are rejected")
     retries: int = key(2, "extra attempts for a failed task")
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
 
     RESUME_KEYS = (

@@ -43,7 +43,7 @@ class ReportConfig:
         "", 'local cache of index shards and vectors; "" = $COPYSCAN_CACHE or ~/.cache/copyscan'
     )
     storage_options: dict[str, Any] = key(
-        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict
+        help="passed to every fsspec filesystem, e.g. {endpoint_url: http://...}", factory=dict, shown=False
     )
 
     def problems(self) -> list[str]:
