@@ -87,9 +87,9 @@ def test_redact_replaces_secrets_at_any_depth_and_keeps_the_rest():
 def test_written_configs_hold_no_secret_and_the_config_keeps_them(tmp_path):
     options = {
         "endpoint_url": "http://h:1",
-        "key": "id-1",
-        "secret": "pw-1",
-        "client_kwargs": {"token": "t-1"},
+        "key": "SECRET-ID-7f3a9",
+        "secret": "SECRET-PW-9c2e4",
+        "client_kwargs": {"token": "SECRET-TOKEN-41b8d"},
     }
     cfg = resolve(
         ScanConfig, {"index": "i", "queries": "q", "out": str(tmp_path / "run")}, {"storage_options": options}
@@ -102,13 +102,13 @@ def test_written_configs_hold_no_secret_and_the_config_keeps_them(tmp_path):
         "client_kwargs": {"token": "***"},
     }
     assert cfg.storage_options == options  # what the job uses
-    assert "pw-1" not in repr(cfg) and "id-1" not in repr(cfg)
+    assert "SECRET-PW-9c2e4" not in repr(cfg) and "SECRET-ID-7f3a9" not in repr(cfg)
     # whatever dict a caller gives claim_output, the config file holds no secret; resuming compares fine
     out = str(tmp_path / "run")
     raw = {**record, "storage_options": options}
     assert claim_output(out, "run.yaml", raw, "resume", ScanConfig.RESUME_KEYS) is False
     text = (tmp_path / "run" / "run.yaml").read_text()
-    assert not any(s in text for s in ("id-1", "pw-1", "t-1"))
+    assert not any(s in text for s in ("SECRET-ID-7f3a9", "SECRET-PW-9c2e4", "SECRET-TOKEN-41b8d"))
     assert yaml.safe_load(text)["storage_options"]["endpoint_url"] == "http://h:1"
     (tmp_path / "run" / "part").write_text("x")
     assert claim_output(out, "run.yaml", raw, "resume", ScanConfig.RESUME_KEYS) is True
