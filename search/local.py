@@ -24,10 +24,9 @@ from PIL import Image
 
 from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.runtime.config import resolve
 from copyscan.indexing.store import storage
-from copyscan.indexing.store.manifest import check_embedder, load_manifest
+from copyscan.indexing.store.manifest import index_embedder, load_manifest
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.calibrate.thresholds import resolve_threshold
@@ -96,10 +95,7 @@ class Index:
                     f"{self.url} holds imported CLIP vectors: give weights= (the image tower) to search it "
                     "with images, or search it with vectors"
                 )
-            options = self.manifest["config"].get("embedder_options") or {}
-            embedder = load_embedder(spec["name"], weights, "auto", options)
-            check_embedder(self.manifest, embedder.spec)
-            self._embedder = embedder
+            self._embedder = index_embedder(self.manifest, weights)
         return self._embedder
 
     def embed(self, images: Images) -> np.ndarray:

@@ -195,6 +195,22 @@ def check_embedder(manifest: dict[str, Any], spec: dict[str, Any]) -> None:
     )
 
 
+def index_embedder(manifest: dict[str, Any], weights: str | None = None, device: str = "auto") -> Any:
+    """The embedder the index of ``manifest`` was built with (its weights unless ``weights``, its options),
+    loaded on ``device`` and checked against the manifest (``check_embedder``)."""
+    from copyscan.indexing.models.embedders import load_embedder
+
+    config = manifest["config"]
+    embedder = load_embedder(
+        manifest["embedder"]["name"],
+        weights if weights is not None else config.get("weights"),
+        device,
+        config.get("embedder_options") or {},
+    )
+    check_embedder(manifest, embedder.spec)
+    return embedder
+
+
 def resolve(index_url: str, relative: str) -> str:
     """URL of a manifest path relative to the index root."""
     return storage.join(index_url, relative)

@@ -31,9 +31,8 @@ import pyarrow.parquet as pq
 from copyscan.indexing.embed.augment import copy_augment, key_seed
 from copyscan.indexing.embed.decode import stack_pixels
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.store import layout, storage
-from copyscan.indexing.store.manifest import check_embedder, load_manifest
+from copyscan.indexing.store.manifest import index_embedder, load_manifest
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.calibrate.config import CalibrateConfig
@@ -137,12 +136,7 @@ def _load_embedder(cfg: CalibrateConfig, manifest: dict[str, Any]):
             f"{cfg.index} was imported from precomputed embeddings: it has no images to copy for calibration; "
             "scan with threshold=<score_norm value> (or calibrate an index of the same images built from shards)"
         )
-    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
-    embedder = load_embedder(
-        manifest["embedder"]["name"], weights, cfg.device, manifest["config"].get("embedder_options") or {}
-    )
-    check_embedder(manifest, embedder.spec)
-    return embedder
+    return index_embedder(manifest, cfg.weights, cfg.device)
 
 
 def _copy_scores(
