@@ -24,9 +24,11 @@ def _body(args: argparse.Namespace) -> None:
     explicit = {"index": args.index, "queries": args.queries, "out": args.out, "mode": args.mode}
     cfg = resolve(ScanConfig, *layers(args, explicit))
     summary = run_scan(cfg)
-    shown = {
-        k: summary[k] for k in ("queries", "embedded", "rejected", "matches", "top1_score") if k in summary
-    }
+    names = ("queries", "embedded", "rejected", "rejected_by_reason", "matches", "top1_score")
+    shown = {k: summary[k] for k in names if k in summary}
+    skipped = summary.get("skipped") or {}
+    if skipped.get("count"):  # files of the query folder that are not queries, and why (all in summary.json)
+        shown["skipped"] = {**skipped, "files": skipped["files"][:10]}
     print(json.dumps({"out": cfg.out, **shown}, indent=2))
 
 

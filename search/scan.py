@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +25,7 @@ from copyscan.indexing.store.outputs import claim_output
 from copyscan.search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
 from copyscan.search.regions.windows import LocalWindows, local_windows
 from copyscan.search.results.write import finished_chunks
-from copyscan.search.scan_chunks import QueryChunk, plan_query_chunks
+from copyscan.search.scan_chunks import QueryChunk, plan_queries
 from copyscan.search.scan_config import ScanConfig
 from copyscan.search.verify.dense import DenseSpec, verify_dense
 from copyscan.search.verify.matches import MatchVerifier, VerifySpec
@@ -72,6 +72,8 @@ class ScanSetup:
     verify: ChunkVerifier | None  # verification before writing; None: off
     partial_threshold: dict[str, Any] | None  # is_partial_copy (resolve_partial_threshold)
     partial_why: str | None  # why is_partial_copy stays empty (None: not asked for, or set)
+    # files of the query folder that are not queries, {"file", "reason"} (``QueryListing.skipped``)
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def limits(self) -> DecodeLimits:
@@ -88,7 +90,7 @@ def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
     worker: the driver may lack its weights), checked against the index's."""
     so = cfg.storage_options
     manifest = load_manifest(cfg.index, so)
-    chunks = plan_query_chunks(cfg.queries, cfg.chunk_size, so)
+    chunks, skipped = plan_queries(cfg.queries, cfg.chunk_size, so)
     resumed = claim_output(
         cfg.out,
         layout.RUN_CONFIG_NAME,
@@ -128,6 +130,7 @@ def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
         verify=verify,
         partial_threshold=partial_threshold,
         partial_why=why,
+        skipped=skipped,
     )
 
 

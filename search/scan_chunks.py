@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from copyscan.indexing.read.shardlist import expand_queries, relative_name
+from copyscan.indexing.read.shardlist import list_queries, relative_name
 from copyscan.indexing.store import storage
 
 
@@ -29,7 +29,19 @@ class QueryChunk:
 def plan_query_chunks(
     spec: str, chunk_size: int, storage_options: storage.StorageOptions | None = None
 ) -> list[QueryChunk]:
-    kind, urls = expand_queries(spec, storage_options)
+    return plan_queries(spec, chunk_size, storage_options)[0]
+
+
+def plan_queries(
+    spec: str, chunk_size: int, storage_options: storage.StorageOptions | None = None
+) -> tuple[list[QueryChunk], list[dict[str, str]]]:
+    """The chunks of ``spec``'s queries, and the files of its folder that are not queries, with the reason
+    (``copyscan.indexing.read.shardlist.QueryListing``)."""
+    listing = list_queries(spec, storage_options)
+    return _chunks(spec, listing.kind, listing.urls, chunk_size), listing.skipped
+
+
+def _chunks(spec: str, kind: str, urls: list[str], chunk_size: int) -> list[QueryChunk]:
     if kind == "shards":
         return [QueryChunk(i, "tar", (url,)) for i, url in enumerate(urls)]
     keys = [relative_name(spec, u) for u in urls]

@@ -47,10 +47,27 @@ def scan_summary(
         or {"name": str(cfg.partial_threshold), "calibrated": False, "why": setup.partial_why},
         "extraction_delta": cfg.extraction_delta if cfg.verify_pixels else None,
         **summarize(markers),
+        "skipped": skipped_summary(setup.skipped),
         "chunks_total": len(setup.chunks),
         "failed_chunks": [{"chunk": c.chunk, "source": c.describe(), "error": err} for c, err in failed],
         "this_run": _this_run(setup.todo, markers, seconds),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# skipped files named in the summary (the count covers all of them)
+SKIPPED_NAMED = 100
+
+
+def skipped_summary(skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """Files of the query folder that were not queries: how many, by reason, and the first ones."""
+    by_reason: dict[str, int] = {}
+    for entry in skipped:
+        by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + 1
+    return {
+        "count": len(skipped),
+        "by_reason": dict(sorted(by_reason.items())),
+        "files": skipped[:SKIPPED_NAMED],
     }
 
 

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from copyscan.indexing.embed.augment import copy_augment, key_seed
 from copyscan.indexing.embed.provenance import provenance
 from copyscan.indexing.read.reader import Sample
+from copyscan.indexing.runtime.deadline import DeadlineExceeded, time_limit
 
 # Stable rejection codes (stats count them by code).
 MISSING_IMAGE = "missing_image"
@@ -28,6 +29,14 @@ TRUNCATED = "truncated"
 TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"
 DECODE_ERROR = "decode_error"
+EMPTY = "empty_file"
+TIMEOUT = "decode_timeout"
+UNSUPPORTED = "unsupported_format"
+
+# Formats Pillow may open, chosen by content (never by name): all it registers but EPS, whose plugin hands
+# the file to Ghostscript, an interpreter of the PostScript language, which untrusted input should not reach.
+# EPS files are rejected as unsupported_format.
+REFUSED_FORMATS = ("EPS",)
 
 # (3, S, S) uint8 from a decoded RGB/RGBA/L image ((3, H, W) for an aspect-keeping preprocessing).
 Preprocess = Callable[[Image.Image], np.ndarray]
@@ -39,6 +48,9 @@ class DecodeLimits:
 
     max_pixels: int = 64_000_000
     min_side: int = 8
+    # wall-clock seconds one image may take to open and decode (``copyscan.indexing.runtime.deadline``): a
+    # crafted file can keep a decoder busy for minutes
+    max_seconds: float = 20.0
 
 
 @dataclass
@@ -101,11 +113,13 @@ def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | Non
     large file; the whole stream is still read, so truncation is still detected. The limits apply to the
     stored size, before any pixel is decoded. Other formats ignore ``draft``.
     """
+    if not data:
+        raise Rejected(EMPTY, "0 bytes")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), time_limit(limits.max_seconds):
             # Size is checked against our own limit below; PIL's bomb warning would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=open_formats())
             width, height = img.size
             if width * height > limits.max_pixels:
                 raise Rejected(TOO_LARGE, f"{width}x{height} exceeds max_pixels={limits.max_pixels}")
@@ -118,7 +132,12 @@ def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | Non
         raise
     except Image.DecompressionBombError as exc:
         raise Rejected(TOO_LARGE, str(exc)) from None
+    except DeadlineExceeded as exc:
+        raise Rejected(TIMEOUT, f"{exc} (max_seconds={limits.max_seconds:g})") from None
     except UnidentifiedImageError:
+        refused = _refused_format(data)
+        if refused is not None:
+            raise Rejected(UNSUPPORTED, f"{refused} is not opened (it would run an interpreter)") from None
         raise Rejected(NOT_AN_IMAGE, f"{len(data)} bytes not recognised as an image") from None
     except OSError as exc:
         message = str(exc)
@@ -127,6 +146,21 @@ def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | Non
     except Exception as exc:  # PIL raises a zoo of errors on malformed files (SyntaxError, ValueError, ...)
         raise Rejected(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
     return img
+
+
+def open_formats() -> list[str]:
+    """The formats ``decode_image`` lets Pillow open: every registered one but ``REFUSED_FORMATS``."""
+    Image.init()
+    return [f for f in Image.OPEN if f not in REFUSED_FORMATS]
+
+
+def _refused_format(data: bytes) -> str | None:
+    """The refused format ``data`` is in (its plugin's own check of the header), or None."""
+    for name in REFUSED_FORMATS:
+        accept = Image.OPEN.get(name, (None, None))[1]
+        if accept is not None and accept(data[:16]):
+            return name
+    return None
 
 
 def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:

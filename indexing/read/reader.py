@@ -8,16 +8,28 @@ at a time: a shard is never held in memory whole.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from webdataset import tariterators
+from typing import IO, Any
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.store import storage
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# webdataset's split of a member name into (key, extensions): the key ends at the first dot of the last part
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# A member is read into memory whole; a larger one is rejected unread (an image of max_image_pixels is smaller).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+# Rejection reasons of samples a tar holds but cannot give (``Sample.problem`` is "reason: detail").
+UNSAFE_NAME = "unsafe_name"
+LINK_MEMBER = "not_a_regular_file"
+MEMBER_TOO_LARGE = "too_large_file"
+DUPLICATE_KEY = "duplicate_key"
+NO_EXTENSION = "no_extension"
+TAR_PROBLEMS = (UNSAFE_NAME, LINK_MEMBER, MEMBER_TOO_LARGE, DUPLICATE_KEY, NO_EXTENSION)
 
 
 @dataclass
@@ -37,8 +49,10 @@ class Sample:
 def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) -> Iterator[Sample]:
     """Yield the samples of one webdataset tar, in file order.
 
-    A tar that is corrupt or truncated raises CopyscanError (the shard fails and is retried / reported);
-    the samples already yielded stay valid.
+    Every sample of the tar comes out, a hostile one with ``problem`` set and no image (rejected with that
+    reason, ``TAR_PROBLEMS``): nothing is extracted to a path, so a member's name is only ever a key. A tar
+    that is corrupt or truncated raises CopyscanError (the shard fails and is retried / reported); the
+    samples already yielded stay valid.
     """
     fs, path = storage.get_fs(url, storage_options)
     try:
@@ -46,15 +60,94 @@ def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) ->
     except FileNotFoundError:
         raise CopyscanError(f"shard {url} does not exist") from None
     with stream:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        grouped = tariterators.group_by_keys(files)
         try:
-            for raw in grouped:
-                yield _sample_from_members(raw)
+            yield from group_samples(iter_members(stream))
         except CopyscanError:
             raise
-        except Exception as exc:  # tarfile.ReadError, EOFError, ValueError on duplicate names, ...
+        except Exception as exc:  # tarfile.ReadError, EOFError, zlib.error, ...
             raise CopyscanError(f"shard {url} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a tar: its name, its bytes (None when not read: ``problem`` says why), where its bytes
+    start in the tar, and why it cannot be used (None if fine)."""
+
+    name: str
+    data: bytes | None
+    offset: int
+    problem: str | None = None
+
+
+def iter_members(stream: IO[bytes]) -> Iterator[Member]:
+    """The members of a tar read sequentially from ``stream`` (plain or compressed), folders left out."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isdir():
+                continue
+            problem = _member_problem(info)
+            data = None
+            if problem is None:
+                extracted = tar.extractfile(info)
+                data = extracted.read() if extracted is not None else b""
+            yield Member(info.name, data, info.offset_data, problem)
+
+
+def _member_problem(info: tarfile.TarInfo) -> str | None:
+    if unsafe_name(info.name):
+        return f"{UNSAFE_NAME}: member name {info.name!r} is absolute or leaves the shard"
+    if info.issym() or info.islnk():
+        kind = "symlink" if info.issym() else "hardlink"
+        return f"{LINK_MEMBER}: {info.name!r} is a {kind} to {info.linkname!r}"
+    if not info.isreg():
+        return f"{LINK_MEMBER}: {info.name!r} is not a regular file (tar type {info.type!r})"
+    if info.size > MAX_MEMBER_BYTES:
+        return f"{MEMBER_TOO_LARGE}: {info.name!r} has {info.size:,} bytes (limit {MAX_MEMBER_BYTES:,})"
+    return None
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a member name is absolute, climbs out with ``..`` or holds control characters."""
+    parts = name.replace("\\", "/").split("/")
+    return (
+        name.startswith(("/", "\\"))
+        or (len(name) > 1 and name[1] == ":")
+        or ".." in parts
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    )
+
+
+def group_samples(members: Iterable[Member]) -> Iterator[Sample]:
+    """Consecutive members sharing a key (the name up to the first dot of its last part) → one sample.
+
+    A key seen before in the tar, or an extension repeated within a sample, starts a sample rejected as
+    ``duplicate_key`` (the first one wins); a member with a problem makes its sample a rejection.
+    """
+    seen: set[str] = set()
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    problem: str | None = None
+    for member in members:
+        match = _KEY_EXT.match(member.name)
+        name_key, ext = (match.group(1), match.group(2).lower()) if match else (member.name, "")
+        if name_key != key or ext in parts:
+            if key is not None:
+                yield _finish(key, parts, problem, seen)
+            key, parts, problem = name_key, {}, None
+        if problem is None:
+            problem = member.problem or (None if match else f"{NO_EXTENSION}: {member.name!r}")
+        parts[ext] = member.data if member.data is not None else b""
+    if key is not None:
+        yield _finish(key, parts, problem, seen)
+
+
+def _finish(key: str, parts: dict[str, bytes], problem: str | None, seen: set[str]) -> Sample:
+    if problem is None and key in seen:
+        problem = f"{DUPLICATE_KEY}: {key!r} appears again in the shard (members {sorted(parts)})"
+    seen.add(key)
+    if problem is not None:
+        return Sample(key=key, image=None, image_format=None, problem=problem)
+    return _sample_from_members({"__key__": key, **parts})
 
 
 def _sample_from_members(raw: dict[str, Any]) -> Sample:
@@ -81,6 +174,9 @@ def _sample_from_members(raw: dict[str, Any]) -> Sample:
     elif isinstance(meta.get("caption"), str):
         caption = meta["caption"]
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    if image is None and problem is None:
+        others = ", ".join(sorted(k for k in raw if k != "__key__")) or "none"
+        problem = f"missing_image: no image member (members: {others})"
     return Sample(
         key=key, image=image, image_format=fmt, caption=caption, url=url, meta=meta, problem=problem
     )
@@ -103,8 +199,12 @@ def iter_image_files(
         fmt = path.rsplit(".", 1)[-1].lower() if "." in path else None
         try:
             with fs.open(path, "rb") as f:
-                data = f.read()
+                data = f.read(MAX_MEMBER_BYTES + 1)
         except (OSError, FileNotFoundError) as exc:
             yield Sample(key=key, image=None, image_format=fmt, url=url, problem=f"unreadable_file: {exc}")
+            continue
+        if len(data) > MAX_MEMBER_BYTES:
+            problem = f"{MEMBER_TOO_LARGE}: {url} has more than {MAX_MEMBER_BYTES:,} bytes"
+            yield Sample(key=key, image=None, image_format=fmt, url=url, problem=problem)
             continue
         yield Sample(key=key, image=data, image_format=fmt, url=url)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import braceexpand
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.store import storage
 
+# Names that make a folder "of images" when it also holds .tar shards (refused as a mix); a folder of images
+# takes files of every name, their content decides.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
@@ -90,25 +93,50 @@ def _check_exist(spec: str, urls: Sequence[str], storage_options: storage.Storag
         raise CopyscanError(f"{len(missing)} of {len(urls)} shards named by {spec} do not exist: {shown}")
 
 
-def expand_queries(spec: str, storage_options: storage.StorageOptions | None = None) -> tuple[str, list[str]]:
-    """What ``--queries`` names: ``("images", [image URLs])`` or ``("shards", [tar URLs])``.
+@dataclass(frozen=True)
+class QueryListing:
+    """What ``--queries`` names: ``kind`` "images" (files, query_id = path relative to the folder) or
+    "shards" (webdataset tars, query_id = ``__key__``), their URLs in a stable order, and the files of a
+    query folder that are not queries, each ``{"file", "reason"}`` (relative name; reason ``hidden``: a
+    dot-file or one in a dot-folder; ``not_a_shard``: beside the .tar shards of a folder of shards)."""
 
-    A folder holding image files gives their URLs sorted by path (query_id = file name relative to the
-    folder); a folder of tars, a pattern or a list file gives webdataset shards (query_id = ``__key__``).
+    kind: str
+    urls: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def list_queries(spec: str, storage_options: storage.StorageOptions | None = None) -> QueryListing:
+    """The queries ``spec`` names (``QueryListing``).
+
+    A folder without top-level ``.tar`` files is a folder of images: every file in it, at any depth and of
+    any name, is a query whose content decides whether it is an image (one Pillow cannot open becomes a
+    rejection with its reason), hidden files excepted. A folder with top-level tars is a folder of shards
+    (img2dataset's output: its parquet and stats files are skipped), unless it also holds files named as
+    images, which is refused. A pattern or a list file names shards.
     """
     fs, path = storage.get_fs(spec, storage_options)
-    if not _has_glob(spec) and "{" not in spec and fs.exists(path) and fs.isdir(path):
-        files = storage.list_files(spec, storage_options)
-        images = [u for u in files if u.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(spec, u)]
-        tars = [u for u in files if u.endswith(".tar") and _is_top_level_tar(spec, u)]
-        if images and not tars:
-            return "images", images
-        if tars and not images:
-            return "shards", tars
-        if not images and not tars:
+    if _has_glob(spec) or "{" in spec or not fs.exists(path) or not fs.isdir(path):
+        return QueryListing("shards", expand_shards(spec, storage_options))
+    files = storage.list_files(spec, storage_options)
+    hidden = [u for u in files if _hidden(spec, u)]
+    visible = [u for u in files if not _hidden(spec, u)]
+    tars = [u for u in visible if _is_top_level_tar(spec, u)]
+    skipped = [{"file": relative_name(spec, u), "reason": "hidden"} for u in hidden]
+    if not tars:
+        if not visible:
             raise CopyscanError(f"query folder {spec} holds neither image files nor .tar shards")
+        return QueryListing("images", visible, skipped)
+    if any(u.lower().endswith(IMAGE_EXTENSIONS) for u in visible):
         raise CopyscanError(f"query folder {spec} mixes image files and .tar shards; point at one kind")
-    return "shards", expand_shards(spec, storage_options)
+    shards = set(tars)
+    skipped += [{"file": relative_name(spec, u), "reason": "not_a_shard"} for u in visible if u not in shards]
+    return QueryListing("shards", tars, sorted(skipped, key=lambda s: s["file"]))
+
+
+def expand_queries(spec: str, storage_options: storage.StorageOptions | None = None) -> tuple[str, list[str]]:
+    """``list_queries``' kind and URLs: ``("images", [file URLs])`` or ``("shards", [tar URLs])``."""
+    listing = list_queries(spec, storage_options)
+    return listing.kind, listing.urls
 
 
 def _hidden(folder: str, url: str) -> bool:

@@ -8,19 +8,28 @@ from typing import Any
 
 import numpy as np
 
+# queries named per rejection reason in the summary
+REJECTED_NAMED = 20
+
 
 def summarize(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Run-level counts and the distributions of top-1 ``score`` and ``score_norm`` (one per query)."""
     by_reason: dict[str, int] = {}
+    named: dict[str, list[str]] = {}
     for m in markers.values():
         for rej in m["rejections"]:
             by_reason[rej["reason"]] = by_reason.get(rej["reason"], 0) + 1
+            keys = named.setdefault(rej["reason"], [])
+            if len(keys) < REJECTED_NAMED:
+                keys.append(rej["key"])
     summary: dict[str, Any] = {
         "chunks": len(markers),
         "queries": sum(m["queries"] for m in markers.values()),
         "embedded": sum(m["embedded"] for m in markers.values()),
         "rejected": sum(m["rejected"] for m in markers.values()),
         "rejected_by_reason": dict(sorted(by_reason.items())),
+        # the first queries rejected for each reason (every rejection is in its chunk's marker)
+        "rejected_examples": dict(sorted(named.items())),
         "matches": sum(m["matches"] for m in markers.values()),
         "flagged": None
         if any(m.get("flagged") is None for m in markers.values())

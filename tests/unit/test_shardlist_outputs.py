@@ -1,7 +1,7 @@
 import pytest
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.read.shardlist import expand_queries, expand_shards
+from copyscan.indexing.read.shardlist import expand_queries, expand_shards, list_queries
 from copyscan.indexing.store import storage
 from copyscan.indexing.store.outputs import claim_output
 
@@ -35,10 +35,25 @@ def test_query_folders(tmp_path):
     _touch(tmp_path / "q" / "sub" / "a.jpg")
     _touch(tmp_path / "q" / ".hidden.jpg")
     _touch(tmp_path / "q" / "notes.md")
-    kind, urls = expand_queries(str(tmp_path / "q"))
-    assert kind == "images" and [u.rsplit("/q/", 1)[1] for u in urls] == ["b.png", "sub/a.jpg"]
+    _touch(tmp_path / "q" / ".git" / "config")
+    # every visible file is a query (its content decides whether it is an image); hidden ones are named
+    listing = list_queries(str(tmp_path / "q"))
+    assert listing.kind == "images"
+    assert [u.rsplit("/q/", 1)[1] for u in listing.urls] == ["b.png", "notes.md", "sub/a.jpg"]
+    assert listing.skipped == [
+        {"file": ".git/config", "reason": "hidden"},
+        {"file": ".hidden.jpg", "reason": "hidden"},
+    ]
     _touch(tmp_path / "t" / "00000.tar")
+    _touch(tmp_path / "t" / "00000.parquet")
+    _touch(tmp_path / "t" / "00000_stats.json")
+    listing = list_queries(str(tmp_path / "t"))
+    assert listing.kind == "shards" and [u.rsplit("/", 1)[1] for u in listing.urls] == ["00000.tar"]
+    assert [s["file"] for s in listing.skipped] == ["00000.parquet", "00000_stats.json"]
     assert expand_queries(str(tmp_path / "t"))[0] == "shards"
+    _touch(tmp_path / "t" / "cat.png")
+    with pytest.raises(CopyscanError, match="mixes image files and .tar shards"):
+        list_queries(str(tmp_path / "t"))
 
 
 def test_claim_output_resume_overwrite_and_foreign(tmp_path):

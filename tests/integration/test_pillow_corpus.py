@@ -1,0 +1,139 @@
+"""Every file of Pillow's own test-image corpus through copyscan's read and decode path.
+
+Pillow's source distribution keeps the images its tests open (``Tests/images/``): every format it reads,
+16-bit, CMYK, palette, alpha, animated, EXIF-rotated files, decompression bombs, and the files oss-fuzz
+found to crash or hang a decoder. The sdist of the installed Pillow is fetched once with ``pip download``
+into ``$COPYSCAN_CACHE/pillow`` (default ``~/.cache/copyscan/pillow``) and reused; a zero-byte file and a
+truncated JPEG, which the corpus lacks, are added.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import PIL
+import pytest
+
+from copyscan.indexing.embed.decode import DecodeLimits, decode_samples
+from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.read.reader import iter_tar
+
+IMAGES_FOLDER = "/Tests/images/"
+
+
+def _pillow_sdist() -> Path:
+    """Pillow's sdist for the installed version, downloaded once into the cache."""
+    version = PIL.__version__
+    cache = Path(os.environ.get("COPYSCAN_CACHE", os.path.expanduser("~/.cache/copyscan"))) / "pillow"
+    sdist = cache / f"pillow-{version}.tar.gz"
+    if sdist.exists():
+        return sdist
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+            + ["--disable-pip-version-check", "-q", f"pillow=={version}", "-d", tmp],
+            check=True,
+            timeout=900,
+        )
+        (downloaded,) = Path(tmp).glob("*.tar.gz")
+        os.replace(downloaded, sdist)  # renamed when complete: an interrupted download is redone
+    return sdist
+
+
+@pytest.fixture(scope="module")
+def pillow_corpus() -> dict[str, bytes]:
+    """name (relative to Tests/images/) → bytes, for every regular file of the folder, plus the additions."""
+    files: dict[str, bytes] = {}
+    with tarfile.open(_pillow_sdist()) as tar:
+        for info in tar:
+            if info.isfile() and IMAGES_FOLDER in info.name:
+                files[info.name.split(IMAGES_FOLDER, 1)[1]] = tar.extractfile(info).read()
+    assert len(files) > 1000, "Pillow's sdist holds no Tests/images/ folder any more"
+    files["copyscan-added/zero-byte.png"] = b""
+    files["copyscan-added/truncated.jpg"] = files["hopper.jpg"][: len(files["hopper.jpg"]) // 2]
+    return dict(sorted(files.items()))
+
+
+def _shards(corpus: dict[str, bytes], folder: Path, per_shard: int) -> list[str]:
+    """The corpus as img2dataset shards: ``{key}.jpg`` (the file's bytes, whatever their format: the content
+    decides), ``.txt`` (its name) and ``.json``."""
+    folder.mkdir(parents=True)
+    urls = []
+    names = list(corpus)
+    for shard, start in enumerate(range(0, len(names), per_shard)):
+        url = folder / f"{shard:05d}.tar"
+        with tarfile.open(url, "w") as tar:
+            for i, name in enumerate(names[start : start + per_shard], start):
+                key = f"{shard:05d}{i:04d}"
+                meta = json.dumps({"url": f"file-of-pillow/{name}", "key": key}).encode()
+                for ext, blob in (("jpg", corpus[name]), ("txt", name.encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+        urls.append(str(url))
+    return urls
+
+
+def test_every_file_of_pillows_corpus_is_accepted_or_rejected_with_a_reason(pillow_corpus, tmp_path):
+    """Read from shards and decoded one image at a time: counts add up to the shards' samples, no exception
+    escapes, no image takes longer than the product's own limit (plus scheduling slack)."""
+    urls = _shards(pillow_corpus, tmp_path / "shards", per_shard=300)
+    preprocess = load_embedder("effnet-lite0", None, "cpu", {}).preprocess
+    limits = DecodeLimits(max_pixels=64_000_000, min_side=8, max_seconds=5.0)
+    accepted: list[str] = []
+    rejected: dict[str, str] = {}
+    slowest = 0.0
+    for url in urls:
+        for sample in iter_tar(url):
+            started = time.perf_counter()
+            (batch,) = decode_samples([sample], preprocess, 1, limits, image_size=224)
+            slowest = max(slowest, time.perf_counter() - started)
+            assert len(batch.records) + len(batch.rejections) == 1
+            if batch.records:
+                assert batch.pixels.shape == (1, 3, 224, 224)
+                accepted.append(sample.caption)
+            else:
+                assert batch.rejections[0]["reason"] and batch.rejections[0]["detail"] is not None
+                rejected[sample.caption] = batch.rejections[0]["reason"]
+    assert len(accepted) + len(rejected) == len(pillow_corpus)
+    assert slowest < limits.max_seconds + 2.0
+    by_reason = collections.Counter(rejected.values())
+    print(
+        f"\n{len(pillow_corpus)} files: {len(accepted)} accepted, {len(rejected)} rejected {dict(by_reason)}"
+    )
+    print(f"slowest image: {slowest:.2f} s")
+    # what the corpus is chosen for
+    assert rejected["copyscan-added/zero-byte.png"] == "empty_file"
+    assert rejected["copyscan-added/truncated.jpg"] == "truncated"
+    assert rejected["decompression_bomb.gif"] == "too_large"
+    assert rejected["eps/1.eps"] == "unsupported_format"
+    for name in (
+        "16bit.cropped.tif",
+        "pil_sample_cmyk.jpg",
+        "hopper_gray.jpg",
+        "transparent.png",
+        "iss634.gif",
+    ):
+        assert name in accepted, rejected.get(name)
+    assert "hopper_orientation_6.jpg" in accepted and "apng/num_plays.png" in accepted
+    assert not any(name.endswith(".eps") for name in accepted)
+    assert set(by_reason) <= {
+        "empty_file",
+        "truncated",
+        "too_large",
+        "too_small",
+        "not_an_image",
+        "decode_error",
+        "unsupported_format",
+        "decode_timeout",
+    }
