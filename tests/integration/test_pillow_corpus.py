@@ -24,6 +24,7 @@ import PIL
 import pytest
 
 from copyscan.indexing.embed.decode import DecodeLimits, decode_samples
+from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.read.reader import iter_tar
 
@@ -84,6 +85,7 @@ def _shards(corpus: dict[str, bytes], folder: Path, per_shard: int) -> list[str]
     return urls
 
 
+@pytest.mark.slow
 def test_every_file_of_pillows_corpus_is_accepted_or_rejected_with_a_reason(pillow_corpus, tmp_path):
     """Read from shards and decoded one image at a time: counts add up to the shards' samples, no exception
     escapes, no image takes longer than the product's own limit (plus scheduling slack)."""
@@ -137,3 +139,81 @@ def test_every_file_of_pillows_corpus_is_accepted_or_rejected_with_a_reason(pill
         "unsupported_format",
         "decode_timeout",
     }
+
+
+def _one_per_extension(corpus: dict[str, bytes]) -> dict[str, bytes]:
+    first: dict[str, str] = {}
+    for name in corpus:
+        first.setdefault(name.rsplit("/", 1)[-1].rpartition(".")[2].lower(), name)
+    return {name: corpus[name] for name in sorted(first.values())}
+
+
+@pytest.mark.slow
+def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, pillow_corpus, tmp_path):
+    """End to end on local Ray: a shard of hostile members is indexed (its good samples) with every other
+    member a counted rejection; a query folder of one file per extension of Pillow's corpus (plus hidden
+    files) is scanned: every visible file is a query, embedded or rejected with a reason named in the
+    summary, and the hidden ones are named as skipped."""
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_hostile_input import hostile_shard
+
+    shards = tmp_path / "work" / "shards"
+    shards.mkdir(parents=True)
+    hostile_shard(shards / "00000.tar")
+    (shards / "00000.parquet").write_bytes(b"PAR1 not the tar's samples PAR1")  # img2dataset's, disagreeing
+    out = tmp_path / "work" / "index"
+    manifest = run_index(resolve(IndexConfig, {"shards": str(shards), "out": str(out)}))
+    entry = manifest["embedding_shards"][0]
+    assert entry["samples"] == 15 and entry["count"] == 4 and entry["rejected"] == 11
+    assert entry["rejected_by_reason"] == {
+        "duplicate_key": 2,
+        "missing_image": 1,
+        "no_extension": 1,
+        "not_a_regular_file": 3,
+        "unsafe_name": 4,
+    }
+    assert not any(p.name.startswith(("escape", "absolute", "up")) for p in tmp_path.rglob("*"))
+
+    folder = tmp_path / "queries"
+    files = _one_per_extension(pillow_corpus) | {"copyscan-added/zero-byte.png": b""}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / ".thumbs").mkdir()
+    (folder / ".thumbs" / "hopper.png").write_bytes(pillow_corpus["hopper.png"])
+    # Pillow's folder holds a top-level hopper.tar: a folder of images beside .tar shards is refused
+    scan_cfg = {"index": str(out), "queries": str(folder), "out": str(tmp_path / "scan"), "k": 2}
+    with pytest.raises(CopyscanError, match="mixes image files and .tar shards"):
+        run_scan(resolve(ScanConfig, scan_cfg))
+    assert not (tmp_path / "scan").exists()
+    (folder / "nested").mkdir()
+    os.replace(folder / "hopper.tar", folder / "nested" / "hopper.tar")  # deeper: a query like any file
+    summary = run_scan(resolve(ScanConfig, scan_cfg))
+    print(f"\n{len(files)} files: {summary['embedded']} embedded, {summary['rejected_by_reason']}")
+    assert summary["queries"] == len(files) and summary["embedded"] + summary["rejected"] == len(files)
+    assert summary["embedded"] > len(files) // 2
+    assert summary["skipped"] == {
+        "count": 2,
+        "by_reason": {"hidden": 2},
+        "files": [
+            {"file": ".DS_Store", "reason": "hidden"},
+            {"file": ".thumbs/hopper.png", "reason": "hidden"},
+        ],
+    }
+    examples = summary["rejected_examples"]
+    assert set(examples) == set(summary["rejected_by_reason"])
+    assert "copyscan-added/zero-byte.png" in examples["empty_file"]
+    assert all(len(examples[r]) == min(n, 20) for r, n in summary["rejected_by_reason"].items())
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "scan" / "chunks").glob("*.json")]
+    rejected = {r["key"]: r["reason"] for m in markers for r in m["rejections"]}
+    assert rejected["nested/hopper.tar"] == "not_an_image" and len(rejected) == summary["rejected"]
+    assert any(key.endswith(".eps") for key in examples["unsupported_format"])
+    written = json.loads((tmp_path / "scan" / "summary.json").read_text())
+    assert written["skipped"] == summary["skipped"] and written["rejected_examples"] == examples
