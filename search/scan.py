@@ -19,9 +19,10 @@ import pyarrow as pa
 from copyscan.indexing.embed.decode import DecodeLimits
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime.config import to_dict
-from copyscan.indexing.store import layout
+from copyscan.indexing.store import layout, storage
 from copyscan.indexing.store.manifest import check_embedder, load_manifest
 from copyscan.indexing.store.outputs import claim_output
+from copyscan.search.ann.normalise import load_whitening
 from copyscan.search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
 from copyscan.search.regions.windows import LocalWindows, local_windows
 from copyscan.search.results.write import finished_chunks
@@ -91,6 +92,11 @@ def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
     so = cfg.storage_options
     manifest = load_manifest(cfg.index, so)
     chunks, skipped = plan_queries(cfg.queries, cfg.chunk_size, so)
+    # the index must be one this scan's vectors can search: refused before the output is claimed
+    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
+    options = manifest["config"].get("embedder_options") or {}
+    check_embedder(manifest, embedder_spec(manifest["embedder"]["name"], weights, options))
+    check_whitening(cfg.index, manifest, so)
     resumed = claim_output(
         cfg.out,
         layout.RUN_CONFIG_NAME,
@@ -103,9 +109,6 @@ def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
     done = _finished(cfg, manifest)
     settings = cfg.search_settings(manifest)
     _log_plan(cfg, manifest, len(chunks), len(done), resumed, settings)
-    weights = cfg.weights if cfg.weights is not None else manifest["config"].get("weights")
-    options = manifest["config"].get("embedder_options") or {}
-    check_embedder(manifest, embedder_spec(manifest["embedder"]["name"], weights, options))
     threshold = _threshold(cfg, manifest)
     radius = _radius(cfg, manifest)
     if radius is not None:
@@ -132,6 +135,28 @@ def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:
         partial_why=why,
         skipped=skipped,
     )
+
+
+def check_whitening(index_url: str, manifest: dict[str, Any], so: storage.StorageOptions | None) -> None:
+    """Refuse an index whose whitening file is missing or was fitted on vectors of another dimension than
+    its embedder's (a file copied from another index)."""
+    spec = manifest.get("whitening")
+    if not spec:
+        return
+    url = storage.join(index_url, spec["path"])
+    try:
+        params = load_whitening(index_url, manifest, so)
+    except FileNotFoundError:
+        raise CopyscanError(
+            f"{url}: the whitening file the manifest of {index_url} names is missing"
+        ) from None
+    dim = int(manifest["embedder"]["dim"])
+    shapes = {name: tuple(params[name].shape) for name in ("mean", "proj") if name in params}
+    if shapes.get("mean", (dim,)) != (dim,) or shapes.get("proj", (dim,))[0] != dim:
+        raise CopyscanError(
+            f"{url}: whitening of shapes {shapes} does not fit the index's {dim}-dimensional "
+            f"{manifest['embedder']['name']} vectors (copied from another index?); rebuild the index"
+        )
 
 
 def _finished(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
