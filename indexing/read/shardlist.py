@@ -22,6 +22,9 @@ from copyscan.indexing.store import storage
 # takes files of every name, their content decides.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+# Files of a folder of images that are not queries by their name: the sidecars a folder of generations
+# keeps beside its images (prompts, ground truth, notes). Skipped and named in the scan's summary.
+METADATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".parquet", ".yaml", ".yml", ".md")
 
 
 def _has_glob(spec: str) -> bool:
@@ -98,7 +101,8 @@ class QueryListing:
     """What ``--queries`` names: ``kind`` "images" (files, query_id = path relative to the folder) or
     "shards" (webdataset tars, query_id = ``__key__``), their URLs in a stable order, and the files of a
     query folder that are not queries, each ``{"file", "reason"}`` (relative name; reason ``hidden``: a
-    dot-file or one in a dot-folder; ``not_a_shard``: beside the .tar shards of a folder of shards)."""
+    dot-file or one in a dot-folder; ``metadata_file``: named as a sidecar, ``METADATA_EXTENSIONS``;
+    ``not_a_shard``: beside the .tar shards of a folder of shards)."""
 
     kind: str
     urls: list[str]
@@ -110,7 +114,7 @@ def list_queries(spec: str, storage_options: storage.StorageOptions | None = Non
 
     A folder without top-level ``.tar`` files is a folder of images: every file in it, at any depth and of
     any name, is a query whose content decides whether it is an image (one Pillow cannot open becomes a
-    rejection with its reason), hidden files excepted. A folder with top-level tars is a folder of shards
+    rejection with its reason), hidden files and sidecars (``METADATA_EXTENSIONS``) excepted. A folder with top-level tars is a folder of shards
     (img2dataset's output: its parquet and stats files are skipped), unless it also holds files named as
     images, which is refused. A pattern or a list file names shards.
     """
@@ -123,9 +127,12 @@ def list_queries(spec: str, storage_options: storage.StorageOptions | None = Non
     tars = [u for u in visible if _is_top_level_tar(spec, u)]
     skipped = [{"file": relative_name(spec, u), "reason": "hidden"} for u in hidden]
     if not tars:
-        if not visible:
+        images = [u for u in visible if not u.lower().endswith(METADATA_EXTENSIONS)]
+        sidecars = [u for u in visible if u.lower().endswith(METADATA_EXTENSIONS)]
+        skipped += [{"file": relative_name(spec, u), "reason": "metadata_file"} for u in sidecars]
+        if not images:
             raise CopyscanError(f"query folder {spec} holds neither image files nor .tar shards")
-        return QueryListing("images", visible, skipped)
+        return QueryListing("images", images, sorted(skipped, key=lambda s: s["file"]))
     if any(u.lower().endswith(IMAGE_EXTENSIONS) for u in visible):
         raise CopyscanError(f"query folder {spec} mixes image files and .tar shards; point at one kind")
     shards = set(tars)

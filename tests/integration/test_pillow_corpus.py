@@ -153,7 +153,7 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     """End to end on local Ray: a shard of hostile members is indexed (its good samples) with every other
     member a counted rejection; a query folder of one file per extension of Pillow's corpus (plus hidden
     files) is scanned: every visible file is a query, embedded or rejected with a reason named in the
-    summary, and the hidden ones are named as skipped."""
+    summary, and the hidden ones and the sidecars (by name) are named as skipped."""
     from copyscan.indexing.index_config import IndexConfig
     from copyscan.indexing.index_ray import run_index
     from copyscan.indexing.runtime.config import resolve
@@ -197,14 +197,18 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     os.replace(folder / "hopper.tar", folder / "nested" / "hopper.tar")  # deeper: a query like any file
     summary = run_scan(resolve(ScanConfig, scan_cfg))
     print(f"\n{len(files)} files: {summary['embedded']} embedded, {summary['rejected_by_reason']}")
-    assert summary["queries"] == len(files) and summary["embedded"] + summary["rejected"] == len(files)
-    assert summary["embedded"] > len(files) // 2
+    print(f"skipped: {summary['skipped']['by_reason']}")
+    sidecars = sorted(name for name in files if name.endswith(".txt"))  # by name: metadata, not queries
+    queries = len(files) - len(sidecars)
+    assert summary["queries"] == queries and summary["embedded"] + summary["rejected"] == queries
+    assert summary["embedded"] > queries // 2
     assert summary["skipped"] == {
-        "count": 2,
-        "by_reason": {"hidden": 2},
+        "count": 2 + len(sidecars),
+        "by_reason": {"hidden": 2, "metadata_file": len(sidecars)},
         "files": [
             {"file": ".DS_Store", "reason": "hidden"},
             {"file": ".thumbs/hopper.png", "reason": "hidden"},
+            *({"file": name, "reason": "metadata_file"} for name in sidecars),
         ],
     }
     examples = summary["rejected_examples"]

@@ -36,13 +36,22 @@ def test_query_folders(tmp_path):
     _touch(tmp_path / "q" / ".hidden.jpg")
     _touch(tmp_path / "q" / "notes.md")
     _touch(tmp_path / "q" / ".git" / "config")
-    # every visible file is a query (its content decides whether it is an image); hidden ones are named
+    _touch(tmp_path / "q" / "photo.jp2")
+    _touch(tmp_path / "q" / "no_extension")
+    # every visible file but sidecars is a query (its content decides whether it is an image); the others
+    # are named with the reason
     listing = list_queries(str(tmp_path / "q"))
     assert listing.kind == "images"
-    assert [u.rsplit("/q/", 1)[1] for u in listing.urls] == ["b.png", "notes.md", "sub/a.jpg"]
+    assert [u.rsplit("/q/", 1)[1] for u in listing.urls] == [
+        "b.png",
+        "no_extension",
+        "photo.jp2",
+        "sub/a.jpg",
+    ]
     assert listing.skipped == [
         {"file": ".git/config", "reason": "hidden"},
         {"file": ".hidden.jpg", "reason": "hidden"},
+        {"file": "notes.md", "reason": "metadata_file"},
     ]
     _touch(tmp_path / "t" / "00000.tar")
     _touch(tmp_path / "t" / "00000.parquet")
