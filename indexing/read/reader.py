@@ -1,8 +1,11 @@
 """Stream samples out of webdataset tars (img2dataset output) and out of folders of image files.
 
 Tar bytes are read through fsspec, so ``s3://`` and every other protocol work (webdataset itself has no
-s3 opener), and are expanded with webdataset's tar iterators, one sample (``{key}.jpg + .txt + .json``)
-at a time: a shard is never held in memory whole.
+s3 opener), and are expanded sequentially with ``tarfile`` (``iter_members``) and grouped into samples the
+way webdataset groups them (``group_samples``: one ``{key}.jpg + .txt + .json`` at a time): a shard is never
+held in memory whole. The two steps are separate so that each member's place in the tar (``Member.offset``)
+is known to whatever needs it. A hostile member (a name that leaves the shard, a link, a key seen before)
+never becomes a path: its sample is yielded with ``problem`` set and no image, a counted rejection.
 """
 
 from __future__ import annotations
