@@ -39,6 +39,9 @@ class IndexConfig:
     batch_size: int = key(64, "images per forward pass")
     max_image_pixels: int = key(64_000_000, "larger images are rejected (too_large) before decoding")
     min_image_side: int = key(8, "images with a smaller side are rejected (too_small)")
+    max_decode_seconds: float = key(
+        20.0, "an image taking longer to open and decode is rejected (decode_timeout)"
+    )
     # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
     # shard; N = N actors
     embed_actors: int = key(
@@ -164,6 +167,7 @@ class IndexConfig:
             "batch_size",
             "max_image_pixels",
             "min_image_side",
+            "max_decode_seconds",
             "max_shard_vectors",
             "max_code_bytes",
             "embed_concurrency",

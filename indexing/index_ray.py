@@ -198,7 +198,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         decode_cpus=cfg.decode_cpus,
         storage_options=cfg.storage_options,
     )
-    limits = DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    limits = DecodeLimits(cfg.max_image_pixels, cfg.min_image_side, cfg.max_decode_seconds)
     submit = functools.partial(_submit_embed, cfg, len(shards), limits, _region_spec(cfg))
     runner = functools.partial(
         cluster_ray.run_growing_pool,

@@ -83,7 +83,7 @@ class ScanSetup:
 
 
 def decode_limits(cfg: ScanConfig) -> DecodeLimits:
-    return DecodeLimits(max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side)
+    return DecodeLimits(cfg.max_image_pixels, cfg.min_image_side, cfg.max_decode_seconds)
 
 
 def prepare_scan(cfg: ScanConfig, embedder_spec: EmbedderSpec) -> ScanSetup:

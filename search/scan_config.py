@@ -144,6 +144,9 @@ class ScanConfig:
     batch_size: int = key(64, "images per forward pass")
     max_image_pixels: int = key(64_000_000, "larger queries are rejected (too_large) before decoding")
     min_image_side: int = key(8, "queries with a smaller side are rejected (too_small)")
+    max_decode_seconds: float = key(
+        20.0, "a query taking longer to open and decode is rejected (decode_timeout)"
+    )
     # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
     # query chunk; N = N actors
     embed_actors: int = key(
@@ -273,6 +276,7 @@ class ScanConfig:
             "batch_size",
             "max_image_pixels",
             "min_image_side",
+            "max_decode_seconds",
             "embed_concurrency",
         ):
             if getattr(self, name) <= 0:

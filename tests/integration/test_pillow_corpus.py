@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import PIL
+import PIL.Image
 import pytest
 
 from copyscan.indexing.embed.decode import DecodeLimits, decode_samples
@@ -181,7 +182,12 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     assert not any(p.name.startswith(("escape", "absolute", "up")) for p in tmp_path.rglob("*"))
 
     folder = tmp_path / "queries"
-    files = _one_per_extension(pillow_corpus) | {"copyscan-added/zero-byte.png": b""}
+    slow = io.BytesIO()
+    PIL.Image.new("L", (8000, 8000)).save(slow, "PNG")  # 60 KB that take ~0.5 s to inflate
+    files = _one_per_extension(pillow_corpus) | {
+        "copyscan-added/zero-byte.png": b"",
+        "copyscan-added/slow.png": slow.getvalue(),
+    }
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
@@ -189,7 +195,13 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     (folder / ".thumbs").mkdir()
     (folder / ".thumbs" / "hopper.png").write_bytes(pillow_corpus["hopper.png"])
     # Pillow's folder holds a top-level hopper.tar: a folder of images beside .tar shards is refused
-    scan_cfg = {"index": str(out), "queries": str(folder), "out": str(tmp_path / "scan"), "k": 2}
+    scan_cfg = {
+        "index": str(out),
+        "queries": str(folder),
+        "out": str(tmp_path / "scan"),
+        "k": 2,
+        "max_decode_seconds": 0.05,  # the product's limit, in the decode tasks on Ray
+    }
     with pytest.raises(CopyscanError, match="mixes image files and .tar shards"):
         run_scan(resolve(ScanConfig, scan_cfg))
     assert not (tmp_path / "scan").exists()
@@ -217,6 +229,7 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     assert all(len(examples[r]) == min(n, 20) for r, n in summary["rejected_by_reason"].items())
     markers = [json.loads(p.read_text()) for p in (tmp_path / "scan" / "chunks").glob("*.json")]
     rejected = {r["key"]: r["reason"] for m in markers for r in m["rejections"]}
+    assert rejected["copyscan-added/slow.png"] == "decode_timeout"
     assert rejected["nested/hopper.tar"] == "not_an_image" and len(rejected) == summary["rejected"]
     assert any(key.endswith(".eps") for key in examples["unsupported_format"])
     written = json.loads((tmp_path / "scan" / "summary.json").read_text())
