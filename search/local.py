@@ -183,6 +183,8 @@ def _as_image(x: Any, cfg: ScanConfig) -> Image.Image:
     else:
         raise CopyscanError(f"cannot read an image from a {type(x).__name__}")
     try:
-        return decode_image(data, DecodeLimits(cfg.max_image_pixels, cfg.min_image_side))
+        return decode_image(
+            data, DecodeLimits(cfg.max_image_pixels, cfg.min_image_side, cfg.max_decode_seconds)
+        )
     except Rejected as exc:
         raise CopyscanError(f"{name}: {exc}") from None
