@@ -157,14 +157,13 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     member a counted rejection; a query folder of one file per extension of Pillow's corpus (plus hidden
     files) is scanned: every visible file is a query, embedded or rejected with a reason named in the
     summary, and the hidden ones and the sidecars (by name) are named as skipped."""
+    from hostile_tars import hostile_shard
+
     from copyscan.indexing.index_config import IndexConfig
     from copyscan.indexing.index_ray import run_index
     from copyscan.indexing.runtime.config import resolve
     from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_ray import run_scan
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-    from test_hostile_input import hostile_shard
 
     shards = tmp_path / "work" / "shards"
     shards.mkdir(parents=True)

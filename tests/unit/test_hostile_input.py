@@ -4,12 +4,14 @@ truncated tars, decoders that never end, and arbitrary bytes and strings (hypoth
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import time
 
 import numpy as np
 import pytest
+from hostile_tars import add_member as _add
+from hostile_tars import hostile_shard
+from hostile_tars import png as _png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,21 +22,6 @@ from copyscan.indexing.read.reader import iter_tar
 from copyscan.indexing.runtime.config import parse_overrides, resolve
 from copyscan.indexing.runtime.deadline import DeadlineExceeded, time_limit
 from copyscan.search.scan_config import ScanConfig
-
-
-def _png(seed: int = 0, size: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    tar.addfile(info, io.BytesIO(data) if data else None)
 
 
 def _squash(img: Image.Image) -> np.ndarray:
@@ -48,31 +35,6 @@ def _outcomes(url: str) -> dict[str, str]:
         out += [(r["key"], "ok") for r in batch.records]
         out += [(r["key"], r["reason"]) for r in batch.rejections]
     return out
-
-
-def hostile_shard(path) -> None:
-    """One tar with every kind of hostile member, each its own sample, and good samples between them."""
-    meta = json.dumps({"url": "http://x/good"}).encode()
-    with tarfile.open(path, "w") as tar:
-        _add(tar, "good0.png", _png(0))
-        _add(tar, "good0.txt", b"a caption")
-        _add(tar, "good0.json", meta)
-        _add(tar, "../../escape.png", _png(1))
-        _add(tar, "/etc/absolute.png", _png(2))
-        _add(tar, "sub/../../up.png", _png(3))
-        _add(tar, "link.png", type=tarfile.SYMTYPE, linkname="/etc/passwd")
-        _add(tar, "hard.png", type=tarfile.LNKTYPE, linkname="good0.png")
-        _add(tar, "fifo.png", type=tarfile.FIFOTYPE)
-        _add(tar, "good0.png", _png(4))  # the key again, later in the shard
-        _add(tar, "onlytext.txt", b"a caption and no image")
-        _add(tar, "nojson.png", _png(5))  # no .json: fine
-        _add(tar, "latin1.png", _png(6))
-        _add(tar, "latin1.txt", "café crème".encode("latin-1"))  # not UTF-8
-        _add(tar, "latin1.json", '{"caption": "café"}'.encode("latin-1"))
-        _add(tar, "twice.png", _png(7))
-        _add(tar, "twice.png", _png(8))  # the same member name twice in a row
-        _add(tar, "NOEXTENSION", b"data")
-        _add(tar, "ctrl\x01name.png", _png(9))
 
 
 def test_hostile_members_are_rejected_with_their_reason(tmp_path):
