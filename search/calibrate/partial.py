@@ -70,10 +70,17 @@ def make_partial_queries(
         )
     order = np.random.default_rng(cfg.seed).permutation(len(outside))
     n_scenes = max(1, len(outside) // 3)
-    scenes = [_scene(storage.read_bytes(outside[i], so)) for i in order[:n_scenes]]
+    skipped: list[dict[str, Any]] = []
+    scenes = []
+    for i in order[:n_scenes]:
+        try:
+            scenes.append(_scene(storage.read_bytes(outside[i], so)))
+        except Exception as exc:  # a file of the folder that is no image (the folder takes every file)
+            skipped.append({"outside": outside[i], "detail": f"{type(exc).__name__}: {exc}"})
+    if not scenes:
+        raise CopyscanError(f"outside={cfg.outside}: none of its first {n_scenes} files is a readable image")
     objects = [outside[i] for i in order[n_scenes:]]
     truth: dict[str, str | None] = {}
-    skipped: list[dict[str, Any]] = []
 
     def paste(obj: Image.Image, rng: np.random.Generator) -> None:
         obj = composite_rgb(obj)
