@@ -13,6 +13,7 @@ output while one runs is refused (the lease, ``indexing/store/lease.py``), on lo
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -33,6 +34,16 @@ INDEX_SETTINGS = ["embed_concurrency=1", "batch_size=2"]
 SCAN_SETTINGS = ["chunk_size=1", "batch_size=1", "verify_pixels=1", "verify_in_flight=1", "verify_size=64"]
 
 pytestmark = pytest.mark.slow
+# the process titles of a job's actors and tasks on Ray's workers (ray::TITLE)
+JOB_WORK = (
+    "EmbedWorker",
+    "ScanWorker",
+    "write_chunk",
+    "train_phase",
+    "fill_index_shard",
+    "embedder_spec",
+    "_decode_source",
+)
 
 
 class Driver:
@@ -72,10 +83,9 @@ class Driver:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
-        deadline = time.time() + 60
-        while _actor_pids("EmbedWorker") or _actor_pids("ScanWorker"):
-            assert time.time() < deadline, "the killed driver's actors still run after 60 s"
-            time.sleep(0.1)
+        # Ray ends the dead driver's actors and tasks within moments; a task caught in the middle of a write
+        # may still finish it (the same bytes a rerun writes: a chunk is deterministic)
+        _until_ended("the killed driver's actors and tasks")
 
     def finish(self) -> str:
         assert self.proc.wait(timeout=300) == 0, self.text()[-4000:]
@@ -102,7 +112,11 @@ def _actor_pids(title: str) -> list[int]:
             pid = procs[pid][0]
         return False
 
-    return [p for p, (_, cmd) in procs.items() if cmd.startswith(f"ray::{title}") and ours(p)]
+    return [
+        p
+        for p, (_, cmd) in procs.items()
+        if cmd.startswith(f"ray::{title}") and not cmd.startswith("ray::IDLE") and ours(p)
+    ]
 
 
 def _kill_actor(title: str) -> Callable[[], bool]:
@@ -123,6 +137,12 @@ def _logged(driver: Driver, line: str) -> Callable[[], bool]:
 
 def _files(folder: Path, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern)) if folder.exists() else []
+
+
+def _more(folder: Path, pattern: str) -> Callable[[], bool]:
+    """A ``wait_for`` condition: more files ``folder/pattern`` than now."""
+    before = len(_files(folder, pattern))
+    return lambda: len(_files(folder, pattern)) > before
 
 
 def _temporaries(out: Path) -> list[str]:
@@ -215,7 +235,17 @@ def clean(ray_session, small_shards, tmp_path_factory):
             },
         )
     )
+    _until_ended("the clean runs' actors and tasks")
     return index, manifest, scan, summary
+
+
+def _until_ended(whose: str, timeout: float = 60) -> None:
+    """Wait until no actor or task of a job runs on the session's Ray (the next run must not meet them)."""
+    gc.collect()  # actor handles in reference cycles keep their actors alive until collected
+    deadline = time.time() + timeout
+    while busy := [p for title in JOB_WORK for p in _actor_pids(title)]:
+        assert time.time() < deadline, f"{whose} still run after {timeout} s: {busy}"
+        time.sleep(0.1)
 
 
 def test_index_survives_killed_actor_and_drivers(clean, small_shards, tmp_path):
@@ -281,7 +311,7 @@ def test_scan_survives_killed_actor_and_drivers(clean, small_shards, tmp_path):
     args += tuple(SCAN_SETTINGS)
 
     embedding = Driver(tmp_path / "1-embedding.log", *args)
-    embedding.wait_for(lambda: _actor_pids("EmbedWorker"), "embedding actor")
+    embedding.wait_for(lambda: _actor_pids("EmbedWorker.embed"), "embedding actor at work")
     cfg = {"index": str(clean_index), "queries": str(queries), "out": str(out)}
     with pytest.raises(CopyscanError, match=r"is being written by another run: copyscan scan"):
         run_scan(resolve(ScanConfig, {**cfg, **parse_overrides(SCAN_SETTINGS)}))
@@ -294,11 +324,12 @@ def test_scan_survives_killed_actor_and_drivers(clean, small_shards, tmp_path):
     searching.kill()
 
     verifying = Driver(tmp_path / "3-verification.log", *args)
-    verifying.wait_for(lambda: _files(out / "query_emb", "query_emb_*.npy"), "chunk in verification")
+    # a verification task writes the chunk's query vectors, verifies, then writes its matches and marker
+    verifying.wait_for(_more(out / "query_emb", "query_emb_*.npy"), "chunk in verification")
     verifying.kill()
 
     writing = Driver(tmp_path / "4-writing.log", *args)
-    writing.wait_for(lambda: _files(out / "chunks", "chunk_*.json"), "chunk written")
+    writing.wait_for(_more(out / "chunks", "chunk_*.json"), "chunk written")
     writing.kill()
     assert len(_files(out / "chunks", "chunk_*.json")) < 4
 
@@ -308,6 +339,28 @@ def test_scan_survives_killed_actor_and_drivers(clean, small_shards, tmp_path):
         assert summary[key] == clean_summary[key], key
     _assert_same_matches(_matches(out), _matches(clean_scan))
     assert _temporaries(out) == [] and not (out / "_lease.json").exists()
+
+    # copyscan report, killed once it writes its first table, then run again: the clean run's report
+    from copyscan.search.report.config import ReportConfig
+    from copyscan.search.report.run import run_report
+
+    report_args = ("copyscan.jobs.report", str(out), "train_sample=12", "resamples=50")
+    reporting = Driver(tmp_path / "6-report.log", *report_args)
+    reporting.wait_for(_more(out / "report", "*.parquet"), "report tables written")
+    reporting.kill()
+    Driver(tmp_path / "7-report.log", *report_args).finish()
+    clean_report = run_report(
+        resolve(ReportConfig, {"run": str(clean_scan), **parse_overrides(report_args[2:])})
+    )
+    got = json.loads((out / "report" / "stats.json").read_text().replace(str(out), str(clean_scan)))
+    for run_dependent in ("seconds", "created_at"):
+        got.pop(run_dependent), clean_report.pop(run_dependent)
+    assert got == json.loads(json.dumps(clean_report))
+    for table in ("histograms", "similarities", "duplicates"):
+        assert pq.read_table(out / "report" / f"{table}.parquet").equals(
+            pq.read_table(clean_scan / "report" / f"{table}.parquet")
+        ), table
+    assert _temporaries(out) == []
 
 
 def test_a_second_writer_is_refused_on_s3(ray_session, s3_server, small_shards):
