@@ -31,10 +31,10 @@ from typing import Any
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.store import storage
+from copyscan.indexing.store.layout import LEASE_NAME
 
 logger = logging.getLogger("copyscan")
 
-LEASE_NAME = "_lease.json"
 TIMEOUT_ENV = "COPYSCAN_LEASE_TIMEOUT"
 DEFAULT_STALE_AFTER = 120.0  # seconds without a heartbeat after which a lease is free
 SETTLE_SECONDS = 0.5  # between writing the lease and reading it back (two jobs starting together)
