@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -118,7 +119,8 @@ def _remove_temporaries(
 ) -> None:
     """The temporary files of writers killed by an earlier run (never read as results: readers skip names
     starting with a dot), removed so that a resumed output holds only finished files."""
-    leftovers = [u for u in existing if _TEMPORARY.match(_name(u))]
+    mine = f".tmp-{os.getpid()}"  # this run's own, in the making (the lease's heartbeat)
+    leftovers = [u for u in existing if _TEMPORARY.match(_name(u)) and not u.endswith(mine)]
     if leftovers:
         fs, _ = storage.get_fs(out, storage_options)
         fs.rm([fs._strip_protocol(u) for u in leftovers])
