@@ -33,8 +33,9 @@ from copyscan.indexing.runtime.pool_ray import run_tasks
 from copyscan.indexing.runtime.progress import timed
 from copyscan.indexing.runtime.resumable import Item, Stage, run_stage
 from copyscan.indexing.store import layout, storage
+from copyscan.indexing.store.lease import Lease
 from copyscan.indexing.store.manifest import build_manifest
-from copyscan.indexing.store.outputs import claim_output
+from copyscan.indexing.store.outputs import claim_output, output_lease
 
 logger = logging.getLogger("copyscan")
 
@@ -48,7 +49,13 @@ _import = ray.remote(clip_import.import_part)
 
 
 def run_index(cfg: IndexConfig) -> dict[str, Any]:
-    """Run (or resume) the whole index job; return the manifest written to ``OUT/manifest.json``."""
+    """Run (or resume) the whole index job, holding the lease on ``OUT`` (``indexing/store/lease.py``);
+    return the manifest written to ``OUT/manifest.json``."""
+    with output_lease(cfg.out, "index", layout.CONFIG_NAME, cfg.storage_options) as lease:
+        return _run_index(cfg, lease)
+
+
+def _run_index(cfg: IndexConfig, lease: Lease) -> dict[str, Any]:
     t_start = time.time()
     timings: dict[str, float] = {}
     parts, shards = _sources(cfg)
@@ -97,6 +104,7 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         started_at=t_start,
     )
     manifest["regions"] = regions
+    lease.check()
     return _write_manifest(cfg, manifest)
 
 

@@ -29,6 +29,8 @@ from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.pool_ray import TaskStream
 from copyscan.indexing.runtime.progress import Progress
+from copyscan.indexing.store import layout
+from copyscan.indexing.store.outputs import output_lease
 from copyscan.search.ann.normalise import ScoreNormaliser, whiten
 from copyscan.search.ann.radius import Above
 from copyscan.search.ann.searcher import ShardSearcher
@@ -250,11 +252,14 @@ class Fanout:
 
 
 def run_scan(cfg: ScanConfig) -> dict[str, Any]:
-    """Run (or resume) a scan; returns the summary written to ``OUT/summary.json``."""
+    """Run (or resume) a scan; returns the summary written to ``OUT/summary.json``. The run holds the lease
+    on ``OUT`` throughout (a second writer is refused: ``indexing/store/lease.py``)."""
     started = time.time()
-    setup = prepare_scan(cfg, functools.partial(_embedder_spec, cfg.decode_cpus))
-    failed = _scan(setup) if setup.todo else []
-    summary = write_summary(setup, failed, started)
+    with output_lease(cfg.out, "scan", layout.RUN_CONFIG_NAME, cfg.storage_options) as lease:
+        setup = prepare_scan(cfg, functools.partial(_embedder_spec, cfg.decode_cpus))
+        failed = _scan(setup) if setup.todo else []
+        lease.check()
+        summary = write_summary(setup, failed, started)
     raise_if_failed(failed)
     return summary
 

@@ -4,6 +4,7 @@ An index (``copyscan index --out OUT``)::
 
     OUT/index.yaml                                  resolved config of the index job
     OUT/manifest.json                               written last: what the index is and how it was made
+    OUT/_lease.json                                 while a run writes OUT (index and scan): its lease (lease.py)
     OUT/embeddings/img_emb/img_emb_00042.npy        (n, d) float16, L2-normalised (clip-retrieval layout)
     OUT/embeddings/metadata/metadata_00042.parquet  one row per vector: key, url, caption, size, ...
     OUT/embeddings/pairs/pairs_00042.npz            augmented copies of a few images, embedded (whitening)
@@ -62,6 +63,7 @@ from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.store.storage import join
 
 CONFIG_NAME = "index.yaml"
+LEASE_NAME = "_lease.json"  # of an index and of a scan run, held while a run writes (lease.py)
 MANIFEST_NAME = "manifest.json"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
