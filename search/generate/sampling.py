@@ -135,6 +135,7 @@ class Sampler:
             dtype = "float16" if device.startswith("cuda") else "float32"
         self.dtype = getattr(torch, dtype)
         self.device = device
+        diffusers.utils.logging.disable_progress_bar()  # one bar per component and actor, in the driver's log
         try:
             with warnings.catch_warnings():
                 # diffusers ≥ 0.36 renames torch_dtype to dtype; 0.30 knows only torch_dtype

@@ -30,20 +30,36 @@ def small_index(ray_session, laion_shards, tmp_path_factory):
     return out
 
 
-def test_generate_records_seeds_and_scores_and_resumes_per_shard(ray_session, tiny_sd_checkpoint, tmp_path):
+def test_generate_records_seeds_and_scores_and_resumes_per_shard(
+    ray_session, s3_server, tiny_sd_checkpoint, tmp_path
+):
+    """The checkpoint on (loopback) S3, copied once to the actor's cache; the output on local disk."""
+    import s3fs
+
     from copyscan.jobs import generate
-    from copyscan.search.generate.sampling import Sampler, SampleSettings
+    from copyscan.search.generate.sampling import Sampler, SampleSettings, checkpoint_id
     from copyscan.search.generate.shards import encode_jpeg
 
+    bucket = s3_server.make_bucket("ckpt")
+    s3fs.S3FileSystem(**s3_server.storage_options).put(
+        tiny_sd_checkpoint, f"{bucket}/tiny-sd", recursive=True
+    )
+    remote = f"s3://{bucket}/tiny-sd"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\n\na photo of a memorised painting\n")
     out = tmp_path / "gen"
-    argv = ["--checkpoint", tiny_sd_checkpoint, "--prompts", str(prompts), "--out", str(out)]
-    argv += [*TINY, "prompts_per_shard=1", "batch_size=1", "score_steps=2"]
+    argv = ["--checkpoint", remote, "--prompts", str(prompts), "--out", str(out)]
+    argv += [*TINY, "prompts_per_shard=1", "batch_size=1", "score_steps=2", f"cache_dir={tmp_path / 'cache'}"]
     assert generate.JOB.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompts"] == 3 and summary["generations"] == 6 and summary["shards_total"] == 3
-    assert summary["prompt_reading"]["blank_prompts"] == 1 and summary["checkpoint_id"].startswith("tiny-sd@")
+    assert summary["prompt_reading"]["blank_prompts"] == 1
+    # the same checkpoint wherever it lies: the id of the S3 copy is the local folder's
+    assert summary["checkpoint_id"] == checkpoint_id(tiny_sd_checkpoint)
+    cached = tmp_path / "cache" / "checkpoints" / summary["checkpoint_id"]
+    assert (cached / "model_index.json").read_bytes() == (
+        Path(tiny_sd_checkpoint) / "model_index.json"
+    ).read_bytes()
     tars = sorted((out / "shards").glob("*.tar"))
     assert [t.name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
     members = _members(tars[1])
