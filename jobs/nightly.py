@@ -130,14 +130,17 @@ def _compare_scores(args: argparse.Namespace, cfg: Any, regression: dict[str, An
     """This checkpoint's memorisation-score distribution, and against the previous checkpoint and the
     baseline where they were generated too."""
     from copyscan.indexing.store import layout
-    from copyscan.search.generate.scores import compare_scores, read_prompt_scores, score_distribution
+    from copyscan.search.generate.scores import (
+        compare_scores,
+        read_prompt_scores,
+        score_distribution,
+        top_prompts,
+    )
 
     so = cfg.storage_options
     this = read_prompt_scores(layout.history_generations_dir(args.history, args.checkpoint), so)
     result: dict[str, Any] = {"distribution": score_distribution(this["score"].to_pylist())}
-    result["top_prompts"] = (
-        this.slice(0, 10).select(["prompt", "score", "score_max", "train_count"]).to_pylist()
-    )
+    result["top_prompts"] = top_prompts(this, _rank0_matches(cfg), _memorized(args, so))
     for name in ("vs_previous", "vs_baseline"):
         other = (regression.get(name) or {}).get("checkpoint")
         scores = (
@@ -145,6 +148,29 @@ def _compare_scores(args: argparse.Namespace, cfg: Any, regression: dict[str, An
         )
         result[name] = compare_scores(this, scores, other) if scores is not None else None
     return result
+
+
+def _rank0_matches(cfg: Any) -> Any:
+    """The scan's best match of every generation."""
+    import pyarrow.compute as pc
+
+    from copyscan.search.results.dataset import open_matches
+
+    return open_matches(cfg.out, cfg.storage_options).to_table(filter=pc.field("rank") == 0)
+
+
+def _memorized(args: argparse.Namespace, so: Any) -> Any:
+    """The night's ``copyscan memorized`` result."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from copyscan.indexing.store import layout, storage
+
+    url = storage.join(
+        layout.history_memorized_dir(args.history, args.checkpoint), layout.MEMORIZED_RESULT_NAME
+    )
+    return pq.read_table(io.BytesIO(storage.read_bytes(url, so)))
 
 
 def _scan_and_compare(args: argparse.Namespace, cfg: Any, scan_out: str) -> dict[str, Any]:

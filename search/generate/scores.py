@@ -107,3 +107,38 @@ def compare_scores(this: pa.Table, other: pa.Table, checkpoint: str, top: int = 
         "prompts_higher": int((change > 0).sum()),
         "most_risen": [{"prompt": p, "score": s, "before": b} for p, s, b in rose if s > b],
     }
+
+
+def top_prompts(
+    scores: pa.Table, matches: pa.Table | None = None, memorized: pa.Table | None = None, top: int = 10
+) -> list[dict[str, Any]]:
+    """The ``top`` prompts by score, each next to its largest clique (``memorized``: a ``copyscan
+    memorized`` result) and the best training match of its generations (``matches``: a scan's rank-0
+    rows with ``prompt``, ``query_id``, ``train_key``, ``caption``, ``score``, ``is_copy``)."""
+    cliques = {}
+    if memorized is not None:
+        for r in memorized.select(["prompt", "clique_size", "n_generations", "flagged"]).to_pylist():
+            cliques[r["prompt"]] = r
+    best: dict[str, dict[str, Any]] = {}
+    if matches is not None:
+        columns = ["prompt", "query_id", "train_key", "caption", "score", "is_copy"]
+        for r in matches.select(columns).to_pylist():
+            if r["prompt"] is not None and (
+                r["prompt"] not in best or r["score"] > best[r["prompt"]]["score"]
+            ):
+                best[r["prompt"]] = {k: r[k] for k in columns if k != "prompt"}
+    rows = []
+    for r in scores.slice(0, top).to_pylist():
+        clique = cliques.get(r["prompt"])
+        rows.append(
+            {
+                "prompt": r["prompt"],
+                "score": r["score"],
+                "score_max": r["score_max"],
+                "train_count": r["train_count"],
+                "clique_size": clique["clique_size"] if clique else None,
+                "flagged": clique["flagged"] if clique else None,
+                "best_match": best.get(r["prompt"]),
+            }
+        )
+    return rows

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -129,6 +130,17 @@ def test_nightly_generates_scans_finds_cliques_and_compares_scores(small_index, 
     regression = json.loads((history / "regression" / "tiny-sd.json").read_text())
     scores = regression["memorization_score"]
     assert scores["distribution"]["count"] == 5 and scores["vs_previous"] is None
+    # the highest-scoring prompts, each next to its clique and its generations' best training match
+    top = scores["top_prompts"]
+    assert [t["prompt"] for t in top] == pq.read_table(generations / "prompt_scores.parquet")[
+        "prompt"
+    ].to_pylist()
+    best = matches.filter(pc.equal(matches["rank"], 0)).to_pylist()
+    for t in top:
+        assert t["clique_size"] in (1, 2) and t["flagged"] is False
+        expected = max((r for r in best if r["prompt"] == t["prompt"]), key=lambda r: r["score"])
+        assert t["best_match"]["train_key"] == expected["train_key"]
+        assert t["best_match"]["score"] == pytest.approx(expected["score"])
     assert (history / "reports" / "tiny-sd" / "report.html").exists()
 
     # a second night, the same weights named otherwise: every prompt scores the same as before
