@@ -87,9 +87,10 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     so = cfg.storage_options
     t0 = time.time()
     ident = checkpoint_id(cfg.checkpoint, so)
-    resumed = claim_output(
-        cfg.out, layout.GENERATE_CONFIG_NAME, to_dict(cfg), cfg.mode, GenerateConfig.RESUME_KEYS, so
-    )
+    # the id too: new weights at the same URL must not be mixed into an earlier run's shards
+    record = {**to_dict(cfg), "checkpoint_id": ident}
+    keys = (*GenerateConfig.RESUME_KEYS, "checkpoint_id")
+    resumed = claim_output(cfg.out, layout.GENERATE_CONFIG_NAME, record, cfg.mode, keys, so)
     table, counts = plan(cfg)
     by_shard = shard_prompts(table)
     run = {

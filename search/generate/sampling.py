@@ -188,7 +188,8 @@ class Sampler:
                 eps = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
                 eps_uncond, eps_text = eps.chunk(2)
                 text_term = eps_text - eps_uncond
-                norms.append(text_term.float().flatten(1).norm(dim=1))
+                # in float32: in float16 the difference of two close predictions loses digits
+                norms.append((eps_text.float() - eps_uncond.float()).flatten(1).norm(dim=1))
                 eps = eps_uncond + settings.guidance * text_term
                 latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
             images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]

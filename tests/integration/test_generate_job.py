@@ -32,7 +32,7 @@ def small_index(ray_session, laion_shards, tmp_path_factory):
 
 
 def test_generate_records_seeds_and_scores_and_resumes_per_shard(
-    ray_session, s3_server, tiny_sd_checkpoint, tmp_path
+    ray_session, s3_server, tiny_sd_checkpoint, tmp_path, capsys
 ):
     """The checkpoint on (loopback) S3, copied once to the actor's cache; the output on local disk."""
     import s3fs
@@ -95,8 +95,14 @@ def test_generate_records_seeds_and_scores_and_resumes_per_shard(
     after = {t.name: (t.read_bytes(), t.stat().st_mtime_ns) for t in sorted((out / "shards").glob("*.tar"))}
     assert after["00001.tar"][0] == before["00001.tar"][0]
     assert after["00000.tar"] == before["00000.tar"] and after["00002.tar"] == before["00002.tar"]
-    # other sampling settings in the same output: refused, not mixed
+    # other sampling settings, or other weights at the same URL, in the same output: refused, not mixed
+    capsys.readouterr()
     assert generate.JOB.main([*argv, "steps=4"]) == 2
+    assert "different settings (steps: 3 -> 4)" in capsys.readouterr().err
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    fs.pipe(f"{bucket}/tiny-sd/unet/notes.json", b"{}")
+    assert generate.JOB.main(argv) == 2
+    assert "different settings (checkpoint_id: 'tiny-sd@" in capsys.readouterr().err
 
 
 @pytest.mark.slow
