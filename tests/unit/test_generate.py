@@ -44,6 +44,25 @@ def test_seeds_reproduce_generations_whatever_the_batch(sampler):
     assert np.abs(batched.images[0].astype(int) - batched.images[1]).mean() > 2
 
 
+def test_the_loop_samples_what_the_diffusers_pipeline_samples(sampler):
+    """The guided loop over the pipeline's components gives the image of ``StableDiffusionPipeline.__call__``
+    from the same initial noise: the score is read off ordinary sampling."""
+    import torch
+
+    ours = sampler.sample(["a blue dog"], [7], SETTINGS)
+    noise = torch.randn((1, 4, 12, 16), generator=torch.Generator().manual_seed(7))
+    theirs = sampler.pipe(
+        "a blue dog",
+        num_inference_steps=SETTINGS.steps,
+        guidance_scale=SETTINGS.guidance,
+        width=SETTINGS.width,
+        height=SETTINGS.height,
+        latents=noise,
+        output_type="np",
+    ).images
+    assert np.abs((theirs[0] * 255).round().astype(int) - ours.images[0]).max() <= 1
+
+
 def test_score_equals_a_direct_recomputation(sampler):
     """d_0 from two separate UNet calls (text, then the empty prompt) on the seed's initial latents; the
     score is the mean of the first ``score_steps`` d_i."""
