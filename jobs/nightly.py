@@ -202,6 +202,9 @@ def _write_report(args: argparse.Namespace, cfg: Any, scan_out: str) -> None:
             out=report_out,
             history=args.history,
             memorized=memorized,
+            generations=layout.history_generations_dir(args.history, args.checkpoint)
+            if args.generate
+            else "",
             cache_dir=cfg.cache_dir,
             storage_options=dict(cfg.storage_options),
         )

@@ -147,7 +147,9 @@ def test_nightly_generates_scans_finds_cliques_and_compares_scores(small_index, 
         expected = max((r for r in best if r["prompt"] == t["prompt"]), key=lambda r: r["score"])
         assert t["best_match"]["train_key"] == expected["train_key"]
         assert t["best_match"]["score"] == pytest.approx(expected["score"])
-    assert (history / "reports" / "tiny-sd" / "report.html").exists()
+    page = (history / "reports" / "tiny-sd" / "report.html").read_text()
+    assert "<h2>Memorisation scores</h2>" in page and "<h2>Memorised prompts</h2>" in page
+    assert all(t["prompt"] in page for t in top) and top[0]["best_match"]["train_key"] in page
 
     # a second night, the same weights named otherwise: every prompt scores the same as before
     second = [*argv[:6], "--name", "tiny-sd-again", *argv[6:], "--no-report"]
