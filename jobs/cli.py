@@ -1,5 +1,5 @@
 """The ``copyscan`` command: ``index``, ``merge``, ``scan``, ``calibrate``, ``nightly``, ``report``,
-``memorized``, ``query``, ``submit`` and ``demo``, built from each job module's ``JOB`` declaration.
+``memorized``, ``generate``, ``query``, ``submit`` and ``demo``, built from each job module's ``JOB`` declaration.
 
 Job modules import their libraries (torch, Ray, faiss) inside their bodies, so declaring every command
 here costs no heavy import: only the command run loads what it needs.
@@ -11,7 +11,19 @@ import argparse
 import sys
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.jobs import calibrate, demo, index, memorized, merge, nightly, query, report, scan, submit
+from copyscan.jobs import (
+    calibrate,
+    demo,
+    generate,
+    index,
+    memorized,
+    merge,
+    nightly,
+    query,
+    report,
+    scan,
+    submit,
+)
 from copyscan.jobs._runtime import Job, JobParser, load_config_class
 
 JOBS: dict[str, Job] = {
@@ -24,6 +36,7 @@ JOBS: dict[str, Job] = {
         nightly.JOB,
         report.JOB,
         memorized.JOB,
+        generate.JOB,
         query.JOB,
         submit.JOB,
         demo.JOB,

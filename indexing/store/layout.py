@@ -42,12 +42,22 @@ A scan (``copyscan scan --out RUN``), its report and a memorised-prompt run::
     MEM/prompts/part-00003.parquet                  cliques of task 3; MEM/tasks/task_00003.json its marker
     MEM/memorized.parquet, summary.json             the ranked prompts, written last
 
+A generation run (``copyscan generate --out GEN``)::
+
+    GEN/generate.yaml, plan.parquet                 resolved config; the prompts, their shard (made once)
+    GEN/shards/00003.tar                            webdataset shard 3: {key}.jpg, .json (prompt, seed,
+                                                    settings, checkpoint id, memorisation score), .txt
+    GEN/markers/shard_00003.json                    shard 3's marker, written last: counts, per-prompt scores
+    GEN/prompt_scores.parquet, summary.json         scores per prompt (highest first), written last
+
 Nightly history (``copyscan nightly --history H``)::
 
     H/history/CHECKPOINT.parquet                    one row per checkpoint
     H/runs/CHECKPOINT/                              its scan (RUN above)
     H/regression/CHECKPOINT.json                    its comparison with the previous run and the baseline
     H/reports/CHECKPOINT/                           its report
+    H/generations/CHECKPOINT/                       ``--generate``: its generations (GEN above)
+    H/memorized/CHECKPOINT/                         ``--generate``: its memorised prompts (MEM above)
 
 Vector ids pack (embedding shard, row) into one int64: ``shard << 32 | row``. Ids therefore never depend
 on how many vectors other shards hold, so shards can be embedded and indexed in any order and resumed.
@@ -267,6 +277,32 @@ def memorized_task_marker_url(out: str, task: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A generation run (``copyscan generate --out GEN``)
+
+GENERATE_CONFIG_NAME = "generate.yaml"
+GENERATE_PLAN_NAME = "plan.parquet"
+GENERATE_SCORES_NAME = "prompt_scores.parquet"
+SHARD_MARKER_PREFIX = "shard_"
+
+
+def generate_shards_dir(out: str) -> str:
+    """The webdataset shards of a generation run: what ``copyscan scan`` and ``memorized`` read."""
+    return join(out, "shards")
+
+
+def generate_shard_url(out: str, shard: int) -> str:
+    return join(out, "shards", f"{shard:05d}.tar")
+
+
+def generate_markers_dir(out: str) -> str:
+    return join(out, "markers")
+
+
+def generate_marker_url(out: str, shard: int) -> str:
+    return join(out, "markers", f"{SHARD_MARKER_PREFIX}{shard:05d}.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Nightly history (``copyscan nightly --history H``)
 
 
@@ -295,3 +331,11 @@ def regression_url(history: str, checkpoint: str) -> str:
 
 def history_report_dir(history: str, checkpoint: str) -> str:
     return join(history, "reports", checkpoint_name(checkpoint))
+
+
+def history_generations_dir(history: str, checkpoint: str) -> str:
+    return join(history, "generations", checkpoint_name(checkpoint))
+
+
+def history_memorized_dir(history: str, checkpoint: str) -> str:
+    return join(history, "memorized", checkpoint_name(checkpoint))

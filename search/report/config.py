@@ -37,6 +37,9 @@ class ReportConfig:
     memorized: str = key("", "copyscan memorized output URL: adds the flagged prompts and their cliques")
     memorized_prompts: int = key(50, "flagged prompts shown at most")
     memorized_images: int = key(16, "clique members shown per prompt (closest to the rest first)")
+    generations: str = key(
+        "", "copyscan generate output URL: adds the prompts with the highest memorisation scores"
+    )
     candidates: int = key(100, "ANN candidates per index shard, re-ranked exactly (train→train, duplicates)")
     nprobe: int = key(0, "inverted lists searched per query; 0 = the index's default")
     cache_dir: str = key(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from copyscan.indexing.read import fetch
@@ -129,3 +130,20 @@ def memorized_section(cfg: ReportConfig) -> str:
     requests = [(m["source"], m["key"]) for p in prompts for m in p["members"][: cfg.memorized_images]]
     thumbs = thumbnails(requests, cfg.thumb_size, cfg.storage_options) if requests else {}
     return html.memorized_section(cfg.memorized, prompts, thumbs, cfg.memorized_images)
+
+
+def scores_section(cfg: ReportConfig, matches: pa.Table) -> str:
+    """The HTML section of ``cfg.generations``' highest memorisation scores (``copyscan generate``), each
+    prompt with its clique (``cfg.memorized``) and its generations' best match in this run."""
+    from copyscan.indexing.store import layout, storage
+    from copyscan.search.generate.scores import read_prompt_scores, top_prompts
+
+    scores = read_prompt_scores(cfg.generations, cfg.storage_options)
+    memorized = None
+    if cfg.memorized:
+        url = storage.join(cfg.memorized, layout.MEMORIZED_RESULT_NAME)
+        memorized = pq.read_table(io.BytesIO(storage.read_bytes(url, cfg.storage_options)))
+    if scores is None:
+        return html.scores_section(cfg.generations, [])
+    best = matches.filter(pc.equal(matches["rank"], 0))
+    return html.scores_section(cfg.generations, top_prompts(scores, best, memorized, cfg.memorized_prompts))

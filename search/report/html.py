@@ -106,6 +106,27 @@ def memorized_section(
     )
 
 
+def scores_section(url: str, prompts: Sequence[dict[str, Any]]) -> str:
+    """The prompts of ``copyscan generate`` with the highest memorisation scores
+    (``copyscan.search.generate.scores.top_prompts``), next to their clique and best training match."""
+    if not prompts:
+        return f"<h2>Memorisation scores</h2><p>{link(url)} holds no per-prompt score.</p>"
+    rows = []
+    for p in prompts:
+        m = p["best_match"] or {}
+        match = f"{_e(m['train_key'])} ({_num(m['score'])}): {_e(m['caption'])}" if m else "none"
+        clique = "" if p["clique_size"] is None else f"{p['clique_size']}{' flagged' if p['flagged'] else ''}"
+        rows.append(
+            f"<tr><td>{_e(p['prompt'])}</td><td>{_num(p['score'])}</td><td>{_num(p['score_max'])}</td>"
+            f"<td>{_e(clique)}</td><td>{match}</td></tr>"
+        )
+    return (
+        f"<h2>Memorisation scores</h2><p>Prompts of {link(url)} by mean ‖ε(x_t, c) − ε(x_t, ∅)‖ over their "
+        "generations (Wen et al.), highest first.</p><table><tr><th>prompt</th><th>score</th><th>max</th>"
+        f"<th>clique</th><th>best training match</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def _stats_table(per_column: dict[str, Any]) -> str:
     head = (
         "<tr><th>column</th><th>distribution</th><th>n</th><th>mean</th><th>std</th><th>p75</th>"

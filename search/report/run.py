@@ -38,7 +38,7 @@ from copyscan.search.calibrate.thresholds import NAMED_THRESHOLDS
 from copyscan.search.report import html, stats
 from copyscan.search.report.config import COLUMNS, ReportConfig
 from copyscan.search.report.duplicates import Duplicates, count_duplicates
-from copyscan.search.report.gallery import gallery, memorized_section
+from copyscan.search.report.gallery import gallery, memorized_section, scores_section
 from copyscan.search.report.history import trend
 from copyscan.search.report.neighbours import sample_ids, train_train
 from copyscan.search.report.tables import write_tables
@@ -116,6 +116,8 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     seconds["gallery"] = round(time.time() - t1, 2)
     history = trend(cfg.history, so) if cfg.history else []
     sections = [memorized_section(cfg)] if cfg.memorized else []
+    if cfg.generations:
+        sections.append(scores_section(cfg, run.table))
 
     result = _result(run, column, len(ids), per_column, duplicates, shown, seconds)
     out = cfg.out_url

@@ -83,7 +83,7 @@ def test_dockerfile_pins_what_the_project_pins_and_copies_what_exists():
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
-    assert 'pip install --no-cache-dir ".[gpu]"' in text and "uninstall" not in text
+    assert 'pip install --no-cache-dir ".[gpu,generate]"' in text and "uninstall" not in text
 
 
 def test_faiss_comes_from_an_extra_cpu_or_gpu():

@@ -18,6 +18,7 @@ RAY_JOBS = {
     "scan",
     "nightly",
     "memorized",
+    "generate",
 }  # the others run in the driver (calibrate: partial=N only)
 
 
