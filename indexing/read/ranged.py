@@ -71,16 +71,20 @@ def training_ranges(
     storage_options: storage.StorageOptions | None = None,
 ) -> dict[tuple[int, int], tuple[int, int]]:
     """{(embedding shard, row): (tar offset, size)} of the given rows, from the index's embedding metadata;
-    rows of an index built before offsets were recorded (or of compressed tars) are left out."""
+    rows of an index built before offsets were recorded (or of compressed tars, or whose metadata is gone) are
+    left out."""
     out: dict[tuple[int, int], tuple[int, int]] = {}
     for shard, rows in rows_by_shard.items():
         url = layout.metadata_url(index_url, int(shard))
         fs, path = storage.get_fs(url, storage_options)
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            if "tar_offset" not in parquet.schema_arrow.names:
-                continue
-            table = parquet.read(columns=["tar_offset", "tar_size"])
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                if "tar_offset" not in parquet.schema_arrow.names:
+                    continue
+                table = parquet.read(columns=["tar_offset", "tar_size"])
+        except FileNotFoundError:
+            continue  # no metadata to say where: the fetch streams the tar and answers for the key
         offsets = table.column("tar_offset").to_numpy(zero_copy_only=False)
         sizes = table.column("tar_size").to_numpy(zero_copy_only=False)
         for row in np.unique(np.asarray(list(rows), dtype=np.int64)):

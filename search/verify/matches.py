@@ -281,18 +281,20 @@ def train_ranges(
 ) -> dict[Request, tuple[int, int]]:
     """{training request: (tar offset, size)} of ``rows`` whose place in the source tar the index recorded
     (``copyscan.indexing.read.ranged``): fetched with one ranged read each instead of streaming the tar."""
+    if "row" not in table.column_names:
+        return {}  # no index rows to look the places up by: streamed
     shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
     index_rows = table["row"].to_numpy(zero_copy_only=False)
-    by_shard: dict[int, list[int]] = {}
-    for r in rows:
-        if train_req[int(r)][0] is not None:
-            by_shard.setdefault(int(shards[r]), []).append(int(index_rows[r]))
-    where = training_ranges(index_url, by_shard, storage_options)
-    return {
-        train_req[int(r)]: where[(int(shards[r]), int(index_rows[r]))]
+    located = {
+        int(r): (int(shards[r]), int(index_rows[r]))
         for r in rows
-        if (int(shards[r]), int(index_rows[r])) in where
+        if train_req[int(r)][0] is not None and not np.isnan(shards[r]) and not np.isnan(index_rows[r])
     }
+    by_shard: dict[int, list[int]] = {}
+    for shard, row in located.values():
+        by_shard.setdefault(shard, []).append(row)
+    where = training_ranges(index_url, by_shard, storage_options)
+    return {train_req[r]: where[place] for r, place in located.items() if place in where}
 
 
 def error_example(train_req: Request, query_req: Request, reason: str, detail: str) -> dict[str, str]:
