@@ -175,6 +175,8 @@ def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
     for name in ("original_width", "original_height", "sha256"):
         if name in meta:
             record[name] = meta[name]
+    if sample.image_offset is not None and sample.image is not None:  # fetched back with one ranged read
+        record["tar_offset"], record["tar_size"] = sample.image_offset, len(sample.image)
     record.update(provenance(meta))
     # generations (scan queries): the prompt they were made from, when their JSON sidecar names it
     if isinstance(meta.get("prompt"), str):

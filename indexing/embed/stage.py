@@ -36,6 +36,9 @@ METADATA_SCHEMA = pa.schema(
         ("pwatermark", pa.float32()),
         ("punsafe", pa.float32()),
         ("clip_similarity", pa.float32()),
+        # where the image's bytes lie in the source tar (uncompressed tars): fetched back by one ranged read
+        ("tar_offset", pa.int64()),
+        ("tar_size", pa.int64()),
     ]
 )
 

@@ -1,7 +1,8 @@
 """Re-fetch original images by key: training images from the index's source shards, generations from queries.
 
 Reports (side-by-side gallery) and pixel verification need the original bytes of a few matched images.
-Requests are grouped per source, and each source is read once: a webdataset tar is streamed until every
+Requests are grouped per source, and each source is read once: the images of a tar whose place in it the
+index recorded are read with one ranged read each (``ranged``), the rest by streaming the tar until every
 wanted key has been seen (never one request per image); an image file is read whole. Sources are read
 in parallel threads (the work is I/O). Every request gets an answer: the bytes, or the reason why not.
 
@@ -12,12 +13,13 @@ query id and only labels the result).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.read.ranged import read_ranges
 from copyscan.indexing.read.reader import iter_tar
 from copyscan.indexing.store import storage
 
@@ -45,16 +47,24 @@ def is_tar(source: str) -> bool:
 
 
 def _read_source(
-    source: str, keys: set[str], storage_options: storage.StorageOptions | None
+    source: str,
+    keys: set[str],
+    storage_options: storage.StorageOptions | None,
+    ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Fetched]:
     found: dict[str, Fetched] = {}
     try:
+        if ranges and is_tar(source):
+            for key, (data, fmt) in read_ranges(source, ranges, storage_options).items():
+                found[key] = Fetched(source, key, data=data, image_format=fmt)
+            if len(found) == len(keys):
+                return found
         if not is_tar(source):
             data = storage.read_bytes(source, storage_options)
             fmt = source.rsplit(".", 1)[-1].lower() if "." in source.rsplit("/", 1)[-1] else None
             return {key: Fetched(source, key, data=data, image_format=fmt) for key in keys}
         for sample in iter_tar(source, storage_options):
-            if sample.key not in keys:
+            if sample.key not in keys or sample.key in found:
                 continue
             if sample.image is None:
                 found[sample.key] = Fetched(source, sample.key, reason=NO_IMAGE)
@@ -79,8 +89,12 @@ def fetch_images(
     requests: Iterable[tuple[str | None, str]],
     storage_options: storage.StorageOptions | None = None,
     threads: int = 8,
+    ranges: Mapping[tuple[str | None, str], tuple[int, int]] | None = None,
 ) -> dict[tuple[str | None, str], Fetched]:
-    """Fetch ``(source, key)`` pairs; every distinct request gets exactly one ``Fetched`` in the result."""
+    """Fetch ``(source, key)`` pairs; every distinct request gets exactly one ``Fetched`` in the result.
+
+    ``ranges``: {request: (offset, size)} of training images whose bytes' place in their tar is known
+    (``ranged.training_ranges``): each is read with one ranged read, the tar streamed only for the others."""
     by_source: dict[str | None, set[str]] = defaultdict(set)
     for source, key in requests:
         by_source[source].add(key)
@@ -91,12 +105,21 @@ def fetch_images(
         return out
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_source)))) as pool:
         futures = {
-            src: pool.submit(_read_source, src, keys, storage_options) for src, keys in by_source.items()
+            src: pool.submit(_read_source, src, keys, storage_options, _of_source(ranges, src, keys))
+            for src, keys in by_source.items()
         }
         for src, future in futures.items():
             for key, fetched in future.result().items():
                 out[(src, key)] = fetched
     return out
+
+
+def _of_source(
+    ranges: Mapping[tuple[str | None, str], tuple[int, int]] | None, source: str, keys: set[str]
+) -> dict[str, tuple[int, int]]:
+    if not ranges:
+        return {}
+    return {key: ranges[(source, key)] for key in keys if (source, key) in ranges}
 
 
 def training_source(manifest: dict[str, Any], index_url: str, embedding_shard: int) -> str | None:

@@ -47,6 +47,9 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     # Why the sample cannot be used even before decoding (e.g. unreadable JSON); None if fine.
     problem: str | None = None
+    # Where the image member's bytes start in an uncompressed tar (``len(image)`` bytes from there): what
+    # ``fetch`` reads back with one ranged read. None for image files and compressed tars.
+    image_offset: int | None = None
 
 
 def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) -> Iterator[Sample]:
@@ -74,17 +77,19 @@ def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) ->
 @dataclass(frozen=True)
 class Member:
     """One file of a tar: its name, its bytes (None when not read: ``problem`` says why), where its bytes
-    start in the tar, and why it cannot be used (None if fine)."""
+    start in the tar (None in a compressed tar, whose offsets are not the file's), and why it cannot be used
+    (None if fine)."""
 
     name: str
     data: bytes | None
-    offset: int
+    offset: int | None
     problem: str | None = None
 
 
 def iter_members(stream: IO[bytes]) -> Iterator[Member]:
     """The members of a tar read sequentially from ``stream`` (plain or compressed), folders left out."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        plain = getattr(tar.fileobj, "comptype", "tar") == "tar"  # offsets are the stream's own
         for info in tar:
             if info.isdir():
                 continue
@@ -93,7 +98,7 @@ def iter_members(stream: IO[bytes]) -> Iterator[Member]:
             if problem is None:
                 extracted = tar.extractfile(info)
                 data = extracted.read() if extracted is not None else b""
-            yield Member(info.name, data, info.offset_data, problem)
+            yield Member(info.name, data, info.offset_data if plain else None, problem)
 
 
 def _member_problem(info: tarfile.TarInfo) -> str | None:
@@ -129,28 +134,35 @@ def group_samples(members: Iterable[Member]) -> Iterator[Sample]:
     seen: set[str] = set()
     key: str | None = None
     parts: dict[str, bytes] = {}
+    offsets: dict[str, int | None] = {}
     problem: str | None = None
     for member in members:
         match = _KEY_EXT.match(member.name)
         name_key, ext = (match.group(1), match.group(2).lower()) if match else (member.name, "")
         if name_key != key or ext in parts:
             if key is not None:
-                yield _finish(key, parts, problem, seen)
-            key, parts, problem = name_key, {}, None
+                yield _finish(key, parts, offsets, problem, seen)
+            key, parts, offsets, problem = name_key, {}, {}, None
         if problem is None:
             problem = member.problem or (None if match else f"{NO_EXTENSION}: {member.name!r}")
         parts[ext] = member.data if member.data is not None else b""
+        offsets[ext] = member.offset
     if key is not None:
-        yield _finish(key, parts, problem, seen)
+        yield _finish(key, parts, offsets, problem, seen)
 
 
-def _finish(key: str, parts: dict[str, bytes], problem: str | None, seen: set[str]) -> Sample:
+def _finish(
+    key: str, parts: dict[str, bytes], offsets: dict[str, int | None], problem: str | None, seen: set[str]
+) -> Sample:
     if problem is None and key in seen:
         problem = f"{DUPLICATE_KEY}: {key!r} appears again in the shard (members {sorted(parts)})"
     seen.add(key)
     if problem is not None:
         return Sample(key=key, image=None, image_format=None, problem=problem)
-    return _sample_from_members({"__key__": key, **parts})
+    sample = _sample_from_members({"__key__": key, **parts})
+    if sample.image_format is not None:
+        sample.image_offset = offsets.get(sample.image_format)
+    return sample
 
 
 def _sample_from_members(raw: dict[str, Any]) -> Sample:

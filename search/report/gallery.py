@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from copyscan.indexing.read import fetch
+from copyscan.indexing.read.ranged import training_ranges
 from copyscan.search.report import html
 from copyscan.search.report.config import ReportConfig
 
@@ -59,9 +60,12 @@ def thumbnail(data: bytes | None, size: int) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def thumbnails(requests: list[Request], size: int, so=None) -> dict[Request, dict[str, str | None]]:
-    """(source, key) → {"src": data URL or None, "reason": why not}."""
-    fetched = fetch.fetch_images(requests, so)
+def thumbnails(
+    requests: list[Request], size: int, so=None, ranges: dict[Request, tuple[int, int]] | None = None
+) -> dict[Request, dict[str, str | None]]:
+    """(source, key) → {"src": data URL or None, "reason": why not}; ``ranges``: where in their tars the
+    training images lie (one ranged read each), as ``fetch.fetch_images`` takes them."""
+    fetched = fetch.fetch_images(requests, so, ranges=ranges)
     with ThreadPoolExecutor(max_workers=4) as pool:
         srcs = dict(zip(fetched, pool.map(lambda f: thumbnail(f.data, size), fetched.values()), strict=True))
     out = {}
@@ -83,6 +87,7 @@ def gallery(
     rows = _best_rows(cfg, table, column)
     requests: list[Request] = []
     sources: dict[int, str | None] = {}
+    shown: dict[int, list[int]] = {}  # embedding shard → rows of the training images shown
     for i, row in enumerate(rows):
         shard = int(row["embedding_shard"])
         if shard not in sources:
@@ -90,7 +95,17 @@ def gallery(
         row["train_source"] = sources[shard]
         if i < cfg.thumbnails:
             requests += [(row["query_source"], row["query_id"]), (sources[shard], row["train_key"])]
-    thumbs = thumbnails(requests, cfg.thumb_size, cfg.storage_options) if requests else {}
+            if sources[shard] is not None:
+                shown.setdefault(shard, []).append(int(row["row"]))
+    where = training_ranges(index_url, shown, cfg.storage_options) if shown else {}
+    ranges = {
+        (sources[int(row["embedding_shard"])], row["train_key"]): where[
+            (int(row["embedding_shard"]), int(row["row"]))
+        ]
+        for row in rows[: cfg.thumbnails]
+        if (int(row["embedding_shard"]), int(row["row"])) in where
+    }
+    thumbs = thumbnails(requests, cfg.thumb_size, cfg.storage_options, ranges) if requests else {}
     missing = _attach_thumbnails(rows[: cfg.thumbnails], thumbs)
     for row in rows[cfg.thumbnails :]:
         row["query_thumb"] = row["train_thumb"] = None

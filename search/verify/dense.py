@@ -66,6 +66,7 @@ from copyscan.search.verify.matches import (
     query_groups,
     seconds,
     timed,
+    train_ranges,
 )
 
 TAP = 10  # EfficientNet-Lite0 block 10: (112, H/16, W/16)
@@ -243,6 +244,7 @@ class _DenseRun:
         self.no_fit = 0
         self.train_req: dict[int, Request] = {}
         self.query_req: dict[int, Request] = {}
+        self.ranges: dict[Request, tuple[int, int]] = {}
 
     def measure(
         self,
@@ -255,6 +257,7 @@ class _DenseRun:
     ) -> None:
         """Match the pairs of ``rows`` ((m,) int64 row numbers of ``table``)."""
         self.train_req, self.query_req = pair_requests(table, rows, manifest, index_url)
+        self.ranges = train_ranges(table, rows, self.train_req, index_url, storage_options)
         with ThreadPoolExecutor(max_workers=max(1, self.spec.threads)) as pool:
             for group in query_groups(rows.tolist(), self.query_req, self.spec.fetch_pairs):
                 with timed(self.timings, "fetch"):
@@ -268,7 +271,7 @@ class _DenseRun:
     ) -> dict[Request, Image.Image | tuple[str, str]]:
         """The images of ``group`` (rows), fetched and decoded: {request: image, or (reason, detail)}."""
         wanted = sorted({*(self.train_req[r] for r in group), *(self.query_req[r] for r in group)}, key=str)
-        fetched = fetch_images(wanted, storage_options, self.spec.threads)
+        fetched = fetch_images(wanted, storage_options, self.spec.threads, ranges=self.ranges)
         return decode_all(pool, wanted, lambda req: _decode(fetched[req], self.spec.limits))
 
     def _match_group(

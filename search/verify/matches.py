@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from copyscan.indexing.embed.decode import DecodeLimits
 from copyscan.indexing.read.fetch import Fetched, fetch_images, training_source
+from copyscan.indexing.read.ranged import training_ranges
 from copyscan.indexing.store import storage
 from copyscan.search.results.matches import with_columns
 from copyscan.search.verify.pixel import (
@@ -186,6 +187,7 @@ class _PixelRun:
         self.timings = {"fetch": 0.0, "decode": 0.0, "distance": 0.0}
         self.train_req: dict[int, Request] = {}
         self.query_req: dict[int, Request] = {}
+        self.ranges: dict[Request, tuple[int, int]] = {}
 
     def measure(
         self,
@@ -197,6 +199,7 @@ class _PixelRun:
     ) -> None:
         """Compare the pairs of ``rows`` ((m,) int64 row numbers of ``table``)."""
         self.train_req, self.query_req = pair_requests(table, rows, manifest, index_url)
+        self.ranges = train_ranges(table, rows, self.train_req, index_url, storage_options)
         with ThreadPoolExecutor(max_workers=max(1, self.spec.threads)) as pool:
             for group in query_groups(rows.tolist(), self.query_req, self.spec.fetch_pairs):
                 self._group(pool, group, storage_options)
@@ -210,6 +213,7 @@ class _PixelRun:
                 [*(self.train_req[r] for r in group), *(self.query_req[r] for r in group)],
                 storage_options,
                 self.spec.threads,
+                ranges=self.ranges,
             )
         ordered = self._decode_order(group)
         for start in range(0, len(ordered), self.spec.batch):
@@ -266,6 +270,31 @@ def pair_requests(
     train_req = {int(r): (sources[int(shards[r])], train_keys[r]) for r in rows}
     query_req = {int(r): (query_sources[r], query_ids[r]) for r in rows}
     return train_req, query_req
+
+
+def train_ranges(
+    table: pa.Table,
+    rows: np.ndarray,
+    train_req: dict[int, Request],
+    index_url: str,
+    storage_options: storage.StorageOptions | None,
+) -> dict[Request, tuple[int, int]]:
+    """{training request: (tar offset, size)} of ``rows`` whose place in the source tar the index recorded
+    (``copyscan.indexing.read.ranged``): fetched with one ranged read each instead of streaming the tar."""
+    if "row" not in table.column_names:
+        return {}  # no index rows to look the places up by: streamed
+    shards = table["embedding_shard"].to_numpy(zero_copy_only=False)
+    index_rows = table["row"].to_numpy(zero_copy_only=False)
+    located = {
+        int(r): (int(shards[r]), int(index_rows[r]))
+        for r in rows
+        if train_req[int(r)][0] is not None and not np.isnan(shards[r]) and not np.isnan(index_rows[r])
+    }
+    by_shard: dict[int, list[int]] = {}
+    for shard, row in located.values():
+        by_shard.setdefault(shard, []).append(row)
+    where = training_ranges(index_url, by_shard, storage_options)
+    return {train_req[r]: where[place] for r, place in located.items() if place in where}
 
 
 def error_example(train_req: Request, query_req: Request, reason: str, detail: str) -> dict[str, str]:

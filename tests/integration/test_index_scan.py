@@ -612,3 +612,32 @@ def test_report_statistics_and_html_in_chromium(calibrated, generated, open_page
     page.click("#f-next")
     assert "page 2 of 100" in page.locator("#gallery-count").text_content()
     assert page.locator("b").count() == 0  # the caption stayed text
+
+
+def test_training_images_are_read_back_by_their_place_in_the_tar(local_index, laion_shards_s3, s3_server):
+    """The index records where each image lies in its tar; a ranged read there (local file, S3 range GET)
+    gives the bytes the tar holds, as streaming it does."""
+    from copyscan.indexing.read import fetch, ranged
+    from copyscan.indexing.read.reader import iter_tar
+
+    out, manifest = local_index
+    shards = {s: list(range(int(e["count"]))) for s, e in enumerate(manifest["embedding_shards"])}
+    where = ranged.training_ranges(out, shards)
+    assert len(where) == manifest["ntotal"]  # every row of every shard has its place
+    for shard, rows in shards.items():
+        keys = pq.read_table(layout.metadata_url(out, shard), columns=["key"])["key"].to_pylist()
+        local = manifest["embedding_shards"][shard]["source"]
+        remote = laion_shards_s3.shard_urls[shard]
+        assert remote.rsplit("/", 1)[1] == local.rsplit("/", 1)[1]
+        streamed = {s.key: s.image for s in iter_tar(local)}
+        for url, so in ((local, None), (remote, s3_server.storage_options)):
+            wanted = {keys[r]: where[(shard, r)] for r in rows}
+            got = ranged.read_ranges(url, wanted, so)
+            assert {k: v[0] for k, v in got.items()} == {k: streamed[k] for k in wanted}
+        requests = [(remote, keys[r]) for r in rows[:3]]
+        fetched = fetch.fetch_images(
+            requests,
+            s3_server.storage_options,
+            ranges={(remote, keys[r]): where[(shard, r)] for r in rows[:3]},
+        )
+        assert [fetched[req].data for req in requests] == [streamed[k] for _, k in requests]
