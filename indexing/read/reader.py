@@ -42,10 +42,12 @@ def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) ->
     """
     fs, path = storage.get_fs(url, storage_options)
     try:
-        stream = fs.open(path, "rb", block_size=8 * 1024 * 1024)
+        raw = fs.open(path, "rb", block_size=8 * 1024 * 1024)
     except FileNotFoundError:
         raise CopyscanError(f"shard {url} does not exist") from None
-    with stream:
+    with raw:
+        # A body cut short on the way raises TruncatedRead (below: the shard fails, its task is retried).
+        stream = storage.CheckedReader(raw, url)
         files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
         grouped = tariterators.group_by_keys(files)
         try:
@@ -53,6 +55,8 @@ def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) ->
                 yield _sample_from_members(raw)
         except CopyscanError:
             raise
+        except OSError as exc:  # the store failed past its retries, or a body came back cut short
+            raise CopyscanError(f"shard {url} could not be read: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # tarfile.ReadError, EOFError, ValueError on duplicate names, ...
             raise CopyscanError(f"shard {url} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
 
@@ -97,14 +101,14 @@ def iter_image_files(
         raise ValueError("urls and keys differ in length")
     if not urls:
         return
-    fs, _ = storage.get_fs(urls[0], storage_options)
     for url, key in zip(urls, keys, strict=True):
         _, path = storage.get_fs(url, storage_options)
         fmt = path.rsplit(".", 1)[-1].lower() if "." in path else None
         try:
-            with fs.open(path, "rb") as f:
-                data = f.read()
-        except (OSError, FileNotFoundError) as exc:
+            data = storage.read_bytes(url, storage_options)  # a short body is read again
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            # The file itself is unusable; a storage fault (connection, throttling) fails the chunk instead,
+            # which is retried, rather than turning a query into a rejection a clean run would not make.
             yield Sample(key=key, image=None, image_format=fmt, url=url, problem=f"unreadable_file: {exc}")
             continue
         yield Sample(key=key, image=data, image_format=fmt, url=url)
