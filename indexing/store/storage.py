@@ -7,6 +7,7 @@ which is what makes the final name appear atomically.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -243,16 +244,49 @@ def _tmp_name(path: str) -> str:
     return posixpath.join(head, f".{tail}.tmp-{os.getpid()}")
 
 
+# Errors of the place written to, not of the data: a user frees space, fixes permissions or the path.
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or the process's limit (ulimit -f)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a parent of the path is not a folder",
+    errno.EISDIR: "the path is a folder",
+}
+
+
+@contextmanager
+def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str) -> Iterator[None]:
+    """Turn a full disk, a refused permission or a bad path while writing ``url`` into a CopyscanError
+    naming ``url``, after removing the temporary file: the final name never appears half-written."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _OUTPUT_ERRNOS.get(exc.errno) if isinstance(exc.errno, int) else None
+        if reason is None:
+            raise
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass  # the cause above is what the user needs to see
+        raise CopyscanError(f"cannot write {url}: {reason} ({exc.strerror or exc})") from exc
+
+
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Write ``data`` to ``url`` atomically: temp name, then move into place."""
+    """Write ``data`` to ``url`` atomically: temp name, then move into place. A full disk, a refused
+    permission or a path through a file is a CopyscanError naming ``url``; nothing is left behind."""
     fs, path = get_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    with _writing(url, fs, tmp):
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
 
 
 def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
@@ -287,18 +321,25 @@ def upload_file(local: str, url: str, storage_options: StorageOptions | None = N
     """Copy a local file to ``url`` atomically (temp name, then move)."""
     fs, path = get_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
-    fs.put_file(local, tmp)
-    fs.mv(tmp, path)
+    with _writing(url, fs, tmp):
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(local, tmp)
+        fs.mv(tmp, path)
 
 
 def download_file(url: str, local: str, storage_options: StorageOptions | None = None) -> None:
     """Copy ``url`` to a local file atomically; the local name appears only once the copy is complete."""
     fs, path = get_fs(url, storage_options)
-    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     tmp = f"{local}.tmp-{os.getpid()}"
+    with _writing(local, fsspec.filesystem("file"), tmp):
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        _download(fs, path, url, tmp)
+    os.replace(tmp, local)
+
+
+def _download(fs: fsspec.AbstractFileSystem, path: str, url: str, tmp: str) -> None:
     for attempt in range(READ_ATTEMPTS):
         fs.get_file(path, tmp)
         size, got = fs.size(path), os.path.getsize(tmp)
@@ -308,7 +349,6 @@ def download_file(url: str, local: str, storage_options: StorageOptions | None =
             os.remove(tmp)
             raise CopyscanError(f"downloading {url} failed {READ_ATTEMPTS} times: {got} of {size} bytes")
         time.sleep(min(0.2 * 2**attempt, 5.0))
-    os.replace(tmp, local)
 
 
 def remove(url: str, storage_options: StorageOptions | None = None, recursive: bool = False) -> None:
