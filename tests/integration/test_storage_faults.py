@@ -1,16 +1,24 @@
-"""Object storage faults: a fault-injecting proxy (tests/integration/s3_faults.py) in front of the loopback
+"""Storage faults. Object storage: a fault-injecting proxy (tests/integration/s3_faults.py) in front of the loopback
 S3 server, given to copyscan as ``storage_options.endpoint_url``.
 
 503 SlowDown, connection resets, slow answers, bodies lost mid-way and bodies cut short without a word are
 retried (botocore and s3fs for the first four, copyscan's length checks for the last) and the index and
 scan equal a clean run's; a shard or query chunk that keeps failing is named and fails the job once the
-rest are done. Each test asserts the faults it scheduled were really injected.
+rest are done. Each test asserts the faults it scheduled were really injected. The output's own faults
+(a path that cannot be written, a full disk) fail naming the path, with nothing half-written taken as done
+(tests/unit/test_output_errors.py tests the writes themselves).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -27,6 +35,8 @@ from copyscan.indexing.runtime.config import resolve
 from copyscan.indexing.store import layout, storage
 from copyscan.search.scan_config import ScanConfig
 from copyscan.search.scan_ray import run_scan
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +238,58 @@ def test_index_and_scan_survive_faults_and_name_what_keeps_failing(
     assert (summary["queries"], summary["matches"]) == (clean_summary["queries"], clean_summary["matches"])
     _assert_same_matches(_matches(run_url, so), clean_matches)
     assert all(faults[k] >= 4 for k in EVERY_KIND), faults  # besides the dead objects' endless 503s
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the output's own faults: a path that cannot be written, a full disk
+
+
+@pytest.mark.slow
+def test_an_unwritable_output_fails_naming_the_path_and_resumes_once_fixed(clean_run, generated, tmp_path):
+    """The scan's ``matches/`` is a file (as root, permission bits stop nothing; a path through a file does):
+    every chunk fails naming the path it could not write, no chunk is marked done, and once the path is
+    fixed a rerun resumes to the clean run's matches."""
+    clean_url, _, clean_summary, clean_matches = clean_run
+    out = tmp_path / "scan"
+    out.mkdir()
+    shutil.copy(Path(clean_url).parent / "scan" / layout.RUN_CONFIG_NAME, out)  # a run of the same settings
+    (out / "matches").write_text("not a folder")
+    with pytest.raises(CopyscanError) as error:
+        _scan(clean_url, str(generated[0]), str(out), chunk_size=4, retries=0)
+    want = f"cannot write {out}/matches/part-00000.parquet: a parent of the path is not a folder"
+    assert want in str(error.value)
+    assert not (out / "chunks").exists() or list((out / "chunks").iterdir()) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chunks"] == 0 and len(summary["failed_chunks"]) == summary["chunks_total"]
+    (out / "matches").unlink()
+    summary = _scan(clean_url, str(generated[0]), str(out), chunk_size=4)
+    assert (summary["queries"], summary["matches"]) == (clean_summary["queries"], clean_summary["matches"])
+    _assert_same_matches(_matches(str(out)), clean_matches)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_report_naming_the_file(clean_run, tmp_path):
+    """``copyscan report`` with a disk that fills after 16 kB (the file size limit of its process, SIGXFSZ
+    ignored: the same EFBIG/ENOSPC path in copyscan, and it works as root): exit status 2, an error naming
+    the file, no report.html."""
+    run = str(Path(clean_run[0]).parent / "scan")
+    out = tmp_path / "report"
+
+    def full_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "copyscan.jobs.report", run, f"out={out}"],
+        env=env,
+        cwd=REPO,
+        preexec_fn=full_disk,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"cannot write {out}/" in done.stderr and "file too large" in done.stderr, done.stderr[-3000:]
+    assert not (out / layout.REPORT_HTML_NAME).exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
