@@ -253,6 +253,7 @@ _OUTPUT_ERRNOS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
     errno.ENOTDIR: "a parent of the path is not a folder",
+    errno.EEXIST: "a parent of the path is not a folder",  # makedirs(exist_ok=True) on a file
     errno.EISDIR: "the path is a folder",
 }
 

@@ -192,8 +192,8 @@ def test_index_and_scan_survive_faults_and_name_what_keeps_failing(
     """
     clean_url, clean, clean_summary, clean_matches = clean_run
     bucket = laion_shards_s3.bucket
-    # the user's retry settings win over copyscan's defaults: 3 attempts, so that giving up takes seconds
-    so = _options(proxy, config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"}})
+    # the user's retry settings win over copyscan's defaults: 2 attempts, so that giving up takes seconds
+    so = _options(proxy, config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
     index_url, run_url = f"s3://{bucket}/idx-faults", f"s3://{bucket}/scan-faults"
 
     dead = laion_shards_s3.shard_urls[2].split("://", 1)[1]

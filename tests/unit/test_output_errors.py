@@ -78,6 +78,9 @@ def test_a_path_through_a_file_is_an_error_naming_the_path(tmp_path):
     url = str(tmp_path / "out" / "chunks" / "chunk_00000.json")
     with pytest.raises(CopyscanError, match=f"cannot write {url}: a parent of the path is not a folder"):
         storage.write_json(url, {"done": True})
+    url = str(tmp_path / "out" / "chunk_00000.json")  # the parent itself is the file
+    with pytest.raises(CopyscanError, match=f"cannot write {url}: a parent of the path is not a folder"):
+        storage.write_json(url, {"done": True})
 
 
 def test_permission_denied_is_an_error_naming_the_path():
