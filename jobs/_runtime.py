@@ -68,12 +68,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
+    _loopback_only()
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
+        _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
         log_to_driver=True,
+    )
+
+
+def _loopback_only() -> None:
+    """Make the local Ray about to start listen on 127.0.0.1 only.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: set later (``ray`` is imported
+    by every ``*_ray.py`` module, and by a user's code before ``copyscan.index()``), it changes nothing and
+    Ray's GCS, raylet, workers and agents listen on every interface (tests/integration/test_local_bind.py
+    saw them on 0.0.0.0, :: and the host's address). So the flag it was read into is set as well.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in (
+        "1",
+        "true",
     )
 
 

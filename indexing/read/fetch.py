@@ -8,13 +8,22 @@ in parallel threads (the work is I/O). Every request gets an answer: the bytes, 
 
 A source is either a tar (``*.tar``: the key selects the sample) or a single image file (the key is the
 query id and only labels the result).
+
+Sources come from the index's manifest (the shards the user indexed) and from a scan's matches (the query
+files the user scanned), never from a sample's metadata (its ``url`` is shown as a link, never fetched).
+Even so a source is read only when it is a local path or its protocol is one of ``ALLOWED_PROTOCOLS``
+(http(s) and the object stores). An image file is read only up to ``MAX_SOURCE_BYTES``, and each source
+gets ``SOURCE_TIMEOUT`` seconds; past either it is answered with a reason.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +37,15 @@ NO_SOURCE = "no_source"  # the index holds no source shard for it (e.g. imported
 SOURCE_UNREADABLE = "source_unreadable"
 KEY_NOT_FOUND = "key_not_found"
 NO_IMAGE = "no_image"  # the sample exists but holds no image member
+SOURCE_NOT_ALLOWED = "source_not_allowed"  # a protocol not in ALLOWED_PROTOCOLS: never opened
+SOURCE_TOO_LARGE = "source_too_large"  # an image file over MAX_SOURCE_BYTES: not read
+SOURCE_TIMED_OUT = "source_timeout"  # not read within SOURCE_TIMEOUT seconds
+
+ALLOWED_PROTOCOLS = frozenset({"http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hf"})
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # data:, javascript: and s3:// alike
+MAX_SOURCE_BYTES = 256 * 2**20  # one image file (a tar is streamed, and only its wanted members kept)
+SOURCE_TIMEOUT = 600.0  # seconds for one source: a whole shard streamed until its wanted keys are seen
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,11 @@ def _read_source(
             if len(found) == len(keys):
                 return found
         if not is_tar(source):
+            fs, path = storage.get_fs(source, storage_options)
+            size = fs.size(path)
+            if size is not None and size > MAX_SOURCE_BYTES:
+                detail = f"{size} bytes, more than {MAX_SOURCE_BYTES}"
+                return {key: Fetched(source, key, reason=SOURCE_TOO_LARGE, detail=detail) for key in keys}
             data = storage.read_bytes(source, storage_options)
             fmt = source.rsplit(".", 1)[-1].lower() if "." in source.rsplit("/", 1)[-1] else None
             return {key: Fetched(source, key, data=data, image_format=fmt) for key in keys}
@@ -85,32 +108,61 @@ def _read_source(
     return found
 
 
+def allowed(source: str) -> bool:
+    """Whether ``source`` may be read: a URL of ``ALLOWED_PROTOCOLS`` or a local path (as the user indexed
+    or scanned it); never another fsspec protocol (``memory``, ``data``, ``ftp``, ``ssh``, chained URLs)."""
+    if "::" in source:  # a chain of file systems (simplecache::, zip::)
+        return False
+    scheme = _SCHEME.match(source)
+    if scheme is None:
+        return True  # a plain local path
+    return "://" in source and scheme.group(1).lower() in ALLOWED_PROTOCOLS | LOCAL_PROTOCOLS
+
+
 def fetch_images(
     requests: Iterable[tuple[str | None, str]],
     storage_options: storage.StorageOptions | None = None,
     threads: int = 8,
+    timeout: float = SOURCE_TIMEOUT,
     ranges: Mapping[tuple[str | None, str], tuple[int, int]] | None = None,
 ) -> dict[tuple[str | None, str], Fetched]:
     """Fetch ``(source, key)`` pairs; every distinct request gets exactly one ``Fetched`` in the result.
 
+    A source of a protocol not ``allowed`` is never opened (``SOURCE_NOT_ALLOWED``); one not read within
+    ``timeout`` seconds of the fetch's start is answered ``SOURCE_TIMED_OUT`` (its thread is left to end).
     ``ranges``: {request: (offset, size)} of training images whose bytes' place in their tar is known
-    (``ranged.training_ranges``): each is read with one ranged read, the tar streamed only for the others."""
+    (``ranged.training_ranges``): each is read with one ranged read, the tar streamed only for the others.
+    """
     by_source: dict[str | None, set[str]] = defaultdict(set)
     for source, key in requests:
         by_source[source].add(key)
     out: dict[tuple[str | None, str], Fetched] = {}
     for key in by_source.pop(None, set()):
         out[(None, key)] = Fetched(None, key, reason=NO_SOURCE)
+    for source in [s for s in by_source if not allowed(s)]:
+        for key in by_source.pop(source):
+            out[(source, key)] = Fetched(
+                source, key, reason=SOURCE_NOT_ALLOWED, detail="protocol not allowed"
+            )
     if not by_source:
         return out
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_source)))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_source))))
+    deadline = time.monotonic() + timeout
+    try:
         futures = {
             src: pool.submit(_read_source, src, keys, storage_options, _of_source(ranges, src, keys))
             for src, keys in by_source.items()
         }
         for src, future in futures.items():
-            for key, fetched in future.result().items():
+            try:
+                answers = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                detail = f"not read within {timeout:g} s"
+                answers = {k: Fetched(src, k, reason=SOURCE_TIMED_OUT, detail=detail) for k in by_source[src]}
+            for key, fetched in answers.items():
                 out[(src, key)] = fetched
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return out
 
 

@@ -62,14 +62,18 @@ def iter_tar(url: str, storage_options: storage.StorageOptions | None = None) ->
     """
     fs, path = storage.get_fs(url, storage_options)
     try:
-        stream = fs.open(path, "rb", block_size=8 * 1024 * 1024)
+        raw = fs.open(path, "rb", block_size=8 * 1024 * 1024)
     except FileNotFoundError:
         raise CopyscanError(f"shard {url} does not exist") from None
-    with stream:
+    with raw:
+        # A body cut short on the way raises TruncatedRead (below: the shard fails, its task is retried).
+        stream = storage.CheckedReader(raw, url)
         try:
             yield from group_samples(iter_members(stream))
         except CopyscanError:
             raise
+        except OSError as exc:  # the store failed past its retries, or a body came back cut short
+            raise CopyscanError(f"shard {url} could not be read: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # tarfile.ReadError, EOFError, zlib.error, ...
             raise CopyscanError(f"shard {url} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
 
@@ -208,14 +212,16 @@ def iter_image_files(
         raise ValueError("urls and keys differ in length")
     if not urls:
         return
-    fs, _ = storage.get_fs(urls[0], storage_options)
     for url, key in zip(urls, keys, strict=True):
         _, path = storage.get_fs(url, storage_options)
         fmt = path.rsplit(".", 1)[-1].lower() if "." in path else None
         try:
-            with fs.open(path, "rb") as f:
+            # a body cut short raises TruncatedRead: the chunk fails and is retried
+            with storage.open_checked(url, storage_options) as f:
                 data = f.read(MAX_MEMBER_BYTES + 1)
-        except (OSError, FileNotFoundError) as exc:
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            # The file itself is unusable; a storage fault (connection, throttling) fails the chunk instead,
+            # which is retried, rather than turning a query into a rejection a clean run would not make.
             yield Sample(key=key, image=None, image_format=fmt, url=url, problem=f"unreadable_file: {exc}")
             continue
         if len(data) > MAX_MEMBER_BYTES:

@@ -7,12 +7,14 @@ which is what makes the final name appear atomically.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import posixpath
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -76,12 +78,34 @@ def redact_config(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: redact(v) if str(k).endswith("storage_options") else v for k, v in record.items()}
 
 
+# What S3 gets when the user's storage options set none of these (README "Retries on object storage"):
+# botocore's "standard" retry mode (503 SlowDown, 5xx, throttling, connection and read errors, with jittered
+# exponential backoff capped at 20 s) for up to 10 attempts of each request, and time limits per request.
+# s3fs wraps each call in its own 5 attempts (body read errors, IncompleteRead), a class constant that
+# storage options cannot change (a ``retries`` option is silently ignored by s3fs).
+S3_CONFIG_DEFAULTS: dict[str, Any] = {
+    "retries": {"max_attempts": 10, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 30,
+}
+READ_ATTEMPTS = 4  # whole-object reads whose body came back short (see ``read_bytes``)
+
+
+def with_defaults(url: str, storage_options: StorageOptions | None) -> dict[str, Any]:
+    """``storage_options`` for ``url`` with copyscan's defaults added where the user set nothing: on
+    ``s3://``, ``config_kwargs`` gets each of ``S3_CONFIG_DEFAULTS`` it lacks. The one place they apply."""
+    options = dict(storage_options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        options["config_kwargs"] = {**S3_CONFIG_DEFAULTS, **(options.get("config_kwargs") or {})}
+    return options
+
+
 def get_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and protocol-less path for ``url``.
+    """Filesystem and protocol-less path for ``url`` (``with_defaults`` applied to the options).
 
     Listing caches are off: markers written by other processes must be seen by the next listing.
     """
-    options = dict(storage_options or {})
+    options = with_defaults(url, storage_options)
     fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
     return fs, path
 
@@ -131,10 +155,73 @@ def _with_protocol(original: str, fs: fsspec.AbstractFileSystem, path: str) -> s
     return fs.unstrip_protocol(path)
 
 
-def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+class TruncatedRead(OSError):
+    """A read that returned fewer bytes than the object holds before its end: a body cut short on the way
+    (an HTTP client does not always notice). Retried: by ``read_bytes``, and for a tar by the shard's task."""
+
+
+class CheckedReader(io.RawIOBase):
+    """A binary file of known ``size`` whose every ``read(n)`` must return ``min(n, size - position)`` bytes,
+    else ``TruncatedRead``: fsspec's files return less only at their end, so a shorter answer is a body cut
+    short. Wraps what ``open_checked`` opens; the file stays owned (and closed) by the caller."""
+
+    def __init__(self, f: Any, url: str) -> None:
+        super().__init__()
+        self._f, self._url = f, url
+        self._size = getattr(f, "size", None)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        out = self._f.read(n)
+        if self._size is not None:
+            left = self._size - self._pos
+            want = left if n is None or n < 0 else min(n, left)
+            if len(out) < want:
+                raise TruncatedRead(
+                    f"{self._url}: {len(out)} bytes read at offset {self._pos} where {want} were due "
+                    f"(the object holds {self._size}): a body cut short"
+                )
+        self._pos += len(out)
+        return out
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextmanager
+def open_checked(
+    url: str, storage_options: StorageOptions | None = None, **open_kwargs: Any
+) -> Iterator[Any]:
+    """``url`` opened for reading through a ``CheckedReader`` (short reads raise ``TruncatedRead``)."""
     fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    with fs.open(path, "rb", **open_kwargs) as f:
+        yield CheckedReader(f, url)
+
+
+def _transient(exc: BaseException) -> bool:
+    # botocore checks a whole object's checksum when the server stored one: a short body fails it.
+    return isinstance(exc, TruncatedRead) or type(exc).__name__ == "FlexibleChecksumError"
+
+
+def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    """The whole object at ``url``; its length checked against the object's size. A short body is read
+    again (``READ_ATTEMPTS`` times in all, with backoff), then a CopyscanError naming ``url``."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with open_checked(url, storage_options) as f:
+                return f.read()
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            if attempt + 1 == READ_ATTEMPTS:
+                raise CopyscanError(f"reading {url} failed {READ_ATTEMPTS} times: {exc}") from exc
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
 
 
 def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
@@ -157,16 +244,50 @@ def _tmp_name(path: str) -> str:
     return posixpath.join(head, f".{tail}.tmp-{os.getpid()}")
 
 
+# Errors of the place written to, not of the data: a user frees space, fixes permissions or the path.
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or the process's limit (ulimit -f)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a parent of the path is not a folder",
+    errno.EEXIST: "a parent of the path is not a folder",  # makedirs(exist_ok=True) on a file
+    errno.EISDIR: "the path is a folder",
+}
+
+
+@contextmanager
+def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str) -> Iterator[None]:
+    """Turn a full disk, a refused permission or a bad path while writing ``url`` into a CopyscanError
+    naming ``url``, after removing the temporary file: the final name never appears half-written."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _OUTPUT_ERRNOS.get(exc.errno) if isinstance(exc.errno, int) else None
+        if reason is None:
+            raise
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass  # the cause above is what the user needs to see
+        raise CopyscanError(f"cannot write {url}: {reason} ({exc.strerror or exc})") from exc
+
+
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Write ``data`` to ``url`` atomically: temp name, then move into place."""
+    """Write ``data`` to ``url`` atomically: temp name, then move into place. A full disk, a refused
+    permission or a path through a file is a CopyscanError naming ``url``; nothing is left behind."""
     fs, path = get_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    with _writing(url, fs, tmp):
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
 
 
 def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
@@ -201,20 +322,34 @@ def upload_file(local: str, url: str, storage_options: StorageOptions | None = N
     """Copy a local file to ``url`` atomically (temp name, then move)."""
     fs, path = get_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
-    fs.put_file(local, tmp)
-    fs.mv(tmp, path)
+    with _writing(url, fs, tmp):
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(local, tmp)
+        fs.mv(tmp, path)
 
 
 def download_file(url: str, local: str, storage_options: StorageOptions | None = None) -> None:
     """Copy ``url`` to a local file atomically; the local name appears only once the copy is complete."""
     fs, path = get_fs(url, storage_options)
-    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     tmp = f"{local}.tmp-{os.getpid()}"
-    fs.get_file(path, tmp)
+    with _writing(local, fsspec.filesystem("file"), tmp):
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        _download(fs, path, url, tmp)
     os.replace(tmp, local)
+
+
+def _download(fs: fsspec.AbstractFileSystem, path: str, url: str, tmp: str) -> None:
+    for attempt in range(READ_ATTEMPTS):
+        fs.get_file(path, tmp)
+        size, got = fs.size(path), os.path.getsize(tmp)
+        if size is None or got == size:
+            break
+        if attempt + 1 == READ_ATTEMPTS:
+            os.remove(tmp)
+            raise CopyscanError(f"downloading {url} failed {READ_ATTEMPTS} times: {got} of {size} bytes")
+        time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
 def remove(url: str, storage_options: StorageOptions | None = None, recursive: bool = False) -> None:

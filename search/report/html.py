@@ -1,4 +1,5 @@
-"""Render the report as one self-contained HTML file: no external script, style, font or image.
+"""Render the report as one self-contained HTML file: no external script, style, font or image (its
+Content-Security-Policy forbids them, and any script but its own).
 
 Plots are inline SVG (``copyscan.search.report.plots``); the gallery is a JSON array in the page, rendered 100
 rows at a time by a small script (sort, filter by column and threshold, pages), so a report with 10,000
@@ -10,6 +11,8 @@ with ``rel="noopener noreferrer"``; any other scheme (``javascript:``, ``data:``
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import math
@@ -26,6 +29,17 @@ PAGE_SIZE = 100
 # character, so no leading blank or control character can hide another scheme from the browser.
 LINK_PATTERN = r"^https?://[^\s/?#]"
 _LINK = re.compile(LINK_PATTERN, re.IGNORECASE)
+
+
+def csp(script: str) -> str:
+    """The page's Content-Security-Policy: nothing loads from anywhere (no script, style, font, image or
+    request leaves the file) but its own inline style, ``data:`` images, and the one inline ``script``, by
+    its hash: a script or event handler that got into the page some other way would not run."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    return (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+        "base-uri 'none'; form-action 'none'"
+    )
 
 
 def _e(value: Any) -> str:
@@ -50,7 +64,8 @@ def _num(value: Any, digits: int = 3) -> str:
 
 
 def _json_for_script(obj: Any) -> str:
-    """JSON safe inside <script>: NaN → null, and no "</" that would close the element."""
+    """JSON safe inside <script>: NaN → null, and no "<" at all (escaped ``\\u003c``, the same string to
+    JSON.parse): neither a "</script" that would close the element nor a "<!--" that would keep it open."""
 
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
@@ -64,7 +79,7 @@ def _json_for_script(obj: Any) -> str:
         return v
 
     text = json.dumps(clean(obj), ensure_ascii=False, separators=(",", ":"))
-    return text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def memorized_section(
@@ -301,9 +316,11 @@ def render(
     """The report page. ``result``: stats.json content; ``distributions``: column → (gen, train) values;
     ``rows``: gallery rows (matches columns + ``query_thumb``/``train_thumb`` data URLs or None)."""
     column = result["column"]
+    script = SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column), "link": json.dumps(LINK_PATTERN)}
     parts = [
         f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>copyscan report: {_e(result["run"])}</title>
+<meta http-equiv="Content-Security-Policy" content="{csp(script)}">
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body>
 <h1>copyscan report</h1>""",
@@ -318,7 +335,7 @@ def render(
         _trend(history),
         "".join(extra_sections),
         _gallery(result, rows),
-        f"""<script>{SCRIPT % {"page": PAGE_SIZE, "column": json.dumps(column), "link": json.dumps(LINK_PATTERN)}}</script>
+        f"""<script>{script}</script>
 </body></html>
 """,
     ]

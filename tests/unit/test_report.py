@@ -327,3 +327,78 @@ def test_gallery_filters_by_source_metadata_in_chromium(open_page, tmp_path):
     assert shown() == ["gen-0", "gen-3"]
     page.fill("#f-prov-max", "")
     assert shown() == ["gen-0", "gen-1", "gen-2", "gen-3"]
+
+
+HOSTILE = [
+    "</script><script>window.__pwned = 1</script>",
+    '<img src=x onerror="window.__pwned = 2">',
+    '"><svg onload="window.__pwned = 3">',
+    '<a href="javascript:window.__pwned = 4">click</a>',
+    '<iframe src="https://evil.example/"></iframe><script src="https://evil.example/x.js"></script>',
+]
+
+
+def test_hostile_captions_prompts_keys_and_urls_stay_text_in_chromium(open_page, tmp_path):
+    """Captions, prompts, keys and URLs that try to inject markup, scripts, event handlers or
+    ``javascript:`` links are shown as the text they are; nothing runs, nothing loads; the page's policy
+    allows its own script only."""
+    rows = [
+        {
+            "query_id": f"{bad}-q{i}",
+            "rank": 0,
+            "train_key": f"{bad}-k{i}",
+            "train_url": ("javascript:window.__pwned=5", f"https://x.example/{bad}")[i % 2],
+            "caption": bad,
+            "score": 0.9 - i / 100,
+            "score_norm": None,
+            "score_raw": None,
+            "is_copy": True,
+            "query_thumb": None,
+            "train_thumb": None,
+        }
+        for i, bad in enumerate(HOSTILE)
+    ]
+    prompts = [
+        {
+            "rank": i + 1,
+            "prompt": bad,
+            "clique_size": 2,
+            "clique_exact": True,
+            "n_generations": 4,
+            "mean_distance": 0.1,
+            "max_distance": 0.2,
+            "graph_size": 64,
+            "edge_threshold": 0.15,
+            "members": [{"source": None, "key": bad, "mean_distance": 0.1}],
+        }
+        for i, bad in enumerate(HOSTILE)
+    ]
+    result, distributions = _page()
+    result = dict(result, gallery_rows=len(rows), run=HOSTILE[0], index=HOSTILE[1])
+    section = html.memorized_section("javascript:window.__pwned=6", prompts, {}, per_prompt=4)
+    page_html = html.render(result, distributions, rows, extra_sections=[section])
+    assert page_html.count("<script") == 3  # the page's script and its two JSON blocks
+    path = tmp_path / "report.html"
+    path.write_text(page_html, encoding="utf-8")
+    dialogs: list[str] = []
+    loaded = open_page(str(path))
+    page = loaded.page
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    page.locator("#gallery-body tr").first.wait_for()
+    assert loaded.console_errors == []  # its own script ran under its policy: no violation reported
+    assert page.evaluate("window.__pwned") is None and dialogs == []
+    assert page.evaluate("document.scripts.length") == 3
+    assert page.evaluate("document.querySelectorAll('iframe, embed, object').length") == 0
+    handlers = (
+        "[...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => /^on/i.test(a.name)))"
+    )
+    assert page.evaluate(f"{handlers}.length") == 0
+    hrefs = page.evaluate("[...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href'))")
+    assert hrefs and all(h.startswith(("https://", "#")) for h in hrefs), hrefs
+    assert page.evaluate("performance.getEntriesByType('resource').length") == 0  # nothing loaded
+    captions = page.locator("#gallery-body td.caption").all_text_contents()
+    assert len(captions) == len(HOSTILE)
+    assert {bad for bad in HOSTILE if any(c.startswith(bad) for c in captions)} == set(HOSTILE)
+    headings = page.locator("div.clique h3").all_text_contents()
+    assert headings == [f"#{i + 1}: {bad}" for i, bad in enumerate(HOSTILE)]
+    assert page.title() == f"copyscan report: {HOSTILE[0]}"
