@@ -98,7 +98,10 @@ class SSCDEmbedder(Embedder):
             "name": "sscd",
             "weights_sha256": weights_digest(local, os.path.getmtime(local)),
             "preprocess": preprocess,
-            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)},
+            # a uint8 ONNX input normalises in the model: copyscan applies nothing
+            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)}
+            if runtime.get("input", "float-nchw") == "float-nchw"
+            else "in-model",
             **runtime,
             "dim": sscd.probe_dim(self.module, size, self.device, width),
         }

@@ -124,6 +124,7 @@ def test_uint8_hwc_model_gets_the_pixels_as_they_are(tmp_path, real_images, batc
     weight = _uint8_hwc_model(path, batched=batched)
     embedder = load_embedder("sscd", weights=str(path), device="cpu", options={"size": SIZE})
     assert embedder.spec["input"] == ("uint8-nhwc" if batched else "uint8-hwc") and embedder.dim == 5
+    assert embedder.spec["normalise"] == "in-model"
     pixels = np.stack([embedder.preprocess(open_rgb(path)) for path in real_images[:3]])
     expected = (pixels.astype(np.float64) / 255.0).mean(axis=(2, 3)) @ weight + 0.1
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
