@@ -15,13 +15,20 @@ sources. The metrics are computed from ``matches/``:
 - the score threshold reaching 90 % / 99 % precision and the recall there.
 
     python -m bench.copy_detection [--train 1000 --copies 500 --negatives 500 --seed 0]
+    python -m bench.copy_detection --domain all --seed 0 1 --train 300 --copies 100 --negatives 100 \
+        --pair-images 120 [--embedder effnet-lite0 --embedder sscd=/models/sscd_disc_mixup.onnx]
+
+With several domains, seeds or embedders (``--domain all``, ``--seed 0 1``, ``--embedder`` repeated) each run's
+result goes to stderr as it finishes, then a markdown table per (embedder, domain) with the mean over seeds and
+each seed's value, the mean over domains, and the JSON of all runs with that summary on stdout
+(``bench/domains.py``). Domains other than ``art`` (the default, the corpus copyscan was developed with) get
+their own work folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -31,6 +38,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bench import domains as bench_domains
 from copyscan.indexing.index_config import IndexConfig
 from copyscan.indexing.runtime.config import resolve
 from copyscan.jobs._runtime import init_ray, setup_logging
@@ -212,6 +220,21 @@ def paired_keys(index_url: str, manifest: dict, pair_images: int) -> set[str]:
     return keys
 
 
+def parse_embedder(text: str) -> tuple[str, list[str]]:
+    """--embedder 'NAME' or 'NAME=WEIGHTS' → (its label in the table, its index config overrides).
+
+    The default embedder without weights adds no override, so its index is the one built without
+    --embedder."""
+    from copyscan.indexing.models.embedders import DEFAULT_EMBEDDER, EMBEDDERS
+
+    name, _, weights = text.partition("=")
+    if name not in EMBEDDERS:
+        raise SystemExit(f"--embedder {text!r}: unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}")
+    if not weights:
+        return name, [] if name == DEFAULT_EMBEDDER else [f"embedder={name}"]
+    return f"{name} ({pathlib.Path(weights).name})", [f"embedder={name}", f"weights={weights}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--copies", type=int, default=500)
     parser.add_argument("--negatives", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the copy transformations and pairs")
+    bench_domains.add_arguments(parser)
+    parser.add_argument(
+        "--embedder",
+        action="append",
+        default=[],
+        metavar="NAME[=WEIGHTS]",
+        help="an embedder to compare, each with its own index (repeatable), e.g. effnet-lite0 "
+        "sscd=/models/sscd_disc_mixup.onnx; default: the index config's (effnet-lite0)",
+    )
     parser.add_argument("--work", default=None, help="work folder (default: ~/.cache/copyscan/bench/...)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the index and scan (shards are kept)")
     parser.add_argument(
@@ -234,11 +265,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="index config overrides, e.g. whitening=pca")
     args = parser.parse_args(argv)
+    embedders = [parse_embedder(text) for text in args.embedder] or [("effnet-lite0", [])]
     setup_logging()
+    init_ray()
+    runs = []
+    for domain in bench_domains.domains(args.domain):
+        for label, embedder_overrides in embedders:
+            for seed in args.seed:
+                result = run_one(args, domain, [*embedder_overrides, *args.overrides], seed)
+                runs.append({"embedder_label": label, **result})
+                print(json.dumps(result), file=sys.stderr, flush=True)
+    if len(runs) == 1:
+        print(json.dumps(runs[0], indent=2))
+        return 0
+    summary = bench_domains.summarise(runs)
+    print(bench_domains.table(summary), file=sys.stderr)
+    sizes = {
+        "train": args.train,
+        "copies": args.copies,
+        "negatives": args.negatives,
+        "pairs": args.pair_images,
+    }
+    print(json.dumps({"bench": "copy_detection", "sizes": sizes, "summary": summary, "runs": runs}, indent=2))
+    return 0
+
+
+def run_one(args: argparse.Namespace, domain: str, index_overrides: list[str], seed: int) -> dict:
+    """One index (built once, reused) and one scan of ``seed``'s queries on ``domain``: the result dict."""
     t0 = time.time()
-    cache = pathlib.Path(os.environ.get("COPYSCAN_CACHE", pathlib.Path.home() / ".cache" / "copyscan"))
-    work = pathlib.Path(args.work or cache / "bench" / f"copy_detection-{args.train}-{args.negatives}")
-    files = real_image_files(args.train + args.negatives)
+    work = bench_domains.work_dir(args.work, domain, args.train, args.negatives)
+    files = real_image_files(args.train + args.negatives, domain=domain)
     train, unseen = files[: args.train], files[args.train :]
 
     www = work / "www"
@@ -254,16 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_ray import run_scan
 
-    overrides = [f"whitening_pair_images={args.pair_images}", *args.overrides]
-    tag = "-".join(sorted(overrides))
-    scan_tag = "".join(f"-{o}" for o in sorted(args.scan))
-    index_out, scan_out = work / f"index-{tag}", work / f"scan-{tag}{scan_tag}-seed{args.seed}"
-    queries = work / f"queries-{tag}-seed{args.seed}"
+    overrides = [f"whitening_pair_images={args.pair_images}", *index_overrides]
+    tag = "-".join(sorted(overrides)).replace("/", "_")
+    scan_tag = "".join(f"-{o}" for o in sorted(args.scan)).replace("/", "_")
+    index_out, scan_out = work / f"index-{tag}", work / f"scan-{tag}{scan_tag}-seed{seed}"
+    queries = work / f"queries-{tag}-seed{seed}"
     if args.fresh:
         for folder in (index_out, scan_out, queries):
             shutil.rmtree(folder, ignore_errors=True)
     reused = (index_out / "manifest.json").exists(), (scan_out / "summary.json").exists()
-    init_ray()
     t_index = time.time()
     manifest = run_index(
         resolve(
@@ -279,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = [p for p in staged if key_of_source[str(p)] not in seen]
     shutil.rmtree(queries, ignore_errors=True)  # a run with other --copies/--negatives left its files there
     truth = demo_data.make_generated_images(
-        sources, unseen, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=args.seed
+        sources, unseen, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=seed
     )
     markers = sorted((scan_out / "chunks").glob("chunk_*.json")) if scan_out.exists() else []
     if any(json.loads(m.read_text()).get("index_build_id") != manifest["build_id"] for m in markers):
@@ -297,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "copy_detection",
         "train_images": manifest["ntotal"],
         "negatives": args.negatives,
-        "seed": args.seed,
-        "overrides": args.overrides,
+        "domain": domain,
+        "seed": seed,
+        "overrides": index_overrides,
         "scan_overrides": args.scan,
         "embedder": {"name": manifest["embedder"]["name"], "fingerprint": manifest["embedder_fingerprint"]},
         "index": manifest["index"]["factory"],
@@ -313,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "scan_job": round(time.time() - t_scan, 1),
         },
     }
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

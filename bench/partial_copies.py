@@ -12,13 +12,17 @@ score column with copies as positives (a copy counts only when its rank-0 match 
 
     python -m bench.copy_detection --train 1000 --negatives 500     # builds the index once
     python -m bench.partial_copies --train 1000 --copies 300 --negatives 300 [scan overrides...]
+
+``--domain`` and ``--seed`` as in bench.copy_detection (``--domain all --seed 0 1``: a table per domain with
+each seed's figures and the mean, on stderr, and every run's JSON with the summary on stdout); the index of
+each domain is bench.copy_detection's with the same --train, --negatives (here --index-negatives) and
+--pair-images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -27,6 +31,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from bench import domains as bench_domains
 from bench.copy_detection import evaluate, paired_keys
 from copyscan.indexing.embed.augment import paste_partial
 from copyscan.indexing.read.images import composite_rgb
@@ -50,6 +55,17 @@ def scene_pool(paths: list[pathlib.Path]) -> list[Image.Image]:
     return scenes
 
 
+# the figures summarised per domain: global, region matching's own ranking and dense verification when run
+FIGURES = (
+    ("recall@1", ("recall@1",)),
+    ("AP score_norm", ("score_norm", "ap")),
+    ("local recall@1", ("local_score_norm", "recall@1")),
+    ("AP local_score_norm", ("local_score_norm", "ap")),
+    ("dense recall@1", ("dense_score", "recall@1")),
+    ("AP dense_score", ("dense_score", "ap")),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,20 +78,50 @@ def main(argv: list[str] | None = None) -> int:
         "--index-negatives", type=int, default=500, help="--negatives of bench.copy_detection"
     )
     parser.add_argument("--pair-images", type=int, default=400, help="as given to bench.copy_detection")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default=None, help="bench.copy_detection's work folder")
-    parser.add_argument("--index-tag", default="whitening_pair_images=400", help="its index-<tag> folder")
+    bench_domains.add_arguments(parser)
+    parser.add_argument("--work", default=None, help="bench.copy_detection's --work, if it was given one")
+    parser.add_argument(
+        "--index-tag", default=None, help="its index-<tag> folder (default: from --pair-images)"
+    )
     parser.add_argument("overrides", nargs="*", help="scan config overrides")
     args = parser.parse_args(argv)
     setup_logging()
+    init_ray()
+    runs = []
+    for domain in bench_domains.domains(args.domain):
+        for seed in args.seed:
+            result = run_one(args, domain, seed)
+            if result is None:
+                return 2
+            runs.append(result)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+    if len(runs) == 1:
+        print(json.dumps(runs[0], indent=2))
+        return 0
+    summary = bench_domains.summarise(runs, FIGURES, group=lambda run: run["embedder"])
+    print(bench_domains.table(summary, FIGURES), file=sys.stderr)
+    sizes = {
+        "train": args.train,
+        "copies": args.copies,
+        "negatives": args.negatives,
+        "scenes": args.scenes,
+        "index_negatives": args.index_negatives,
+    }
+    print(json.dumps({"bench": "partial_copies", "sizes": sizes, "summary": summary, "runs": runs}, indent=2))
+    return 0
+
+
+def run_one(args: argparse.Namespace, domain: str, seed: int) -> dict | None:
+    """The pasted copies of ``seed`` on ``domain``, scanned against bench.copy_detection's index of it."""
     t0 = time.time()
-    cache = pathlib.Path(os.environ.get("COPYSCAN_CACHE", pathlib.Path.home() / ".cache" / "copyscan"))
-    default_work = cache / "bench" / f"copy_detection-{args.train}-{args.index_negatives}"
-    work = pathlib.Path(args.work or default_work)
-    index_out = work / f"index-{args.index_tag}"
+    work = bench_domains.work_dir(args.work, domain, args.train, args.index_negatives)
+    index_out = work / f"index-{args.index_tag or f'whitening_pair_images={args.pair_images}'}"
     if not (index_out / "manifest.json").exists():
-        print(f"no index at {index_out}: run python -m bench.copy_detection first", file=sys.stderr)
-        return 2
+        print(
+            f"no index at {index_out}: run python -m bench.copy_detection --domain {domain} first",
+            file=sys.stderr,
+        )
+        return None
     manifest = load_manifest(str(index_out))
     keys = demo_data.source_keys(str(work / "shards"))
     staged = sorted((work / "www").iterdir())
@@ -83,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = paired_keys(str(index_out), manifest, args.pair_images)
     sources = [p for p in staged if str(p) in key_of_source and key_of_source[str(p)] not in seen]
     # images never indexed: the first go to bench.copy_detection's negatives; scenes and objects follow
-    files = real_image_files(args.train + args.index_negatives + args.scenes + args.negatives)
+    files = real_image_files(args.train + args.index_negatives + args.scenes + args.negatives, domain=domain)
     outside = files[args.train + args.index_negatives :]
     scenes = scene_pool(outside[: args.scenes])
     objects = outside[args.scenes :]
@@ -93,18 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         out, _box = paste_partial(img, scenes[int(rng.integers(len(scenes)))], rng)
         return out
 
-    tag = "-".join(sorted(args.overrides)) or "default"
-    queries = work / f"partial-queries-seed{args.seed}-{args.copies}-{args.negatives}"
-    scan_out = work / f"partial-scan-{args.index_tag}-{tag}-seed{args.seed}"
+    tag = "-".join(sorted(args.overrides)).replace("/", "_") or "default"
+    queries = work / f"partial-queries-seed{seed}-{args.copies}-{args.negatives}"
+    scan_out = work / f"partial-scan-{index_out.name[len('index-') :]}-{tag}-seed{seed}"
     t_queries = time.time()
     if queries.exists():
         shutil.rmtree(queries)
     truth = demo_data.make_generated_images(
-        sources, objects, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=args.seed,
+        sources, objects, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=seed,
         augment=augment,
     )  # fmt: skip
     shutil.rmtree(scan_out, ignore_errors=True)
-    init_ray()
     from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_ray import run_scan
 
@@ -116,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             parse_overrides(args.overrides),
         )
     )
-    result = {
+    return {
         "bench": "partial_copies",
+        "domain": domain,
         "train_images": manifest["ntotal"],
         "embedder": manifest["embedder"]["name"],
         "index": manifest["index"]["factory"],
         "scan_overrides": args.overrides,
-        "seed": args.seed,
+        "seed": seed,
         "paste": {
             "longer_side_of_scene_short_side": [0.35, 0.5],
             "jpeg_quality": [60, 90],
@@ -140,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
             "scan_queries_per_s": summary["this_run"]["queries_per_second"],
         },
     }
-    print(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

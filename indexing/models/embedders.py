@@ -53,7 +53,10 @@ class EffnetLite0Embedder(Embedder):
 
 
 class SSCDEmbedder(Embedder):
-    """SSCD (Pizzi et al. 2022) from a released TorchScript file, e.g. ``sscd_disc_mixup.torchscript.pt``.
+    """SSCD (Pizzi et al. 2022) from a released TorchScript file, e.g. ``sscd_disc_mixup.torchscript.pt``, or
+    from an ONNX export (``*.onnx``, run with onnxruntime: ``copyscan.indexing.models.sscd_onnx``, which also
+    says how the model's declared input decides what it is fed; the spec then records ``runtime: onnx`` and
+    that ``input`` layout).
 
     ``weights`` (local path or fsspec URL) is required: copyscan ships no SSCD weights and downloads nothing
     itself. Preprocessing: RGB (transparency on white), PIL's antialiased bilinear filter, ImageNet mean/std
@@ -70,18 +73,24 @@ class SSCDEmbedder(Embedder):
     def __init__(
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
-        from copyscan.indexing.models import sscd
+        from copyscan.indexing.models import sscd, sscd_onnx
 
         if not weights:
             raise CopyscanError(
                 "the sscd embedder needs its weights: give a local path or URL of a released SSCD TorchScript "
-                "file, e.g. weights=/models/sscd_disc_mixup.torchscript.pt (copyscan does not download them)"
+                "file, e.g. weights=/models/sscd_disc_mixup.torchscript.pt, or of an ONNX export (*.onnx) "
+                "(copyscan does not download them)"
             )
         preprocess = self._preprocess_spec(options)
 
         local = fetch_weights(weights)
         self.device = pick_device(device)
-        self.module = sscd.SSCDModule(sscd.load_torchscript(local, self.device)).eval().to(self.device)
+        runtime = {}
+        if sscd_onnx.is_onnx(local):
+            self.module = sscd_onnx.OnnxSSCDModule(sscd_onnx.open_session(local, self.device)).eval()
+            runtime = {"runtime": "onnx", "input": self.module.layout}
+        else:
+            self.module = sscd.SSCDModule(sscd.load_torchscript(local, self.device)).eval().to(self.device)
         size = preprocess["size"]
         # short_edge: probe a 3:2 input, so a model that only takes squares is refused at load time
         width = size + size // 2 if preprocess["kind"] == sscd.SHORT_EDGE_KIND else None
@@ -89,7 +98,11 @@ class SSCDEmbedder(Embedder):
             "name": "sscd",
             "weights_sha256": weights_digest(local, os.path.getmtime(local)),
             "preprocess": preprocess,
-            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)},
+            # a uint8 ONNX input normalises in the model: copyscan applies nothing
+            "normalise": {"mean": list(self.module.mean_rgb), "std": list(self.module.std_rgb)}
+            if runtime.get("input", "float-nchw") == "float-nchw"
+            else "in-model",
+            **runtime,
             "dim": sscd.probe_dim(self.module, size, self.device, width),
         }
 

@@ -3,13 +3,16 @@
 Used by the demo, the tests and ``bench/copy_eval.py`` wherever real pixels matter (synthetic noise says nothing
 about copy detection). Files come from packages that are installed (read in place) or fetched without root:
 ``apt-get download`` into a cache (``$COPYSCAN_CACHE/debs``, default ``~/.cache/copyscan/debs``), then only the
-members named in ``SOURCES`` are unpacked, into a temporary folder renamed when complete, so an interrupted
+members named in the package's ``Source`` (``copyscan.jobs.demo.sources``) are unpacked, into a temporary folder renamed when complete, so an interrupted
 extraction is redone. ``apt-get download`` needs the package lists (``apt-get update``) but not root.
 
 Every image passes the same filters: min side ≥ ``MIN_SIDE``, at least ``MIN_OPAQUE`` of it opaque, not flat
 (grey std ≥ ``MIN_STD`` after compositing on white), and no near-duplicate (64-bit DCT hash within
 ``MAX_HASH_DISTANCE`` bits of an image kept earlier). Openclipart packages are never used here: they are
 reserved for an independent evaluation.
+
+The default corpus is the ``art`` domain (``SOURCES``: game art, renders, astronomical images, wallpapers);
+``real_image_files(n, domain="icons")`` and ``"screenshots"`` give the benches' other domains (``DOMAINS``).
 """
 
 from __future__ import annotations
@@ -23,109 +26,35 @@ import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.read.images import composite_rgb
+from copyscan.jobs.demo.sources import (
+    DEFAULT_DOMAIN,
+    DEMO_PACKAGES,
+    DOMAIN_SOURCES,
+    DOMAINS,
+    EXTRA_SOURCES,
+    SOURCES,
+    Source,
+)
 
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DEMO_PACKAGES",
+    "DOMAINS",
+    "DOMAIN_SOURCES",
+    "EXTRA_SOURCES",
+    "SOURCES",
+    "Source",
+    "domain_packages",
+    "package_file",
+    "real_image_files",
+]
 
-@dataclass(frozen=True)
-class Source:
-    """Where one package keeps usable images: fnmatch patterns ('*' also matches '/') rooted at '/'."""
-
-    patterns: tuple[str, ...]
-    exclude: tuple[str, ...] = ()
-    note: str = ""
-    # Skip a file whose stem extends another file's stem in the same folder after one of these characters
-    # ("konrad-human-glad.png" next to "konrad-human.png"): expression and costume variants of one painting.
-    variant_sep: str = ""
-
-
-_WESNOTH = "usr/share/games/wesnoth/1.16/data"
-_CAMPAIGN_ART = (f"{_WESNOTH}/campaigns/*/images/portraits/*", f"{_WESNOTH}/campaigns/*/images/story/*")
-# translated copies of story art (same picture, other text); story/characters and story/portraits hold the
-# portraits again on black instead of transparent
-_CAMPAIGN_EXCLUDE = ("*/l10n/*", "*/story/characters/*", "*/story/portraits/*")
-
-
-def _campaign(note: str) -> Source:
-    return Source(_CAMPAIGN_ART, _CAMPAIGN_EXCLUDE, note, variant_sep="-_+")
-
-
-# Package → images. Sizes are the Debian 12 (bookworm) .deb downloads; counts are the distinct images each
-# gives on its own (filters + near-duplicate removal; `python -m copyscan.jobs.demo.sample_images` prints this
-# table). All of them together: 2,496 images pass the filters, 1,838 distinct (~1.2 GB of downloads).
-SOURCES: dict[str, Source] = {
-    "endless-sky-data": Source(
-        (
-            "usr/share/games/endless-sky/images/land/*",
-            "usr/share/games/endless-sky/images/scene/*",
-            "usr/share/games/endless-sky/images/planet/*",
-            "usr/share/games/endless-sky/images/ship/*",
-        ),
-        note="69.7 MB, 362 images: photos of landscapes and cities (273), planet and ship renders",
-    ),
-    "wesnoth-1.16-data": Source(
-        (f"{_WESNOTH}/core/images/portraits/*", f"{_WESNOTH}/core/images/story/*"),
-        ("*/l10n/*",),
-        note="146 MB, 189 images: painted portraits (transparent backgrounds) and story paintings",
-        variant_sep="-_+",
-    ),
-    "wesnoth-1.16-trow": _campaign("19.6 MB, 37 images: campaign portraits and story paintings"),
-    "wesnoth-1.16-httt": _campaign("12.9 MB, 16 images"),
-    "wesnoth-1.16-utbs": _campaign("13.2 MB, 24 images"),
-    "wesnoth-1.16-sof": _campaign("7.0 MB, 7 images"),
-    "wesnoth-1.16-tsg": _campaign("8.1 MB, 11 images"),
-    "wesnoth-1.16-low": _campaign("9.0 MB, 11 images"),
-    "wesnoth-1.16-l": _campaign("5.5 MB, 10 images"),
-    "wesnoth-1.16-nr": _campaign("8.1 MB, 14 images"),
-    "wesnoth-1.16-dm": _campaign("5.4 MB, 14 images"),
-    "wesnoth-1.16-did": _campaign("5.8 MB, 11 images"),
-    "wesnoth-1.16-sotbe": _campaign("6.7 MB, 12 images"),
-    "wesnoth-1.16-thot": _campaign("6.5 MB, 10 images"),
-    "wesnoth-1.16-ei": _campaign("5.9 MB, 6 images"),
-    "wesnoth-1.16-dw": _campaign("5.2 MB, 6 images"),
-    "stellarium-data": Source(
-        ("usr/share/stellarium/skycultures/*", "usr/share/stellarium/nebulae/default/*"),
-        note="246 MB, 865 images: constellation artwork of many sky cultures, astronomical photographs",
-    ),
-    "gnome-backgrounds": Source(("usr/share/backgrounds/gnome/*",), note="32.5 MB, 11 images: wallpapers"),
-    # Not tuxpaint-stamps-default: many Tux Paint stamps come from the Open Clip Art Library, whose images
-    # are reserved for an independent evaluation of copyscan. naev-data's ARTWORK_LICENSE.yaml credits one
-    # file to openclipart.org (gfx/overlay/portrait_exclamation.png), outside the folders used here.
-    "naev-data": Source(
-        (
-            "usr/share/naev/dat/gfx/planet/exterior/*",
-            "usr/share/naev/dat/gfx/planet/space/*",
-            "usr/share/naev/dat/gfx/portraits/*",
-            "usr/share/naev/dat/gfx/loading/*",
-            "usr/share/naev/dat/gfx/intro/*",
-        ),
-        note="350 MB, 166 images: painted portraits, planet landscapes and renders, loading-screen paintings",
-    ),
-    "plasma-workspace-wallpapers": Source(
-        ("usr/share/wallpapers/*",), note="94 MB, 38 images: KDE wallpapers (photos and artwork)"
-    ),
-    "ukui-wallpapers": Source(("usr/share/backgrounds/*",), note="21 MB, 12 images: wallpapers, photos"),
-    "mate-backgrounds": Source(
-        ("usr/share/backgrounds/mate/*",), note="46.6 MB, 17 images: wallpapers, photos"
-    ),
-}
-
-# Not part of the corpus: packages the tests read single known files from.
-EXTRA_SOURCES: dict[str, Source] = {
-    "python3-skimage": Source(
-        ("usr/lib/python3/dist-packages/skimage/data/*",),
-        note="20.7 MB: scikit-image's sample photos (chelsea.png: a tabby cat; coffee.png: an espresso cup)",
-    ),
-}
-
-# For the demo: one 69.7 MB download, 362 distinct images (photos and renders). The smallest alternative, the
-# Wesnoth campaign packages, needs eight downloads (~83 MB) for 150 images.
-DEMO_PACKAGES: tuple[str, ...] = ("endless-sky-data",)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_SIDE = 128
@@ -202,10 +131,20 @@ def _extract(deb: pathlib.Path, source: Source, into: pathlib.Path) -> int:
 
 
 def _source(package: str) -> Source:
-    source = SOURCES.get(package) or EXTRA_SOURCES.get(package)
+    source = EXTRA_SOURCES.get(package)
+    for table in DOMAIN_SOURCES.values():
+        source = source or table.get(package)
     if source is None:
-        raise CopyscanError(f"no image source for package {package!r}; known: {', '.join(SOURCES)}")
+        known = [name for table in DOMAIN_SOURCES.values() for name in table]
+        raise CopyscanError(f"no image source for package {package!r}; known: {', '.join(known)}")
     return source
+
+
+def domain_packages(domain: str) -> tuple[str, ...]:
+    """The packages of one image domain (``DOMAINS``: art, the default corpus; icons; screenshots)."""
+    if domain not in DOMAIN_SOURCES:
+        raise CopyscanError(f"unknown image domain {domain!r}; known: {', '.join(DOMAINS)}")
+    return tuple(DOMAIN_SOURCES[domain])
 
 
 def package_root(package: str, cache_dir: str | os.PathLike | None = None) -> tuple[pathlib.Path, str]:
@@ -405,18 +344,21 @@ def real_image_files(
     count: int,
     *,
     packages: Sequence[str] | None = None,
+    domain: str = DEFAULT_DOMAIN,
     cache_dir: str | os.PathLike | None = None,
 ) -> list[pathlib.Path]:
-    """``count`` distinct real images from ``packages`` (default: every package in SOURCES).
+    """``count`` distinct real images from ``packages`` (default: every package of ``domain``, by default
+    ``art``: SOURCES).
 
     The order is fixed: the images of all packages are deduplicated in table order, then shuffled with a
     fixed seed, so sources are mixed and ``real_image_files(n)`` is a prefix of ``real_image_files(m)`` for
     n < m. Raises CopyscanError when fewer than ``count`` distinct images are available.
     """
-    names = list(SOURCES) if packages is None else list(packages)
+    names = list(domain_packages(domain) if packages is None else packages)
+    order_of = [name for table in DOMAIN_SOURCES.values() for name in table]
     paths: list[pathlib.Path] = []
     hashes: list[bytes] = []
-    for package in sorted(names, key=lambda name: list(SOURCES).index(name) if name in SOURCES else -1):
+    for package in sorted(names, key=lambda name: order_of.index(name) if name in order_of else -1):
         for path, h in package_inventory(package, cache_dir):
             paths.append(path)
             hashes.append(h)
@@ -425,16 +367,18 @@ def real_image_files(
     if len(kept) < count:
         raise CopyscanError(
             f"only {len(kept)} distinct images in {', '.join(names)}; asked for {count}. "
-            f"Add packages from copyscan.jobs.demo.sample_images.SOURCES."
+            f"Add packages from copyscan.jobs.demo.sample_images.DOMAIN_SOURCES, or ask for fewer."
         )
     return [kept[i] for i in order[:count]]
 
 
-# a table of what each package gives: python -m copyscan.jobs.demo.sample_images [PACKAGE ...]
+# a table of what each package gives: python -m copyscan.jobs.demo.sample_images [PACKAGE or DOMAIN ...]
 def _main() -> None:
     import sys
 
-    names = sys.argv[1:] or list(SOURCES)
+    args = sys.argv[1:]
+    names = [p for arg in args for p in (domain_packages(arg) if arg in DOMAIN_SOURCES else (arg,))]
+    names = names or list(SOURCES)
     total: list[bytes] = []
     for package in names:
         inventory = package_inventory(package)

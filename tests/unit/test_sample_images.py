@@ -133,3 +133,37 @@ def test_real_image_files_from_a_small_package(small_cache):
         si.real_image_files(available + 1, packages=[SMALL_PACKAGE], cache_dir=small_cache)
     with pytest.raises(CopyscanError, match="no image source"):
         si.real_image_files(1, packages=["openclipart-png"], cache_dir=small_cache)
+
+
+def test_domains_are_disjoint_and_named():
+    assert si.DOMAINS[0] == si.DEFAULT_DOMAIN == "art" and len(si.DOMAINS) >= 3
+    assert si.domain_packages("art") == tuple(si.SOURCES)
+    packages = [name for domain in si.DOMAINS for name in si.domain_packages(domain)]
+    assert len(packages) == len(set(packages))  # a package belongs to one domain
+    assert not [name for name in packages if "openclipart" in name or "tuxpaint-stamps" in name]
+    for domain in si.DOMAINS:
+        for name in si.domain_packages(domain):
+            assert si._source(name) is si.DOMAIN_SOURCES[domain][name]
+    # the patterns of one domain's packages select no file another domain's select
+    patterns = {
+        d: [p for n in si.domain_packages(d) for p in si.DOMAIN_SOURCES[d][n].patterns] for d in si.DOMAINS
+    }
+    for a in si.DOMAINS:
+        for b in si.DOMAINS:
+            if a != b:
+                assert not any(
+                    p.rstrip("*").startswith(q.rstrip("*")) for p in patterns[a] for q in patterns[b]
+                )
+    with pytest.raises(CopyscanError, match="unknown image domain 'comics'; known: art, icons, screenshots"):
+        si.domain_packages("comics")
+    with pytest.raises(CopyscanError, match="unknown image domain"):
+        si.real_image_files(1, domain="comics")
+
+
+def test_real_image_files_of_a_domain(small_cache, monkeypatch):
+    # a domain of the one small package: the same files, in the same order, as naming the package
+    monkeypatch.setitem(si.DOMAIN_SOURCES, "tiny", {SMALL_PACKAGE: si.SOURCES[SMALL_PACKAGE]})
+    root, _ = si.package_root(SMALL_PACKAGE, small_cache)
+    by_domain = si.real_image_files(4, domain="tiny", cache_dir=small_cache)
+    assert by_domain == si.real_image_files(4, packages=[SMALL_PACKAGE], cache_dir=small_cache)
+    assert all(si._matches(p.relative_to(root).as_posix(), si.SOURCES[SMALL_PACKAGE]) for p in by_domain)
