@@ -12,6 +12,10 @@ score column with copies as positives (a copy counts only when its rank-0 match 
 
     python -m bench.copy_detection --train 1000 --negatives 500     # builds the index once
     python -m bench.partial_copies --train 1000 --copies 300 --negatives 300 [scan overrides...]
+
+``--compare-query-modes`` scans the same queries twice in one run, with ``region_query_mode=crop`` (one
+forward pass per window) and ``region_query_mode=pool`` (every window pooled from one pass), one after the
+other on the same machine, and prints both (``modes``) with the ratio of their generations per second.
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="bench.copy_detection's work folder")
     parser.add_argument("--index-tag", default="whitening_pair_images=400", help="its index-<tag> folder")
+    parser.add_argument(
+        "--compare-query-modes",
+        action="store_true",
+        help="scan the same queries with region_query_mode=crop and =pool, one after the other; print both",
+    )
     parser.add_argument("overrides", nargs="*", help="scan config overrides")
     args = parser.parse_args(argv)
     setup_logging()
@@ -103,19 +112,47 @@ def main(argv: list[str] | None = None) -> int:
         sources, objects, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=args.seed,
         augment=augment,
     )  # fmt: skip
-    shutil.rmtree(scan_out, ignore_errors=True)
     init_ray()
     from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_ray import run_scan
 
-    t_scan = time.time()
-    summary = run_scan(
-        resolve(
-            ScanConfig,
-            {"index": str(index_out), "queries": str(queries), "out": str(scan_out)},
-            parse_overrides(args.overrides),
+    def scan(overrides: list[str], out: pathlib.Path) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        t_scan = time.time()
+        summary = run_scan(
+            resolve(
+                ScanConfig,
+                {"index": str(index_out), "queries": str(queries), "out": str(out)},
+                parse_overrides(overrides),
+            )
         )
-    )
+        seconds = time.time() - t_scan
+        return {
+            **evaluate(out, truth, key_of_source),
+            # the region settings the scan ran with, defaults included (summary.json's "regions")
+            "regions": {
+                key: summary["regions"].get(key)
+                for key in ("windows", "query_mode", "query_size", "refine", "slide")
+            }
+            if summary.get("regions")
+            else None,
+            "seconds": {
+                "scan_job": round(seconds, 1),
+                "generations_per_s": round(len(truth) / seconds, 4),
+                "scan_queries_per_s": summary["this_run"]["queries_per_second"],
+            },
+        }
+
+    t_scan = time.time()
+    if args.compare_query_modes:
+        modes = {
+            mode: scan([*args.overrides, f"region_query_mode={mode}"], pathlib.Path(f"{scan_out}-{mode}"))
+            for mode in ("crop", "pool")
+        }
+        rate = {mode: modes[mode]["seconds"]["generations_per_s"] for mode in modes}
+        scanned = {"modes": modes, "speedup_generations_per_s": round(rate["pool"] / rate["crop"], 2)}
+    else:
+        scanned = scan(args.overrides, scan_out)
     result = {
         "bench": "partial_copies",
         "train_images": manifest["ntotal"],
@@ -123,21 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         "index": manifest["index"]["factory"],
         "scan_overrides": args.overrides,
         "seed": args.seed,
+        "generations": len(truth),
         "paste": {
             "longer_side_of_scene_short_side": [0.35, 0.5],
             "jpeg_quality": [60, 90],
             "scenes": len(scenes),
         },
-        **evaluate(scan_out, truth, key_of_source),
-        # the region settings the scan ran with, defaults included (summary.json's "regions")
-        "regions": {key: summary["regions"][key] for key in ("windows", "refine", "slide")}
-        if summary.get("regions")
-        else None,
+        **scanned,
         "seconds": {
             "total": round(time.time() - t0, 1),
             "make_queries": round(t_scan - t_queries, 1),
-            "scan_job": round(time.time() - t_scan, 1),
-            "scan_queries_per_s": summary["this_run"]["queries_per_second"],
+            "scan_jobs": round(time.time() - t_scan, 1),
         },
     }
     print(json.dumps(result, indent=2))
