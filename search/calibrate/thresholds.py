@@ -159,11 +159,12 @@ def resolve_partial_threshold(
     partial = calibration.get("partial")
     if not partial or calibration.get("build_id") != manifest.get("build_id"):
         return None, "the index has no partial-copy calibration (copyscan calibrate partial=N outside=URL)"
-    if partial["settings"] != settings:
+    calibrated = {"region_query_mode": "crop", **partial["settings"]}  # calibrated before pooled windows
+    if calibrated != settings:
         differ = ", ".join(
-            f"{k}={partial['settings'].get(k)!r} (this scan: {settings[k]!r})"
+            f"{k}={calibrated.get(k)!r} (this scan: {settings[k]!r})"
             for k in PARTIAL_KEYS
-            if partial["settings"].get(k) != settings[k]
+            if calibrated.get(k) != settings[k]
         )
         return None, f"its partial-copy thresholds hold for other scan settings: {differ}"
     value = partial["thresholds"].get(name)
