@@ -98,8 +98,8 @@ class ScanConfig:
     # feature maps of one forward pass over the query at region_query_size px (672 by default; R-MAC-style
     # regional pooling, effnet-lite0 only, other embedders crop). The frames (region_refine) and sliding
     # windows are crops either way. Measured side by side on the partial-copy bench (README "Partial
-    # copies (regions)"): pool scanned 6.9x / 7.0x more generations per second at recall@1 0.56 / 0.56
-    # against 0.63 / 0.69 (seeds 1 / 2, 16 copies each), short of the 10x at equal recall asked for a
+    # copies (regions)"): pool scanned 6.3-7.0x more generations per second at recall@1 0.56 / 0.56 / 0.58
+    # against 0.63 / 0.69 / 0.60 (seeds 1-3) and lower AP, short of the 10x at equal recall asked for a
     # default, so crop stays the default.
     region_query_mode: str = key(
         "crop",
