@@ -17,6 +17,11 @@ score column with copies as positives (a copy counts only when its rank-0 match 
 each seed's figures and the mean, on stderr, and every run's JSON with the summary on stdout); the index of
 each domain is bench.copy_detection's with the same --train, --negatives (here --index-negatives) and
 --pair-images.
+
+``--compare-query-modes`` scans the same queries twice in one run, with ``region_query_mode=crop`` (one
+forward pass per window) and ``region_query_mode=pool`` (every window pooled from one pass), one after the
+other on the same machine: a run per mode (``query_mode``, tabled apart), each with the ratio of the pooled
+mode's generations per second to the cropped one's (``speedup_generations_per_s``).
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--index-tag", default=None, help="its index-<tag> folder (default: from --pair-images)"
     )
+    parser.add_argument(
+        "--compare-query-modes",
+        action="store_true",
+        help="scan the same queries with region_query_mode=crop and =pool, one after the other; print both",
+    )
     parser.add_argument("overrides", nargs="*", help="scan config overrides")
     args = parser.parse_args(argv)
     setup_logging()
@@ -90,15 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for domain in bench_domains.domains(args.domain):
         for seed in args.seed:
-            result = run_one(args, domain, seed)
-            if result is None:
+            results = run_one(args, domain, seed)
+            if results is None:
                 return 2
-            runs.append(result)
-            print(json.dumps(result), file=sys.stderr, flush=True)
+            runs += results
+            for result in results:
+                print(json.dumps(result), file=sys.stderr, flush=True)
     if len(runs) == 1:
         print(json.dumps(runs[0], indent=2))
         return 0
-    summary = bench_domains.summarise(runs, FIGURES, group=lambda run: run["embedder"])
+    summary = bench_domains.summarise(
+        runs, FIGURES, group=lambda run: f"{run['embedder']} {run['regions']['query_mode']}"
+    )
     print(bench_domains.table(summary, FIGURES), file=sys.stderr)
     sizes = {
         "train": args.train,
@@ -111,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_one(args: argparse.Namespace, domain: str, seed: int) -> dict | None:
-    """The pasted copies of ``seed`` on ``domain``, scanned against bench.copy_detection's index of it."""
+def run_one(args: argparse.Namespace, domain: str, seed: int) -> list[dict] | None:
+    """The pasted copies of ``seed`` on ``domain``, scanned against bench.copy_detection's index of it: one
+    run, or with ``--compare-query-modes`` one per query mode (cropped first); None without the index."""
     t0 = time.time()
     work = bench_domains.work_dir(args.work, domain, args.train, args.index_negatives)
     index_out = work / f"index-{args.index_tag or f'whitening_pair_images={args.pair_images}'}"
@@ -149,43 +163,62 @@ def run_one(args: argparse.Namespace, domain: str, seed: int) -> dict | None:
         sources, objects, str(queries), n_copies=args.copies, n_unrelated=args.negatives, seed=seed,
         augment=augment,
     )  # fmt: skip
-    shutil.rmtree(scan_out, ignore_errors=True)
+    t_made = time.time()
     from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_ray import run_scan
 
-    t_scan = time.time()
-    summary = run_scan(
-        resolve(
-            ScanConfig,
-            {"index": str(index_out), "queries": str(queries), "out": str(scan_out)},
-            parse_overrides(args.overrides),
+    def scan(overrides: list[str], out: pathlib.Path) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        t_scan = time.time()
+        summary = run_scan(
+            resolve(
+                ScanConfig,
+                {"index": str(index_out), "queries": str(queries), "out": str(out)},
+                parse_overrides(overrides),
+            )
         )
-    )
-    return {
-        "bench": "partial_copies",
-        "domain": domain,
-        "train_images": manifest["ntotal"],
-        "embedder": manifest["embedder"]["name"],
-        "index": manifest["index"]["factory"],
-        "scan_overrides": args.overrides,
-        "seed": seed,
-        "paste": {
-            "longer_side_of_scene_short_side": [0.35, 0.5],
-            "jpeg_quality": [60, 90],
-            "scenes": len(scenes),
-        },
-        **evaluate(scan_out, truth, key_of_source),
-        # the region settings the scan ran with, defaults included (summary.json's "regions")
-        "regions": {key: summary["regions"][key] for key in ("windows", "refine", "slide")}
-        if summary.get("regions")
-        else None,
-        "seconds": {
-            "total": round(time.time() - t0, 1),
-            "make_queries": round(t_scan - t_queries, 1),
-            "scan_job": round(time.time() - t_scan, 1),
-            "scan_queries_per_s": summary["this_run"]["queries_per_second"],
-        },
-    }
+        seconds = time.time() - t_scan
+        return {
+            "bench": "partial_copies",
+            "domain": domain,
+            "train_images": manifest["ntotal"],
+            "embedder": manifest["embedder"]["name"],
+            "index": manifest["index"]["factory"],
+            "scan_overrides": overrides,
+            "seed": seed,
+            "generations": len(truth),
+            "paste": {
+                "longer_side_of_scene_short_side": [0.35, 0.5],
+                "jpeg_quality": [60, 90],
+                "scenes": len(scenes),
+            },
+            **evaluate(out, truth, key_of_source),
+            # the region settings the scan ran with, defaults included (summary.json's "regions")
+            "regions": {
+                key: summary["regions"].get(key)
+                for key in ("windows", "query_mode", "query_size", "refine", "slide")
+            }
+            if summary.get("regions")
+            else None,
+            "seconds": {
+                "total": round(time.time() - t0, 1),
+                "make_queries": round(t_made - t_queries, 1),
+                "scan_job": round(seconds, 1),
+                "generations_per_s": round(len(truth) / seconds, 4),
+                "scan_queries_per_s": summary["this_run"]["queries_per_second"],
+            },
+        }
+
+    if not args.compare_query_modes:
+        return [scan(args.overrides, scan_out)]
+    modes = [
+        scan([*args.overrides, f"region_query_mode={mode}"], pathlib.Path(f"{scan_out}-{mode}"))
+        for mode in ("crop", "pool")
+    ]
+    speedup = modes[1]["seconds"]["generations_per_s"] / modes[0]["seconds"]["generations_per_s"]
+    for run in modes:
+        run["speedup_generations_per_s"] = round(speedup, 2)
+    return modes
 
 
 if __name__ == "__main__":

@@ -249,8 +249,9 @@ def _partial_threshold(
 
 def _log_regions(local: LocalWindows) -> None:
     logger.info(
-        "scan: partial copies: %d windows per query (at %d px) against %s region vectors (%d per image)",
+        "scan: partial copies: %d windows per query (%s at %d px) against %s region vectors (%d per image)",
         len(local.spec.boxes),
+        "pooled from one pass" if local.spec.mode == "rmac" else "cropped",
         local.spec.size,
         f"{local.manifest['ntotal']:,}",
         len(local.train_boxes),

@@ -101,14 +101,15 @@ def embed_batches(
     """Run ``embedder`` over decoded batches and concatenate the results in order.
 
     With ``regions``, also one vector per box and image (``x_regions``): pooled from the same pass
-    (mode "pool": the global vector is then box 0's, bit for bit), or crops of the batches'
-    ``region_pixels`` (mode "crop"). ``aligned`` (queries of a split-product scan: the region index's boxes
+    (mode "pool": the global vector is then box 0's), or crops of the batches'
+    ``region_pixels`` (mode "crop"), or pooled from one pass over the ``region_pixels`` (mode "rmac").
+    ``aligned`` (queries of a split-product scan: the region index's boxes
     made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
-    ``keep_pixels`` (mode "crop") keeps the batches' ``region_pixels`` in the result.
+    ``keep_pixels`` (modes "crop", "rmac") keeps the batches' ``region_pixels`` in the result.
     ``decode_seconds`` is the time spent waiting for the next batch, ``embed_seconds`` the time in the model.
     """
-    if keep_pixels and (regions is None or regions.mode != "crop"):
-        raise ValueError("keep_pixels keeps the pixels of cropped regions (a RegionSpec in mode 'crop')")
+    if keep_pixels and (regions is None or regions.mode == "pool"):
+        raise ValueError("keep_pixels keeps the region_pixels (a RegionSpec in mode 'crop' or 'rmac')")
     parts = _Parts()
     t_wait = time.perf_counter()
     for batch in batches:
@@ -154,12 +155,16 @@ def _embed_pooled(batch: DecodedBatch, embedder: Embedder, regions: RegionSpec, 
 def _embed_cropped(
     batch: DecodedBatch, embedder: Embedder, regions: RegionSpec, keep_pixels: bool, parts: _Parts
 ) -> None:
-    """Mode "crop": every box cut from the batch's ``region_pixels`` and embedded on its own."""
+    """Mode "crop": every box cut from the batch's ``region_pixels`` and embedded on its own; mode "rmac":
+    every box pooled from one pass over them."""
     if not len(batch.pixels):
         return
     if batch.region_pixels is None or len(batch.region_pixels) != len(batch.pixels):
-        raise ValueError("cropped regions need the decode step's region_pixels")
-    parts.regions.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
+        raise ValueError(f"regions in mode {regions.mode!r} need the decode step's region_pixels")
+    if regions.mode == "rmac":
+        parts.regions.append(embedder.embed_boxes(batch.region_pixels, regions.boxes))
+    else:
+        parts.regions.append(embedder.embed_crops(batch.region_pixels, regions.boxes))
     if keep_pixels:
         parts.pixels.append(batch.region_pixels)
 

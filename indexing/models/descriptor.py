@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -173,6 +174,27 @@ def rmac_regions(height: int, width: int, levels: int) -> list[tuple[int, int, i
     return list(dict.fromkeys(regions))
 
 
+@lru_cache(maxsize=32)
+def box_rects(
+    boxes: tuple[tuple[float, ...], ...], height: int, width: int, levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rectangles ``CopyDescriptor.pool`` pools for each box on an ``height`` × ``width`` map: (owner
+    box of each rectangle (n,) int64, its (top, left, bottom, right) cells (n, 4) int64): the R-MAC regions
+    (``levels``; 0 = none) of the cells whose centres lie in the box (``regions.box_cells``)."""
+    from copyscan.indexing.models.regions import box_cells
+
+    owner, rects = [], []
+    for r, box in enumerate(boxes):
+        rows, cols = box_cells(box, height, width)
+        sub_h, sub_w = rows.stop - rows.start, cols.stop - cols.start
+        regions = rmac_regions(sub_h, sub_w, levels) if levels else [(0, 0, sub_h, sub_w)]
+        for t, left, rh, rw in regions:
+            top, left = rows.start + t, cols.start + left
+            owner.append(r)
+            rects.append((top, left, min(top + rh, height), min(left + rw, width)))
+    return torch.tensor(owner, dtype=torch.long), torch.tensor(rects, dtype=torch.long).reshape(-1, 4)
+
+
 class CopyDescriptor(torch.nn.Module):
     """EfficientNet-Lite0 features pooled into one L2-normalised vector per image.
 
@@ -307,20 +329,44 @@ class CopyDescriptor(torch.nn.Module):
     def pool_boxes(self, maps: list[list[torch.Tensor]], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
         """maps[scale][layer] (B, C, h, w) → (B, R, dim): each box (x0, y0, x1, y1 fractions) pooled like
         ``pool`` pools a whole map, from the cells whose centres lie in it
-        (``copyscan.indexing.models.regions.box_cells``). The box (0, 0, 1, 1) gives exactly ``pool(maps)``."""
-        from copyscan.indexing.models.regions import box_cells
+        (``copyscan.indexing.models.regions.box_cells``). The box (0, 0, 1, 1) gives ``pool(maps)``.
 
-        out = []
-        for box in boxes:
-            cropped = []
-            for per_layer in maps:
-                layer_maps = []
-                for fmap in per_layer:
-                    rows, cols = box_cells(tuple(box), fmap.shape[-2], fmap.shape[-1])
-                    layer_maps.append(fmap[:, :, rows, cols])
-                cropped.append(layer_maps)
-            out.append(self.pool(cropped))
-        return torch.stack(out, dim=1)
+        Every (box, R-MAC region) rectangle is GeM-pooled from one summed-area table of the map's
+        ``clamp(eps)^p`` (float64), so hundreds of boxes cost a few gathers, not a Python loop per box."""
+        total = None
+        for per_layer in maps:
+            parts = []
+            for fmap in per_layer:
+                key = tuple(tuple(float(v) for v in box) for box in boxes)
+                owner, rects = box_rects(key, fmap.shape[-2], fmap.shape[-1], self.regions)
+                parts.append(F.normalize(self._pool_rects(fmap, owner, rects, len(boxes)), dim=1))
+            vec = torch.cat(parts, dim=1)
+            total = vec if total is None else total + vec
+        return F.normalize(total, dim=1).transpose(1, 2)
+
+    def _pool_rects(
+        self, fmap: torch.Tensor, owner: torch.Tensor, rects: torch.Tensor, n_boxes: int
+    ) -> torch.Tensor:
+        """(B, C, h, w) map → (B, C, n_boxes): per box the sum of its rectangles' L2-normalised GeM vectors
+        (``gem`` of each rectangle, exactly, up to float64 rounding of the table)."""
+        powered = fmap.double().clamp(min=1e-6)
+        if self.p != 1.0:
+            powered = powered.pow(self.p)
+        table = F.pad(powered.cumsum(-2).cumsum(-1), (1, 0, 1, 0))  # (B, C, h + 1, w + 1)
+        width1 = table.shape[-1]
+        flat = table.flatten(2)
+        top, left, bottom, right = rects.to(fmap.device).unbind(1)
+        sums = (
+            flat[:, :, bottom * width1 + right]
+            - flat[:, :, top * width1 + right]
+            - flat[:, :, bottom * width1 + left]
+            + flat[:, :, top * width1 + left]
+        )
+        area = ((bottom - top) * (right - left)).to(sums.dtype)
+        mean = (sums / area).clamp(min=1e-300)
+        vec = F.normalize((mean if self.p == 1.0 else mean.pow(1.0 / self.p)).float(), dim=1)
+        out = vec.new_zeros((*vec.shape[:2], n_boxes))
+        return out.index_add_(2, owner.to(fmap.device), vec)
 
     def forward_boxes(self, x: torch.Tensor, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
         """x: (B, 3, S, S) uint8 RGB → (B, R, dim) float32: one forward pass, every box pooled from it."""

@@ -35,8 +35,33 @@ TRAIN_GRID = "0.6:2,0.45:3"
 # objects larger than the windows are still found, by the training images' 0.6 and 0.45 regions
 QUERY_GRID = "0.3:7,0.25:8,0.2:9"
 QUERY_SIZE = 448
+# Query windows pooled from one pass (``RegionSpec`` mode "rmac", ``ScanConfig.region_query_mode=pool``):
+# the generation is preprocessed at POOL_QUERY_SIZE px and every window pooled from that pass's feature
+# maps; at 672 px a 0.3 window spans about as many map cells as the 224-px crop of it does
+POOL_QUERY_SIZE = 672
 MAX_TRAIN_REGIONS = 64
-MODES = ("crop", "pool")
+MODES = ("crop", "pool", "rmac")
+# ScanConfig.region_query_mode → RegionSpec mode of the query windows
+QUERY_MODES = {"pool": "rmac", "crop": "crop"}
+
+
+def query_mode(
+    manifest: dict[str, Any], mode: str, size: int = 0, split_product: bool = False
+) -> tuple[str, int]:
+    """(RegionSpec mode, px) of the query windows of a scan of the index ``manifest`` describes, for
+    ``ScanConfig.region_query_mode`` ``mode`` and ``region_query_size`` ``size`` (0 = default): "pool"
+    pools them from one pass ("rmac", at ``POOL_QUERY_SIZE`` px) where the embedder pools feature maps
+    (effnet-lite0's copy-gem descriptor), else they are cropped ("crop", at the index's ``query_size``).
+    With ``split_product`` on an index of cropped regions the default size is the regions' own (the
+    aligned boxes are cut from the same pixels)."""
+    if mode not in QUERY_MODES:
+        raise CopyscanError(f"region_query_mode must be pool or crop, not {mode!r}")
+    described = manifest["regions"]
+    pooled = mode == "pool" and (manifest.get("embedder") or {}).get("descriptor") == "copy-gem"
+    if not size and split_product and described.get("mode") == "crop":
+        size = int(described.get("size") or 0)
+    default = POOL_QUERY_SIZE if pooled else int(described.get("query_size") or QUERY_SIZE)
+    return ("rmac" if pooled else "crop"), int(size or default)
 
 
 def parse_slide(spec: str) -> tuple[tuple[float, float], ...]:
@@ -125,6 +150,11 @@ class RegionSpec:
     - ``mode="pool"`` (effnet-lite0): every box is pooled from the feature maps of the pass that makes the
       global vector (``CopyDescriptor.pool_boxes``); free, but a box's vector also sees the context around
       it (receptive fields), so it matches a crop of the same content less closely.
+    - ``mode="rmac"`` (effnet-lite0; query windows): the image is preprocessed a second time at ``size``
+      px, like "crop", but the boxes are pooled from the feature maps of *one* forward pass over it
+      (regional pooling, Tolias et al. 2016), then through the descriptor's own head (per-layer GeM,
+      R-MAC, L2, concatenation) like the global vector: one pass of ``size``² pixels instead of one pass
+      per box.
     """
 
     boxes: tuple[Box, ...]
@@ -138,11 +168,11 @@ class RegionSpec:
     def preprocess_spec(self, spec: dict[str, Any]) -> dict[str, Any] | None:
         """The embedder's preprocessing at ``size`` for the decode workers (None: nothing more to decode).
 
-        Mode "crop" cuts boxes from fixed-size images: an aspect-keeping preprocessing (sscd
+        Modes "crop" and "rmac" work on fixed-size images: an aspect-keeping preprocessing (sscd
         ``resize=short_edge``) is refused."""
-        if self.mode == "crop" and spec.get("kind") == "short-edge":
+        if self.mode in ("crop", "rmac") and spec.get("kind") == "short-edge":
             raise CopyscanError(
                 "region vectors (regions=true) need a fixed-size input; sscd with resize=short_edge keeps each "
                 "image's aspect: use the default resize=square for an index with regions"
             )
-        return {**spec, "size": int(self.size)} if self.mode == "crop" else None
+        return {**spec, "size": int(self.size)} if self.mode in ("crop", "rmac") else None

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.regions import query_mode
 
 PRECISIONS = (0.5, 0.8, 0.9, 0.95, 0.99)
 
@@ -96,6 +97,7 @@ PARTIAL_KEYS = (
     "beta",
     "region_query_grid",
     "region_query_size",
+    "region_query_mode",
     "region_hits",
     "region_density_beta",
     "region_refine",
@@ -112,7 +114,11 @@ def partial_settings(cfg: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
     described = manifest.get("regions") or {}
     settings["region_query_grid"] = settings["region_query_grid"] or described.get("query_grid", "")
-    settings["region_query_size"] = int(settings["region_query_size"] or described.get("query_size", 0))
+    if described:  # the mode the windows are made in (pool falls back to crop) and its size
+        mode, settings["region_query_size"] = query_mode(
+            manifest, settings["region_query_mode"], settings["region_query_size"], bool(cfg.split_product)
+        )
+        settings["region_query_mode"] = "pool" if mode == "rmac" else "crop"
     for key in ("region_query_grid", "region_slide"):
         settings[key] = "".join(str(settings[key]).split())
     return settings
@@ -153,11 +159,12 @@ def resolve_partial_threshold(
     partial = calibration.get("partial")
     if not partial or calibration.get("build_id") != manifest.get("build_id"):
         return None, "the index has no partial-copy calibration (copyscan calibrate partial=N outside=URL)"
-    if partial["settings"] != settings:
+    calibrated = {"region_query_mode": "crop", **partial["settings"]}  # calibrated before pooled windows
+    if calibrated != settings:
         differ = ", ".join(
-            f"{k}={partial['settings'].get(k)!r} (this scan: {settings[k]!r})"
+            f"{k}={calibrated.get(k)!r} (this scan: {settings[k]!r})"
             for k in PARTIAL_KEYS
-            if partial["settings"].get(k) != settings[k]
+            if calibrated.get(k) != settings[k]
         )
         return None, f"its partial-copy thresholds hold for other scan settings: {differ}"
     value = partial["thresholds"].get(name)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.regions import RegionSpec, parse_grid
+from copyscan.indexing.models.regions import RegionSpec, parse_grid, query_mode
 from copyscan.indexing.store import layout, storage
 from copyscan.indexing.store.manifest import load_manifest
 from copyscan.search.ann.searcher import ShardSearcher, describe_row, index_cache_dir, load_metadata
@@ -32,12 +32,18 @@ def region_manifest(
     return sub
 
 
-def query_regions(manifest: dict[str, Any], grid: str | None = None, size: int = 0) -> RegionSpec:
-    """The query windows of a scan: the index's (``regions.query_grid`` at ``regions.query_size``) unless
-    overridden."""
-    described = manifest["regions"]
-    boxes = parse_grid(grid if grid else described["query_grid"])
-    return RegionSpec(tuple(boxes), size=int(size or described["query_size"]), mode="crop")
+def query_regions(
+    manifest: dict[str, Any],
+    grid: str | None = None,
+    size: int = 0,
+    mode: str = "crop",
+    split_product: bool = False,
+) -> RegionSpec:
+    """The query windows of a scan: the index's (``regions.query_grid``) unless overridden, embedded and
+    sized as ``query_mode`` resolves ``ScanConfig.region_query_mode`` and ``region_query_size``."""
+    boxes = tuple(parse_grid(grid if grid else manifest["regions"]["query_grid"]))
+    spec_mode, spec_size = query_mode(manifest, mode, size, split_product)
+    return RegionSpec(boxes, size=spec_size, mode=spec_mode)
 
 
 class RegionSearcher(ShardSearcher):

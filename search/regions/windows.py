@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.regions import Box, RegionSpec, parse_slide
+from copyscan.indexing.models.regions import QUERY_SIZE, Box, RegionSpec, parse_slide
 from copyscan.indexing.store import layout
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.topk import ShardResult
@@ -59,6 +59,8 @@ class LocalWindows:
         when the run searched nothing)."""
         return {
             "windows": len(self.spec.boxes),
+            # "rmac": every window pooled from one forward pass at query_size px; "crop": one pass each
+            "query_mode": self.spec.mode,
             "query_grid_boxes": [list(b) for b in self.spec.boxes],
             "query_size": self.spec.size,
             "regions_per_image": len(self.train_boxes),
@@ -167,8 +169,15 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
             )
         return None
     sub = region_manifest(cfg.index, manifest, cfg.storage_options)
-    spec = query_regions(manifest, cfg.region_query_grid, cfg.region_query_size)
-    aligned = _aligned(manifest, spec) if getattr(cfg, "split_product", False) else None
+    split = bool(getattr(cfg, "split_product", False))
+    mode = getattr(cfg, "region_query_mode", "crop")
+    spec = query_regions(manifest, cfg.region_query_grid, cfg.region_query_size, mode, split)
+    aligned = _aligned(manifest) if split else None
+    if aligned is not None and aligned.mode == "crop" and aligned.size != spec.size:
+        raise CopyscanError(
+            f"split_product on an index with cropped regions at {aligned.size} px needs "
+            f"region_query_size={aligned.size} (the windows are cut from the same pixels)"
+        )
     return LocalWindows(
         spec=spec,
         manifest=sub,
@@ -188,18 +197,12 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
     )
 
 
-def _aligned(manifest: dict[str, Any], spec: RegionSpec) -> RegionSpec:
+def _aligned(manifest: dict[str, Any]) -> RegionSpec:
     """The region index's own boxes, made as the index made them, to cut from a query for the split product
-    (the query windows ``spec`` are cut from the same pixels)."""
+    (from the pixels the query windows are made from)."""
     described = manifest["regions"]
-    aligned = RegionSpec(
+    return RegionSpec(
         tuple(tuple(b) for b in described["boxes"]),
-        size=int(described.get("size") or spec.size),
+        size=int(described.get("size") or described.get("query_size") or QUERY_SIZE),
         mode=described.get("mode", "pool"),
     )
-    if aligned.mode == "crop" and aligned.size != spec.size:
-        raise CopyscanError(
-            f"split_product on an index with cropped regions at {aligned.size} px needs "
-            f"region_query_size={aligned.size} (the windows are cut from the same pixels)"
-        )
-    return aligned

@@ -13,7 +13,7 @@ from copyscan.indexing.embed.augment import paste_partial
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.index_config import IndexConfig
 from copyscan.indexing.index_ray import run_index
-from copyscan.indexing.models.regions import TRAIN_GRID, parse_grid, parse_slide
+from copyscan.indexing.models.regions import POOL_QUERY_SIZE, TRAIN_GRID, parse_grid, parse_slide
 from copyscan.indexing.read.images import open_rgb
 from copyscan.indexing.runtime.config import resolve
 from copyscan.indexing.store import layout
@@ -201,6 +201,31 @@ def test_scan_regions_off(region_index, pasted, tmp_path):
     assert summary["regions"] is None
     table = pq.read_table(os.path.join(out, "matches"))
     assert table["local_rank"].null_count == table.num_rows and table["rank"].null_count == 0
+
+
+@pytest.mark.slow
+def test_scan_with_windows_pooled_from_one_pass(region_index, pasted, tmp_path):
+    """region_query_mode=pool: the windows come from one forward pass at POOL_QUERY_SIZE; the frames are
+    still cropped (from those pixels) and searched globally; the exact copy and the part are found."""
+    index_url, _ = region_index
+    folder, truth, _ = pasted
+    out = str(tmp_path / "pool")
+    cfg = {"index": index_url, "queries": str(folder), "out": out, "region_query_mode": "pool"}
+    summary = run_scan(resolve(ScanConfig, {**cfg, "region_query_grid": TEST_QUERY_GRID}))
+    assert summary["regions"]["query_mode"] == "rmac" and summary["regions"]["query_size"] == POOL_QUERY_SIZE
+    rows = pq.read_table(os.path.join(out, "matches")).to_pylist()
+    best_local = {r["query_id"]: r for r in rows if r["local_rank"] == 0}
+    assert set(best_local) == set(truth)
+    for name in ("exact.jpg", "part.jpg"):
+        assert best_local[name]["train_key"] == truth[name], best_local[name]
+    # the part's best pair is a region of its source that overlaps the part (pooled windows see context:
+    # not always the lower-right region itself, as with crops)
+    assert box_iou(best_local["part.jpg"]["train_box"], (0.55, 0.55, 1.0, 1.0)) > 0.1, best_local["part.jpg"]
+    negatives = max(best_local[q]["local_score_norm"] for q, key in truth.items() if not key)
+    assert best_local["exact.jpg"]["local_score_norm"] > negatives, best_local["exact.jpg"]
+    assert any(r["crop_score_norm"] is not None for r in rows), "no frame found anything"
+    grid = [pytest.approx(list(b)) for b in parse_grid(TEST_QUERY_GRID)]
+    assert all(r["query_box"] in grid for r in best_local.values() if r["train_box"] != [0, 0, 1, 1])
 
 
 def test_regions_on_needs_a_region_index(region_index):

@@ -52,6 +52,13 @@ def test_calibrated_thresholds_hold_for_the_calibrated_settings_only():
     assert threshold is None and "region_refine=5 (this scan: 10)" in why
     threshold, why = resolve_partial_threshold(_manifest(cfg, build="old"), cfg, regions=True)
     assert threshold is None and "no partial-copy calibration" in why  # calibrated before a rebuild
+    # a calibration made before region_query_mode existed was made with cropped windows
+    before = _manifest(cfg)
+    del before["calibration"]["partial"]["settings"]["region_query_mode"]
+    assert resolve_partial_threshold(before, cfg, regions=True)[0]["value"] == 0.42
+    pooled = {**before, "embedder": {"descriptor": "copy-gem"}}
+    threshold, why = resolve_partial_threshold(pooled, _scan(region_query_mode="pool"), regions=True)
+    assert threshold is None and "region_query_mode='crop' (this scan: 'pool')" in why
     threshold, why = resolve_partial_threshold(_manifest(cfg), _scan(partial_threshold="p99"), regions=True)
     assert threshold is None and "no 99 % precision" in why
 
