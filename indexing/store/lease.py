@@ -19,6 +19,7 @@ reader's clocks: they must agree to well within ``stale_after``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -131,6 +132,8 @@ class Lease:
             "stale_after": timeout,
         }
         self.lost: str | None = None  # who took the lease over, if someone did
+        # a local output folder the lease itself made: removed with the lease when the run wrote nothing
+        self.made_folder = storage.is_local(out) and not os.path.exists(storage.local_path(out))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -168,6 +171,11 @@ class Lease:
         try:
             if self.holds():
                 storage.remove(self.url, self.storage_options)
+                if self.made_folder:
+                    os.rmdir(storage.local_path(self.out))  # only if empty: a refused run leaves nothing
+        except OSError as exc:
+            if not self.made_folder or exc.errno != errno.ENOTEMPTY:
+                logger.warning("lease on %s not removed (%s); it goes stale by itself", self.out, exc)
         except Exception as exc:  # the job's own outcome matters more; a left lease goes stale
             logger.warning("lease on %s not removed (%s); it goes stale by itself", self.out, exc)
 

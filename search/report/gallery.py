@@ -87,23 +87,25 @@ def gallery(
     rows = _best_rows(cfg, table, column)
     requests: list[Request] = []
     sources: dict[int, str | None] = {}
-    shown: dict[int, list[int]] = {}  # embedding shard → rows of the training images shown
+    places: dict[int, tuple[int, int]] = {}  # gallery row → (embedding shard, index row) of its image
     for i, row in enumerate(rows):
         shard = int(row["embedding_shard"])
         if shard not in sources:
             sources[shard] = fetch.training_source(manifest, index_url, shard)
         row["train_source"] = sources[shard]
+        index_row = row.pop("row", None)  # only to find the image in its tar: not a gallery column
         if i < cfg.thumbnails:
             requests += [(row["query_source"], row["query_id"]), (sources[shard], row["train_key"])]
-            if sources[shard] is not None:
-                shown.setdefault(shard, []).append(int(row["row"]))
+            if sources[shard] is not None and index_row is not None:
+                places[i] = (shard, int(index_row))
+    shown: dict[int, list[int]] = {}
+    for shard, index_row in places.values():
+        shown.setdefault(shard, []).append(index_row)
     where = training_ranges(index_url, shown, cfg.storage_options) if shown else {}
     ranges = {
-        (sources[int(row["embedding_shard"])], row["train_key"]): where[
-            (int(row["embedding_shard"]), int(row["row"]))
-        ]
-        for row in rows[: cfg.thumbnails]
-        if (int(row["embedding_shard"]), int(row["row"])) in where
+        (sources[place[0]], rows[i]["train_key"]): where[place]
+        for i, place in places.items()
+        if place in where
     }
     thumbs = thumbnails(requests, cfg.thumb_size, cfg.storage_options, ranges) if requests else {}
     missing = _attach_thumbnails(rows[: cfg.thumbnails], thumbs)
@@ -117,7 +119,9 @@ def _best_rows(cfg: ReportConfig, table: pa.Table, column: str) -> list[dict[str
     rows_table = table.filter(pc.less(table["rank"], cfg.ranks))
     order = pc.sort_indices(rows_table, [(column, "descending"), ("query_id", "ascending")])
     rows_table = rows_table.take(order[: cfg.gallery])
-    return rows_table.select([c for c in GALLERY_COLUMNS if c in rows_table.column_names]).to_pylist()
+    # with each image's index row, which ``gallery`` takes out once it has found the image in its tar
+    wanted = [*GALLERY_COLUMNS, "row"]
+    return rows_table.select([c for c in wanted if c in rows_table.column_names]).to_pylist()
 
 
 def _attach_thumbnails(
