@@ -1,8 +1,9 @@
 """Every path in copyscan is an fsspec URL: a local path, ``file://``, ``s3://`` or any other protocol.
 
-Writes go to a temporary name next to the target and are then moved into place, so a reader (or a resumed
-run) never sees half an artifact. On object stores the "move" is a server-side copy of a complete object,
-which is what makes the final name appear atomically.
+A reader (or a resumed run) never sees half an artifact. On file systems a write goes to a temporary name
+next to the target, renamed into place (``os.replace``: atomic, and an error when the target is a folder).
+On object stores an upload appears whole when it completes (one PUT, or a multipart upload committed at
+its end), so the final name is written directly: a "rename" there would be a full server-side copy.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ _OUTPUT_ERRNOS = {
 
 
 @contextmanager
-def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str) -> Iterator[None]:
+def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str | None) -> Iterator[None]:
     """Turn a full disk, a refused permission or a bad path while writing ``url`` into a CopyscanError
     naming ``url``, after removing the temporary file: the final name never appears half-written."""
     try:
@@ -269,7 +270,7 @@ def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str) -> Iterator[None
         if reason is None:
             raise
         try:
-            if fs.exists(tmp):
+            if tmp is not None and fs.exists(tmp):
                 fs.rm(tmp)
         except OSError:
             pass  # the cause above is what the user needs to see
@@ -277,9 +278,14 @@ def _writing(url: str, fs: fsspec.AbstractFileSystem, tmp: str) -> Iterator[None
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Write ``data`` to ``url`` atomically: temp name, then move into place. A full disk, a refused
-    permission or a path through a file is a CopyscanError naming ``url``; nothing is left behind."""
+    """Write ``data`` to ``url`` atomically: on a file system a temp name renamed into place, on an object
+    store one upload at the final name. A full disk, a refused permission or a path through a file is a
+    CopyscanError naming ``url``; nothing is left behind."""
     fs, path = get_fs(url, storage_options)
+    if not is_local(url):
+        with _writing(url, fs, None):
+            fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     tmp = _tmp_name(path)
     with _writing(url, fs, tmp):
@@ -287,7 +293,7 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = 
             fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "wb") as f:
             f.write(data)
-        fs.mv(tmp, path)
+        os.replace(local_path(tmp), local_path(path))
 
 
 def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
@@ -319,15 +325,20 @@ def write_parquet(url: str, table: Any, storage_options: StorageOptions | None =
 
 
 def upload_file(local: str, url: str, storage_options: StorageOptions | None = None) -> None:
-    """Copy a local file to ``url`` atomically (temp name, then move)."""
+    """Copy a local file to ``url`` atomically: on a file system a temp name renamed into place, on an
+    object store one upload at the final name."""
     fs, path = get_fs(url, storage_options)
+    if not is_local(url):
+        with _writing(url, fs, None):
+            fs.put_file(local, path)
+        return
     parent = posixpath.dirname(path)
     tmp = _tmp_name(path)
     with _writing(url, fs, tmp):
         if parent:
             fs.makedirs(parent, exist_ok=True)
         fs.put_file(local, tmp)
-        fs.mv(tmp, path)
+        os.replace(local_path(tmp), local_path(path))
 
 
 def download_file(url: str, local: str, storage_options: StorageOptions | None = None) -> None:

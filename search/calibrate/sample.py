@@ -42,8 +42,8 @@ def select_rows(
     for avoid_pairs in (True, False):
         rng = np.random.default_rng(seed)
         chosen: dict[int, np.ndarray] = {}
-        taken = 0
         per_shard = -(-images // len(order))
+        frees, wants, taken = [], [], 0
         for i in order:
             entry = shards[int(i)]
             n_shards = len(manifest["embedding_shards"])
@@ -52,10 +52,18 @@ def select_rows(
             if keys_of is not None:
                 keys = np.asarray(keys_of(entry["shard"]), dtype=object)
                 free = free[np.argsort(keys[free], kind="stable")]
-            want = min(per_shard, len(free), images - taken)
+            frees.append(free)
+            wants.append(min(per_shard, len(free), images - taken))
+            taken += wants[-1]
+        # a shard with fewer free rows than its share leaves the rest to the shards with rows to spare
+        for j, free in enumerate(frees):
+            more = min(images - taken, len(free) - wants[j])
+            if more > 0:
+                wants[j] += more
+                taken += more
+        for i, free, want in zip(order, frees, wants, strict=True):
             if want > 0:
-                chosen[entry["shard"]] = np.sort(rng.choice(free, size=want, replace=False))
-                taken += want
+                chosen[shards[int(i)]["shard"]] = np.sort(rng.choice(free, size=want, replace=False))
         if taken >= min(images, MIN_IMAGES):
             return chosen, not avoid_pairs and pair_images > 0
     raise CopyscanError(f"the index has {taken} image(s): too few to calibrate (at least {MIN_IMAGES})")

@@ -25,7 +25,8 @@ from copyscan.indexing.runtime.config import to_dict
 from copyscan.indexing.runtime.pool_ray import run_pool
 from copyscan.indexing.runtime.resumable import Stage, run_stage
 from copyscan.indexing.store import layout, storage
-from copyscan.indexing.store.outputs import claim_output
+from copyscan.indexing.store.lease import Lease
+from copyscan.indexing.store.outputs import claim_output, output_lease
 from copyscan.search.generate.config import GenerateConfig
 from copyscan.search.generate.prompts import make_plan, shard_prompts
 from copyscan.search.generate.sampling import Sampler, SampleSettings, checkpoint_id, local_checkpoint
@@ -83,7 +84,13 @@ def _actors(cfg: GenerateConfig) -> tuple[int, float]:
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Run (or resume) the job; returns the summary written to ``GEN/summary.json``."""
+    """Run (or resume) the job; returns the summary written to ``GEN/summary.json``. The run holds the
+    lease on ``GEN`` throughout (a second writer is refused: ``indexing/store/lease.py``)."""
+    with output_lease(cfg.out, "generate", layout.GENERATE_CONFIG_NAME, cfg.storage_options) as lease:
+        return _run_generate(cfg, lease)
+
+
+def _run_generate(cfg: GenerateConfig, lease: Lease) -> dict[str, Any]:
     so = cfg.storage_options
     t0 = time.time()
     ident = checkpoint_id(cfg.checkpoint, so)
@@ -126,6 +133,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     scores = prompt_scores(markers)
     storage.write_parquet(storage.join(cfg.out, layout.GENERATE_SCORES_NAME), scores, so)
     summary = _summary(cfg, ident, markers, scores, counts, len(done), time.time() - t0)
+    lease.check()
     storage.write_json(layout.summary_url(cfg.out), summary, so)
     return summary
 

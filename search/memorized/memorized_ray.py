@@ -24,7 +24,8 @@ from copyscan.indexing.runtime.config import to_dict
 from copyscan.indexing.runtime.pool_ray import Size, run_tasks
 from copyscan.indexing.runtime.progress import Progress
 from copyscan.indexing.store import layout, storage
-from copyscan.indexing.store.outputs import claim_output
+from copyscan.indexing.store.lease import Lease
+from copyscan.indexing.store.outputs import claim_output, output_lease
 from copyscan.search.memorized.config import MemorizedConfig
 from copyscan.search.memorized.discover import (
     GraphSpec,
@@ -116,7 +117,13 @@ def _groups(table: pa.Table) -> dict[int, list[tuple[str, list[tuple[str, str]]]
 
 
 def run_memorized(cfg: MemorizedConfig) -> dict[str, Any]:
-    """Run (or resume) the job; returns the summary written to ``OUT/summary.json``."""
+    """Run (or resume) the job; returns the summary written to ``OUT/summary.json``. The run holds the
+    lease on ``OUT`` throughout (a second writer is refused: ``indexing/store/lease.py``)."""
+    with output_lease(cfg.out, "memorized", layout.MEMORIZED_CONFIG_NAME, cfg.storage_options) as lease:
+        return _run_memorized(cfg, lease)
+
+
+def _run_memorized(cfg: MemorizedConfig, lease: Lease) -> dict[str, Any]:
     so = cfg.storage_options
     t0 = time.time()
     resumed = claim_output(
@@ -134,6 +141,7 @@ def run_memorized(cfg: MemorizedConfig) -> dict[str, Any]:
         summary["top_flagged"] = _rank(cfg, len(groups))
     summary["this_run"] = _this_run(todo, markers, time.time() - t0)
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    lease.check()
     storage.write_json(layout.summary_url(cfg.out), summary, so)
     if failed:
         listing_text = "\n".join(f"  task {t:05d}: {err}" for t, err in failed)

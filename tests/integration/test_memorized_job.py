@@ -89,3 +89,17 @@ def test_memorized_job_flags_the_memorised_prompt_and_resumes(ray_session, real_
     assert pq.read_table(Path(out) / "memorized.parquet").equals(table)
     # changed settings are refused on resume
     assert job.JOB.main([*args, "edge_threshold=0.1"]) == 2
+
+    # the driver SIGKILLed once its first task is written, then run again: the clean run's result
+    from test_faults import Driver, _more
+
+    killed_out = tmp_path / "killed"
+    killed_args = ["--generations", str(folder), "--out", str(killed_out), *args[4:]]
+    driver = Driver(tmp_path / "killed.log", "copyscan.jobs.memorized", *killed_args)
+    driver.wait_for(_more(killed_out / "tasks", "task_*.json"), "a task written")
+    driver.kill()
+    assert not (killed_out / "summary.json").exists()
+    assert job.JOB.main(killed_args) == 0
+    resumed = json.loads((killed_out / "summary.json").read_text())
+    assert resumed["this_run"]["tasks"] < 3 and resumed["flagged"] == 1
+    assert pq.read_table(killed_out / "memorized.parquet").equals(table)

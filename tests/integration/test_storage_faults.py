@@ -70,6 +70,21 @@ def test_defaults_apply_once_and_yield_to_the_users_settings():
     assert fs.storage_options["config_kwargs"] == storage.S3_CONFIG_DEFAULTS
 
 
+def test_object_store_writes_go_to_the_final_name(s3_server, proxy, tmp_path):
+    """On an object store an upload appears whole when it completes: no temporary object, no copy."""
+    bucket = s3_server.make_bucket("final")
+    so = _options(proxy)
+    local = tmp_path / "part.npy"
+    local.write_bytes(os.urandom(100_000))
+    proxy.set_schedule([])
+    storage.write_json(f"s3://{bucket}/out/manifest.json", {"a": 1}, so)
+    storage.upload_file(str(local), f"s3://{bucket}/out/part.npy", so)
+    writes = [path for method, path, _ in proxy.log if method in ("PUT", "POST", "DELETE")]
+    assert writes and all(".tmp-" not in path for path in writes), writes
+    assert storage.read_json(f"s3://{bucket}/out/manifest.json", so) == {"a": 1}
+    assert storage.read_bytes(f"s3://{bucket}/out/part.npy", so) == local.read_bytes()
+
+
 @pytest.mark.parametrize("kind", ["slowdown", "reset", "slow", "truncate", "short"])
 def test_each_fault_is_retried_on_reads_and_writes(s3_server, proxy, kind):
     """Whole objects (markers, manifests, .npy, query files), tars streamed by blocks, and writes."""

@@ -97,3 +97,17 @@ def test_calibration_draws_keys_not_positions():
     # without keys the draw is of positions, and changes with the order
     rows, _ = select_rows(manifest, images=6, max_shards=4, seed=0)
     assert {shuffled[s][r] for s, rr in rows.items() for r in rr} != chosen(keys)
+
+
+def test_calibration_rows_make_up_a_small_shard_from_the_others():
+    """A shard with fewer free rows than its share (e.g. all whitening pairs) leaves the rest to the others:
+    an index of 250 + 50 images with 120 pair images gives 180 copies, not the 90 of an even split."""
+    manifest = _manifest()
+    manifest["embedding_shards"] = [{"shard": 0, "count": 250}, {"shard": 1, "count": 50}]
+    manifest["config"]["whitening_pair_images"] = 120  # pair_quota: the first 60 rows of each shard
+    rows, reused = select_rows(manifest, images=180, max_shards=4, seed=0)
+    assert not reused and sum(map(len, rows.values())) == 180 and 1 not in rows
+    assert rows[0].min() >= 60 and len(set(rows[0].tolist())) == 180
+    # an even split that fits draws what it drew before (no make-up: same sizes, same draws)
+    even, _ = select_rows(_manifest(), images=12, max_shards=4, seed=0)
+    assert sorted(map(len, even.values())) == [6, 6]

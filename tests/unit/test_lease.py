@@ -118,3 +118,25 @@ def test_no_lease_is_written_into_a_foreign_folder(tmp_path):
         with output_lease(str(foreign), "index", "index.yaml"):
             pass
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+
+def test_memorized_and_generate_are_refused_while_another_run_holds_their_output(tmp_path):
+    """Every job that writes a run folder takes its lease first: a second writer stops before any work."""
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.search.generate.config import GenerateConfig
+    from copyscan.search.generate.generate_ray import run_generate
+    from copyscan.search.memorized.config import MemorizedConfig
+    from copyscan.search.memorized.memorized_ray import run_memorized
+
+    mem_out, gen_out = tmp_path / "mem", tmp_path / "gen"
+    for out, job in ((mem_out, "memorized"), (gen_out, "generate")):
+        _plant(out, job=job)
+    mem = resolve(MemorizedConfig, {"generations": str(tmp_path / "none"), "out": str(mem_out)})
+    with pytest.raises(CopyscanError, match="memorized.*elsewhere|elsewhere.*memorized"):
+        run_memorized(mem)
+    gen = resolve(
+        GenerateConfig, {"checkpoint": str(tmp_path / "none"), "prompts": "p.txt", "out": str(gen_out)}
+    )
+    with pytest.raises(CopyscanError, match="generate.*elsewhere|elsewhere.*generate"):
+        run_generate(gen)
+    assert sorted(p.name for p in mem_out.iterdir()) == [LEASE_NAME]  # nothing written beside the lease

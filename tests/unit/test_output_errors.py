@@ -101,3 +101,12 @@ def test_permission_denied_is_an_error_naming_the_path():
     finally:
         os.chmod(folder, 0o755)
         shutil.rmtree(folder)
+
+
+def test_a_folder_at_the_output_name_is_an_error_not_a_move_into_it(tmp_path):
+    """A rename onto a folder fails (os.replace) instead of moving the file inside it (shutil.move)."""
+    target = tmp_path / "manifest.json"
+    target.mkdir()
+    with pytest.raises(CopyscanError, match="manifest.json: the path is a folder"):
+        storage.write_json(str(target), {"a": 1})
+    assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
