@@ -27,3 +27,22 @@ def test_auc_counts_ordered_pairs_and_half_ties():
     assert roc_auc([2, 3], [1, 3]) == pytest.approx(0.625)
     with pytest.raises(ValueError):
         roc_auc([], [1.0])
+
+
+@pytest.mark.slow  # ~20 s on an idle 2-core machine: two trainings, saves and samplings at toy size
+def test_a_tiny_run_trains_saves_samples_and_reproduces_its_figures(tmp_path):
+    """The whole bench at toy size, twice with one seed: the same scores, AUCs and cliques (not timings)."""
+    from bench.memorization import main
+
+    argv = ["--memorised", "2", "--repeats", "2", "--others", "2", "--per-other", "2", "--size", "16"]
+    argv += ["--steps", "3", "--vae-steps", "2", "--batch", "4", "--per-prompt", "2", "--sample-steps", "2"]
+    runs = [main([*argv, "--out", str(tmp_path / name)]) for name in ("a", "b")]
+    assert (tmp_path / "a" / "model" / "model_index.json").exists()  # a diffusers folder
+    for run in runs:
+        for key in ("vae_seconds", "unet_seconds"):
+            run["training"].pop(key)
+        run.pop("sampling_seconds")
+        run.pop("machine")
+    assert runs[0] == runs[1]
+    assert [p["memorised"] for p in runs[0]["prompts"]] == [True, True, False, False]
+    assert all(p["score"] > 0 for p in runs[0]["prompts"]) and 0 <= runs[0]["auc_first_step"] <= 1
