@@ -102,37 +102,43 @@ def load_images(count: int, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in out])
 
 
-def build_pipeline(folder: str, size: int, seed: int):  # noqa: ANN201
-    """A randomly initialised miniature Stable Diffusion pipeline (the components' shapes only)."""
+def build_pipeline(  # noqa: ANN201
+    folder: str, size: int, seed: int, width: int = 32, vae_width: int = 16, heads: int = 8, groups: int = 8
+):
+    """A randomly initialised miniature Stable Diffusion pipeline (the components' shapes only): a 2-block
+    UNet2DConditionModel of ``width`` and ``2 × width`` channels (latents at half of ``size``), an
+    AutoencoderKL of ``vae_width`` and ``2 × vae_width``, a 2-layer CLIPTextModel of ``width`` over a
+    vocabulary of letters (its files written into ``folder``), a DDIM scheduler. Also the tests' checkpoint
+    (tests/conftest.py ``tiny_sd_checkpoint``), at a smaller width."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(width, 2 * width),
         layers_per_block=1,
         sample_size=size // 2,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
+        cross_attention_dim=width,
+        attention_head_dim=width // heads,
+        norm_num_groups=groups,
     )
     vae = AutoencoderKL(
-        block_out_channels=(16, 32),
+        block_out_channels=(vae_width, 2 * vae_width),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=groups,
         sample_size=size,
     )
     text = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_attention_heads=2,
             num_hidden_layers=2,
             vocab_size=100,

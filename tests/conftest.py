@@ -365,71 +365,14 @@ def open_page(browser: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def tiny_sd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised Stable Diffusion pipeline saved with ``save_pretrained`` (≈ 0.5 MB): a
-    2-block UNet2DConditionModel and AutoencoderKL (latents at half the image size), a 2-layer
-    CLIPTextModel, a CLIPTokenizer over a vocabulary of letters written here, a DDIM scheduler."""
-    import json
-
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A randomly initialised Stable Diffusion pipeline saved with ``save_pretrained`` (≈ 0.5 MB): the
+    memorisation bench's miniature pipeline (``bench.memorization.build_pipeline``: 2-block UNet and
+    AutoencoderKL, latents at half the image size, a 2-layer CLIPTextModel over letters, DDIM) at 32 px
+    and width 8."""
+    from bench.memorization import build_pipeline
 
     root = tmp_path_factory.mktemp("tiny-sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=100,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    # byte-pair encoding without merges: every word is spelt in letters, so any two prompts differ
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[c] = len(vocab)
-        vocab[f"{c}</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = build_pipeline(str(root), 32, seed=0, width=8, vae_width=8, heads=4, groups=4)
     folder = root / "tiny-sd"
     pipe.save_pretrained(str(folder))
     return str(folder)
