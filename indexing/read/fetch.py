@@ -29,7 +29,7 @@ from typing import Any
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.read.ranged import read_ranges
-from copyscan.indexing.read.reader import iter_tar
+from copyscan.indexing.read.reader import MAX_MEMBER_BYTES, iter_tar
 from copyscan.indexing.store import storage
 
 # Why a requested image has no bytes (stable codes, counted in reports).
@@ -44,7 +44,8 @@ SOURCE_TIMED_OUT = "source_timeout"  # not read within SOURCE_TIMEOUT seconds
 ALLOWED_PROTOCOLS = frozenset({"http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hf"})
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # data:, javascript: and s3:// alike
-MAX_SOURCE_BYTES = 256 * 2**20  # one image file (a tar is streamed, and only its wanted members kept)
+# one image file: the reader's limit on an image (a tar is streamed, and only its wanted members kept)
+MAX_SOURCE_BYTES = MAX_MEMBER_BYTES
 SOURCE_TIMEOUT = 600.0  # seconds for one source: a whole shard streamed until its wanted keys are seen
 
 
