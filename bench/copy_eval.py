@@ -51,8 +51,9 @@ from copyscan.indexing.build.postprocess import (
 )
 from copyscan.indexing.embed.augment import copy_augment
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.descriptor import LAYERS, PIXEL_NORMS, CopyDescriptor, preprocess
+from copyscan.indexing.models.descriptor import LAYERS, PIXEL_NORMS, CopyDescriptor
 from copyscan.indexing.models.effnet import load_efficientnet_lite0
+from copyscan.indexing.models.preprocess import preprocess
 from copyscan.indexing.read.images import open_rgb
 from copyscan.jobs.demo.sample_images import real_image_files
 

@@ -19,7 +19,7 @@ from copyscan.indexing.build.merge_shards import keep_merged_layout
 from copyscan.indexing.build.planner import IndexPlan, plan_index
 from copyscan.indexing.embed import clip_import
 from copyscan.indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
-from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
+from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
 from copyscan.indexing.embed.stage import finished_shards
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.index_config import IndexConfig
@@ -119,15 +119,11 @@ def _sources(cfg: IndexConfig) -> tuple[list[tuple[str, str]] | None, list[str]]
 
 
 def _embedder_spec(cfg: IndexConfig, shards: list[str]) -> dict[str, Any]:
-    """The embedder's spec: of an import, from its first part's dimension; else computed on a worker."""
+    """The embedder's spec: of an import, from its first part's dimension; else ``embedder_spec``'s."""
     if cfg.embedder == clip.NAME:
         shape = clip_import.npy_shape(shards[0], cfg.storage_options)
         return clip.clip_spec(cfg.embedder_options, shape[-1])
-    return ray.get(
-        embedder_spec_remote.options(num_cpus=cfg.decode_cpus).remote(
-            cfg.embedder, cfg.weights, cfg.embedder_options
-        )
-    )
+    return embedder_spec(cfg.embedder, cfg.weights, cfg.embedder_options, cfg.decode_cpus)
 
 
 def _write_manifest(cfg: IndexConfig, manifest: dict[str, Any]) -> dict[str, Any]:

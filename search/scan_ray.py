@@ -24,7 +24,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec_remote, make_embed_actor
+from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.pool_ray import TaskStream
@@ -267,8 +267,8 @@ def run_scan(cfg: ScanConfig) -> dict[str, Any]:
 def _embedder_spec(
     decode_cpus: float, name: str, weights: str | None, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """The query embedder's spec, computed on a worker (the driver may not have the weights or a GPU)."""
-    return ray.get(embedder_spec_remote.options(num_cpus=decode_cpus).remote(name, weights, options))
+    """The query embedder's spec (``embedder_spec``: here, or on a worker when it has a weights file)."""
+    return embedder_spec(name, weights, options, decode_cpus)
 
 
 def _scan(setup: ScanSetup) -> Failures:

@@ -1,7 +1,7 @@
 """Ray glue for embedding: CPU decode tasks stream batches to embedding actors (model loaded once each).
 
 One call of ``EmbedWorker.embed_shard`` handles one shard end to end: it starts a decode task (a Ray
-streaming generator scheduled on any CPU in the cluster), runs the model on each batch as it arrives,
+streaming generator scheduled on any CPU in the cluster, ``decode_ray.py``), runs the model on each batch as it arrives,
 writes the shard's outputs and finally its stats marker. Several calls run concurrently per actor
 (``max_concurrency``) so decoding of one shard overlaps inference on another.
 """
@@ -11,18 +11,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
 
-from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
+from copyscan.indexing.embed.decode import DecodeLimits, PairSpec
+from copyscan.indexing.embed.decode_ray import decode_task
 from copyscan.indexing.embed.stage import EmbeddedSource, embed_batches, write_shard_outputs
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.models.regions import RegionSpec
-from copyscan.indexing.read.reader import iter_image_files, iter_tar
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.cluster_ray import PoolSize
 from copyscan.indexing.store import storage
@@ -31,37 +30,6 @@ from copyscan.indexing.store import storage
 PREFETCH_BATCHES = 4
 # A CPU embedding actor per this many CPUs: its model runs on one thread, the other CPUs decode.
 CPUS_PER_CPU_ACTOR = 4.0
-
-
-def _decode_source(
-    source: tuple[str, Any],
-    preprocess_spec: dict[str, Any],
-    batch_size: int,
-    limits: DecodeLimits,
-    storage_options: storage.StorageOptions | None,
-    pairs: PairSpec | None = None,
-    region_spec: dict[str, Any] | None = None,
-) -> Iterator[DecodedBatch]:
-    kind, payload = source
-    if kind == "tar":
-        samples = iter_tar(payload, storage_options)
-    elif kind == "images":
-        urls, keys = payload
-        samples = iter_image_files(urls, keys, storage_options)
-    else:
-        raise ValueError(f"unknown source kind {kind!r}")
-    yield from decode_samples(
-        samples,
-        make_preprocess(preprocess_spec),
-        batch_size,
-        limits,
-        preprocess_spec["size"],
-        pairs,
-        make_preprocess(region_spec) if region_spec else None,
-    )
-
-
-decode_task = ray.remote(_decode_source)
 
 
 class EmbedWorker:
@@ -218,6 +186,17 @@ def make_embed_actor(
 def embedder_spec_remote(name: str, weights: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
     """The spec of an embedder, computed on a worker (the driver may not have the weights or a GPU)."""
     return load_embedder(name, weights, "cpu", options).spec
+
+
+def embedder_spec(
+    name: str, weights: str | None, options: dict[str, Any] | None, num_cpus: float
+) -> dict[str, Any]:
+    """The spec of an embedder: without a weights file (the packaged model) computed in this process, which
+    has all it needs (a fraction of a second, where a fresh worker first spends seconds importing torch);
+    with one, on a worker of ``num_cpus`` CPUs, since the driver may not reach the weights' path."""
+    if weights is None:
+        return load_embedder(name, None, "cpu", options).spec
+    return ray.get(embedder_spec_remote.options(num_cpus=num_cpus).remote(name, weights, options))
 
 
 def embed_pool(

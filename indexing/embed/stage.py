@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
-from copyscan.indexing.models.embedder import Embedder, make_preprocess
+from copyscan.indexing.models.embedder import Embedder
+from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.models.regions import RegionSpec
 from copyscan.indexing.read.reader import iter_tar
 from copyscan.indexing.store import layout, storage

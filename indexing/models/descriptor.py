@@ -20,15 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models.effnet import EfficientNetLite0
-from copyscan.indexing.read.images import composite_rgb
+from copyscan.indexing.models.preprocess import BACKGROUND_RGB
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKGROUND_RGB = (255, 255, 255)
 # "instance" pixel normalisation maps each image's pixels (all channels together) to this mean and std in [0, 1]
 # units before the ImageNet normalisation: brightness and contrast changes (affine in the pixel values) vanish.
 INSTANCE_MEAN_STD = (0.45, 0.25)
@@ -60,94 +58,6 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 #   applied to database, query and background vectors alike (``apply_whitening``; output L2-normalised);
 # - "score_normalisation": s − β·mean of the query's 1st–3rd nearest background similarities
 #   (``background_bias``, ``normalised_scores``), the background being a held-aside database sample.
-
-
-def preprocess(img: Image.Image, size: int) -> np.ndarray:
-    """PIL image (any mode) → (3, size, size) uint8 RGB.
-
-    Transparency is composited on white; both sides are resized to ``size`` (aspect not kept) with PIL's
-    antialiased bicubic filter. 16-bit and float greyscale images are scaled to 8 bits first.
-    """
-    return resize_rgb(img, size, Image.Resampling.BICUBIC, BACKGROUND_RGB)
-
-
-def resize_rgb(
-    img: Image.Image,
-    size: int,
-    resample: Image.Resampling = Image.Resampling.BILINEAR,
-    background: tuple[int, int, int] = BACKGROUND_RGB,
-) -> np.ndarray:
-    """PIL image (any mode) → (3, size, size) uint8 RGB, both sides resized with ``resample`` (aspect not kept).
-
-    Transparency is composited on ``background``; 16-bit and float greyscale images are scaled to 8 bits first.
-    """
-    rgb = composite_rgb(_to_8bit(img), background)
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), resample)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float greyscale images scaled to 8-bit "L"; other modes unchanged."""
-    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
-        return img
-    grey = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode != "F" and grey.max() > 255 else 255.0 if img.mode != "F" else 1.0
-    return Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-
-
-def short_edge_size(width: int, height: int, size: int, max_size: int) -> tuple[int, int]:
-    """(new width, new height) of a ``width`` × ``height`` image whose shorter side is resized to ``size``,
-    aspect kept, the longer side capped at ``max_size`` (then the shorter side is below ``size``).
-
-    The arithmetic of torchvision's ``Resize(size, max_size=max_size)`` (SSCD's evaluation transform is
-    ``Resize(288)``): the longer side is truncated, ``int(size · long / short)``; when it exceeds
-    ``max_size`` the sizes become ``int(max_size · size / long')`` × ``max_size``. Never below 1 pixel.
-    """
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    if new_long > max_size:
-        new_short, new_long = max(1, int(max_size * new_short / new_long)), max_size
-    return (new_short, new_long) if width <= height else (new_long, new_short)
-
-
-def resize_short_edge_rgb(
-    img: Image.Image,
-    size: int,
-    max_size: int,
-    resample: Image.Resampling = Image.Resampling.BILINEAR,
-    background: tuple[int, int, int] = BACKGROUND_RGB,
-) -> np.ndarray:
-    """PIL image (any mode) → (3, H, W) uint8 RGB: shorter side resized to ``size``, aspect kept, longer side
-    at most ``max_size`` (``short_edge_size``), no crop; an image already at that size is not resampled.
-    Transparency is composited on ``background``; 16-bit and float greyscale images are scaled to 8 bits."""
-    rgb = composite_rgb(_to_8bit(img), background)
-    new_size = short_edge_size(rgb.size[0], rgb.size[1], size, max_size)
-    if rgb.size != new_size:
-        rgb = rgb.resize(new_size, resample)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def resize_crop_rgb(
-    img: Image.Image,
-    size: int,
-    resample: Image.Resampling = Image.Resampling.BICUBIC,
-    background: tuple[int, int, int] = BACKGROUND_RGB,
-) -> np.ndarray:
-    """PIL image (any mode) → (3, size, size) uint8 RGB: shorter side resized to ``size`` (aspect kept), then
-    the centre ``size`` × ``size`` crop. Transparency is composited on ``background``.
-
-    CLIP's and open_clip's evaluation transform, ``Resize(size)`` then ``CenterCrop(size)`` in torchvision, to
-    the pixel: the longer side truncated, ``int(size · long / short)`` (``short_edge_size``), the crop's offset
-    ``int(round((side − size) / 2))``."""
-    rgb = composite_rgb(_to_8bit(img), background)
-    width, height = rgb.size
-    new_w, new_h = short_edge_size(width, height, size, max_size=size * max(width, height))  # no cap
-    if (new_w, new_h) != rgb.size:
-        rgb = rgb.resize((new_w, new_h), resample)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    rgb = rgb.crop((left, top, left + size, top + size))
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def gem(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:

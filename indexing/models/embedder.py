@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.models.preprocess import make_preprocess
 
 
 def file_sha256(path: str) -> str:
@@ -169,57 +170,6 @@ def size_option(
         what = "a positive integer" if multiple == 1 else f"a positive multiple of {multiple}"
         raise CopyscanError(f"{name} option size must be {what} (pixels), got {size!r}")
     return options, size
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preprocessing, shared by every embedder that takes a square RGB input.
-
-
-# PIL's filters are antialiased when downscaling; torchvision's Resize on a PIL image calls exactly these (and
-# Resize(antialias=True) on tensors approximates them).
-RESAMPLE = {
-    "bilinear-antialiased": Image.Resampling.BILINEAR,
-    "bicubic-antialiased": Image.Resampling.BICUBIC,
-}
-
-
-def make_preprocess(spec: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
-    """The preprocessing a spec describes: PIL image → (3, S, S) uint8.
-
-    Kinds: "squash" (the effnet-lite0 descriptor's, ``copyscan.indexing.models.descriptor.preprocess``),
-    "resize" (RGB, transparency composited on ``background``, both sides resized to ``size`` with filter
-    ``resample``), "clip" (shorter side to ``size``, centre crop) and "short-edge" (like "resize" but the
-    shorter side to ``size``, aspect kept, longer side at most ``max_size``, no crop: (3, H, W) uint8, H and W
-    per image).
-    """
-    kind = spec.get("kind")
-    if kind == "squash":
-        size = int(spec["size"])
-        from copyscan.indexing.models.descriptor import preprocess as squash
-
-        return lambda img: squash(img, size)
-    if kind == "clip":
-        size = int(spec["size"])
-        resample = RESAMPLE[spec["resample"]]
-        background = tuple(int(c) for c in spec["background"])
-        from copyscan.indexing.models.descriptor import resize_crop_rgb
-
-        return lambda img: resize_crop_rgb(img, size, resample, background)
-    if kind in ("resize", "short-edge"):
-        size = int(spec["size"])
-        if spec.get("resample") not in RESAMPLE:
-            raise CopyscanError(
-                f"unknown resample filter {spec.get('resample')!r} in embedder spec; known: {', '.join(RESAMPLE)}"
-            )
-        resample = RESAMPLE[spec["resample"]]
-        background = tuple(int(c) for c in spec["background"])
-        from copyscan.indexing.models.descriptor import resize_rgb, resize_short_edge_rgb
-
-        if kind == "short-edge":
-            max_size = int(spec["max_size"])
-            return lambda img: resize_short_edge_rgb(img, size, max_size, resample, background)
-        return lambda img: resize_rgb(img, size, resample, background)
-    raise CopyscanError(f"unknown preprocessing kind {kind!r} in embedder spec")
 
 
 @lru_cache(maxsize=8)

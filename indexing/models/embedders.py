@@ -174,7 +174,7 @@ class DinoEmbedder(Embedder):
         self, weights: str | None = None, device: str = "auto", options: dict[str, Any] | None = None
     ):
         from copyscan.indexing.models import vit
-        from copyscan.indexing.models.descriptor import BACKGROUND_RGB
+        from copyscan.indexing.models.preprocess import BACKGROUND_RGB
 
         if not weights:
             raise CopyscanError(

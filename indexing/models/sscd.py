@@ -13,7 +13,7 @@ Two preprocessing modes (embedder option ``resize``), both RGB (transparency on 
   (default 288), aspect kept, no crop, no padding. The decode workers emit each image at its own (3, H, W);
   the embedder runs the model on groups of images of identical shape (``shape_groups``), which for a
   per-image network is batch 1 up to float rounding. The longer side is capped at ``max_size`` (default
-  ``MAX_ASPECT`` × size = 1152 at 288; torchvision's ``max_size`` rule, ``descriptor.short_edge_size``):
+  ``MAX_ASPECT`` × size = 1152 at 288; torchvision's ``max_size`` rule, ``preprocess.short_edge_size``):
   the paper code has no cap, but an extremely elongated image (a 10000 × 20 banner) would otherwise become a
   288 × 144000 input; images up to 4:1 are resized exactly as published.
 Both are recorded in the embedder spec (``preprocess``: kind, size, max_size, resample), so a scan refuses an
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.descriptor import BACKGROUND_RGB, IMAGENET_MEAN, IMAGENET_STD
+from copyscan.indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD
+from copyscan.indexing.models.preprocess import BACKGROUND_RGB
 
 __all__ = [
     "BACKGROUND_RGB",

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from copyscan.indexing.embed.decode import DecodeLimits, Rejected, decode_image
-from copyscan.indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD, resize_short_edge_rgb
+from copyscan.indexing.models.descriptor import IMAGENET_MEAN, IMAGENET_STD
 from copyscan.indexing.models.effnet import EfficientNetLite0, load_efficientnet_lite0
+from copyscan.indexing.models.preprocess import resize_short_edge_rgb
 from copyscan.indexing.read.fetch import Fetched, fetch_images
 from copyscan.indexing.store import storage
 from copyscan.search.results.matches import with_columns

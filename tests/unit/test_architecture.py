@@ -247,3 +247,15 @@ def test_pyproject_installs_every_package_under_copyscan():
     assert setuptools["package-dir"] == {TOP: TOP, **{f"{TOP}.{p}": p for p in PACKAGES}}
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"copyscan": "copyscan.jobs.cli:main"}
+
+
+def test_decode_tasks_import_no_torch():
+    """The decode task's module (and the preprocessing it runs) loads without torch: a fresh CPU worker is
+    ready for a job's first decode task in a fraction of a second instead of the seconds torch takes."""
+    code = (
+        "import sys\n"
+        "import copyscan.indexing.embed.decode_ray, copyscan.indexing.models.preprocess\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

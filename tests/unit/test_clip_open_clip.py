@@ -23,9 +23,8 @@ from PIL import Image
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models.clip import CLIP_MEAN, CLIP_STD, clip_spec, open_clip_preprocess
-from copyscan.indexing.models.descriptor import resize_crop_rgb, resize_rgb
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess, resize_crop_rgb, resize_rgb
 
 SKIP_REASON = (
     "open_clip is not installed here "

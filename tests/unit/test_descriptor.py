@@ -13,6 +13,7 @@ from PIL import Image
 from copyscan.indexing.embed.augment import copy_augment
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models import descriptor, effnet
+from copyscan.indexing.models.preprocess import preprocess
 from copyscan.indexing.read.images import open_rgb
 from copyscan.jobs.demo import sample_images
 
@@ -31,7 +32,7 @@ def backbone() -> effnet.EfficientNetLite0:
 
 def test_preprocess_layout_and_exact_pixels():
     pixels = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]], dtype=np.uint8)
-    out = descriptor.preprocess(Image.fromarray(pixels, "RGB"), 2)
+    out = preprocess(Image.fromarray(pixels, "RGB"), 2)
     assert out.dtype == np.uint8 and out.shape == (3, 2, 2)
     np.testing.assert_array_equal(out[0], [[255, 0], [0, 10]])  # R plane
     np.testing.assert_array_equal(out[1], [[0, 255], [0, 20]])
@@ -43,7 +44,7 @@ def test_preprocess_composites_alpha_on_white():
     rgba[:2] = (0, 0, 0, 0)  # fully transparent → white
     # half-covered blue over white: 255·(1 − 128/255) ≈ 127, and 200·128/255 + 127
     rgba[2:] = (0, 0, 200, 128)
-    out = descriptor.preprocess(Image.fromarray(rgba, "RGBA"), 4)
+    out = preprocess(Image.fromarray(rgba, "RGBA"), 4)
     np.testing.assert_array_equal(out[:, :2], 255)
     np.testing.assert_allclose(out[0, 2:], 127, atol=1)
     np.testing.assert_allclose(out[2, 2:], 127 + 200 * 128 / 255, atol=1)
@@ -55,7 +56,7 @@ def test_preprocess_squashes_without_cropping():
     pixels = np.zeros((32, 64, 3), dtype=np.uint8)
     pixels[:, :32] = (200, 0, 0)
     pixels[:, 32:] = (0, 0, 150)
-    out = descriptor.preprocess(Image.fromarray(pixels, "RGB"), 16)
+    out = preprocess(Image.fromarray(pixels, "RGB"), 16)
     assert out.shape == (3, 16, 16)
     np.testing.assert_array_equal(
         out[:, :, :6], np.broadcast_to(np.array([200, 0, 0])[:, None, None], (3, 16, 6))
@@ -66,10 +67,10 @@ def test_preprocess_squashes_without_cropping():
 
 
 def test_preprocess_grey_and_16_bit():
-    grey = descriptor.preprocess(Image.fromarray(np.full((8, 8), 77, dtype=np.uint8), "L"), 8)
+    grey = preprocess(Image.fromarray(np.full((8, 8), 77, dtype=np.uint8), "L"), 8)
     np.testing.assert_array_equal(grey, 77)
     deep = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
-    np.testing.assert_array_equal(descriptor.preprocess(deep, 8), 255)
+    np.testing.assert_array_equal(preprocess(deep, 8), 255)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,8 +184,8 @@ def test_augmented_copy_is_nearest_to_its_source(backbone):
     copies = [copy_augment(img, rng) for img in photos]
     size = model.size
     with torch.inference_mode():
-        xb = model(torch.from_numpy(np.stack([descriptor.preprocess(i, size) for i in photos]))).numpy()
-        xq = model(torch.from_numpy(np.stack([descriptor.preprocess(i, size) for i in copies]))).numpy()
+        xb = model(torch.from_numpy(np.stack([preprocess(i, size) for i in photos]))).numpy()
+        xq = model(torch.from_numpy(np.stack([preprocess(i, size) for i in copies]))).numpy()
     sims = xq @ xb.T
     np.testing.assert_array_equal(sims.argmax(1), np.arange(len(photos)))
     others = np.where(np.eye(len(photos), dtype=bool), -np.inf, sims).max(1)

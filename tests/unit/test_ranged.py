@@ -8,7 +8,7 @@ from PIL import Image
 from test_decode import _tar
 
 from copyscan.indexing.embed.decode import decode_samples
-from copyscan.indexing.models.embedder import make_preprocess
+from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.read import fetch, ranged
 from copyscan.indexing.read.reader import iter_tar
 

@@ -11,8 +11,8 @@ from copyscan.indexing.embed.stage import embed_batches
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models import effnet
 from copyscan.indexing.models.descriptor import CopyDescriptor, gem
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.models.regions import (
     QUERY_GRID,
     TRAIN_GRID,

@@ -11,8 +11,8 @@ from copyscan.indexing.embed.stage import embed_batches
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models import effnet
 from copyscan.indexing.models.descriptor import CopyDescriptor
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.models.regions import (
     POOL_QUERY_SIZE,
     QUERY_GRID,

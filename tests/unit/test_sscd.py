@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -21,9 +21,8 @@ from copyscan.indexing.embed.decode import PairSpec, decode_samples
 from copyscan.indexing.embed.stage import embed_shard
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.models import sscd
-from copyscan.indexing.models.descriptor import short_edge_size
-from copyscan.indexing.models.embedder import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess, short_edge_size
 from copyscan.indexing.models.regions import RegionSpec
 from copyscan.indexing.read.reader import Sample
 from copyscan.indexing.store import layout, storage
