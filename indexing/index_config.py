@@ -58,7 +58,10 @@ class IndexConfig:
     )
     embed_concurrency: int = key(2, "shards in flight per embedding actor (decode of one overlaps the next)")
     decode_cpus: float = key(0.5, "CPUs per decode task")
-    torch_threads: int = key(0, "torch threads per embedding actor; 0 = Ray's default for the actor")
+    torch_threads: int = key(
+        0,
+        "torch threads per embedding actor; 0: a CPU actor's model, one batch at a time, on min(4, CPUs)",
+    )
     retries: int = key(2, "extra attempts for a failed shard")
 
     # Index

@@ -177,7 +177,10 @@ class ScanConfig:
     )
     embed_concurrency: int = key(2, "query chunks in flight per embedding actor")
     decode_cpus: float = key(0.5, "CPUs per decode task")
-    torch_threads: int = key(0, "torch threads per embedding actor; 0 = Ray's default for the actor")
+    torch_threads: int = key(
+        0,
+        "torch threads per embedding actor; 0: a CPU actor's model, one batch at a time, on min(4, CPUs)",
+    )
 
     scan_actors: int = key(0, "scan actors (each holds index shards); 0 = min(index shards, CPUs / 2)")
     scan_actor_cpus: float = key(0.5, "CPUs per scan actor")

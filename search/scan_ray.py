@@ -272,31 +272,60 @@ def _embedder_spec(
 
 
 def _scan(setup: ScanSetup) -> Failures:
-    """Scan the chunks to do with scan actors over the index (and its region index); the chunks that failed."""
+    """Scan the chunks to do with scan actors over the index (and its region index); the chunks that failed.
+
+    The first embedding actor starts before the scan actors are waited for, so that the two start (load
+    the model; load the index) side by side."""
     cfg = setup.cfg
+    size = embed_pool(
+        len(setup.todo), cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
+    )
+    make_actor = Prestarted(functools.partial(_embed_actor, setup, size.num_gpus))
     index = Fanout(cfg, setup.manifest, setup.settings)
     region_index = None
     try:
         if setup.local is not None:
             region_settings = cfg.search_settings(setup.local.manifest)
             region_index = Fanout(cfg, setup.local.manifest, region_settings, regions=True, k=cfg.region_hits)
-        return _run_steps(setup, index, region_index)
+        return _run_steps(setup, index, region_index, size, make_actor)
     finally:
+        make_actor.close()
         index.close()
         if region_index is not None:
             region_index.close()
 
 
-def _run_steps(setup: ScanSetup, index: Fanout, region_index: Fanout | None) -> Failures:
+class Prestarted:
+    """``run_pool``'s ``make_actor`` whose first actor is started at once, before the pool runs; ``close``
+    kills that actor if the pool never took it."""
+
+    def __init__(self, make_actor: Callable[[], Any]) -> None:
+        self.make_actor = make_actor
+        self.first = make_actor()
+
+    def __call__(self) -> Any:
+        actor, self.first = self.first, None
+        return actor if actor is not None else self.make_actor()
+
+    def close(self) -> None:
+        if self.first is not None:
+            ray.kill(self.first, no_restart=True)
+            self.first = None
+
+
+def _run_steps(
+    setup: ScanSetup,
+    index: Fanout,
+    region_index: Fanout | None,
+    size: cluster_ray.PoolSize,
+    make_actor: Callable[[], Any],
+) -> Failures:
     """Every chunk to do through embed → search → (regions) → write: an embedding actor pool (run_pool)
     embeds the chunks, each embedded chunk goes through ``ChunkScan`` as it arrives; verified writes run in
     Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes, then embedding)."""
     cfg = setup.cfg
     normalise = ScoreNormaliser(cfg.index, setup.manifest, cfg.beta, cfg.storage_options)
     search = SearchStep(index, normalise, cfg.k, setup.radius, cfg.radius_max, cfg.radius_margin)
-    size = embed_pool(
-        len(setup.todo), cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
-    )
     written = functools.partial(
         chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries")
     )
@@ -311,7 +340,7 @@ def _run_steps(setup: ScanSetup, index: Fanout, region_index: Fanout | None) -> 
     outcome = cluster_ray.run_growing_pool(
         size,
         "scan: embed",
-        functools.partial(_embed_actor, setup, size.num_gpus),
+        make_actor,
         setup.todo,
         EmbedStep.of(setup),
         start_timeout=cfg.actor_start_timeout,

@@ -237,6 +237,7 @@ class ChunkScan:
                 "index_build_id": self.build_id,
                 "search_seconds": round(time.perf_counter() - started, 3),
                 "embed_seconds": round(embedded.embed_seconds, 3),
+                "decode_wait_seconds": round(embedded.decode_seconds, 3),
                 "radius": radius,  # None: top k only
             }
             self.write(chunk, embedded, records, result, local, marker)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +29,40 @@ from copyscan.indexing.store import storage
 
 # Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
 PREFETCH_BATCHES = 4
-# A CPU embedding actor per this many CPUs: its model runs on one thread, the other CPUs decode.
+# A CPU embedding actor per this many CPUs; its model runs on as many threads (``cpu_model_threads``), one
+# batch at a time, while decode tasks take what the model leaves (decoding costs a tenth of the model or less).
 CPUS_PER_CPU_ACTOR = 4.0
+
+
+def cpu_model_threads() -> int:
+    """torch threads of a CPU embedding actor's model (``torch_threads=0``): ``CPUS_PER_CPU_ACTOR``, or the
+    CPUs this process may run on where there are fewer."""
+    return max(1, min(int(CPUS_PER_CPU_ACTOR), len(os.sched_getaffinity(0))))
+
+
+class OneBatchAtATime:
+    """An embedder whose ``embed*`` calls run one at a time (a lock), the rest of it as it is.
+
+    A CPU actor's calls in flight (``embed_concurrency``) then overlap their decoding, reading and writing
+    but not their forward passes, and each forward pass has all the actor's threads: a lone call (a scan's
+    only chunk, the last shard of an index) runs at the model's full speed, where calls that each ran the
+    model on a thread of their own left the other threads idle.
+    """
+
+    def __init__(self, embedder: Any) -> None:
+        self._embedder = embedder
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._embedder, name)
+        if not (name.startswith("embed") and callable(attr)):
+            return attr
+
+        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return one_at_a_time
 
 
 class EmbedWorker:
@@ -47,8 +80,6 @@ class EmbedWorker:
     ) -> None:
         import torch
 
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
         if device == "cuda" and not torch.cuda.is_available():
             # Ray gave this actor a GPU resource, but the node has no CUDA device torch can use (a node type
             # that declares GPUs it does not have, or a CPU build of torch): embed on the CPU instead.
@@ -59,7 +90,13 @@ class EmbedWorker:
                 file=sys.stderr,
             )
             device = "cpu"
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        elif device == "cpu":
+            torch.set_num_threads(cpu_model_threads())
         self.embedder = load_embedder(embedder, weights, device, options)
+        if device == "cpu" and torch_threads == 0:
+            self.embedder = OneBatchAtATime(self.embedder)
         self.device = device
         self.decode_cpus = decode_cpus
         self.storage_options = storage_options
@@ -105,7 +142,7 @@ class EmbedWorker:
         ``regions``, its region vectors) and write its outputs as shard ``shard`` of ``out``; return its
         stats. The arguments of ``copyscan.indexing.embed.stage.embed_shard``, less the embedder (this
         actor's)."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         result = self._embed(("tar", url), batch_size, limits, pairs, regions)
         return write_shard_outputs(
             out,
@@ -116,6 +153,7 @@ class EmbedWorker:
             self.storage_options,
             {
                 "wall_seconds": round(time.perf_counter() - t0, 3),
+                "started": round(started, 3),  # Unix time: with wall_seconds, the shard's place in a timeline
                 "worker": f"{os.uname().nodename}:{os.getpid()}",
             },
         )
