@@ -75,10 +75,23 @@ class EmbedStep:
     def __call__(self, actor: Any, chunk: QueryChunk) -> Any:
         if chunk.kind == "tar":
             return actor.embed_tar.remote(
-                chunk.urls[0], self.batch_size, self.limits, self.windows, self.aligned, self.crops
+                chunk.urls[0],
+                self.batch_size,
+                self.limits,
+                self.windows,
+                self.aligned,
+                self.crops,
+                chunk.describe(),
             )
         return actor.embed_images.remote(
-            chunk.urls, chunk.keys, self.batch_size, self.limits, self.windows, self.aligned, self.crops
+            chunk.urls,
+            chunk.keys,
+            self.batch_size,
+            self.limits,
+            self.windows,
+            self.aligned,
+            self.crops,
+            chunk.describe(),
         )
 
 

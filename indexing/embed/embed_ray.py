@@ -25,6 +25,7 @@ from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.models.regions import RegionSpec
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.cluster_ray import PoolSize
+from copyscan.indexing.runtime.progress import WithinProgress
 from copyscan.indexing.store import storage
 
 # Batches a decode task may run ahead of the model: bounds object-store memory per shard in flight.
@@ -32,6 +33,10 @@ PREFETCH_BATCHES = 4
 # A CPU embedding actor per this many CPUs; its model runs on as many threads (``cpu_model_threads``), one
 # batch at a time, while decode tasks take what the model leaves (decoding costs a tenth of the model or less).
 CPUS_PER_CPU_ACTOR = 4.0
+
+
+def _print_progress(line: str) -> None:
+    print(f"copyscan: {line}", file=sys.stderr, flush=True)
 
 
 def cpu_model_threads() -> int:
@@ -113,7 +118,11 @@ class EmbedWorker:
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
         keep_pixels: bool = False,
+        label: str | None = None,
+        total: int | None = None,
     ) -> EmbeddedSource:
+        """``source`` decoded by a decode task and embedded here; with ``label``, progress lines on stderr
+        (which Ray shows in the driver's log) while a long one runs (``WithinProgress``)."""
         preprocess = self.embedder.spec["preprocess"]
         gen = decode_task.options(
             num_cpus=self.decode_cpus, _generator_backpressure_num_objects=PREFETCH_BATCHES
@@ -126,7 +135,10 @@ class EmbedWorker:
             pairs,
             regions.preprocess_spec(preprocess) if regions is not None else None,
         )
-        return embed_batches((ray.get(ref) for ref in gen), self.embedder, regions, aligned, keep_pixels)
+        progress = None if label is None else WithinProgress(label, total, _print_progress)
+        return embed_batches(
+            (ray.get(ref) for ref in gen), self.embedder, regions, aligned, keep_pixels, progress
+        )
 
     def embed_shard(
         self,
@@ -167,6 +179,7 @@ class EmbedWorker:
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
         keep_pixels: bool = False,
+        label: str | None = None,
     ) -> EmbeddedSource:
         return self._embed(
             ("images", (list(urls), list(keys))),
@@ -175,6 +188,8 @@ class EmbedWorker:
             regions=regions,
             aligned=aligned,
             keep_pixels=keep_pixels,
+            label=label,
+            total=len(urls),
         )
 
     def embed_tar(
@@ -185,9 +200,16 @@ class EmbedWorker:
         regions: RegionSpec | None = None,
         aligned: RegionSpec | None = None,
         keep_pixels: bool = False,
+        label: str | None = None,
     ) -> EmbeddedSource:
         return self._embed(
-            ("tar", url), batch_size, limits, regions=regions, aligned=aligned, keep_pixels=keep_pixels
+            ("tar", url),
+            batch_size,
+            limits,
+            regions=regions,
+            aligned=aligned,
+            keep_pixels=keep_pixels,
+            label=label,
         )
 
     def embed_crops_each(self, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ it in-process (benchmarks, small jobs, tests).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,7 @@ def embed_batches(
     regions: RegionSpec | None = None,
     aligned: RegionSpec | None = None,
     keep_pixels: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> EmbeddedSource:
     """Run ``embedder`` over decoded batches and concatenate the results in order.
 
@@ -108,6 +109,7 @@ def embed_batches(
     made like the index made them) adds ``x_aligned``; in mode "crop" it must share ``regions``' size.
     ``keep_pixels`` (modes "crop", "rmac") keeps the batches' ``region_pixels`` in the result.
     ``decode_seconds`` is the time spent waiting for the next batch, ``embed_seconds`` the time in the model.
+    ``progress`` is called after each batch with the number of samples it took (accepted and rejected).
     """
     if keep_pixels and (regions is None or regions.mode == "pool"):
         raise ValueError("keep_pixels keeps the region_pixels (a RegionSpec in mode 'crop' or 'rmac')")
@@ -119,6 +121,8 @@ def embed_batches(
         _embed_batch(batch, embedder, regions, aligned, keep_pixels, parts)
         parts.embed_seconds += time.perf_counter() - t0
         parts.add_bookkeeping(batch)
+        if progress is not None:
+            progress(len(batch.records) + len(batch.rejections))
         t_wait = time.perf_counter()
     return _finish(parts, embedder.dim, regions, aligned, keep_pixels)
 
