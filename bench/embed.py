@@ -164,7 +164,9 @@ def profile(embedder: Any, shards: list[str], work: Path) -> dict[str, Any]:
     }
 
 
-def pipeline_index(shards: list[str], work: Path, batch: int, repeats: int) -> dict[str, Any]:
+def pipeline_index(
+    shards: list[str], work: Path, batch: int, repeats: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The index job (flat index, no whitening), best of ``repeats`` fresh runs: the whole job, its embed
     phase (manifest timings) and its steady rate from the shards' stats (first call's start to last end)."""
     import copyscan
@@ -180,6 +182,7 @@ def pipeline_index(shards: list[str], work: Path, batch: int, repeats: int) -> d
             index_factory="Flat",
             batch_size=batch,
             mode="overwrite",
+            **(overrides or {}),
         )
         job = time.time() - t0
         stats = [json.loads(p.read_text()) for p in sorted((out / "embeddings" / "stats").glob("*.json"))]
@@ -200,7 +203,9 @@ def pipeline_index(shards: list[str], work: Path, batch: int, repeats: int) -> d
     return max(runs, key=lambda run: run["steady_images_per_s"])
 
 
-def pipeline_scan(index: str, queries: str, work: Path, batch: int, repeats: int) -> dict[str, Any]:
+def pipeline_scan(
+    index: str, queries: str, work: Path, batch: int, repeats: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The scan job (one chunk: every query in it) against a flat index, best of ``repeats`` fresh runs: the
     whole job, and its query path's steady rate (the chunk's model and decode-wait seconds, from its marker)."""
     import copyscan
@@ -209,7 +214,9 @@ def pipeline_scan(index: str, queries: str, work: Path, batch: int, repeats: int
     for r in range(repeats):
         out = work / f"scan-{r}"
         t0 = time.time()
-        summary = copyscan.scan(index, queries, str(out), batch_size=batch, mode="overwrite")
+        summary = copyscan.scan(
+            index, queries, str(out), batch_size=batch, mode="overwrite", **(overrides or {})
+        )
         job = time.time() - t0
         markers = [json.loads(p.read_text()) for p in sorted((out / "chunks").glob("*.json"))]
         path = sum(m["embed_seconds"] + m["decode_wait_seconds"] for m in markers)
@@ -245,9 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedder", default="effnet-lite0")
     parser.add_argument("--work", help="kept data and outputs (default: a temporary folder)")
     parser.add_argument("--skip-scan", action="store_true", help="the index path only")
+    parser.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an index config override (repeatable)",
+    )
+    parser.add_argument(
+        "--scan", action="append", default=[], metavar="KEY=VALUE", help="a scan config override (repeatable)"
+    )
     args = parser.parse_args(argv)
 
     from copyscan.indexing.models.embedders import load_embedder
+    from copyscan.indexing.runtime.config import parse_overrides
     from copyscan.jobs.demo.sample_images import real_image_files
 
     work = Path(args.work or tempfile.mkdtemp(prefix="copyscan-bench-embed-"))
@@ -266,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "side": args.side,
         "query_side": args.query_side,
         "batch": args.batch,
+        "index_overrides": args.index,
+        "scan_overrides": args.scan,
     }
     torch.set_num_threads(1)
     result["profile_one_core"] = profile(embedder, data["shards"], work)
@@ -280,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray(None, num_cpus=args.cpus)
     try:
-        result["index"]["pipeline"] = pipeline_index(data["shards"], work, args.batch, args.repeats)
+        result["index"]["pipeline"] = pipeline_index(
+            data["shards"], work, args.batch, args.repeats, parse_overrides(args.index)
+        )
         if not args.skip_scan:
             query_shard = str(work / "queries.tar")
             _folder_as_tar(Path(data["queries"]), query_shard)
@@ -289,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                 "bare": bare(embedder, _decoded(embedder, [query_shard]), args.repeats, args.cpus)
             }
             result["scan"]["pipeline"] = pipeline_scan(
-                str(work / "index-0"), data["queries"], work, args.batch, args.repeats
+                str(work / "index-0"),
+                data["queries"],
+                work,
+                args.batch,
+                args.repeats,
+                parse_overrides(args.scan),
             )
     finally:
         ray.shutdown()

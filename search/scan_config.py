@@ -161,6 +161,10 @@ class ScanConfig:
     max_decode_seconds: float = key(
         20.0, "a query taking longer to open and decode is rejected (decode_timeout)"
     )
+    jpeg_draft: bool = key(
+        True,
+        "JPEG queries decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering the model's input",
+    )
     # 0 = one per alive GPU, or per 4 alive CPUs on a CPU-only cluster, growing as nodes join, at most one per
     # query chunk; N = N actors
     embed_actors: int = key(

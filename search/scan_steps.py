@@ -64,13 +64,15 @@ class EmbedStep:
     windows: RegionSpec | None = None
     aligned: RegionSpec | None = None
     crops: bool = False  # keep the pixels: crops (frames, sliding windows) are cut from them later
+    draft: bool = False  # JPEGs decoded at a reduced DCT scale that still covers the model's input
 
     @classmethod
     def of(cls, setup: ScanSetup) -> EmbedStep:
         local = setup.local
+        cfg = setup.cfg
         if local is None:
-            return cls(setup.cfg.batch_size, setup.limits)
-        return cls(setup.cfg.batch_size, setup.limits, local.spec, local.aligned, local.crops)
+            return cls(cfg.batch_size, setup.limits, draft=cfg.jpeg_draft)
+        return cls(cfg.batch_size, setup.limits, local.spec, local.aligned, local.crops, cfg.jpeg_draft)
 
     def __call__(self, actor: Any, chunk: QueryChunk) -> Any:
         if chunk.kind == "tar":
@@ -82,6 +84,7 @@ class EmbedStep:
                 self.aligned,
                 self.crops,
                 chunk.describe(),
+                self.draft,
             )
         return actor.embed_images.remote(
             chunk.urls,
@@ -92,6 +95,7 @@ class EmbedStep:
             self.aligned,
             self.crops,
             chunk.describe(),
+            self.draft,
         )
 
 

@@ -38,6 +38,9 @@ UNSUPPORTED = "unsupported_format"
 # EPS files are rejected as unsupported_format.
 REFUSED_FORMATS = ("EPS",)
 
+# ``decode_image`` with ``draft``: the key of ``Image.info`` that keeps a reduced JPEG's size on file
+STORED_SIZE = "copyscan_stored_size"
+
 # (3, S, S) uint8 from a decoded RGB/RGBA/L image ((3, H, W) for an aspect-keeping preprocessing).
 Preprocess = Callable[[Image.Image], np.ndarray]
 
@@ -127,6 +130,8 @@ def decode_image(data: bytes, limits: DecodeLimits, draft: tuple[int, int] | Non
                 raise Rejected(TOO_SMALL, f"{width}x{height} is below min_side={limits.min_side}")
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft)
+                if img.size != (width, height):
+                    img.info[STORED_SIZE] = (width, height)  # the size on file, which the image no longer has
             img.load()
     except Rejected:
         raise
@@ -165,12 +170,13 @@ def _refused_format(data: bytes) -> str | None:
 
 def _record(sample: Sample, img: Image.Image) -> dict[str, Any]:
     meta = sample.meta
+    width, height = img.info.get(STORED_SIZE, img.size)
     record: dict[str, Any] = {
         "key": sample.key,
         "url": sample.url,
         "caption": sample.caption,
-        "width": img.size[0],
-        "height": img.size[1],
+        "width": width,
+        "height": height,
     }
     for name in ("original_width", "original_height", "sha256"):
         if name in meta:
@@ -255,14 +261,19 @@ def decode_samples(
     image_size: int | None = None,
     pairs: PairSpec | None = None,
     region_preprocess: Preprocess | None = None,
+    draft: int | None = None,
 ) -> Iterator[DecodedBatch]:
     """Group ``samples`` into DecodedBatch objects of at most ``batch_size`` accepted images.
 
     Rejections are attached to the batch in which they occurred; a final batch may hold only rejections
     (``pixels`` then has 0 rows), so no rejection is ever lost. With ``pairs``, the batches also carry
     augmented copies of the source's first ``pairs.images`` accepted images; with ``region_preprocess``,
-    every accepted image preprocessed by it too (``region_pixels``).
+    every accepted image preprocessed by it too (``region_pixels``). With ``draft`` (pixels; never with
+    ``pairs``), JPEGs are decoded at the smallest DCT scale that keeps both sides at least ``draft``
+    (``decode_image``): the largest input size the preprocessing needs.
     """
+    if draft is not None and pairs is not None:
+        raise ValueError("draft decoding is for queries; augmented copies are made from full-size images")
     batch = _BatchBuilder(image_size, region_preprocess is not None)
     accepted = 0
     for sample in samples:
@@ -270,7 +281,9 @@ def decode_samples(
             batch.reject(sample.key, *_missing_image(sample))
             continue
         try:
-            img, array, region_array = _decode_sample(sample.image, limits, preprocess, region_preprocess)
+            img, array, region_array = _decode_sample(
+                sample.image, limits, preprocess, region_preprocess, draft
+            )
         except Rejected as rej:
             batch.reject(sample.key, rej.reason, rej.detail)
             continue
@@ -293,11 +306,15 @@ def _missing_image(sample: Sample) -> tuple[str, str]:
 
 
 def _decode_sample(
-    data: bytes, limits: DecodeLimits, preprocess: Preprocess, region_preprocess: Preprocess | None
+    data: bytes,
+    limits: DecodeLimits,
+    preprocess: Preprocess,
+    region_preprocess: Preprocess | None,
+    draft: int | None = None,
 ) -> tuple[Image.Image, np.ndarray, np.ndarray | None]:
     """(image, its pixels, its region pixels or None); raise Rejected with the reason it cannot be used."""
     try:
-        img = decode_image(data, limits)
+        img = decode_image(data, limits, None if draft is None else (draft, draft))
         array = preprocess(img)
         region_array = region_preprocess(img) if region_preprocess is not None else None
     except Rejected:

@@ -27,7 +27,11 @@ def _decode_source(
     storage_options: storage.StorageOptions | None,
     pairs: PairSpec | None = None,
     region_spec: dict[str, Any] | None = None,
+    draft: bool = False,
 ) -> Iterator[DecodedBatch]:
+    """``source``'s samples decoded into batches (``decode_samples``); with ``draft``, JPEGs decoded at
+    the smallest DCT scale that keeps them at least as large as the largest input the preprocessing (and
+    the query windows') needs."""
     kind, payload = source
     if kind == "tar":
         samples = iter_tar(payload, storage_options)
@@ -44,6 +48,7 @@ def _decode_source(
         preprocess_spec["size"],
         pairs,
         make_preprocess(region_spec) if region_spec else None,
+        max(int(preprocess_spec["size"]), int(region_spec["size"]) if region_spec else 0) if draft else None,
     )
 
 

@@ -120,6 +120,7 @@ class EmbedWorker:
         keep_pixels: bool = False,
         label: str | None = None,
         total: int | None = None,
+        draft: bool = False,
     ) -> EmbeddedSource:
         """``source`` decoded by a decode task and embedded here; with ``label``, progress lines on stderr
         (which Ray shows in the driver's log) while a long one runs (``WithinProgress``)."""
@@ -134,6 +135,7 @@ class EmbedWorker:
             self.storage_options,
             pairs,
             regions.preprocess_spec(preprocess) if regions is not None else None,
+            draft,
         )
         progress = None if label is None else WithinProgress(label, total, _print_progress)
         return embed_batches(
@@ -180,6 +182,7 @@ class EmbedWorker:
         aligned: RegionSpec | None = None,
         keep_pixels: bool = False,
         label: str | None = None,
+        draft: bool = False,
     ) -> EmbeddedSource:
         return self._embed(
             ("images", (list(urls), list(keys))),
@@ -190,6 +193,7 @@ class EmbedWorker:
             keep_pixels=keep_pixels,
             label=label,
             total=len(urls),
+            draft=draft,
         )
 
     def embed_tar(
@@ -201,6 +205,7 @@ class EmbedWorker:
         aligned: RegionSpec | None = None,
         keep_pixels: bool = False,
         label: str | None = None,
+        draft: bool = False,
     ) -> EmbeddedSource:
         return self._embed(
             ("tar", url),
@@ -210,6 +215,7 @@ class EmbedWorker:
             aligned=aligned,
             keep_pixels=keep_pixels,
             label=label,
+            draft=draft,
         )
 
     def embed_crops_each(self, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -186,3 +186,33 @@ def test_metadata_of_an_index_without_provenance_reads_as_none(tmp_path):
         "punsafe": None,
         "clip_similarity": None,
     }
+
+
+def test_draft_decodes_large_jpegs_reduced_and_keeps_their_size_on_file():
+    """``draft``: a 640 × 512 JPEG is decoded at 1/2 scale (both sides still ≥ 224), its record keeps the
+    size on file, and its model input differs from a full decode by resampling noise only; a PNG and a JPEG
+    too small to reduce are decoded as before."""
+    from copyscan.indexing.models.preprocess import make_preprocess
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (16, 20, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 512 × 640
+    big = _encode(Image.fromarray(smooth), "JPEG")
+    small = _encode(Image.fromarray(smooth).resize((320, 256)), "JPEG")
+    png = _encode(Image.fromarray(smooth), "PNG")
+    preprocess = make_preprocess({"kind": "squash", "size": 224})
+    samples = [Sample(key, data, "jpg") for key, data in (("big", big), ("small", small), ("png", png))]
+    full = next(decode_samples(samples, preprocess, 8))
+    reduced = next(decode_samples(samples, preprocess, 8, draft=224))
+    assert [(r["width"], r["height"]) for r in reduced.records] == [(640, 512), (320, 256), (640, 512)]
+    assert reduced.records == full.records
+    diff = np.abs(reduced.pixels.astype(np.int16) - full.pixels.astype(np.int16))
+    assert 0 < diff[0].mean() < 3  # reduced, and close
+    assert diff[1:].max() == 0  # not reducible / not a JPEG: the same pixels
+    with pytest.raises(ValueError, match="draft"):
+        next(decode_samples(samples, preprocess, 8, pairs=PairSpec(images=1), draft=224))
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
