@@ -138,6 +138,7 @@ def test_verification_tasks_write_chunks_and_resume(flat_index, laion_shards, tm
     assert after.filter(pc.equal(after["rank"], 1))["density_l2"].null_count == 3
 
 
+@pytest.mark.slow
 def test_scan_reranks_whole_copies_by_dense_verification(flat_index, generated, laion_shards, tmp_path):
     """verify_whole: every query's top matches re-fetched and re-ranked; each query gets one answer
     (verify_rank 0) with its verify_score, the planted copies' answers are their sources, and the counts
