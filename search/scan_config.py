@@ -158,7 +158,7 @@ class ScanConfig:
     # size: verify_peak, verify_score = score_norm + verify_whole_weight x (verify_peak - the mean of the 3
     # highest peaks of the generation's other matches), verify_rank (0 = the answer). Runs in the
     # verification tasks; one forward pass per query and one per match. Opt-in for its cost (README
-    # "Evaluation": recall@1 and AP up on every domain, about 1 s per query on a 2-core CPU). 0 = off
+    # "Evaluation": AP up on every domain; 1.2-2.1 s per query on one CPU thread, 20-50x its embedding). 0 = off
     verify_whole: int = key(
         0, "global matches per query re-fetched and re-ranked by dense matching (verify_score); 0 = off"
     )

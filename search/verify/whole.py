@@ -8,8 +8,8 @@ cell by cell, the other way round from partial copies' dense verification (``cop
 which slides a training image over a generation):
 
 - the generation is run through EfficientNet-Lite0 up to block 10 (stride 16, 112 channels) with its shorter
-  side at ``query_side`` px, each training candidate with its shorter side at ``train_side`` px; every cell is
-  L2-normalised;
+  side at ``query_side`` px, each training candidate with its shorter side at ``train_side`` px (longer sides
+  capped at twice those); every cell is L2-normalised;
 - for each fraction f of ``fractions`` (0.55–0.95), the generation's map is resampled so that it spans f of the
   candidate's map on its tighter axis (a crop of 60–90 % of each side) and slid over it: the mean cosine of
   aligned cells at every offset; ``verify_peak`` is the highest over offsets and fractions;
