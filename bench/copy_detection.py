@@ -46,6 +46,11 @@ from copyscan.jobs.demo import data as demo_data
 from copyscan.jobs.demo.sample_images import real_image_files
 
 SCORES = ("score", "score_norm", "score_raw")
+# scan verify_whole: the verified answer (verify_rank 0) and its verify_score, in the per-domain table
+WHOLE_FIGURES = (
+    ("recall@1 verify", ("verify_score", "recall@1")),
+    ("AP verify_score", ("verify_score", "ap")),
+)
 
 
 def ranking_metrics(score: np.ndarray, positive: np.ndarray, n_copies: int) -> dict[str, float | None]:
@@ -79,10 +84,35 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
     for name in SCORES:
         score = np.array([top[t["file"]][name] for t in truth], dtype=np.float64)
         result[name] = ranking_metrics(np.nan_to_num(score, nan=-np.inf), positive, len(copies))
+    if "verify_score" in table.column_names and table["verify_score"].null_count < table.num_rows:
+        result["verify_score"] = _whole_metrics(table, truth, key_of_source, top)
     if "local_rank" in table.column_names and table["local_rank"].null_count < table.num_rows:
         result.update(_local_metrics(table, truth, key_of_source))
     result["flags"] = flag_metrics(table, truth, key_of_source)
     return result
+
+
+def _whole_metrics(table, truth: list[dict], key_of_source: dict[str, str], top: dict[str, dict]) -> dict:
+    """Whole-copy verification (scan verify_whole): recall@1 and the ranking metrics of each query's
+    ``verify_rank`` 0 row scored by its ``verify_score``; a query none of whose matches was verified keeps
+    its rank-0 row and ``score_norm`` (counted in ``unverified_queries``)."""
+    answer = {r["query_id"]: r for r in table.filter(pc.equal(table["verify_rank"], 0)).to_pylist()}
+    copies = [t for t in truth if t["is_copy"]]
+    rows = [answer.get(t["file"]) or top[t["file"]] for t in truth]
+    positive = np.array(
+        [
+            t["is_copy"] and r["train_key"] == key_of_source[t["source_image"]]
+            for t, r in zip(truth, rows, strict=True)
+        ]
+    )
+    score = np.array(
+        [r["verify_score"] if r.get("verify_rank") == 0 else r["score_norm"] for r in rows], dtype=np.float64
+    )
+    return {
+        "recall@1": float(positive.sum() / len(copies)),
+        **ranking_metrics(np.nan_to_num(score, nan=-np.inf), positive, len(copies)),
+        "unverified_queries": sum(t["file"] not in answer for t in truth),
+    }
 
 
 def flag_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
@@ -278,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) == 1:
         print(json.dumps(runs[0], indent=2))
         return 0
-    summary = bench_domains.summarise(runs)
-    print(bench_domains.table(summary), file=sys.stderr)
+    figures = bench_domains.FIGURES + (WHOLE_FIGURES if any("verify_score" in r for r in runs) else ())
+    summary = bench_domains.summarise(runs, figures)
+    print(bench_domains.table(summary, figures), file=sys.stderr)
     sizes = {
         "train": args.train,
         "copies": args.copies,

@@ -30,6 +30,7 @@ from copyscan.search.scan_chunks import QueryChunk, plan_queries
 from copyscan.search.scan_config import ScanConfig
 from copyscan.search.verify.dense import DenseSpec, verify_dense
 from copyscan.search.verify.matches import MatchVerifier, VerifySpec
+from copyscan.search.verify.whole import WholeSpec, verify_whole
 
 logger = logging.getLogger("copyscan")
 
@@ -40,15 +41,16 @@ EmbedderSpec = Callable[[str, str | None, dict[str, Any]], dict[str, Any]]
 @dataclass(frozen=True)
 class ChunkVerifier:
     """What write_chunk runs on a chunk's matches before writing them: dense verification of the region
-    candidates, then pixel verification of the top ranks (each None when off). Counts of both go into the
-    chunk marker's ``verify``."""
+    candidates, whole-copy verification of the global matches, then pixel verification of the top ranks
+    (each None when off). Counts of all go into the chunk marker's ``verify``."""
 
     pixels: MatchVerifier | None = None
     dense: MatchVerifier | None = None
+    whole: MatchVerifier | None = None
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
         stats: dict[str, Any] = {}
-        for verifier in (self.dense, self.pixels):
+        for verifier in (self.dense, self.whole, self.pixels):
             if verifier is not None:
                 table, counts = verifier(table)
                 stats.update(counts)
@@ -262,8 +264,9 @@ def chunk_verifier(
     cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None
 ) -> ChunkVerifier | None:
     """``verify`` for write_chunk: dense verification of the region candidates of local_rank <
-    ``dense_verify`` and pixel verification of the top ``verify_pixels`` ranks; None when both are off."""
-    if not cfg.verify_pixels and not cfg.dense_verify:
+    ``dense_verify``, whole-copy verification of the global ranks < ``verify_whole`` and pixel verification
+    of the top ``verify_pixels`` ranks; None when all are off."""
+    if not cfg.verify_pixels and not cfg.dense_verify and not cfg.verify_whole:
         return None
     if not any(str(e.get("source", "")).endswith(".tar") for e in manifest.get("embedding_shards", [])):
         logger.warning(
@@ -273,7 +276,25 @@ def chunk_verifier(
         )
     dense = _dense_verifier(cfg, manifest, local) if cfg.dense_verify else None
     pixels = _pixel_verifier(cfg, manifest) if cfg.verify_pixels else None
-    return ChunkVerifier(pixels, dense)
+    whole = _whole_verifier(cfg, manifest) if cfg.verify_whole else None
+    return ChunkVerifier(pixels, dense, whole)
+
+
+def _whole_verifier(cfg: ScanConfig, manifest: dict[str, Any]) -> MatchVerifier:
+    spec = WholeSpec(
+        ranks=cfg.verify_whole,
+        weight=cfg.verify_whole_weight,
+        threads=cfg.verify_threads,
+        limits=decode_limits(cfg),
+    )
+    logger.info(
+        "scan: whole-copy verification of the top %d matches per query (block-10 maps, the query's at %s "
+        "of the training image's); verify_score = score_norm + %g x the peak's margin over the others'",
+        spec.ranks,
+        ", ".join(f"{f:g}" for f in spec.fractions),
+        spec.weight,
+    )
+    return MatchVerifier(manifest, cfg.index, spec, cfg.storage_options, verify_whole)
 
 
 def _dense_verifier(cfg: ScanConfig, manifest: dict[str, Any], local: LocalWindows | None) -> MatchVerifier:

@@ -153,6 +153,16 @@ class ScanConfig:
         0, "region candidates per query re-fetched and located densely (dense_z, dense_score); 0 = off"
     )
     dense_weight: float = key(0.05, "dense_score = local_score_norm + dense_weight x dense_z")
+    # Whole-copy verification (search/verify/whole.py): the global matches of rank < verify_whole are
+    # re-fetched and the generation's block-10 map is slid over each training image's at 55-95 % of its
+    # size: verify_peak, verify_score = score_norm + verify_whole_weight x (verify_peak - the mean of the 3
+    # highest peaks of the generation's other matches), verify_rank (0 = the answer). Runs in the
+    # verification tasks; one forward pass per query and one per match. Opt-in for its cost (README
+    # "Evaluation": AP up on every domain; 1.2-2.1 s per query on one CPU thread, 20-50x its embedding). 0 = off
+    verify_whole: int = key(
+        0, "global matches per query re-fetched and re-ranked by dense matching (verify_score); 0 = off"
+    )
+    verify_whole_weight: float = key(2.0, "verify_score = score_norm + this x the peak's margin")
 
     weights: str | None = key(None, "query embedder weights; null = the ones the index was built with")
     batch_size: int = key(64, "images per forward pass")
@@ -236,6 +246,8 @@ class ScanConfig:
         "split_product",
         "dense_verify",
         "dense_weight",
+        "verify_whole",
+        "verify_whole_weight",
     )
     # what a run recorded before these settings existed did (claim_output's ``absent``): no crops
     RESUME_ABSENT = {
@@ -244,6 +256,8 @@ class ScanConfig:
         "region_slide": "",
         "dense_verify": 0,
         "dense_weight": 0.05,
+        "verify_whole": 0,
+        "verify_whole_weight": 2.0,
         "partial_threshold": "",
         "radius": "",
         "radius_max": 1000,
@@ -361,6 +375,11 @@ class ScanConfig:
             problems.append("verify_threads must be positive")
         if self.verify_cpus <= 0 or self.verify_in_flight < 0:
             problems.append("verify_cpus must be positive and verify_in_flight >= 0")
+        if not (self.verify_whole == 0 or 2 <= self.verify_whole <= self.k) or self.verify_whole_weight <= 0:
+            problems.append(
+                f"verify_whole must be 0 (off) or between 2 and k ({self.k}), not {self.verify_whole}, "
+                "and verify_whole_weight positive"
+            )
         if self.density_neighbours < 0 or self.density_alpha <= 0:
             problems.append("density_neighbours must be >= 0 and density_alpha positive")
         elif self.density_neighbours > self.k:

@@ -74,6 +74,17 @@ MATCHES_SCHEMA = pa.schema(
         ("dense_box", pa.list_(pa.float32(), 4)),
         ("dense_score", pa.float32()),
         ("dense_error", pa.string()),
+        # whole-copy verification (scan verify_whole, search/verify/whole.py) of the global matches of rank <
+        # verify_whole; null where not verified. verify_peak: the highest mean cosine of the generation's
+        # block-10 cells against the training image's (resampled to 55-95 % of it, at every offset);
+        # verify_score = score_norm + verify_whole_weight x (verify_peak - the mean of the 3 highest peaks of
+        # the generation's other verified matches), the answer's confidence; verify_rank: rank by
+        # verify_score among the generation's verified matches (0 = its answer); verify_whole_error: why a
+        # selected row was not verified
+        ("verify_rank", pa.int32()),
+        ("verify_peak", pa.float32()),
+        ("verify_score", pa.float32()),
+        ("verify_whole_error", pa.string()),
         # the partial answer (dense_rank 0 with dense verification, else local_rank 0) passes the scan's
         # partial threshold (copyscan calibrate partial=N; summary.json's partial_threshold says which); null
         # on other rows and without one

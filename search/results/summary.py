@@ -65,11 +65,13 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
 
     ``extracted_queries``: generations with at least one (l2, delta)-extracted match; ``errors``: pairs
     that could not be verified, by reason; ``density``: density-relative counts (scan option
-    density_neighbours), when on; ``dense``: dense-verification counts (scan option dense_verify), when on."""
+    density_neighbours), when on; ``dense``: dense-verification counts (scan option dense_verify), when on;
+    ``whole``: whole-copy verification counts (scan option verify_whole), when on."""
     markers_verify = [m["verify"] for m in markers.values() if m.get("verify")]
     verified = [v for v in markers_verify if "verify_pairs" in v]
     dense = [v for v in markers_verify if "dense_pairs" in v]
-    if not verified and not dense:
+    whole = [v for v in markers_verify if "whole_pairs" in v]
+    if not verified and not dense and not whole:
         return None
     out: dict[str, Any] = {}
     if verified:
@@ -95,6 +97,15 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
             "no_fit": sum(v["dense_no_fit"] for v in dense),
             "errors": _sum_counts(v["dense_errors"] for v in dense),
             "seconds": round(sum(v["dense_seconds"]["total"] for v in dense), 1),
+        }
+    if whole:
+        out["whole"] = {
+            "chunks": len(whole),
+            "pairs": sum(v["whole_pairs"] for v in whole),
+            "verified": sum(v["whole_verified"] for v in whole),
+            "no_fit": sum(v["whole_no_fit"] for v in whole),
+            "errors": _sum_counts(v["whole_errors"] for v in whole),
+            "seconds": round(sum(v["whole_seconds"]["total"] for v in whole), 1),
         }
     return out
 

@@ -136,3 +136,30 @@ def test_verification_tasks_write_chunks_and_resume(flat_index, laion_shards, tm
     top = after.filter(pc.equal(after["rank"], 0))
     assert pc.all(pc.equal(top["tiled_l2"], 0.0)).as_py() and pc.all(pc.equal(top["density_l2"], 0.0)).as_py()
     assert after.filter(pc.equal(after["rank"], 1))["density_l2"].null_count == 3
+
+
+@pytest.mark.slow
+def test_scan_reranks_whole_copies_by_dense_verification(flat_index, generated, laion_shards, tmp_path):
+    """verify_whole: every query's top matches re-fetched and re-ranked; each query gets one answer
+    (verify_rank 0) with its verify_score, the planted copies' answers are their sources, and the counts
+    reach the marker and the summary."""
+    folder, truth = generated
+    out = tmp_path / "scan_whole"
+    summary = scan(flat_index, str(folder), str(out), k=4, verify_whole=4)
+    table = pq.read_table(out / "matches")
+    assert table.schema.equals(MATCHES_SCHEMA)
+    whole = summary["verification"]["whole"]
+    assert whole["pairs"] == whole["verified"] == table.num_rows == 4 * len(truth) and whole["errors"] == {}
+    answers = {r["query_id"]: r for r in table.filter(pc.equal(table["verify_rank"], 0)).to_pylist()}
+    assert len(answers) == len(truth)
+    copies = [t for t in truth if t["is_copy"]]
+    right = [
+        answers[t["file"]]["train_key"] == laion_shards.key_of_source[Path(t["source_image"])] for t in copies
+    ]
+    assert sum(right) >= len(copies) - 1, right
+    # a copy's answer stands out: its verify_score is above every unrelated image's answer's
+    copy_scores = [answers[t["file"]]["verify_score"] for t, ok in zip(copies, right, strict=True) if ok]
+    unrelated = [answers[t["file"]]["verify_score"] for t in truth if not t["is_copy"]]
+    assert np.median(copy_scores) > max(unrelated)
+    marker = json.loads((out / "chunks" / "chunk_00000.json").read_text())
+    assert marker["verify"]["whole_verified"] == 4 * len(truth)
