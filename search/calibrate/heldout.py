@@ -14,9 +14,8 @@ fit again as the index was, without that fold's sources. A fold leaves out at mo
 vectors: on a small index, a whitening fit without a fifth of them is another whitening, whose negatives run
 as far above an unseen image's as the in-sample ones run below (a 60-image index: five folds of 8 put the
 copies' negatives up to 0.31 of ``score_norm``, leaving one out at a time up to 0.09, the unseen images' best
-matches up to 0.06). Each copy is searched in that space over every
-database vector except its source, and its best match is score-normalised against the background sample
-whitened the same way, with the source left out. This is exact search over the whole database, so it runs
+matches up to 0.06). Each copy is searched in that space over every database vector except its source, and
+its best match is score-normalised against the background sample whitened the same way, source left out. This is exact search over the whole database, so it runs
 where it matters and is cheap: when every vector of the index was in the whitening's fit (``ntotal`` ≤
 ``whitening_sample``, 100,000 by default). An index fit on a sample of a larger collection is left as it is:
 a sample of 100,000 vectors gives one image's own direction a negligible weight.
@@ -97,8 +96,9 @@ def held_out_negatives(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """xq: (n, d) float32 raw descriptors of copies of the training images ``sources`` (n,) int64 packed ids
     → ((n,) score, (n,) score_norm, (n,) int64 packed id) of each copy's best match with its source held
-    out of the whitening's fit, the search and the background (module docstring); None where ``held_out_reason`` says why not,
-    or where the index's whitening cannot be fit again as it was (logged)."""
+    out of the whitening's fit, the search and the background (module docstring); None where
+    ``held_out_reason`` says why not, or where the index's whitening cannot be fit again as it was (logged).
+    ``share``: the most of the fitted vectors one refit leaves out (``fold_count``)."""
     reason = held_out_reason(manifest)
     if reason is not None:
         logger.info("calibrate: negatives scored in the index's whitening: %s", reason)
