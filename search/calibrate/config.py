@@ -21,6 +21,16 @@ class CalibrateConfig:
     max_shards: int = key(16, "source shards read at most")
     prevalence: float = key(0.5, "share of copies among the queries the thresholds are for")
     seed: int = key(1_234, "random seed (images sampled, copies, pastes)")
+    # The thresholds are those whose precision's lower bound (a bootstrap over the copies) reaches the target
+    # with this confidence, not the point estimate's: the margin a sample of a few hundred copies needs
+    # (README, Evaluation: "Calibration per domain"). 0 = the point estimate
+    confidence: float = key(0.9, "confidence that a threshold's precision reaches its target; 0 = estimate")
+    # Copies' negatives scored with the whitening fit again without their sources, as an unseen image's are
+    # (search/calibrate/heldout.py), where every vector of the index was in the whitening's fit; one refit
+    # leaves out at most this share of the fitted vectors (leave-one-out on an index of < 100). 0 = in-sample
+    held_out_share: float = key(
+        0.01, "share of the whitening's vectors a refit holds out for the copies' negatives; 0 = off"
+    )
     candidates: int = key(100, "ANN candidates per index shard, re-ranked exactly")
     nprobe: int = key(0, "inverted lists searched per query; 0 = the index's default")
     batch_size: int = key(64, "images per forward pass")
@@ -64,6 +74,10 @@ class CalibrateConfig:
             problems.append("images must be >= 10")
         if not 0.0 < self.prevalence < 1.0:
             problems.append("prevalence must be in (0, 1)")
+        if not 0.0 <= self.confidence < 1.0:
+            problems.append("confidence must be in [0, 1) (0 = the point estimate)")
+        if not 0.0 <= self.held_out_share <= 0.5:
+            problems.append("held_out_share must be in [0, 0.5] (0 = off)")
         if self.max_shards < 1 or self.candidates < 2 or self.batch_size < 1:
             problems.append("max_shards, batch_size must be >= 1 and candidates >= 2")
         return problems

@@ -7,14 +7,17 @@ searched against the whole index. Each copy gives two matches:
 - its top-1 match, a true copy match when that is its source (the situation of a generation that copies a
   training image);
 - its best match other than its source, scored as if the source were absent from the index and from the
-  background sample (the situation of a generation that copies nothing in the training set).
+  background sample (the situation of a generation that copies nothing in the training set); where the
+  source also helped fit the index's whitening, as an unseen image did not, with the whitening fit again
+  without it (``copyscan.search.calibrate.heldout``: ``held_out_share``).
 
 With ``prevalence`` π (the share of queries that are copies), the precision of "top-1 score ≥ t" is
 
     precision(t) = π·P(top-1 is the source, s ≥ t) / (π·P(top-1 score ≥ t) + (1 − π)·P(best non-source ≥ t))
 
 and its recall P(top-1 is the source, s ≥ t). For each score (``score``, ``score_norm``) the lowest
-thresholds reaching 90 % and 99 % precision are kept in ``calibration.json`` next to the manifest and in
+thresholds reaching 90 % and 99 % precision, with ``confidence`` (a bootstrap lower bound of precision over
+the copies, ``copyscan.search.calibrate.thresholds.precision_table``), are kept in ``calibration.json`` next to the manifest and in
 the manifest's ``calibration`` entry; ``copyscan scan`` flags ``is_copy`` with them.
 """
 
@@ -36,6 +39,7 @@ from copyscan.indexing.store.manifest import index_embedder, load_manifest
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.calibrate.config import CalibrateConfig
+from copyscan.search.calibrate.heldout import held_out_negatives
 from copyscan.search.calibrate.partial import calibrate_partial
 from copyscan.search.calibrate.sample import read_back, select_rows
 from copyscan.search.calibrate.thresholds import precision_table
@@ -104,6 +108,14 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         )
     xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg)
     correct, scores = _copy_scores(cfg, manifest, xq, sources)
+    held_out = None
+    if cfg.held_out_share:
+        held_out = held_out_negatives(
+            cfg.index, manifest, xq, sources, cfg.held_out_share, cfg.seed, cfg.storage_options
+        )
+    if held_out is not None:
+        for name, rest in zip(SCORES, held_out[:2], strict=True):
+            scores[name] = (scores[name][0], rest)
     report: dict[str, Any] = {
         "build_id": manifest["build_id"],
         "images": int(len(xq)),
@@ -112,6 +124,8 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "recall@1": float(correct.mean()),
         "whitening_images_reused": overlap,
+        "negatives": "held out of the whitening's fit" if held_out is not None else "in-sample",
+        "confidence": cfg.confidence,
         "thresholds": {},
         "table": {},
         "seconds": 0.0,
@@ -119,7 +133,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     }
     for name, (top, rest) in scores.items():
         report["table"][name], report["thresholds"][name] = precision_table(
-            top, correct, rest, cfg.prevalence
+            top, correct, rest, cfg.prevalence, cfg.confidence, cfg.seed
         )
     if cfg.partial:
         partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
@@ -171,7 +185,16 @@ def _write(cfg: CalibrateConfig, manifest: dict[str, Any], report: dict[str, Any
     storage.write_json(layout.calibration_url(cfg.index), report, so)
     manifest["calibration"] = {
         k: report[k]
-        for k in ("build_id", "images", "prevalence", "recall@1", "whitening_images_reused", "thresholds")
+        for k in (
+            "build_id",
+            "images",
+            "prevalence",
+            "recall@1",
+            "whitening_images_reused",
+            "negatives",
+            "confidence",
+            "thresholds",
+        )
     }
     if cfg.partial:  # what a scan needs to flag partial answers, and under which settings they hold
         keys = ("copies", "negatives", "answer", "settings", "recall@1", "thresholds")
@@ -182,16 +205,28 @@ def _write(cfg: CalibrateConfig, manifest: dict[str, Any], report: dict[str, Any
 
 def _table_line(name: str, row: dict[str, Any], width: int) -> str:
     t = "   -" if row["threshold"] is None else f"{row['threshold']:10.4f}"
-    return f"  {name:<{width}} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}"
+    line = f"  {name:<{width}} {row['precision']:>9.2f} {t:>10} {row['recall']:>7.3f}"
+    if "estimate_threshold" in row:  # the point estimate's threshold, for the margin the bound costs
+        e = row["estimate_threshold"]
+        line += f" {'-' if e is None else f'{e:.4f}':>10}"
+    return line
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The precision/recall table a user reads before trusting a threshold."""
     lines = [
         f"calibration on {report['images']} copies of training images (prevalence of copies "
-        f"{report['prevalence']:.0%}; recall@1 {report['recall@1']:.3f}):",
-        f"  {'score':<11} {'precision':>9} {'threshold':>10} {'recall':>7}",
+        f"{report['prevalence']:.0%}; recall@1 {report['recall@1']:.3f}; negatives "
+        f"{report.get('negatives', 'in-sample')}):",
+        f"  {'score':<11} {'precision':>9} {'threshold':>10} {'recall':>7}"
+        + (f" {'estimate':>10}" if report.get("confidence") else ""),
     ]
+    if report.get("confidence"):
+        lines.insert(
+            1,
+            f"  (thresholds reach each precision with {report['confidence']:.0%} confidence; 'estimate': "
+            "the lowest whose estimated precision does)",
+        )
     if report.get("whitening_images_reused"):
         lines.insert(
             1, "  (small index: some copied images also trained the whitening; thresholds are optimistic)"

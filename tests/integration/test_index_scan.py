@@ -435,7 +435,9 @@ def calibrated(ray_session, local_index, generated, tmp_path_factory):
     index_url = str(root / "index")
     shutil.copytree(local_index[0], index_url)
     before = scan(index_url, str(generated[0]), str(root / "before"))
-    report = run_calibrate(resolve(CalibrateConfig, {"index": index_url, "images": 40}))
+    # the point estimate: a 90 % bound on 40 copies sometimes reaches no 90 % threshold at all (unit tests and
+    # README, "Calibration per domain", measure the bound)
+    report = run_calibrate(resolve(CalibrateConfig, {"index": index_url, "images": 40, "confidence": 0.0}))
     return index_url, before, report, root
 
 
@@ -451,6 +453,7 @@ def test_calibrate_then_scan_flags_copies(calibrated, generated, tmp_path):
     # 60 images, all of them whitening pairs: the report says the thresholds are optimistic
     assert report["images"] == 40 and report["whitening_images_reused"] and not report["skipped"]
     assert report["recall@1"] >= 0.9
+    assert report["negatives"] == "held out of the whitening's fit" and report["confidence"] == 0.0
     manifest = load_manifest(index_url)
     thresholds = manifest["calibration"]["thresholds"]["score_norm"]
     assert manifest["calibration"]["build_id"] == manifest["build_id"]
@@ -471,13 +474,39 @@ def test_calibrate_then_scan_flags_copies(calibrated, generated, tmp_path):
     flagged = {r["query_id"] for r in rows if r["rank"] == 0 and r["is_copy"]}
     assert summary["flagged"] == len(flagged)
     copies = {t["file"] for t in truth if t["is_copy"]}
-    # a 60-image index calibrates on 40 of its own whitening images: optimistic, and noisy between runs (cause
-    # not yet found): full-suite runs flagged 8 copies with 4, then 6, of the 8 others. What must hold: most
-    # copies are flagged, and copies are flagged more often than images that copy nothing
-    assert len(flagged & copies) >= len(copies) // 2 and len(flagged & copies) > len(flagged - copies)
+    # a 60-image index calibrates on 40 of its own whitening images: noisy between runs. With in-sample
+    # negatives, full-suite runs flagged all 8 copies with 4, then 6, of the 8 others (precision ~0.6 where
+    # 0.9 was promised); negatives held out of the whitening's fit flag fewer. What must hold: copies are
+    # flagged, and more often than images that copy nothing
+    assert len(flagged & copies) >= 2 and len(flagged & copies) > len(flagged - copies)
     # a published threshold by name
     named = scan(index_url, str(folder), str(tmp_path / "dup"), threshold="duplicate")
     assert named["threshold"]["column"] == "score_raw" and named["threshold"]["value"] == 0.95
+
+
+def test_calibration_negatives_are_held_out_of_the_whitening_fit(local_index):
+    """Every vector of the small index fitted its whitening, so a copy's best other match scores lower than an
+    unseen image's would; calibration refits the whitening without the copied images for their negatives."""
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.heldout import database_vectors, held_out_negatives
+    from copyscan.search.calibrate.whole import _copy_scores
+
+    out, manifest = local_index
+    xb, ids = database_vectors(out, manifest)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(xb), 30, replace=False)
+    xq = xb[rows] + rng.normal(0, 0.02, xb[rows].shape).astype(np.float32)  # near-exact copies
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    correct, in_sample = _copy_scores(resolve(CalibrateConfig, {"index": out}), manifest, xq, ids[rows])
+    assert correct.all()
+    held = held_out_negatives(out, manifest, xq, ids[rows], share=0.01, seed=0)
+    assert held is not None  # a refit on every vector gave the index's own whitening back
+    score, score_norm, hit = held
+    assert not (hit == ids[rows]).any() and np.isin(hit, ids).all()
+    assert np.isfinite(score_norm).all()
+    # measured: 0.016 against 0.008 of score_norm
+    assert np.mean(score_norm) > 1.5 * np.mean(in_sample["score_norm"][1])
+    assert np.mean(score) > np.mean(in_sample["score"][1])
 
 
 def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_index, generated, tmp_path):
