@@ -1,8 +1,8 @@
 """Ray glue for embedding: CPU decode tasks stream batches to embedding actors (model loaded once each).
 
 One call of ``EmbedWorker.embed_shard`` handles one shard end to end: it starts a decode task (a Ray
-streaming generator scheduled on any CPU in the cluster, ``decode_ray.py``), runs the model on each batch as it arrives,
-writes the shard's outputs and finally its stats marker. Several calls run concurrently per actor
+streaming generator scheduled on any CPU in the cluster, ``decode_ray.py``), runs the model on each batch as
+it arrives, writes the shard's outputs and finally its stats marker. Several calls run concurrently per actor
 (``max_concurrency``) so decoding of one shard overlaps inference on another.
 """
 
@@ -51,7 +51,8 @@ class OneBatchAtATime:
     A CPU actor's calls in flight (``embed_concurrency``) then overlap their decoding, reading and writing
     but not their forward passes, and each forward pass has all the actor's threads: a lone call (a scan's
     only chunk, the last shard of an index) runs at the model's full speed, where calls that each ran the
-    model on a thread of their own left the other threads idle.
+    model on a thread of their own left the other threads idle. (A shard's ``embed`` seconds then include
+    its waits for the other calls' batches.)
     """
 
     def __init__(self, embedder: Any) -> None:
