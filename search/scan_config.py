@@ -101,8 +101,9 @@ class ScanConfig:
     # copies (regions)"): pool scanned 6.3-7.0x more generations per second at recall@1 0.56 / 0.56 / 0.58
     # against 0.63 / 0.69 / 0.60 (seeds 1-3) and lower AP, short of the 10x at equal recall asked for a
     # default, so crop stays the default. "hybrid" pools them at 576 px and crops the best 8 again
-    # (LocalWindows.recrop): on held-out seed 4, 13.5x crop's generations/s on a loaded VM (about 8x quiet,
-    # estimated) at recall@1 0.63 / AP 0.57 against crop's 0.70 / 0.65 (pool: 0.55 / 0.54): not the default.
+    # (LocalWindows.recrop): on held-out seed 4, 6.0x crop's generations/s on the quiet VM at recall@1
+    # 0.63 / AP 0.57 against crop's 0.70 / 0.65 (pool: 0.55 / 0.54; seed 5: 0.73 / 0.69 against 0.75 /
+    # 0.73): not the default.
     region_query_mode: str = key(
         "crop",
         "query windows: crop (a pass each), pool (one pass; effnet-lite0) or hybrid (pooled, the best 8 cropped)",
