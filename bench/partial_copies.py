@@ -20,8 +20,9 @@ each domain is bench.copy_detection's with the same --train, --negatives (here -
 
 ``--compare-query-modes`` scans the same queries twice in one run, with ``region_query_mode=crop`` (one
 forward pass per window) and ``region_query_mode=pool`` (every window pooled from one pass), one after the
-other on the same machine: a run per mode (``query_mode``, tabled apart), each with the ratio of the pooled
-mode's generations per second to the cropped one's (``speedup_generations_per_s``).
+other on the same machine: a run per mode (``query_mode``, tabled apart), each with the ratio of its
+generations per second to the first mode's (``speedup_generations_per_s``). ``--compare-query-modes
+crop,hybrid,pool`` scans with those modes, in that order.
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compare-query-modes",
-        action="store_true",
-        help="scan the same queries with region_query_mode=crop and =pool, one after the other; print both",
+        nargs="?",
+        const="crop,pool",
+        default=None,
+        metavar="MODES",
+        help="scan the same queries with each region_query_mode of MODES (default crop,pool), one after the "
+        "other; print each",
     )
     parser.add_argument("overrides", nargs="*", help="scan config overrides")
     args = parser.parse_args(argv)
@@ -110,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runs[0], indent=2))
         return 0
     summary = bench_domains.summarise(
-        runs, FIGURES, group=lambda run: f"{run['embedder']} {run['regions']['query_mode']}"
+        runs,
+        FIGURES,
+        group=lambda run: f"{run['embedder']} {run.get('region_query_mode') or run['regions']['query_mode']}",
     )
     print(bench_domains.table(summary, FIGURES), file=sys.stderr)
     sizes = {
@@ -196,7 +203,7 @@ def run_one(args: argparse.Namespace, domain: str, seed: int) -> list[dict] | No
             # the region settings the scan ran with, defaults included (summary.json's "regions")
             "regions": {
                 key: summary["regions"].get(key)
-                for key in ("windows", "query_mode", "query_size", "refine", "slide")
+                for key in ("windows", "query_mode", "query_size", "recrop", "refine", "slide")
             }
             if summary.get("regions")
             else None,
@@ -213,10 +220,11 @@ def run_one(args: argparse.Namespace, domain: str, seed: int) -> list[dict] | No
         return [scan(args.overrides, scan_out)]
     modes = [
         scan([*args.overrides, f"region_query_mode={mode}"], pathlib.Path(f"{scan_out}-{mode}"))
-        for mode in ("crop", "pool")
+        for mode in (m.strip() for m in args.compare_query_modes.split(",") if m.strip())
     ]
-    speedup = modes[1]["seconds"]["generations_per_s"] / modes[0]["seconds"]["generations_per_s"]
     for run in modes:
+        run["region_query_mode"] = run["scan_overrides"][-1].partition("=")[2]
+        speedup = run["seconds"]["generations_per_s"] / modes[0]["seconds"]["generations_per_s"]
         run["speedup_generations_per_s"] = round(speedup, 2)
     return modes
 

@@ -91,7 +91,7 @@ class ScanConfig:
     regions: str = key("auto", "search the region index: auto (when the index has one), on (required) or off")
     region_query_grid: str = key("", 'windows cut from each query (grid spec); "" = the index\'s')
     region_query_size: int = key(
-        0, "px the query is preprocessed at for its windows; 0 = the index's (crop), 672 (pool)"
+        0, "px the query is preprocessed at for its windows; 0 = the index's (crop), 672 (pool), 576 (hybrid)"
     )
     # How the windows are embedded (indexing/models/regions.py RegionSpec): "crop" cuts each window out and
     # embeds it alone, one forward pass per window (195 by default); "pool" pools all of them from the
@@ -100,10 +100,13 @@ class ScanConfig:
     # windows are crops either way. Measured side by side on the partial-copy bench (README "Partial
     # copies (regions)"): pool scanned 6.3-7.0x more generations per second at recall@1 0.56 / 0.56 / 0.58
     # against 0.63 / 0.69 / 0.60 (seeds 1-3) and lower AP, short of the 10x at equal recall asked for a
-    # default, so crop stays the default.
+    # default, so crop stays the default. "hybrid" pools them at 576 px and crops the best 8 again
+    # (LocalWindows.recrop): on held-out seed 4, 6.0x crop's generations/s on the quiet VM at recall@1
+    # 0.63 / AP 0.57 against crop's 0.70 / 0.65 (pool: 0.55 / 0.54; seed 5: 0.73 / 0.69 against 0.75 /
+    # 0.73): not the default.
     region_query_mode: str = key(
         "crop",
-        "query windows: crop (a forward pass each) or pool (all from one pass; faster, lower recall; effnet-lite0)",
+        "query windows: crop (a pass each), pool (one pass; effnet-lite0) or hybrid (pooled, the best 8 cropped)",
     )
     region_hits: int = key(
         20, "region hits per window, exactly re-ranked, before aggregating per training image"
@@ -397,7 +400,7 @@ class ScanConfig:
         if self.regions not in ("auto", "on", "off"):
             problems.append(f"regions must be auto, on or off, not {self.regions!r}")
         if self.region_query_mode not in QUERY_MODES:
-            problems.append(f"region_query_mode must be pool or crop, not {self.region_query_mode!r}")
+            problems.append(f"region_query_mode must be crop, pool or hybrid, not {self.region_query_mode!r}")
         if self.region_density_beta < 0:
             problems.append("region_density_beta must be >= 0")
         if self.dense_verify < 0 or self.dense_weight < 0:

@@ -146,7 +146,7 @@ class RegionsStep:
         """The chunk's local matches, and ``result`` (its global matches) with their split scores when the
         scan asks for them. Drops the chunk's pixels once the crops are cut."""
         windows = self.windows
-        local = windows.search(embedded.x_regions, self.index)
+        local = windows.search(embedded.x_regions, self.index, embedded.region_pixels, embed_crops)
         if windows.crops:  # the query crops are embedded by the actor that embedded the chunk
             sizes = [(r["width"], r["height"]) for r in records]
             local = windows.refine_result(

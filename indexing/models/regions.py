@@ -39,10 +39,16 @@ QUERY_SIZE = 448
 # the generation is preprocessed at POOL_QUERY_SIZE px and every window pooled from that pass's feature
 # maps; at 672 px a 0.3 window spans about as many map cells as the 224-px crop of it does
 POOL_QUERY_SIZE = 672
+# ``region_query_mode=hybrid``: the windows pooled from one pass at HYBRID_QUERY_SIZE px only *select*; the
+# HYBRID_CROPS windows of a generation whose pooled vectors found the best normalised hit are cut out and
+# embedded like images (``copyscan.search.regions.windows.LocalWindows.search``), and their hits replace the
+# pooled ones (README "Windows pooled from one pass")
+HYBRID_QUERY_SIZE = 576
+HYBRID_CROPS = 8
 MAX_TRAIN_REGIONS = 64
 MODES = ("crop", "pool", "rmac")
 # ScanConfig.region_query_mode → RegionSpec mode of the query windows
-QUERY_MODES = {"pool": "rmac", "crop": "crop"}
+QUERY_MODES = {"pool": "rmac", "hybrid": "rmac", "crop": "crop"}
 
 
 def query_mode(
@@ -50,17 +56,21 @@ def query_mode(
 ) -> tuple[str, int]:
     """(RegionSpec mode, px) of the query windows of a scan of the index ``manifest`` describes, for
     ``ScanConfig.region_query_mode`` ``mode`` and ``region_query_size`` ``size`` (0 = default): "pool"
-    pools them from one pass ("rmac", at ``POOL_QUERY_SIZE`` px) where the embedder pools feature maps
-    (effnet-lite0's copy-gem descriptor), else they are cropped ("crop", at the index's ``query_size``).
+    and "hybrid" pool them from one pass ("rmac", at ``POOL_QUERY_SIZE`` / ``HYBRID_QUERY_SIZE`` px) where
+    the embedder pools feature maps (effnet-lite0's copy-gem descriptor), else they are cropped ("crop", at
+    the index's ``query_size``).
     With ``split_product`` on an index of cropped regions the default size is the regions' own (the
     aligned boxes are cut from the same pixels)."""
     if mode not in QUERY_MODES:
-        raise CopyscanError(f"region_query_mode must be pool or crop, not {mode!r}")
+        raise CopyscanError(f"region_query_mode must be crop, pool or hybrid, not {mode!r}")
     described = manifest["regions"]
-    pooled = mode == "pool" and (manifest.get("embedder") or {}).get("descriptor") == "copy-gem"
+    pooled = QUERY_MODES[mode] == "rmac" and (manifest.get("embedder") or {}).get("descriptor") == "copy-gem"
     if not size and split_product and described.get("mode") == "crop":
         size = int(described.get("size") or 0)
-    default = POOL_QUERY_SIZE if pooled else int(described.get("query_size") or QUERY_SIZE)
+    if pooled:
+        default = HYBRID_QUERY_SIZE if mode == "hybrid" else POOL_QUERY_SIZE
+    else:
+        default = int(described.get("query_size") or QUERY_SIZE)
     return ("rmac" if pooled else "crop"), int(size or default)
 
 

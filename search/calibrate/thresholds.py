@@ -175,11 +175,11 @@ def partial_settings(cfg: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     settings = {key: getattr(cfg, key) for key in PARTIAL_KEYS}
     described = manifest.get("regions") or {}
     settings["region_query_grid"] = settings["region_query_grid"] or described.get("query_grid", "")
-    if described:  # the mode the windows are made in (pool falls back to crop) and its size
+    if described:  # the mode the windows are made in (pool and hybrid fall back to crop) and its size
         mode, settings["region_query_size"] = query_mode(
             manifest, settings["region_query_mode"], settings["region_query_size"], bool(cfg.split_product)
         )
-        settings["region_query_mode"] = "pool" if mode == "rmac" else "crop"
+        settings["region_query_mode"] = settings["region_query_mode"] if mode == "rmac" else "crop"
     for key in ("region_query_grid", "region_slide"):
         settings[key] = "".join(str(settings[key]).split())
     return settings

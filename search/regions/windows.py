@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from copyscan.indexing.errors import CopyscanError
-from copyscan.indexing.models.regions import QUERY_SIZE, Box, RegionSpec, parse_slide
+from copyscan.indexing.models.regions import HYBRID_CROPS, QUERY_SIZE, Box, RegionSpec, parse_slide
 from copyscan.indexing.store import layout
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.topk import ShardResult
@@ -48,11 +48,15 @@ class LocalWindows:
     refine: int = 0  # ScanConfig.region_refine: crops of the best images' frames searched in the global index
     # ScanConfig.region_slide: sliding windows' (width, height), searched like the crops
     slide: tuple[tuple[float, float], ...] = ()
+    # region_query_mode=hybrid: the windows (pooled) whose best normalised hits are a query's best ``recrop``
+    # are cut out, embedded like images and searched again; their hits replace the pooled windows' ones
+    recrop: int = 0
 
     @property
     def crops(self) -> bool:
-        """Whether the scan cuts crops from the queries (frames or sliding windows), so keeps their pixels."""
-        return self.refine > 0 or bool(self.slide)
+        """Whether the scan cuts crops from the queries (frames, sliding windows or re-cropped windows), so
+        keeps their pixels."""
+        return self.refine > 0 or bool(self.slide) or self.recrop > 0
 
     def describe(self, hits_per_window: int | None) -> dict[str, Any]:
         """The ``regions`` entry of a scan's summary; ``hits_per_window``: region hits kept per window (None
@@ -63,6 +67,8 @@ class LocalWindows:
             "query_mode": self.spec.mode,
             "query_grid_boxes": [list(b) for b in self.spec.boxes],
             "query_size": self.spec.size,
+            # hybrid: the pooled windows with the best hits of a query, cut out and embedded again
+            "recrop": self.recrop,
             "regions_per_image": len(self.train_boxes),
             "region_index_vectors": self.manifest["ntotal"],
             "region_index_factory": self.manifest["index"]["factory"],
@@ -82,13 +88,35 @@ class LocalWindows:
             "slide_max_per_axis": SLIDE_MAX_AXIS if self.slide else None,
         }
 
-    def search(self, x_windows: np.ndarray, region_index: RegionIndex) -> LocalResult:
-        """x_windows: (nq, W, d) raw window descriptors → the top ``k`` training images of every query."""
+    def search(
+        self,
+        x_windows: np.ndarray,
+        region_index: RegionIndex,
+        pixels: np.ndarray | None = None,
+        embed: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> LocalResult:
+        """x_windows: (nq, W, d) raw window descriptors → the top ``k`` training images of every query.
+
+        With ``recrop`` (hybrid), each query's ``recrop`` windows whose hits score best are cut from
+        ``pixels`` (nq, 3, S, S) uint8 and embedded (``embed(pixels, boxes)`` → (nq, m, d), an embed actor's
+        ``embed_crops_each``), searched again, and their hits replace those windows' pooled hits."""
         nq, n_windows, dim = x_windows.shape
-        flat = np.ascontiguousarray(x_windows.reshape(nq * n_windows, dim), dtype=np.float32)
-        hits = region_index.search(flat)
-        hits = replace(hits, D_norm=self.normalise(flat, hits.D, hits.I))
+        hits = self._hits(x_windows.reshape(nq * n_windows, dim), region_index)
+        if self.recrop:
+            if pixels is None or embed is None or len(pixels) != nq:
+                raise ValueError(f"re-cropping windows needs the pixels of all {nq} queries and an embedder")
+            chosen = best_windows(hits, nq, n_windows, self.recrop)
+            boxes = np.asarray(self.spec.boxes, dtype=np.float32)[chosen]  # (nq, m, 4)
+            x = embed(pixels, boxes)
+            cropped = self._hits(x.reshape(-1, dim), region_index)
+            hits = replace_rows(hits, (np.arange(nq)[:, None] * n_windows + chosen).ravel(), cropped)
         return aggregate(hits, nq, n_windows, self.k, self.spec.boxes, self.train_boxes)
+
+    def _hits(self, x: np.ndarray, region_index: RegionIndex) -> ShardResult:
+        """x: (n, d) raw window descriptors → their region hits, score-normalised (``D_norm``)."""
+        flat = np.ascontiguousarray(x, dtype=np.float32)
+        hits = region_index.search(flat)
+        return replace(hits, D_norm=self.normalise(flat, hits.D, hits.I))
 
     def refine_result(
         self,
@@ -151,6 +179,30 @@ class LocalWindows:
         return out
 
 
+def best_windows(hits: ShardResult, nq: int, n_windows: int, m: int) -> np.ndarray:
+    """(nq, min(m, n_windows)) int64: each query's windows by their best normalised hit (``hits.D_norm``;
+    rows query-major, ``n_windows`` a query), best first; windows without a hit last."""
+    key = np.where(hits.I >= 0, np.nan_to_num(hits.D_norm, nan=-np.inf), -np.inf).max(axis=1)
+    return np.argsort(-key.reshape(nq, n_windows), axis=1, kind="stable")[:, :m]
+
+
+def replace_rows(hits: ShardResult, rows: np.ndarray, new: ShardResult) -> ShardResult:
+    """``hits`` with its rows ``rows`` replaced by the rows of ``new`` (one each, in order; as wide or wider:
+    cut to ``hits``' width), metadata of both."""
+    width = hits.I.shape[1]
+    out = {}
+    for name in ("D", "I", "D_raw", "D_norm", "prior"):
+        old, replacing = getattr(hits, name), getattr(new, name)
+        if old is None:
+            continue
+        if replacing is None:  # rows without this column (no densities): as if zero
+            replacing = np.zeros((len(rows), width), dtype=old.dtype)
+        column = old.copy()
+        column[rows] = replacing[:, :width]
+        out[name] = column
+    return replace(hits, meta={**hits.meta, **new.meta}, **out)
+
+
 def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
     """Region matching for scan config ``cfg`` (``regions`` auto/on/off, query-window overrides) of the index
     ``manifest`` describes, or None when off."""
@@ -194,6 +246,8 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
         aligned=aligned,
         refine=int(getattr(cfg, "region_refine", 0)),
         slide=parse_slide(getattr(cfg, "region_slide", "")),
+        # hybrid on an embedder that cannot pool crops every window already
+        recrop=HYBRID_CROPS if mode == "hybrid" and spec.mode == "rmac" else 0,
     )
 
 

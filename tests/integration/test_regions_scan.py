@@ -13,7 +13,14 @@ from copyscan.indexing.embed.augment import paste_partial
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.index_config import IndexConfig
 from copyscan.indexing.index_ray import run_index
-from copyscan.indexing.models.regions import POOL_QUERY_SIZE, TRAIN_GRID, parse_grid, parse_slide
+from copyscan.indexing.models.regions import (
+    HYBRID_CROPS,
+    HYBRID_QUERY_SIZE,
+    POOL_QUERY_SIZE,
+    TRAIN_GRID,
+    parse_grid,
+    parse_slide,
+)
 from copyscan.indexing.read.images import open_rgb
 from copyscan.indexing.runtime.config import resolve
 from copyscan.indexing.store import layout
@@ -226,6 +233,31 @@ def test_scan_with_windows_pooled_from_one_pass(region_index, pasted, tmp_path):
     assert any(r["crop_score_norm"] is not None for r in rows), "no frame found anything"
     grid = [pytest.approx(list(b)) for b in parse_grid(TEST_QUERY_GRID)]
     assert all(r["query_box"] in grid for r in best_local.values() if r["train_box"] != [0, 0, 1, 1])
+
+
+@pytest.mark.slow
+def test_scan_with_hybrid_windows_recrops_the_best_pooled_ones(region_index, pasted, tmp_path):
+    """region_query_mode=hybrid: windows pooled from one pass at HYBRID_QUERY_SIZE, the best HYBRID_CROPS of
+    each query cropped and searched again; the exact copy and the part are found, the exact copy above
+    every unrelated query."""
+    index_url, _ = region_index
+    folder, truth, _ = pasted
+    out = str(tmp_path / "hybrid")
+    cfg = {"index": index_url, "queries": str(folder), "out": out, "region_query_mode": "hybrid"}
+    summary = run_scan(resolve(ScanConfig, {**cfg, "region_query_grid": TEST_QUERY_GRID}))
+    regions = summary["regions"]
+    assert (regions["query_mode"], regions["query_size"], regions["recrop"]) == (
+        "rmac",
+        HYBRID_QUERY_SIZE,
+        HYBRID_CROPS,
+    )
+    rows = pq.read_table(os.path.join(out, "matches")).to_pylist()
+    best_local = {r["query_id"]: r for r in rows if r["local_rank"] == 0}
+    assert set(best_local) == set(truth)
+    for name in ("exact.jpg", "part.jpg"):
+        assert best_local[name]["train_key"] == truth[name], best_local[name]
+    negatives = max(best_local[q]["local_score_norm"] for q, key in truth.items() if not key)
+    assert best_local["exact.jpg"]["local_score_norm"] > negatives, best_local["exact.jpg"]
 
 
 def test_regions_on_needs_a_region_index(region_index):
