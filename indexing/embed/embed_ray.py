@@ -25,6 +25,7 @@ from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.models.regions import RegionSpec
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.cluster_ray import PoolSize
+from copyscan.indexing.runtime.malloc import keep_freed_memory
 from copyscan.indexing.runtime.progress import WithinProgress
 from copyscan.indexing.store import storage
 
@@ -86,6 +87,7 @@ class EmbedWorker:
     ) -> None:
         import torch
 
+        keep_freed_memory()  # a batch's activations reused from the heap, not mapped afresh each time
         if device == "cuda" and not torch.cuda.is_available():
             # Ray gave this actor a GPU resource, but the node has no CUDA device torch can use (a node type
             # that declares GPUs it does not have, or a CPU build of torch): embed on the CPU instead.
