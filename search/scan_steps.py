@@ -75,20 +75,7 @@ class EmbedStep:
         return cls(cfg.batch_size, setup.limits, local.spec, local.aligned, local.crops, cfg.jpeg_draft)
 
     def __call__(self, actor: Any, chunk: QueryChunk) -> Any:
-        if chunk.kind == "tar":
-            return actor.embed_tar.remote(
-                chunk.urls[0],
-                self.batch_size,
-                self.limits,
-                self.windows,
-                self.aligned,
-                self.crops,
-                chunk.describe(),
-                self.draft,
-            )
-        return actor.embed_images.remote(
-            chunk.urls,
-            chunk.keys,
+        rest = (
             self.batch_size,
             self.limits,
             self.windows,
@@ -97,6 +84,9 @@ class EmbedStep:
             chunk.describe(),
             self.draft,
         )
+        if chunk.kind == "tar":
+            return actor.embed_tar.remote(chunk.urls[0], *rest)
+        return actor.embed_images.remote(chunk.urls, chunk.keys, *rest)
 
 
 @dataclass(frozen=True)
