@@ -60,6 +60,18 @@ def _distribution(values: np.ndarray) -> dict[str, float]:
     }
 
 
+def _match_verification(prefix: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of a match verification (dense, whole) over its chunks, from their ``{prefix}_*`` entries."""
+    return {
+        "chunks": len(chunks),
+        "pairs": sum(v[f"{prefix}_pairs"] for v in chunks),
+        "verified": sum(v[f"{prefix}_verified"] for v in chunks),
+        "no_fit": sum(v[f"{prefix}_no_fit"] for v in chunks),
+        "errors": _sum_counts(v[f"{prefix}_errors"] for v in chunks),
+        "seconds": round(sum(v[f"{prefix}_seconds"]["total"] for v in chunks), 1),
+    }
+
+
 def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     """Run-level verification counts (pixels, dense) from the chunk markers (None when none was verified).
 
@@ -89,24 +101,9 @@ def summarize_verification(markers: dict[int, dict[str, Any]]) -> dict[str, Any]
     if any("density_scored" in v for v in verified):
         names = ("density_scored", "density_extracted", "neighbour_pairs", "neighbour_failed")
         out["density"] = {name: sum(v.get(name, 0) for v in verified) for name in names}
-    if dense:
-        out["dense"] = {
-            "chunks": len(dense),
-            "pairs": sum(v["dense_pairs"] for v in dense),
-            "verified": sum(v["dense_verified"] for v in dense),
-            "no_fit": sum(v["dense_no_fit"] for v in dense),
-            "errors": _sum_counts(v["dense_errors"] for v in dense),
-            "seconds": round(sum(v["dense_seconds"]["total"] for v in dense), 1),
-        }
-    if whole:
-        out["whole"] = {
-            "chunks": len(whole),
-            "pairs": sum(v["whole_pairs"] for v in whole),
-            "verified": sum(v["whole_verified"] for v in whole),
-            "no_fit": sum(v["whole_no_fit"] for v in whole),
-            "errors": _sum_counts(v["whole_errors"] for v in whole),
-            "seconds": round(sum(v["whole_seconds"]["total"] for v in whole), 1),
-        }
+    for name, chunks in (("dense", dense), ("whole", whole)):
+        if chunks:
+            out[name] = _match_verification(name, chunks)
     return out
 
 

@@ -284,28 +284,28 @@ class _DenseRun:
         for r in group:
             by_query[self.query_req[r]].append(r)
         for query_req, pairs in by_query.items():
-            self._match_query(matcher, query_req, pairs, decoded, templates)
+            query = decoded[query_req]
+            if not isinstance(query, Image.Image):  # not decoded: each of its pairs fails with the reason
+                for r in pairs:
+                    self.failures.add(r, f"query_{query[0]}", query[1], self.train_req[r], query_req)
+                continue
+            self._match_query(matcher, query, pairs, decoded, templates)
 
     def _match_query(
         self,
         matcher: DenseMatcher,
-        query_req: Request,
+        query: Image.Image,
         pairs: list[int],
         decoded: dict[Request, Image.Image | tuple[str, str]],
         templates: dict[Request, torch.Tensor],
     ) -> None:
         """Match one generation's candidates ``pairs`` (rows) against its pyramid."""
-        query = decoded[query_req]
-        if not isinstance(query, Image.Image):
-            for r in pairs:
-                self.failures.add(r, f"query_{query[0]}", query[1], self.train_req[r], query_req)
-            return
         pyramid = matcher.pyramid(query)
         for r in pairs:
             train_req = self.train_req[r]
             train = decoded[train_req]
             if not isinstance(train, Image.Image):
-                self.failures.add(r, f"train_{train[0]}", train[1], train_req, query_req)
+                self.failures.add(r, f"train_{train[0]}", train[1], train_req, self.query_req[r])
                 continue
             if train_req not in templates:
                 templates[train_req] = matcher.template(train)

@@ -176,24 +176,19 @@ class _WholeRun(_DenseRun):
     def _match_query(
         self,
         matcher: DenseMatcher,
-        query_req: Request,
+        query: Image.Image,
         pairs: list[int],
         decoded: dict[Request, Image.Image | tuple[str, str]],
         templates: dict[Request, torch.Tensor],
     ) -> None:
         """Match one generation's candidates ``pairs`` (rows); ``templates`` caches the candidates' maps."""
-        query = decoded[query_req]
-        if not isinstance(query, Image.Image):
-            for r in pairs:
-                self.failures.add(r, f"query_{query[0]}", query[1], self.train_req[r], query_req)
-            return
         spec: WholeSpec = self.spec  # type: ignore[assignment]
         query_map = matcher.feature_map(query, spec.query_side, max_side=2 * spec.query_side)
         for r in pairs:
             train_req = self.train_req[r]
             train = decoded[train_req]
             if not isinstance(train, Image.Image):
-                self.failures.add(r, f"train_{train[0]}", train[1], train_req, query_req)
+                self.failures.add(r, f"train_{train[0]}", train[1], train_req, self.query_req[r])
                 continue
             if train_req not in templates:
                 templates[train_req] = matcher.feature_map(
