@@ -123,3 +123,24 @@ def radius_counts(result: ShardResult, k: int, above: Above) -> dict[str, int]:
         "deep": int(above.tau()[1].sum()),
         "no_floor": int((~np.isfinite(above.lo)).sum()),
     }
+
+
+def extra_columns(
+    found: list[tuple[np.ndarray, ...]], nq: int, extra: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kept extras ``found`` ([(owner, ids, exact, raw)]) as columns to append to the top k: each
+    query's best ``extra`` by exact score, (D_x, I_x, R_x): (nq, width) float32 / int64 / float32 padded
+    with -inf / -1 / NaN, and (nq,) bool: the queries that had more than ``extra``."""
+    owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((-exact, owner))
+    owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
+    counts = np.bincount(owner, minlength=nq)
+    position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = position < extra
+    width = int(min(counts.max(initial=0), extra))
+    D_x = np.full((nq, width), -np.inf, dtype=np.float32)
+    I_x = np.full((nq, width), -1, dtype=np.int64)
+    R_x = np.full((nq, width), np.nan, dtype=np.float32)
+    at = (owner[keep], position[keep])
+    D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
+    return D_x, I_x, R_x, counts > extra

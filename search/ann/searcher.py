@@ -23,8 +23,9 @@ from copyscan.indexing.runtime.devices import compute_device
 from copyscan.indexing.store import layout, storage
 from copyscan.indexing.store.manifest import resolve
 from copyscan.search.ann.coarse import SharedCoarse
+from copyscan.search.ann.exact import distinct, pair_dots, through_stages
 from copyscan.search.ann.normalise import load_whitening, whiten
-from copyscan.search.ann.radius import Above, capped, range_search_index
+from copyscan.search.ann.radius import Above, capped, extra_columns, range_search_index
 from copyscan.search.ann.topk import ShardResult, carry_values, merge_topk
 
 logger = logging.getLogger("copyscan")
@@ -189,7 +190,8 @@ class ShardSearcher:
         # the block's coarse assignment, once for its top k and its range search (SharedCoarse.assign)
         assigned = self.coarse.assign(xw, nprobe) if self.coarse is not None else None
         found = self._candidates(xw, candidates, nprobe, assigned)
-        parts = [self.rerank(xq, xw, I0, k) for I0 in found]
+        terms = self.score_terms(xw)  # once for every block and shard
+        parts = [self.rerank(xq, xw, I0, k, terms) for I0 in found]
         D, I = merge_topk([(D, I) for D, I, _, _ in parts], k)
         D_raw = carry_values(I, [(I, R) for _, I, R, _ in parts])
         prior = carry_values(I, [(I, P) for _, I, _, P in parts]) if self.density is not None else None
@@ -197,7 +199,7 @@ class ShardSearcher:
             return ShardResult(D, I, D_raw, self.describe(I), prior=prior)
         if self.density is not None:
             raise ValueError("a range search is for the global index (region hits rank with densities)")
-        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe, assigned)
+        D, I, D_raw, truncated = self._with_above(xq, xw, D, I, D_raw, above, k, nprobe, assigned, terms)
         return ShardResult(D, I, D_raw, self.describe(I), truncated=truncated)
 
     def _candidates(
@@ -221,6 +223,7 @@ class ShardSearcher:
         k: int,
         nprobe: int = 0,
         assigned: tuple | None = None,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The top k (D, I, D_raw: (nq, k)) followed by each query's extra vectors of exact score >= lo.
 
@@ -242,13 +245,13 @@ class ShardSearcher:
             if len(ranged):
                 lists += self._ranged_candidates(xw, ranged, tau[ranged], cap, assigned)
             if deep[block].any():
-                lists += self._deep_candidates(xw, block[deep[block]], above, cap, nprobe, assigned)
+                lists += self._deep_candidates(xw, block[deep[block]], above, cap, nprobe, assigned, terms)
             for owner, ids, cut in lists:
                 truncated[cut] = True
-                found.append(self._exact_above(xq, xw, I, owner, ids, above))
+                found.append(self._exact_above(xq, xw, I, owner, ids, above, terms))
         if not found:
             return D, I, D_raw, truncated
-        D_x, I_x, R_x, more = _extra_columns(found, nq, above.extra)
+        D_x, I_x, R_x, more = extra_columns(found, nq, above.extra)
         return np.hstack([D, D_x]), np.hstack([I, I_x]), np.hstack([D_raw, R_x]), truncated | more
 
     def _ranged_candidates(
@@ -275,6 +278,7 @@ class ShardSearcher:
         cap: int,
         nprobe: int,
         assigned: tuple | None,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The approximate top ``cap`` of the queries ``xw[rows]`` (floors too low to range-search) in
         every shard: [(owner, ids, cut)] per shard (cut: full lists whose last still reaches above.lo)."""
@@ -284,81 +288,125 @@ class ShardSearcher:
             r, c = np.nonzero(I_top >= 0)
             # a full list whose last (lowest) candidate still reaches the floor may go on
             full = np.flatnonzero((I_top[:, -1] >= 0) & (I_top.shape[1] == cap))
-            last = self.pair_scores(xw, rows[full], I_top[full, -1])
+            last = self.pair_scores(xw, rows[full], I_top[full, -1], terms)
             lists.append((rows[r], I_top[r, c], rows[full[last >= above.lo[rows[full]]]]))
         return lists
 
     def _exact_above(
-        self, xq: np.ndarray, xw: np.ndarray, I: np.ndarray, owner: np.ndarray, ids: np.ndarray, above: Above
+        self,
+        xq: np.ndarray,
+        xw: np.ndarray,
+        I: np.ndarray,
+        owner: np.ndarray,
+        ids: np.ndarray,
+        above: Above,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The candidates (query ``owner``, stored ``ids``) not in their query's top k ``I`` whose exact
         score reaches ``above.lo``: (owner, ids, exact scores, raw cosines), all (m,)."""
         new = ~(I[owner] == ids[:, None]).any(1)  # not one of the query's top k
         owner, ids = owner[new], ids[new]
         raw = self.gather(ids)
-        exact = self._pair_scores(raw, xw, owner, ids)
+        exact = self._pair_scores(raw, xw, owner, ids, terms)
         passing = exact >= above.lo[owner]
         raw_scores = np.einsum("md,md->m", raw[passing], xq[owner[passing]])
         return owner[passing], ids[passing], exact[passing], raw_scores
 
     def rerank(
-        self, xq: np.ndarray, xw: np.ndarray, I0: np.ndarray, k: int
+        self,
+        xq: np.ndarray,
+        xw: np.ndarray,
+        I0: np.ndarray,
+        k: int,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact scores of each query with its candidates ``I0`` (nq, c) → top-k (D, I, D_raw, prior).
 
-        xq: raw queries, xw: the same in the index's space. D ranks in the index's space (minus the prior:
-        β · (region density − mean density), 0 without densities); D_raw is the cosine of the raw
-        descriptors of the same pairs.
+        xq: raw queries, xw: the same in the index's space, terms: their ``score_terms`` (computed here when
+        not given). D ranks in the index's space (minus the prior: β · (region density − mean density), 0
+        without densities); D_raw is the cosine of the raw descriptors of the same pairs.
         """
         nq, c = I0.shape
+        if terms is None:
+            terms = self.score_terms(xw)
         D_out = np.full((nq, k), -np.inf, dtype=np.float32)
         R_out = np.full((nq, k), np.nan, dtype=np.float32)
         P_out = np.zeros((nq, k), dtype=np.float32)
         I_out = np.full((nq, k), -1, dtype=np.int64)
         for q0 in range(0, nq, RERANK_BLOCK):
-            ids = I0[q0 : q0 + RERANK_BLOCK]
+            block = slice(q0, q0 + RERANK_BLOCK)
+            ids = I0[block]
             nb = ids.shape[0]
-            raw = self.gather(ids.ravel())
-            if self.norms is not None:
-                b, terms = whitened_score_terms(self.whitening, xw[q0 : q0 + RERANK_BLOCK])
-                norms = self._gather_rows(self.norms, ids.ravel(), terms.shape[1]).reshape(nb, c, -1)
-                dots = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), b)
-                scores = _through_stages(dots, terms[:, None, :], norms)
-            else:
-                vecs = whiten(self.whitening, raw).reshape(nb, c, -1)
-                scores = np.einsum("qcd,qd->qc", vecs, xw[q0 : q0 + RERANK_BLOCK])
-            raw_scores = np.einsum("qcd,qd->qc", raw.reshape(nb, c, self.dim), xq[q0 : q0 + RERANK_BLOCK])
-            if self.density is not None:
-                density = self._gather_rows(self.density, ids.ravel(), 1)[:, 0]
-                prior = self.density_beta * (density - self.density_mean)
-                prior = np.nan_to_num(prior.reshape(nb, c), nan=0.0)  # too few background neighbours: none
-                scores = scores - prior
+            part = None if terms is None else (terms[0][block], terms[1][block])
+            scores, raw_scores, prior = self._block_scores(ids, xq[block], xw[block], part)
             scores[ids < 0] = -np.inf
             top = min(k, c)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
             D_out[q0 : q0 + nb, :top] = np.take_along_axis(scores, order, axis=1)
             R_out[q0 : q0 + nb, :top] = np.take_along_axis(raw_scores, order, axis=1)
             I_out[q0 : q0 + nb, :top] = np.take_along_axis(ids, order, axis=1)
-            if self.density is not None:
-                P_out[q0 : q0 + nb, :top] = np.take_along_axis(prior, order, axis=1)
+            P_out[q0 : q0 + nb, :top] = np.take_along_axis(prior, order, axis=1)
         invalid = ~np.isfinite(D_out)
         I_out[invalid] = -1
         R_out[invalid] = np.nan
         P_out[invalid] = 0.0
         return D_out, I_out, R_out, P_out
 
-    def pair_scores(self, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored
-        vector ``ids[i]``), for ragged candidate lists (range search); xw: (nq, k) in the index's space."""
-        return self._pair_scores(self.gather(ids), xw, owner, ids)
+    def _block_scores(
+        self, ids: np.ndarray, xq: np.ndarray, xw: np.ndarray, terms: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's candidates ``ids`` (nb, c) of raw queries ``xq`` (xw: in the index's space, terms: their
+        ``score_terms``) → (scores in the index's space minus the prior, raw cosines, prior), (nb, c) float32
+        each; every distinct candidate gathered once (``copyscan.search.ann.exact``)."""
+        unique, inverse = distinct(ids)
+        raw = self.gather(unique)
+        if terms is not None:
+            b, c = terms
+            dots, raw_scores = pair_dots(np.stack([b, xq], axis=1), raw, inverse).transpose(1, 0, 2)
+            norms = self._gather_rows(self.norms, unique, c.shape[1])[inverse]
+            scores = through_stages(dots, c[:, None, :], norms)
+        else:
+            scores = pair_dots(xw[:, None, :], whiten(self.whitening, raw), inverse)[:, 0]
+            raw_scores = pair_dots(xq[:, None, :], raw, inverse)[:, 0]
+        prior = np.zeros(ids.shape, dtype=np.float32)
+        if self.density is not None:
+            density = self._gather_rows(self.density, unique, 1)[inverse, 0]
+            prior = self.density_beta * (density - self.density_mean)
+            prior = np.nan_to_num(prior, nan=0.0)  # too few background neighbours: none
+            scores = scores - prior
+        return scores, raw_scores, prior
 
-    def _pair_scores(self, raw: np.ndarray, xw: np.ndarray, owner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def score_terms(self, xw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``whitened_score_terms`` of queries ``xw`` (nq, k) in the index's space, computed once per search
+        for every re-ranking block and shard; None without stored whitening norms (whitened again)."""
+        return whitened_score_terms(self.whitening, xw) if self.norms is not None else None
+
+    def pair_scores(
+        self,
+        xw: np.ndarray,
+        owner: np.ndarray,
+        ids: np.ndarray,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """(m,) float32 exact scores in the index's space of the pairs (query ``xw[owner[i]]``, stored
+        vector ``ids[i]``), for ragged candidate lists (range search); xw: (nq, k) in the index's space,
+        terms: its ``score_terms`` when the caller has them."""
+        return self._pair_scores(self.gather(ids), xw, owner, ids, terms)
+
+    def _pair_scores(
+        self,
+        raw: np.ndarray,
+        xw: np.ndarray,
+        owner: np.ndarray,
+        ids: np.ndarray,
+        terms: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """``pair_scores`` of stored vectors ``raw`` (gathered rows of ``ids``)."""
         if self.norms is None:
             return np.einsum("md,md->m", whiten(self.whitening, raw), xw[owner])
-        b, terms = whitened_score_terms(self.whitening, xw)
+        b, terms = terms if terms is not None else whitened_score_terms(self.whitening, xw)
         norms = self._gather_rows(self.norms, ids, terms.shape[1])
-        return _through_stages(np.einsum("md,md->m", raw, b[owner]), terms[owner], norms)
+        return through_stages(np.einsum("md,md->m", raw, b[owner]), terms[owner], norms)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of packed ``ids`` as (len(ids), d) float32; zeros for -1.
@@ -393,33 +441,3 @@ class ShardSearcher:
         for i, s, r in zip(unique.tolist(), shards.tolist(), rows.tolist(), strict=True):
             meta[i] = {**describe_row(self.metadata[s], r), "index_shard": self.owner[s]}
         return meta
-
-
-def _through_stages(dots: np.ndarray, terms: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """Whitened scores from raw dot products ``x·b`` (``whitened_score_terms``): per stage, subtract the
-    query's term and divide by the stored vector's norm. terms, norms: (..., stages), broadcast to dots."""
-    with np.errstate(divide="ignore", invalid="ignore"):  # -1 ids: zero norms, masked by the callers
-        for stage in range(terms.shape[-1]):
-            dots = (dots - terms[..., stage]) / norms[..., stage]
-    return dots.astype(np.float32)
-
-
-def _extra_columns(
-    found: list[tuple[np.ndarray, ...]], nq: int, extra: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The kept extras ``found`` ([(owner, ids, exact, raw)]) as columns to append to the top k: each
-    query's best ``extra`` by exact score, (D_x, I_x, R_x): (nq, width) float32 / int64 / float32 padded
-    with -inf / -1 / NaN, and (nq,) bool: the queries that had more than ``extra``."""
-    owner, ids, exact, raw_scores = (np.concatenate(parts) for parts in zip(*found, strict=True))
-    order = np.lexsort((-exact, owner))
-    owner, ids, exact, raw_scores = owner[order], ids[order], exact[order], raw_scores[order]
-    counts = np.bincount(owner, minlength=nq)
-    position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
-    keep = position < extra
-    width = int(min(counts.max(initial=0), extra))
-    D_x = np.full((nq, width), -np.inf, dtype=np.float32)
-    I_x = np.full((nq, width), -1, dtype=np.int64)
-    R_x = np.full((nq, width), np.nan, dtype=np.float32)
-    at = (owner[keep], position[keep])
-    D_x[at], I_x[at], R_x[at] = exact[keep], ids[keep], raw_scores[keep]
-    return D_x, I_x, R_x, counts > extra

@@ -7,6 +7,9 @@ from test_build_search import build, clustered, write_collection
 from copyscan.indexing.build.postprocess import apply_whitening, whiten_with_norms, whitened_score_terms
 from copyscan.indexing.embed.stage import EmbeddedSource, finished_shards, write_shard_outputs
 from copyscan.indexing.store import layout, storage
+from copyscan.search.ann import exact
+from copyscan.search.ann import searcher as ann_searcher
+from copyscan.search.ann.normalise import whiten
 from copyscan.search.ann.searcher import ShardSearcher
 
 
@@ -70,3 +73,56 @@ def test_searcher_reranks_with_stored_norms_like_whitening_again(tmp_path, white
     np.testing.assert_allclose(a.D, b.D, atol=1e-5)
     assert np.mean(a.I == b.I) > 0.99  # only near-ties may swap
     np.testing.assert_allclose(a.D_raw[a.I == b.I], b.D_raw[a.I == b.I], atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["dense-product", "per-pair"])
+def test_rerank_scores_every_candidate_as_whitening_it_again(tmp_path, shared):
+    """Re-ranking gathers a block's distinct candidates once and, when they are few, scores them with one
+    matrix product (``copyscan.search.ann.exact``): the scores, raw cosines and density priors are those of
+    whitening every candidate again, with densities on, and the query-side terms given once or not."""
+    rng = np.random.default_rng(2)
+    d, n, nq, c = 32, 2_000, 150, 30
+    xb = clustered(n, d, 60, rng)
+    out = str(tmp_path / "idx")
+    plan, manifest = build(out, write_collection(out, xb, 500), d, whitening="pca", flat_threshold=0)
+    searcher = ShardSearcher(out, manifest, [e["index_shard"] for e in manifest["index_shards"]])
+    assert searcher.norms is not None
+    density = {s: rng.uniform(0.2, 0.6, (len(v), 1)).astype(np.float32) for s, v in searcher.vectors.items()}
+    searcher.density, searcher.density_beta, searcher.density_mean = density, 0.7, 0.4
+    xq = xb[rng.integers(0, n, nq)] + 0.2 * rng.standard_normal((nq, d)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    xw = whiten(searcher.whitening, xq)
+    ids = np.concatenate([layout.pack_ids(s, np.arange(500)) for s in range(n // 500)])
+    if shared:  # the windows of one generation, a small index: few distinct candidates per block
+        I0 = np.tile(rng.choice(ids, c, replace=False), (nq, 1))
+        assert len(np.unique(I0[: ann_searcher.RERANK_BLOCK])) <= exact.DENSE_PER_CANDIDATE * c
+    else:
+        I0 = rng.choice(ids, (nq, c))
+        assert len(np.unique(I0[: ann_searcher.RERANK_BLOCK])) > exact.DENSE_PER_CANDIDATE * c
+    I0[::7, -3:] = -1  # lists shorter than the candidates asked for
+    k = 10
+    raw = searcher.gather(I0.ravel()).reshape(nq, c, d)
+    prior = 0.7 * (searcher._gather_rows(density, I0.ravel(), 1).reshape(nq, c) - 0.4)
+    want = np.einsum(
+        "qcd,qd->qc", apply_whitening(searcher.whitening, raw.reshape(-1, d)).reshape(nq, c, -1), xw
+    )
+    want = np.where(I0 >= 0, want - prior, -np.inf)
+    order = np.argsort(-want, axis=1, kind="stable")[:, :k]
+    for terms in (None, searcher.score_terms(xw)):
+        D, I, D_raw, P = searcher.rerank(xq, xw, I0, k, terms)
+        np.testing.assert_allclose(D, np.take_along_axis(want, order, 1), atol=2e-5)
+        same = I == np.take_along_axis(I0, order, 1)
+        assert same.mean() > 0.99  # only near-ties may swap
+        cosines = np.einsum("qcd,qd->qc", raw, xq)
+        np.testing.assert_allclose(D_raw[same], np.take_along_axis(cosines, order, 1)[same], atol=1e-5)
+        np.testing.assert_allclose(P[same], np.take_along_axis(prior, order, 1)[same], atol=1e-6)
+
+
+def test_pair_dots_dense_product_and_per_pair_agree():
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((40, 16)).astype(np.float32)
+    queries = rng.standard_normal((5, 2, 16)).astype(np.float32)
+    for c in (6, 3):  # 40 distinct rows: at most 8 x 6 (one product), more than 8 x 3 (per pair)
+        inverse = rng.integers(0, 40, (5, c))
+        want = np.einsum("qmd,qcd->qmc", queries, vectors[inverse])
+        np.testing.assert_allclose(exact.pair_dots(queries, vectors, inverse), want, rtol=1e-5, atol=1e-5)
