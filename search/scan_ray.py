@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime import cluster_ray
 from copyscan.indexing.runtime.pool_ray import TaskStream
 from copyscan.indexing.runtime.progress import Progress
+from copyscan.indexing.runtime.stages import Stages
 from copyscan.indexing.store import layout
 from copyscan.indexing.store.outputs import output_lease
 from copyscan.search.ann.normalise import ScoreNormaliser, whiten
@@ -145,6 +147,7 @@ class Fanout:
         self.candidates, self.nprobe = max(settings["candidates"], self.k), settings["nprobe"]
         wanted = cfg.scan_actors or max(1, int(cluster_ray.alive()[0] // 2))
         self.groups = assign_shards(manifest, wanted)
+        self._restarting = threading.Lock()
         self.actors = [self._start(g) for g in self.groups]
         ntotal = self._wait_ready()
         logger.info(
@@ -239,6 +242,10 @@ class Fanout:
             ).astype(np.float32)
 
     def _restart_dead(self) -> None:
+        with self._restarting:  # chunks in several stage threads may find the same actor dead
+            self._restart_dead_now()
+
+    def _restart_dead_now(self) -> None:
         for i, actor in enumerate(self.actors):
             try:
                 ray.get(actor.ready.remote())
@@ -326,31 +333,40 @@ def _run_steps(
     cfg = setup.cfg
     normalise = ScoreNormaliser(cfg.index, setup.manifest, cfg.beta, cfg.storage_options)
     search = SearchStep(index, normalise, cfg.k, setup.radius, cfg.radius_max, cfg.radius_margin)
-    written = functools.partial(
-        chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries")
+    stages = Stages(cfg.stage_threads or (lambda: cfg.embed_concurrency * size()), "scan-stage")
+    written = stages.locked(
+        functools.partial(chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries"))
     )
     verified = VerifiedWrites(cfg, setup.verify, written) if setup.verify is not None else None
     chunk_scan = ChunkScan(
         search=search,
         regions=RegionsStep(setup.local, region_index, search) if setup.local is not None else None,
-        write=WriteStep.of(setup, written, verified),
+        write=WriteStep.of(setup, written, stages.locked(verified) if verified is not None else None),
         build_id=setup.manifest["build_id"],
         errors=(CopyscanError, RayActorError, OSError),
     )
-    outcome = cluster_ray.run_growing_pool(
-        size,
-        "scan: embed",
-        make_actor,
-        setup.todo,
-        EmbedStep.of(setup),
-        start_timeout=cfg.actor_start_timeout,
-        per_actor=cfg.embed_concurrency,
-        retries=cfg.retries,
-        on_result=lambda chunk, embedded, actor: chunk_scan(chunk, embedded, _crop_embedder(actor)),
-        describe=QueryChunk.describe,
-        with_actor=True,
-        keep_results=False,  # on_result wrote each chunk; its vectors (and windows) need not stay in memory
-    )
+    try:
+        outcome = cluster_ray.run_growing_pool(
+            size,
+            "scan: embed",
+            make_actor,
+            setup.todo,
+            EmbedStep.of(setup),
+            start_timeout=cfg.actor_start_timeout,
+            per_actor=cfg.embed_concurrency,
+            retries=cfg.retries,
+            # each embedded chunk's search → regions → write, in a stage thread: the loop goes on feeding
+            on_result=lambda chunk, embedded, actor: stages.submit(
+                chunk_scan, chunk, embedded, _crop_embedder(actor)
+            ),
+            describe=QueryChunk.describe,
+            with_actor=True,
+            keep_results=False,  # the stages wrote each chunk; its vectors (and windows) are not kept
+        )
+        stages.finish()
+    finally:
+        stages.close()
+    logger.info("scan: at most %d chunk(s) in the search/write stages at once", stages.peak)
     failed = chunk_scan.failed + (verified.finish() if verified is not None else [])
     return failed + list(outcome.failed)
 
