@@ -73,6 +73,31 @@ def test_run_pool_hands_on_result_the_actor_and_can_drop_results(ray_session):
     assert kept.results == [(5, 10)]
 
 
+def test_run_pool_keeps_its_actors_for_work_on_result_started(ray_session):
+    """``before_close`` (the scan's stages, which embed crops on the pool's actors) runs before the actors
+    are killed: calls it makes on them still succeed (without it, this raised ActorDiedError)."""
+    import ray
+
+    from copyscan.indexing.runtime.pool_ray import run_pool
+
+    class Doubler:  # nested: pickled by value
+        def double(self, x: int) -> int:
+            return 2 * x
+
+    later: list = []
+    done: list[int] = []
+    run_pool(
+        lambda: ray.remote(Doubler).options(num_cpus=0.25).remote(),
+        1,
+        [1, 2],
+        lambda actor, x: actor.double.remote(x),
+        on_result=lambda item, result, actor: later.append((actor, result)),
+        with_actor=True,
+        before_close=lambda: done.extend(ray.get([a.double.remote(r) for a, r in later])),
+    )
+    assert sorted(done) == [4, 8]
+
+
 def _echo_class():
     class Echo:  # nested: pickled by value, so workers need not import tests
         def echo(self, x: int) -> int:
