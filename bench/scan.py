@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import threading
@@ -273,7 +274,8 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "generations": args.generations,
         "ray_cpus": args.cpus,
         "machine_cpus": os.cpu_count(),
-        "machine": "shared 2-core CPU VM (other jobs running): timings are contended; trees alternated per setting",
+        "machine": f"{os.cpu_count()}-core CPU VM; trees alternated per setting",
+        "note": args.note,
         "scan_overrides": args.scan,
         "runs": runs,
     }
@@ -324,6 +326,11 @@ class CpuSampler:
         return sum(t - self.base.get(pid, 0.0) for pid, t in self.seen.items())
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _one_scan(spec: dict[str, Any]) -> int:
     """One ``copyscan scan`` on a fresh local Ray of ``spec["cpus"]`` CPUs: its wall and CPU seconds (JSON)."""
     import ray
@@ -342,9 +349,10 @@ def _one_scan(spec: dict[str, Any]) -> int:
     )
     load = os.getloadavg()[0]
     sampler = CpuSampler(os.getpid())
-    t0 = time.perf_counter()
+    t0, driver0 = time.perf_counter(), _own_cpu_seconds()
     summary = run_scan(cfg)
     wall = time.perf_counter() - t0
+    driver = _own_cpu_seconds() - driver0
     cpu = sampler.stop()
     ray.shutdown()
     queries = int(summary["queries"])
@@ -356,6 +364,7 @@ def _one_scan(spec: dict[str, Any]) -> int:
                 "queries_per_s": round(queries / wall, 2),
                 "cpu_seconds": round(cpu, 1),
                 "cpu_utilisation": round(cpu / (wall * spec["cpus"]), 3),
+                "driver_cpu_seconds": round(driver, 1),  # the driver process alone, all its threads
                 "load_average_before": round(load, 2),
                 "load_average_after": round(os.getloadavg()[0], 2),
             }
@@ -404,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scan", action="append", default=[], metavar="KEY=VALUE", help="end to end: a scan config override"
     )
+    parser.add_argument("--note", default="", help="end to end: a note kept in the JSON (the machine's load)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # end to end: one scan, in a child process
     args = parser.parse_args(argv)
     if args.one:
