@@ -25,9 +25,11 @@ Query embedding is left out (measured by ``bench/embed_throughput.py``): this is
   each run in its own process with that tree first on the path) and per ``--embed-actors`` value (0 = the
   scan's default), alternated: queries/s, and CPU utilisation = CPU seconds of the scan's processes (the
   driver, Ray's and its workers', read from /proc) / (wall seconds × CPUs); every run's matches compared
-  with the first's.
+  with the first's, and the driver's own CPU seconds. ``--index`` and ``--query-folder`` scan an index of
+  one's own instead (one with a region index, for partial-copy scans; ``--scan`` for their settings).
 
-    python bench/scan.py --end-to-end --work /tmp/bs-e2e --trees /tmp/main-tree . --embed-actors 0 1 2 4
+    PYTHONPATH=. python bench/scan.py --end-to-end --work /tmp/bs-e2e --trees /tmp/main-tree . \
+        --embed-actors 0 1 2 4 --scan torch_threads=1
 """
 
 from __future__ import annotations
@@ -240,7 +242,10 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     work = pathlib.Path(args.work)
-    index, queries = _e2e_data(work, args.train, args.generations)
+    if args.index:  # an index and query folder of one's own (e.g. one with a region index)
+        index, queries = args.index, args.query_folder
+    else:
+        index, queries = _e2e_data(work, args.train, args.generations)
     runs, first = [], None
     for actors in args.embed_actors:
         for tree in args.trees:
@@ -270,8 +275,9 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(row)
     return {
         "bench": "scan_end_to_end",
-        "train_images": args.train,
-        "generations": args.generations,
+        "index": index,
+        "train_images": args.train if not args.index else None,
+        "generations": args.generations if not args.index else None,
         "ray_cpus": args.cpus,
         "machine_cpus": os.cpu_count(),
         "machine": f"{os.cpu_count()}-core CPU VM; trees alternated per setting",
@@ -413,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scan", action="append", default=[], metavar="KEY=VALUE", help="end to end: a scan config override"
     )
+    parser.add_argument("--index", default="", help="end to end: scan this index instead of building one")
+    parser.add_argument("--query-folder", default="", help="end to end, with --index: this folder of images")
     parser.add_argument("--note", default="", help="end to end: a note kept in the JSON (the machine's load)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # end to end: one scan, in a child process
     args = parser.parse_args(argv)
