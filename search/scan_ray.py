@@ -300,6 +300,8 @@ def _scan(setup: ScanSetup) -> Failures:
         if setup.local is not None:
             region_settings = cfg.search_settings(setup.local.manifest)
             region_index = Fanout(cfg, setup.local.manifest, region_settings, regions=True, k=cfg.region_hits)
+        scan_actors = len(index.actors) + (len(region_index.actors) if region_index is not None else 0)
+        size = cluster_ray.leave_room(size, cfg.decode_cpus, scan_actors * cfg.scan_actor_cpus, "scan: embed")
         return _run_steps(setup, index, region_index, size, make_actor)
     finally:
         make_actor.close()
