@@ -18,6 +18,18 @@ Query embedding is left out (measured by ``bench/embed_throughput.py``): this is
         --sizes 100000 300000 1000000 --queries 1000 4000 16000
     python -m bench.scan --base /tmp/bench_cd/index-whitening_pair_images=400 --work /tmp/bs \
         --sizes 200000 --part 25000 --shards-per-actor 1 2 4 8 --queries 4000
+
+- end to end (``--end-to-end``, instead of all the above; ``--base`` unused): the whole ``copyscan scan`` job
+  (embedding included) of ``--generations`` generated images against an index of ``--train`` real images,
+  on a local Ray of ``--cpus`` CPUs, once per code tree of ``--trees`` (e.g. main's checkout and this one,
+  each run in its own process with that tree first on the path) and per ``--embed-actors`` value (0 = the
+  scan's default), alternated: queries/s, and CPU utilisation = CPU seconds of the scan's processes (the
+  driver, Ray's and its workers', read from /proc) / (wall seconds × CPUs); every run's matches compared
+  with the first's, and the driver's own CPU seconds. ``--index`` and ``--query-folder`` scan an index of
+  one's own instead (one with a region index, for partial-copy scans; ``--scan`` for their settings).
+
+    PYTHONPATH=. python bench/scan.py --end-to-end --work /tmp/bs-e2e --trees /tmp/main-tree . \
+        --embed-actors 0 1 2 4 --scan torch_threads=1
 """
 
 from __future__ import annotations
@@ -25,7 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import resource
+import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -184,11 +200,190 @@ def coarse_at_scale(nlists: list[int], xq: np.ndarray, repeats: int) -> list[dic
     return rows
 
 
+def _e2e_data(work: pathlib.Path, train: int, generations: int) -> tuple[str, str]:
+    """An index of ``train`` real images (img2dataset shards from a loopback server, ``copyscan index``
+    with its defaults) and ``generations`` generated images, half copies of training images; built once."""
+    from copyscan.indexing.index_config import IndexConfig
+    from copyscan.indexing.index_ray import run_index
+    from copyscan.indexing.runtime.config import resolve
+    from copyscan.jobs._runtime import setup_logging
+    from copyscan.jobs.demo import data as demo_data
+    from copyscan.jobs.demo.sample_images import real_image_files
+
+    index, queries = work / "index", work / "generations"
+    if (index / "manifest.json").exists() and len(list(queries.glob("*.jpg"))) == generations:
+        return str(index), str(queries)
+    setup_logging()
+    files = real_image_files(train + generations // 2)
+    staged = demo_data.stage_images(files[:train], work / "www")
+    with demo_data.serve_directory(work / "www") as base_url:
+        url_list = demo_data.write_url_list(
+            staged, base_url, str(work / "url_list.parquet"), root=work / "www"
+        )
+        demo_data.run_img2dataset(url_list, str(work / "shards"), number_sample_per_shard=250, thread_count=8)
+    init_ray()
+    run_index(resolve(IndexConfig, {"shards": str(work / "shards"), "out": str(index)}))
+    demo_data.make_generated_images(
+        staged,
+        files[train:],
+        str(queries),
+        n_copies=generations // 2,
+        n_unrelated=generations - generations // 2,
+        seed=0,
+    )
+    import ray
+
+    ray.shutdown()
+    return str(index), str(queries)
+
+
+def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
+    """Whole scans, one child process each (``_one_scan``), code trees alternated per setting."""
+    import pyarrow.parquet as pq
+
+    work = pathlib.Path(args.work)
+    if args.index:  # an index and query folder of one's own (e.g. one with a region index)
+        index, queries = args.index, args.query_folder
+    else:
+        index, queries = _e2e_data(work, args.train, args.generations)
+    runs, first = [], None
+    for actors in args.embed_actors:
+        for tree in args.trees:
+            tree = str(pathlib.Path(tree).resolve())
+            out = work / f"scan-{len(runs)}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            spec = {"index": index, "queries": queries, "out": str(out), "cpus": args.cpus}
+            spec["overrides"] = [f"embed_actors={actors}", *args.scan]
+            env = {**os.environ, "PYTHONPATH": tree, "RAY_DEDUP_LOGS": "0"}
+            child = subprocess.run(
+                [sys.executable, __file__, "--work", args.work, "--one", json.dumps(spec)],
+                env=env,
+                cwd=tree,
+                capture_output=True,
+                text=True,
+            )
+            if child.returncode:
+                raise SystemExit(f"scan with {tree} failed:\n{child.stderr[-4000:]}")
+            row = {"tree": tree, "embed_actors": actors, **json.loads(child.stdout.strip().splitlines()[-1])}
+            table = pq.read_table(
+                out / "matches", columns=["query_id", "rank", "train_key", "score", "score_norm"]
+            )
+            table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+            first = table if first is None else first
+            row["same_matches_as_first_run"] = table.equals(first)
+            print(json.dumps(row), file=sys.stderr)
+            runs.append(row)
+    return {
+        "bench": "scan_end_to_end",
+        "index": index,
+        "train_images": args.train if not args.index else None,
+        "generations": args.generations if not args.index else None,
+        "ray_cpus": args.cpus,
+        "machine_cpus": os.cpu_count(),
+        "machine": f"{os.cpu_count()}-core CPU VM; trees alternated per setting",
+        "note": args.note,
+        "scan_overrides": args.scan,
+        "runs": runs,
+    }
+
+
+class CpuSampler:
+    """CPU seconds used by a process and all its descendants from now on (read from /proc every 0.2 s, so
+    processes that end between two reads lose at most their last 0.2 s)."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.seen, self.base = root, {}, {}
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.base = self._read()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> dict[int, float]:
+        parents, times = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            times[int(entry)] = (int(fields[11]) + int(fields[12])) / self.tick
+        mine = {self.root}
+        grew = True
+        while grew:
+            grew = False
+            for pid, parent in parents.items():
+                if parent in mine and pid not in mine:
+                    mine.add(pid)
+                    grew = True
+        return {pid: times[pid] for pid in mine if pid in times}
+
+    def _poll(self) -> None:
+        while not self.stopped.wait(0.2):
+            self.seen.update(self._read())
+
+    def stop(self) -> float:
+        self.stopped.set()
+        self.thread.join()
+        self.seen.update(self._read())
+        return sum(t - self.base.get(pid, 0.0) for pid, t in self.seen.items())
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _one_scan(spec: dict[str, Any]) -> int:
+    """One ``copyscan scan`` on a fresh local Ray of ``spec["cpus"]`` CPUs: its wall and CPU seconds (JSON)."""
+    import ray
+
+    from copyscan.indexing.runtime.config import parse_overrides, resolve
+    from copyscan.jobs._runtime import setup_logging
+    from copyscan.search.scan_config import ScanConfig
+    from copyscan.search.scan_ray import run_scan
+
+    setup_logging()
+    ray.init(num_cpus=spec["cpus"], include_dashboard=False)
+    cfg = resolve(
+        ScanConfig,
+        {"index": spec["index"], "queries": spec["queries"], "out": spec["out"]},
+        parse_overrides(spec["overrides"]),
+    )
+    load = os.getloadavg()[0]
+    sampler = CpuSampler(os.getpid())
+    t0, driver0 = time.perf_counter(), _own_cpu_seconds()
+    summary = run_scan(cfg)
+    wall = time.perf_counter() - t0
+    driver = _own_cpu_seconds() - driver0
+    cpu = sampler.stop()
+    ray.shutdown()
+    queries = int(summary["queries"])
+    print(
+        json.dumps(
+            {
+                "queries": queries,
+                "seconds": round(wall, 2),
+                "queries_per_s": round(queries / wall, 2),
+                "cpu_seconds": round(cpu, 1),
+                "cpu_utilisation": round(cpu / (wall * spec["cpus"]), 3),
+                "driver_cpu_seconds": round(driver, 1),  # the driver process alone, all its threads
+                "load_average_before": round(load, 2),
+                "load_average_after": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base", required=True, help="a copyscan index of real images (with pairs)")
+    parser.add_argument("--base", default="", help="a copyscan index of real images (with pairs)")
     parser.add_argument("--work", required=True, help="work folder (collections and indexes are kept)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--queries", type=int, nargs="+", default=[1_000, 4_000, 16_000])
@@ -215,7 +410,25 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the query and size sweeps: the largest --sizes collection in this many index "
         "shards, one actor, shared against per-shard coarse quantisation",
     )
+    parser.add_argument("--end-to-end", action="store_true", help="the whole scan job: see the docstring")
+    parser.add_argument("--train", type=int, default=1000, help="end to end: training images indexed")
+    parser.add_argument("--generations", type=int, default=250, help="end to end: generated images scanned")
+    parser.add_argument("--cpus", type=int, default=2, help="end to end: CPUs of the local Ray")
+    parser.add_argument("--trees", nargs="+", default=["."], help="end to end: code trees compared")
+    parser.add_argument("--embed-actors", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument(
+        "--scan", action="append", default=[], metavar="KEY=VALUE", help="end to end: a scan config override"
+    )
+    parser.add_argument("--index", default="", help="end to end: scan this index instead of building one")
+    parser.add_argument("--query-folder", default="", help="end to end, with --index: this folder of images")
+    parser.add_argument("--note", default="", help="end to end: a note kept in the JSON (the machine's load)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # end to end: one scan, in a child process
     args = parser.parse_args(argv)
+    if args.one:
+        return _one_scan(json.loads(args.one))
+    if args.end_to_end:
+        print(json.dumps(end_to_end(args), indent=2))
+        return 0
     xq_all = _queries(args, max(args.queries))
     machine = "shared 2-core CPU VM (other jobs running): timings are contended"
     if args.shards_per_actor or args.coarse_nlist:

@@ -190,6 +190,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
     _check_embedded(cfg, shards, done, fingerprint)
     todo = len(shards) - len(done)
     size = embed_pool(todo, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus)
+    size = cluster_ray.leave_room(size, cfg.decode_cpus, what="embed")
     make_actor = functools.partial(
         make_embed_actor,
         embedder=cfg.embedder,

@@ -193,6 +193,10 @@ class ScanConfig:
         900.0, "seconds a pool waits for its first actor to start (a node booting)"
     )
     embed_concurrency: int = key(2, "query chunks in flight per embedding actor")
+    stage_threads: int = key(
+        0,
+        "chunks searched and written at once (driver threads); 0 = embed_concurrency x embedding actors",
+    )
     decode_cpus: float = key(0.5, "CPUs per decode task")
     torch_threads: int = key(
         0,
@@ -323,8 +327,8 @@ class ScanConfig:
                 problems.append(f"{name} must be positive")
         if self.candidates and self.candidates < self.k:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
-        if self.nprobe < 0 or self.scan_actors < 0 or self.embed_actors < 0 or self.retries < 0:
-            problems.append("nprobe, scan_actors, embed_actors and retries must be >= 0")
+        if min(self.nprobe, self.scan_actors, self.embed_actors, self.retries, self.stage_threads) < 0:
+            problems.append("nprobe, scan_actors, embed_actors, retries and stage_threads must be >= 0")
         if self.scan_actor_gpus < 0:
             problems.append("scan_actor_gpus must be >= 0")
         if self.search_device not in DEVICES:

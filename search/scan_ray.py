@@ -1,12 +1,14 @@
-"""The scan job on Ray: scan actors over the index shards, the fan-out of each query block over them, the
-embedding actor pool that feeds the chunk steps, and the Ray tasks that verify and write chunks.
+"""The scan job on Ray: scan actors over the index shards, the fan-out of each query block over them, and
+the embedding actor pool that feeds the chunk steps.
 
 Scan actors each own a set of index shards (downloaded once into a local cache and memory-mapped, never
 re-fetched per chunk) and return exact re-ranked top-k lists; the driver merges them with a heap. A query
-chunk's path (``search/scan_steps.py``): embedded by an embedding actor (``EmbedStep``), searched
-(``SearchStep``), region-matched (``RegionsStep``), written (``WriteStep``, verified first in Ray tasks when
-the scan verifies). Embedding actors run ahead on the next chunks meanwhile. ``run_scan``: prepare
-(``search/scan.py``) → run the steps over the chunks → write the summary (``search/scan_summary.py``).
+chunk's path (``search/scan_steps.py``): embedded by embedding actors in pieces (``EmbedStep``,
+``search/scan_pieces.py``), then searched (``SearchStep``), region-matched (``RegionsStep``) and written
+(``WriteStep``, verified first in Ray tasks when the scan verifies: ``search/scan_writes_ray.py``) in a stage
+thread (``indexing/runtime/stages.py``), several chunks at once, while the embedding actors run ahead on the
+next pieces. ``run_scan``: prepare (``search/scan.py``) → run the steps over the chunks → write the summary
+(``search/scan_summary.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,10 +28,11 @@ import ray
 from ray.exceptions import RayActorError
 
 from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
+from copyscan.indexing.embed.stage import EmbeddedSource
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime import cluster_ray
-from copyscan.indexing.runtime.pool_ray import TaskStream
 from copyscan.indexing.runtime.progress import Progress
+from copyscan.indexing.runtime.stages import Stages
 from copyscan.indexing.store import layout
 from copyscan.indexing.store.outputs import output_lease
 from copyscan.search.ann.normalise import ScoreNormaliser, whiten
@@ -36,10 +40,9 @@ from copyscan.search.ann.radius import Above
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.ann.topk import ShardResult, carry_values, merge_sorted_with, merge_topk
 from copyscan.search.regions.searcher import RegionSearcher
-from copyscan.search.results.write import write_chunk
-from copyscan.search.scan import ChunkVerifier, ScanSetup, prepare_scan
-from copyscan.search.scan_chunks import QueryChunk
+from copyscan.search.scan import ScanSetup, prepare_scan
 from copyscan.search.scan_config import ScanConfig
+from copyscan.search.scan_pieces import Assembly, Piece, most_pieces, plan_pieces
 from copyscan.search.scan_steps import (
     ChunkScan,
     EmbedStep,
@@ -50,6 +53,7 @@ from copyscan.search.scan_steps import (
     chunk_written,
 )
 from copyscan.search.scan_summary import raise_if_failed, write_summary
+from copyscan.search.scan_writes_ray import VerifiedWrites
 
 logger = logging.getLogger("copyscan")
 
@@ -145,6 +149,7 @@ class Fanout:
         self.candidates, self.nprobe = max(settings["candidates"], self.k), settings["nprobe"]
         wanted = cfg.scan_actors or max(1, int(cluster_ray.alive()[0] // 2))
         self.groups = assign_shards(manifest, wanted)
+        self._restarting = threading.Lock()
         self.actors = [self._start(g) for g in self.groups]
         ntotal = self._wait_ready()
         logger.info(
@@ -239,6 +244,10 @@ class Fanout:
             ).astype(np.float32)
 
     def _restart_dead(self) -> None:
+        with self._restarting:  # chunks in several stage threads may find the same actor dead
+            self._restart_dead_now()
+
+    def _restart_dead_now(self) -> None:
         for i, actor in enumerate(self.actors):
             try:
                 ray.get(actor.ready.remote())
@@ -277,8 +286,12 @@ def _scan(setup: ScanSetup) -> Failures:
     The first embedding actor starts before the scan actors are waited for, so that the two start (load
     the model; load the index) side by side."""
     cfg = setup.cfg
-    size = embed_pool(
-        len(setup.todo), cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
+    size = embed_pool(  # at most one actor per piece (search/scan_pieces.py)
+        most_pieces(setup.todo, cfg.batch_size),
+        cfg.embed_actors,
+        cfg.embed_actor_gpus,
+        cfg.embed_actor_cpus,
+        cfg.max_gpus,
     )
     make_actor = Prestarted(functools.partial(_embed_actor, setup, size.num_gpus))
     index = Fanout(cfg, setup.manifest, setup.settings)
@@ -287,6 +300,8 @@ def _scan(setup: ScanSetup) -> Failures:
         if setup.local is not None:
             region_settings = cfg.search_settings(setup.local.manifest)
             region_index = Fanout(cfg, setup.local.manifest, region_settings, regions=True, k=cfg.region_hits)
+        scan_actors = len(index.actors) + (len(region_index.actors) if region_index is not None else 0)
+        size = cluster_ray.leave_room(size, cfg.decode_cpus, scan_actors * cfg.scan_actor_cpus, "scan: embed")
         return _run_steps(setup, index, region_index, size, make_actor)
     finally:
         make_actor.close()
@@ -321,38 +336,62 @@ def _run_steps(
     make_actor: Callable[[], Any],
 ) -> Failures:
     """Every chunk to do through embed → search → (regions) → write: an embedding actor pool (run_pool)
-    embeds the chunks, each embedded chunk goes through ``ChunkScan`` as it arrives; verified writes run in
-    Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes, then embedding)."""
+    embeds the chunks' pieces (``plan_pieces``: every actor has work, the run's tail is cut finer); each
+    chunk whose pieces are all in goes through ``ChunkScan`` in a stage thread while the pool goes on;
+    verified writes run in Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes,
+    then embedding)."""
     cfg = setup.cfg
+    plan = plan_pieces(setup.todo, size(), cfg.embed_concurrency, cfg.batch_size)
+    assembly = Assembly(plan)
+    embed = EmbedStep.of(setup)
     normalise = ScoreNormaliser(cfg.index, setup.manifest, cfg.beta, cfg.storage_options)
     search = SearchStep(index, normalise, cfg.k, setup.radius, cfg.radius_max, cfg.radius_margin)
-    written = functools.partial(
-        chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries")
+    stages = Stages(cfg.stage_threads or (lambda: cfg.embed_concurrency * size()), "scan-stage")
+    written = stages.locked(
+        functools.partial(chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries"))
     )
     verified = VerifiedWrites(cfg, setup.verify, written) if setup.verify is not None else None
     chunk_scan = ChunkScan(
         search=search,
         regions=RegionsStep(setup.local, region_index, search) if setup.local is not None else None,
-        write=WriteStep.of(setup, written, verified),
+        write=WriteStep.of(setup, written, stages.locked(verified) if verified is not None else None),
         build_id=setup.manifest["build_id"],
         errors=(CopyscanError, RayActorError, OSError),
     )
-    outcome = cluster_ray.run_growing_pool(
-        size,
-        "scan: embed",
-        make_actor,
-        setup.todo,
-        EmbedStep.of(setup),
-        start_timeout=cfg.actor_start_timeout,
-        per_actor=cfg.embed_concurrency,
-        retries=cfg.retries,
-        on_result=lambda chunk, embedded, actor: chunk_scan(chunk, embedded, _crop_embedder(actor)),
-        describe=QueryChunk.describe,
-        with_actor=True,
-        keep_results=False,  # on_result wrote each chunk; its vectors (and windows) need not stay in memory
+
+    def embedded(piece: Piece, source: EmbeddedSource, actor: Any) -> None:
+        """A piece is in; its chunk, once whole, goes to search → regions → write in a stage thread (its
+        crops embedded by the actor of its last piece) while the pool goes on feeding the actors."""
+        whole = assembly.add(piece, source)
+        if whole is not None:
+            stages.submit(chunk_scan, piece.chunk, whole, _crop_embedder(actor))
+
+    try:
+        outcome = cluster_ray.run_growing_pool(
+            size,
+            "scan: embed",
+            make_actor,
+            [piece for pieces in plan for piece in pieces],
+            lambda actor, piece: embed(actor, piece.queries),
+            start_timeout=cfg.actor_start_timeout,
+            per_actor=cfg.embed_concurrency,
+            retries=cfg.retries,
+            on_result=embedded,
+            describe=Piece.describe,
+            with_actor=True,
+            keep_results=False,  # the stages wrote each chunk; its vectors (and windows) are not kept
+            before_close=stages.finish,  # the stages' crops are embedded by the pool's actors
+        )
+    finally:
+        stages.close()
+    logger.info(
+        "scan: %d chunk(s) embedded in %d piece(s); at most %d chunk(s) searched and written at once",
+        len(plan),
+        sum(len(pieces) for pieces in plan),
+        stages.peak,
     )
     failed = chunk_scan.failed + (verified.finish() if verified is not None else [])
-    return failed + list(outcome.failed)
+    return failed + Assembly.failed_chunks(outcome.failed)
 
 
 def _embed_actor(setup: ScanSetup, num_gpus: float) -> Any:
@@ -379,52 +418,3 @@ def _crop_embedder(actor: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def _embed_crops_each(actor: Any, pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return ray.get(actor.embed_crops_each.remote(pixels, boxes))
-
-
-class VerifiedWrites:
-    """``write_chunk`` with verification (pixels, dense), as one Ray task of ``verify_cpus`` CPUs per chunk.
-
-    The driver goes on with the next chunks while earlier ones are verified. A task verifies its chunk's
-    matches (in batches, decoding in threads) and only then writes the chunk's files and, last, its marker
-    with the verification counts, so resume counts a chunk as done only once it is verified. At most
-    ``verify_in_flight`` tasks run at once; beyond that the driver waits, and the embedding with it.
-    """
-
-    def __init__(self, cfg: ScanConfig, verify: ChunkVerifier, on_written: Callable[[dict[str, Any]], None]):
-        in_flight = cfg.verify_in_flight or functools.partial(_verify_slots, cfg.verify_cpus)
-        self.verify_ref = ray.put(verify)  # once, not per chunk: the manifest inside can be large
-        self.remote = ray.remote(write_chunk).options(num_cpus=cfg.verify_cpus)
-        self.on_written = on_written
-        self.stream: TaskStream[tuple[QueryChunk, dict[str, Any]]] = TaskStream(
-            self._submit,
-            max_in_flight=in_flight,
-            retries=cfg.retries,
-            on_result=self._written,
-            describe=lambda item: f"verifying {item[0].describe()}",
-            keep_results=False,
-        )
-        logger.info(
-            "scan: verification in Ray tasks of %g CPU, at most %s at once",
-            cfg.verify_cpus,
-            in_flight if isinstance(in_flight, int) else "2 per alive CPU",
-        )
-
-    def __call__(self, chunk: QueryChunk, args: dict[str, Any]) -> None:
-        """Submit ``write_chunk(**args)`` for ``chunk``, verifying with this scan's verifier."""
-        self.stream.add((chunk, args))
-        self.stream.poll()
-
-    def _submit(self, item: tuple[QueryChunk, dict[str, Any]]) -> ray.ObjectRef:
-        return self.remote.remote(**item[1], verify=self.verify_ref)
-
-    def _written(self, item: tuple[QueryChunk, dict[str, Any]], marker: dict[str, Any]) -> None:
-        self.on_written(marker)
-
-    def finish(self) -> Failures:
-        """Wait for every task; the chunks whose verification or write failed for good, with the error."""
-        return [(chunk, error) for (chunk, _), error in self.stream.finish().failed]
-
-
-def _verify_slots(verify_cpus: float) -> int:
-    """Verification tasks at once: two per ``verify_cpus`` of the CPUs alive now (so the driver runs ahead)."""
-    return max(1, int(2 * cluster_ray.alive()[0] / verify_cpus))

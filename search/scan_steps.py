@@ -157,7 +157,7 @@ def chunk_written(progress: Progress, marker: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class WriteStep:
     """Writes a chunk's vectors, matches and marker (``write_chunk``) here, or, when the scan verifies, hands
-    its arguments to ``verified`` (Ray tasks that verify the matches, then write: ``scan_ray.VerifiedWrites``,
+    its arguments to ``verified`` (Ray tasks that verify the matches, then write: ``scan_writes_ray.VerifiedWrites``,
     which report each written marker to ``written`` themselves)."""
 
     out: str

@@ -18,11 +18,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import ray
 
+from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime.pool_ray import PoolOutcome, run_pool
 
 logger = logging.getLogger("copyscan")
@@ -177,6 +178,32 @@ class PoolSize:
             return f"{self.cap} actor(s) of {kind}"
         per = f"{self.num_gpus:g} GPU" if self.num_gpus > 0 else f"{self.cpus_per_actor:g} CPUs"
         return f"up to {self.cap} actor(s) of {kind}, one per {per} alive"
+
+
+def leave_room(size: PoolSize, keep_cpus: float, reserved_cpus: float = 0.0, what: str = "pool") -> PoolSize:
+    """``size`` capped so that its CPU actors leave ``keep_cpus`` of the cluster's CPUs free, beside
+    ``reserved_cpus`` held by the job's other actors (the scan actors): embedding actors wait on CPU decode
+    tasks, so actors that take every CPU wait for ever. Only on a cluster without an autoscaler (one with an
+    autoscaler starts nodes for the tasks waiting) and for CPU actors; CopyscanError when not even one fits."""
+    if size.num_gpus > 0 or autoscaling():
+        return size
+    cpus = alive()[0]
+    fit = int((cpus - reserved_cpus - keep_cpus) / size.actor_cpus + 1e-9)
+    if fit < 1:
+        raise CopyscanError(
+            f"{what}: the cluster's {cpus:g} CPUs leave no room for one actor of {size.actor_cpus:g} CPU "
+            f"beside {reserved_cpus:g} CPU of other actors and {keep_cpus:g} CPU for decode tasks: lower "
+            "embed_actor_cpus, decode_cpus or scan_actor_cpus, or add CPUs"
+        )
+    if fit >= size.cap:
+        return size
+    if size.fixed:
+        logger.warning(
+            "%s: %d actor(s) of %g CPU asked for, %d fit beside %g CPU of other actors and %g CPU for decode "
+            "tasks on this cluster's %g CPUs (more would wait for ever on their decoding); starting %d",
+            what, size.cap, size.actor_cpus, fit, reserved_cpus, keep_cpus, cpus, fit,
+        )  # fmt: skip
+    return replace(size, cap=fit)
 
 
 @contextmanager

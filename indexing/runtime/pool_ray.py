@@ -50,6 +50,7 @@ def run_pool(
     with_actor: bool = False,
     keep_results: bool = True,
     start_timeout: float = 900.0,
+    before_close: Callable[[], None] | None = None,
 ) -> PoolOutcome[T]:
     """Call ``submit(actor, item)`` for every item; return results and the items that failed for good.
 
@@ -62,7 +63,8 @@ def run_pool(
     ``on_result`` runs in the driver as each result arrives (progress, bookkeeping); ``with_actor``: as
     ``on_result(item, result, actor)``, the actor that made the result, for a second call on it (its other
     calls in flight keep running). ``keep_results=False``: results are not kept in the outcome (a long run
-    whose ``on_result`` consumes them holds only what is in flight).
+    whose ``on_result`` consumes them holds only what is in flight). ``before_close`` runs once every item
+    is done, before the actors are killed: work that ``on_result`` started and that still calls them.
     """
     outcome: PoolOutcome[T] = PoolOutcome()
     if not items:
@@ -94,6 +96,8 @@ def run_pool(
                     else:
                         on_result(item, result)
             pool.fill()
+        if before_close is not None:
+            before_close()
     finally:
         outcome.peak_actors = pool.peak
         pool.close()

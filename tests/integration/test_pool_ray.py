@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 
 def test_task_stream_bounds_in_flight_retries_and_forgets(ray_session, tmp_path):
     import ray
@@ -71,6 +73,31 @@ def test_run_pool_hands_on_result_the_actor_and_can_drop_results(ray_session):
         lambda: ray.remote(Doubler).options(num_cpus=0.25).remote(), 1, [5], lambda a, x: a.double.remote(x)
     )
     assert kept.results == [(5, 10)]
+
+
+def test_run_pool_keeps_its_actors_for_work_on_result_started(ray_session):
+    """``before_close`` (the scan's stages, which embed crops on the pool's actors) runs before the actors
+    are killed: calls it makes on them still succeed (without it, this raised ActorDiedError)."""
+    import ray
+
+    from copyscan.indexing.runtime.pool_ray import run_pool
+
+    class Doubler:  # nested: pickled by value
+        def double(self, x: int) -> int:
+            return 2 * x
+
+    later: list = []
+    done: list[int] = []
+    run_pool(
+        lambda: ray.remote(Doubler).options(num_cpus=0.25).remote(),
+        1,
+        [1, 2],
+        lambda actor, x: actor.double.remote(x),
+        on_result=lambda item, result, actor: later.append((actor, result)),
+        with_actor=True,
+        before_close=lambda: done.extend(ray.get([a.double.remote(r) for a, r in later])),
+    )
+    assert sorted(done) == [4, 8]
 
 
 def _echo_class():
@@ -142,3 +169,20 @@ def test_task_stream_follows_a_size_function(ray_session):
         stream.add(x)
         peak = max(peak, len(stream.in_flight))
     assert sorted(r for _, r in stream.finish().results) == list(range(6)) and peak <= 3
+
+
+def test_a_pool_leaves_room_for_its_decode_tasks(ray_session):
+    """On a cluster without an autoscaler (the session's 2 CPUs), CPU embedding actors are capped so that a
+    decode task still fits beside them and the scan actors: 2 actors of 0.5 CPU beside two scan actors of 0.5
+    would take every CPU, and wait for ever on decode tasks that cannot start."""
+    from copyscan.indexing.errors import CopyscanError
+    from copyscan.indexing.runtime.cluster_ray import PoolSize, leave_room
+
+    asked = PoolSize(2, actor_cpus=0.5, fixed=True)
+    assert leave_room(asked, 0.5).cap == 2  # 1 CPU for actors, 0.5 left
+    assert leave_room(asked, 0.5, reserved_cpus=1.0).cap == 1
+    auto = PoolSize(8, cpus_per_actor=0.5, actor_cpus=0.5)
+    assert leave_room(auto, 0.5, reserved_cpus=0.5)() == 2
+    assert leave_room(PoolSize(2, num_gpus=1.0, actor_cpus=0.5, fixed=True), 0.5, 2.0).cap == 2  # GPU actors
+    with pytest.raises(CopyscanError, match="no room for one actor of 0.5 CPU"):
+        leave_room(asked, 0.5, reserved_cpus=1.5)
