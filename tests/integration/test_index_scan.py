@@ -524,13 +524,14 @@ def test_calibrate_with_whole_verification_thresholds_the_verified_answer(local_
 
     index_url = str(tmp_path / "index")
     shutil.copytree(local_index[0], index_url)
-    report = run_calibrate(
-        resolve(CalibrateConfig, {"index": index_url, "images": 40, "confidence": 0.0, "verify_whole": 4})
-    )
+    # held out of the whitening in 2 folds of 12 (leave-one-out would refit it 24 times)
+    settings = {"images": 24, "confidence": 0.0, "held_out_share": 0.2, "verify_whole": 3}
+    report = run_calibrate(resolve(CalibrateConfig, {"index": index_url, **settings}))
+    assert report["negatives"] == "held out of the whitening's fit"
     verified = report["verify_whole"]
-    assert verified["settings"] == verify_settings(WholeSpec(4, 2.0)) and verified["failed"] == 0
-    # each copy's 4 best matches and its 4 best others: the source is in the first and never in the second
-    assert verified["pairs"] >= 40 * 7
+    assert verified["settings"] == verify_settings(WholeSpec(3, 2.0)) and verified["failed"] == 0
+    # each copy's 3 best matches and its 3 best others, each pair verified (a copy fits every image here)
+    assert verified["pairs"] == 24 * 6
     assert verified["recall@1"] >= 0.9
     p90 = report["thresholds"]["verify_score"]["p90"]
     assert p90 is not None and report["table"]["verify_score"][2]["precision"] == 0.9
@@ -541,19 +542,20 @@ def test_calibrate_with_whole_verification_thresholds_the_verified_answer(local_
     # the verified negatives' first column is the plain calibration's negative
     xb, rows = np.load(layout.emb_url(index_url, 0)).astype(np.float32)[:8], np.arange(8)
     ids = layout.pack_ids(0, rows)
-    one = held_out_negatives(index_url, manifest, xb, ids, 0.01, 0)
-    hits = held_out_hits(index_url, manifest, xb, ids, 0.01, 0, 4)
+    one = held_out_negatives(index_url, manifest, xb, ids, 0.2, 0)
+    hits = held_out_hits(index_url, manifest, xb, ids, 0.2, 0, 4)
     assert one is not None and hits is not None and hits[2].shape == (8, 4)
     np.testing.assert_array_equal(hits[2][:, 0], one[2])
     assert not (hits[2] == ids[:, None]).any() and (np.diff(hits[0], axis=1) <= 1e-6).all()
 
-    # verifying with other settings: score_norm's threshold, as an unverified scan's
-    other = resolve_threshold(manifest, "p90", verify_settings(WholeSpec(5, 2.0)))
-    assert other["column"] == "score_norm" and "rank" not in other
+    # verifying with other settings: score_norm's threshold, as an unverified scan's (which 24 copies of this
+    # small index sometimes do not reach: None then)
+    other = resolve_threshold(manifest, "p90", verify_settings(WholeSpec(4, 2.0)))
+    assert other == resolve_threshold(manifest, "p90") and (other is None or other["column"] == "score_norm")
 
     folder, truth = generated
     out = tmp_path / "scan"
-    summary = scan(index_url, str(folder), str(out), verify_whole=4)
+    summary = scan(index_url, str(folder), str(out), verify_whole=3)
     assert summary["threshold"]["column"] == "verify_score" and summary["threshold"]["value"] == p90
     rows = pq.read_table(str(out / "matches")).to_pylist()
     assert all(r["is_copy"] == (r["verify_score"] is not None and r["verify_score"] >= p90) for r in rows)
