@@ -88,7 +88,9 @@ def evaluate(scan_out: pathlib.Path, truth: list[dict], key_of_source: dict[str,
         result["verify_score"] = _whole_metrics(table, truth, key_of_source, top)
     if "local_rank" in table.column_names and table["local_rank"].null_count < table.num_rows:
         result.update(_local_metrics(table, truth, key_of_source))
-    result["flags"] = flag_metrics(table, truth, key_of_source)
+    summary = scan_out / "summary.json"  # is_copy's answer: verify_rank 0 where it read verify_score
+    threshold = (json.loads(summary.read_text()).get("threshold") or {}) if summary.exists() else {}
+    result["flags"] = flag_metrics(table, truth, key_of_source, threshold.get("rank", "rank"))
     return result
 
 
@@ -115,18 +117,19 @@ def _whole_metrics(table, truth: list[dict], key_of_source: dict[str, str], top:
     }
 
 
-def flag_metrics(table, truth: list[dict], key_of_source: dict[str, str]) -> dict:
-    """How the scan's verdicts did, for each flag column the scan set (``is_copy`` on rank 0,
+def flag_metrics(table, truth: list[dict], key_of_source: dict[str, str], rank: str = "rank") -> dict:
+    """How the scan's verdicts did, for each flag column the scan set (``is_copy`` on ``rank`` 0, the
+    answer: ``verify_rank`` where the scan flagged ``verify_score``,
     ``is_partial_copy`` on the partial answer, and either): generations flagged, right ones (a copy flagged on
     the row of its source), copies flagged on another image's row, non-copies flagged, the share of copies
     found (recall), the share of non-copies flagged (false-positive rate), the precision on this set, and
     the precision at 50 % copies, the prevalence ``copyscan calibrate`` assumes by default."""
     names = [c for c in ("is_copy", "is_partial_copy") if c in table.column_names]
-    rows = table.select(["query_id", "train_key", "rank", *names]).to_pylist()
+    rows = table.select(["query_id", "train_key", rank, *names]).to_pylist()
     flagged: dict[str, dict[str, set]] = {"is_copy": {}, "is_partial_copy": {}, "either": {}}
     for r in rows:
         hits = []
-        if r.get("is_copy") and r["rank"] == 0:
+        if r.get("is_copy") and r[rank] == 0:
             hits.append("is_copy")
         if r.get("is_partial_copy"):
             hits.append("is_partial_copy")

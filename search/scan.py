@@ -24,6 +24,7 @@ from copyscan.indexing.store.manifest import check_embedder, load_manifest
 from copyscan.indexing.store.outputs import claim_output
 from copyscan.search.ann.normalise import load_whitening
 from copyscan.search.calibrate.thresholds import resolve_partial_threshold, resolve_threshold
+from copyscan.search.calibrate.verified import verify_settings
 from copyscan.search.regions.windows import LocalWindows, local_windows
 from copyscan.search.results.write import finished_chunks
 from copyscan.search.scan_chunks import QueryChunk, plan_queries
@@ -194,8 +195,23 @@ def _log_plan(
 
 
 def _threshold(cfg: ScanConfig, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """What ``is_copy`` means for this index ({"name", "column", "value", "source"}), or None (left empty)."""
-    threshold = resolve_threshold(manifest, cfg.threshold)
+    """What ``is_copy`` means for this index ({"name", "column", "value", "source"}), or None (left empty);
+    with whole-copy verification, the calibration's ``verify_score`` thresholds where it made them."""
+    verified = (
+        verify_settings(WholeSpec(cfg.verify_whole, cfg.verify_whole_weight)) if cfg.verify_whole else None
+    )
+    threshold = resolve_threshold(manifest, cfg.threshold, verified)
+    if (
+        verified
+        and threshold is not None
+        and threshold["column"] != "verify_score"
+        and threshold["name"] in ("p90", "p99")
+    ):
+        logger.warning(
+            "scan: is_copy reads score_norm, not verify_score: %s was not calibrated for verify_whole=%d "
+            "verify_whole_weight=%g (copyscan calibrate --index %s verify_whole=%d)",
+            cfg.index, cfg.verify_whole, cfg.verify_whole_weight, cfg.index, cfg.verify_whole,
+        )  # fmt: skip
     if threshold is None and str(cfg.threshold) != "none":
         logger.warning(
             "scan: %s is not calibrated (or was rebuilt since); is_copy stays empty. Run `copyscan calibrate "

@@ -55,6 +55,15 @@ class CalibrateConfig:
         help="copyscan scan settings of the partial-copy calibration scan", factory=lambda: dict(PARTIAL_SCAN)
     )
 
+    # Whole-copy verification (search/calibrate/verified.py): the thresholds of verify_score for scans with
+    # verify_whole=N and this weight, from the same verification run on the copies; 0 = off
+    verify_whole: int = key(
+        0, "verify each copy's N best matches as a scan with verify_whole=N does: verify_score thresholds"
+    )
+    verify_whole_weight: float = key(
+        2.0, "the scan's verify_whole_weight the verify_score thresholds are for"
+    )
+
     def problems(self) -> list[str]:
         """Every problem of these settings (``copyscan.indexing.runtime.config.resolve`` reports them with bad
         types)."""
@@ -70,6 +79,11 @@ class CalibrateConfig:
         if fixed:
             problems.append(f"partial_scan cannot set {', '.join(fixed)} (the calibration sets them)")
         problems += self._partial_scan_problems()
+        if not (self.verify_whole == 0 or self.verify_whole >= 2) or self.verify_whole_weight <= 0:
+            problems.append(
+                f"verify_whole must be 0 (off) or >= 2 (a candidate is read against the others), not "
+                f"{self.verify_whole}, and verify_whole_weight positive"
+            )
         if self.images < 10:
             problems.append("images must be >= 10")
         if not 0.0 < self.prevalence < 1.0:

@@ -99,6 +99,23 @@ def held_out_negatives(
     out of the whitening's fit, the search and the background (module docstring); None where
     ``held_out_reason`` says why not, or where the index's whitening cannot be fit again as it was (logged).
     ``share``: the most of the fitted vectors one refit leaves out (``fold_count``)."""
+    hits = held_out_hits(index_url, manifest, xq, sources, share, seed, 1, storage_options)
+    return None if hits is None else (hits[0][:, 0], hits[1][:, 0], hits[2][:, 0])
+
+
+def held_out_hits(
+    index_url: str,
+    manifest: dict[str, Any],
+    xq: np.ndarray,
+    sources: np.ndarray,
+    share: float,
+    seed: int,
+    k: int,
+    storage_options: storage.StorageOptions | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``held_out_negatives`` for each copy's ``k`` best matches other than its source, best first (whole-copy
+    verification reads a generation's candidates against each other): ((n, k) score, (n, k) score_norm,
+    (n, k) int64 packed ids, -1 where the index has fewer than k others), or None as there."""
     reason = held_out_reason(manifest)
     if reason is not None:
         logger.info("calibrate: negatives scored in the index's whitening: %s", reason)
@@ -124,24 +141,25 @@ def held_out_negatives(
     order = np.random.default_rng(seed).permutation(len(distinct))
     fold_of_source = dict(zip(distinct[order].tolist(), np.arange(len(distinct)) % folds, strict=True))
     fold_of = np.array([fold_of_source[int(r)] for r in source_rows], dtype=np.int64)
-    D_out = np.full(len(xq), np.nan, dtype=np.float32)
-    norm_out = np.full(len(xq), np.nan, dtype=np.float32)
-    hit_out = np.full(len(xq), -1, dtype=np.int64)
+    k = min(k, len(xb) - 1)
+    D_out = np.full((len(xq), k), np.nan, dtype=np.float32)
+    norm_out = np.full((len(xq), k), np.nan, dtype=np.float32)
+    hit_out = np.full((len(xq), k), -1, dtype=np.int64)
     for fold in np.unique(fold_of):
         sel = np.nonzero(fold_of == fold)[0]
         keep = np.ones(len(xb), dtype=bool)
         keep[source_rows[sel]] = False
         params = _fit(manifest, xb[keep], pairs)
         wb, wq = apply_whitening(params, xb), apply_whitening(params, xq[sel])
-        D, I = _flat(wb).search(wq, 2)
-        other = np.where(I[:, 0] == source_rows[sel], 1, 0)
-        pick = np.arange(len(sel))
-        D_hit, I_hit = D[pick, other], I[pick, other]
+        D, I = _flat(wb).search(wq, k + 1)
+        # the k best matches other than the source, in their order (a stable sort moves the source last)
+        other = np.argsort(I == source_rows[sel][:, None], axis=1, kind="stable")[:, :k]
+        D_hit, I_hit = np.take_along_axis(D, other, 1), np.take_along_axis(I, other, 1)
         m = min(ranks[1] + 2, len(bg_rows))
         D_bg, pos = _flat(wb[bg_rows]).search(wq, m)
         I_bg = np.where(pos >= 0, bg_rows[np.maximum(pos, 0)], -1)
         I_bg = np.where(I_bg == source_rows[sel][:, None], -1, I_bg)
-        bias = pair_background_bias(D_bg, I_bg, I_hit[:, None], ranks)[:, 0]
+        bias = pair_background_bias(D_bg, I_bg, I_hit, ranks)
         D_out[sel] = D_hit
         norm_out[sel] = D_hit - bias
         hit_out[sel] = ids[I_hit]

@@ -121,12 +121,19 @@ def precision_table(
 NAMED_THRESHOLDS = {"somepalli": ("score_raw", 0.5), "duplicate": ("score_raw", 0.95)}
 
 
-def resolve_threshold(manifest: dict[str, Any], name: str | float) -> dict[str, Any] | None:
+def resolve_threshold(
+    manifest: dict[str, Any], name: str | float, verified: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """What ``is_copy`` means for threshold ``name``: {"name", "column", "value", "source"}, or None.
 
     "p90" / "p99": the index's calibrated ``score_norm`` thresholds (None if it was not calibrated, or was
     rebuilt since); "somepalli" (score_raw ≥ 0.5) / "duplicate" (score_raw ≥ 0.95): from the papers; a
     number: ``score_norm`` ≥ that number; "none": no flag.
+
+    ``verified``: the whole-copy verification settings of the scan (``copyscan.search.calibrate.verified
+    .verify_settings``; None: it verifies nothing). Where the calibration verified its copies with the same
+    settings (``copyscan calibrate verify_whole=N``), "p90" / "p99" are its ``verify_score`` thresholds, on
+    the verified answers: {..., "column": "verify_score", "rank": "verify_rank"} (None if it reached none).
     """
     name = str(name)
     if name == "none":
@@ -135,6 +142,21 @@ def resolve_threshold(manifest: dict[str, Any], name: str | float) -> dict[str, 
         cal = manifest.get("calibration")
         if not cal or cal.get("build_id") != manifest.get("build_id"):
             return None
+        if verified is not None and (cal.get("verify_whole") or {}).get("settings") == verified:
+            value = cal["thresholds"].get("verify_score", {}).get(name)
+            if value is None:
+                return None
+            source = (
+                f"copyscan calibrate verify_whole={verified['verify_whole']}: {name[1:]}% precision at "
+                f"{cal['prevalence']:.0%} copies"
+            )
+            return {
+                "name": name,
+                "column": "verify_score",
+                "rank": "verify_rank",
+                "value": float(value),
+                "source": source,
+            }
         value = cal["thresholds"]["score_norm"].get(name)
         if value is None:
             return None

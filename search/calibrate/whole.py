@@ -26,10 +26,12 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from copyscan.indexing.embed.augment import copy_augment, key_seed
 from copyscan.indexing.embed.decode import stack_pixels
@@ -39,14 +41,17 @@ from copyscan.indexing.store.manifest import index_embedder, load_manifest
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.calibrate.config import CalibrateConfig
-from copyscan.search.calibrate.heldout import held_out_negatives
+from copyscan.search.calibrate.heldout import held_out_hits
 from copyscan.search.calibrate.partial import calibrate_partial
 from copyscan.search.calibrate.sample import read_back, select_rows
 from copyscan.search.calibrate.thresholds import precision_table
+from copyscan.search.calibrate.verified import QueryMaps, verified_scores, verify_settings
+from copyscan.search.verify.whole import WholeSpec
 
 logger = logging.getLogger("copyscan")
 
 SCORES = ("score", "score_norm")
+VERIFIED = "verify_score"  # with verify_whole=N (search/calibrate/verified.py)
 
 
 def _copies(
@@ -55,8 +60,10 @@ def _copies(
     rows: dict[int, np.ndarray],
     embedder,
     cfg: CalibrateConfig,
+    keep: Callable[[Image.Image], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Embedded copies (n, d) and their sources' packed ids (n,), reading the images from the source shards."""
+    """Embedded copies (n, d) and their sources' packed ids (n,), reading the images from the source shards;
+    ``keep`` sees each copy embedded, in their order (whole-copy verification maps them)."""
     pixels: list[np.ndarray] = []
     sources: list[int] = []
     skipped: list[dict[str, Any]] = []
@@ -72,6 +79,8 @@ def _copies(
             skipped.append({"shard": shard, "key": key, "detail": f"{type(exc).__name__}: {exc}"})
             continue
         sources.append(int(layout.pack_ids(shard, np.array([row]))[0]))
+        if keep is not None:
+            keep(copy)
         if len(pixels) >= cfg.batch_size:
             vectors.append(embedder.embed(stack_pixels(pixels)))
             pixels = []
@@ -106,16 +115,29 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
             "calibrate: the index is too small to keep apart the images its whitening was learned on; "
             "the thresholds are optimistic (recorded as whitening_images_reused)"
         )
-    xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg)
+    maps = (
+        QueryMaps(WholeSpec(ranks=cfg.verify_whole, weight=cfg.verify_whole_weight))
+        if cfg.verify_whole
+        else None
+    )
+    xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg, maps)
     correct, scores = _copy_scores(cfg, manifest, xq, sources)
     held_out = None
-    if cfg.held_out_share:
-        held_out = held_out_negatives(
-            cfg.index, manifest, xq, sources, cfg.held_out_share, cfg.seed, cfg.storage_options
-        )
+    if cfg.held_out_share:  # with verification: the N best other matches, for its background of peaks
+        held_out = held_out_hits(
+            cfg.index, manifest, xq, sources, cfg.held_out_share, cfg.seed, max(1, cfg.verify_whole),
+            cfg.storage_options,
+        )  # fmt: skip
     if held_out is not None:
         for name, rest in zip(SCORES, held_out[:2], strict=True):
-            scores[name] = (scores[name][0], rest)
+            scores[name] = (scores[name][0], rest[:, 0])
+    verified = None
+    if maps is not None:
+        logger.info("calibrate: verifying each copy's %d best matches (verify_whole)", cfg.verify_whole)
+        verified_correct, verified_top, verified_other, verified = verified_scores(
+            cfg, manifest, maps, xq, sources, held_out
+        )
+        verified["settings"] = verify_settings(maps.spec)
     report: dict[str, Any] = {
         "build_id": manifest["build_id"],
         "images": int(len(xq)),
@@ -134,6 +156,11 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     for name, (top, rest) in scores.items():
         report["table"][name], report["thresholds"][name] = precision_table(
             top, correct, rest, cfg.prevalence, cfg.confidence, cfg.seed
+        )
+    if verified is not None:  # the answer is verify_rank 0, right or wrong apart from the global top-1
+        report["verify_whole"] = verified
+        report["table"][VERIFIED], report["thresholds"][VERIFIED] = precision_table(
+            verified_top, verified_correct, verified_other, cfg.prevalence, cfg.confidence, cfg.seed
         )
     if cfg.partial:
         partial_rows, _ = select_rows(manifest, cfg.partial, cfg.max_shards, cfg.seed + 1, keys_of)
@@ -196,6 +223,10 @@ def _write(cfg: CalibrateConfig, manifest: dict[str, Any], report: dict[str, Any
             "thresholds",
         )
     }
+    if "verify_whole" in report:  # verify_score's thresholds hold for scans verifying with these settings
+        manifest["calibration"]["verify_whole"] = {
+            k: report["verify_whole"][k] for k in ("settings", "recall@1")
+        }
     if cfg.partial:  # what a scan needs to flag partial answers, and under which settings they hold
         keys = ("copies", "negatives", "answer", "settings", "recall@1", "thresholds")
         manifest["calibration"]["partial"] = {k: report["partial"][k] for k in keys}
@@ -231,8 +262,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.insert(
             1, "  (small index: some copied images also trained the whitening; thresholds are optimistic)"
         )
-    for name in SCORES:
-        lines.extend(_table_line(name, row, 11) for row in report["table"][name])
+    for name in (*SCORES, VERIFIED):
+        lines.extend(_table_line(name, row, 11) for row in report["table"].get(name, ()))
+    if "verify_whole" in report:
+        verified = report["verify_whole"]
+        n, weight = verified["settings"]["verify_whole"], verified["settings"]["verify_whole_weight"]
+        lines.append(
+            f"  (verify_score: the answer of verify_rank 0 among the {n} best matches, recall@1 "
+            f"{verified['recall@1']:.3f}; holds for scans with verify_whole={n} verify_whole_weight={weight:g})"
+        )
     partial = report.get("partial")
     if partial:
         answer = partial["answer"]

@@ -112,9 +112,10 @@ def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
 
 
 def _flags(result: ShardResult, q_idx: np.ndarray, ranks: np.ndarray, threshold: dict[str, Any] | None):
-    if threshold is None:
+    values = {"score": result.D, "score_norm": result.D_norm, "score_raw": result.D_raw}
+    if threshold is None or threshold["column"] not in values:  # verify_score: set after verification
         return pa.nulls(len(q_idx), pa.bool_())
-    values = {"score": result.D, "score_norm": result.D_norm, "score_raw": result.D_raw}[threshold["column"]]
+    values = values[threshold["column"]]
     return pa.array(values[q_idx, ranks] >= threshold["value"], pa.bool_())  # NaN compares False
 
 

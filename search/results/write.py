@@ -60,6 +60,8 @@ def write_chunk(
     verify_stats = None
     if verify is not None:
         table, verify_stats = verify(table)
+    if threshold is not None and "rank" in threshold:  # verify_score's: set once verification made it
+        table = flag_verified(table, threshold)
     if partial_threshold is not None:  # after verification: dense_rank and dense_score come from it
         table = flag_partial(table, partial_threshold)
     storage.write_parquet(layout.matches_url(out, chunk), table, storage_options)
@@ -68,6 +70,13 @@ def write_chunk(
     )
     storage.write_json(layout.chunk_marker_url(out, chunk), marker, storage_options)
     return marker
+
+
+def flag_verified(table: pa.Table, threshold: dict[str, Any]) -> pa.Table:
+    """``table`` with ``is_copy`` set from whole-copy verification: whether a row's ``column``
+    (``verify_score``) passes ``value``; False where the row was not verified."""
+    passes = pc.greater_equal(table[threshold["column"]], threshold["value"])
+    return with_columns(table, {"is_copy": pc.fill_null(passes, False)})
 
 
 def flag_partial(table: pa.Table, partial_threshold: dict[str, Any]) -> pa.Table:
@@ -120,7 +129,7 @@ def _flagged(
 ) -> dict[str, int | None]:
     """Queries whose best match passes the threshold (``flagged``), whose partial answer passes the partial
     threshold (``flagged_partial``), and flagged either way (``flagged_any``); None without the threshold(s)."""
-    best = pc.equal(table["rank"], 0)
+    best = pc.equal(table[(threshold or {}).get("rank", "rank")], 0)  # the answer: verify_rank 0 if verified
     flagged = None if threshold is None else int(pc.sum(pc.and_(best, table["is_copy"])).as_py() or 0)
     partial = None if partial_threshold is None else int(pc.sum(table["is_partial_copy"]).as_py() or 0)
     either = None

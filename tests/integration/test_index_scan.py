@@ -509,6 +509,62 @@ def test_calibration_negatives_are_held_out_of_the_whitening_fit(local_index):
     assert np.mean(score) > np.mean(in_sample["score"][1])
 
 
+@pytest.mark.slow
+def test_calibrate_with_whole_verification_thresholds_the_verified_answer(local_index, generated, tmp_path):
+    """calibrate verify_whole=N verifies its copies as a scan with verify_whole=N does and thresholds
+    verify_score; such a scan flags is_copy on verify_score with it, a scan verifying otherwise does not."""
+    import shutil
+
+    from copyscan.search.calibrate.config import CalibrateConfig
+    from copyscan.search.calibrate.heldout import held_out_hits, held_out_negatives
+    from copyscan.search.calibrate.thresholds import resolve_threshold
+    from copyscan.search.calibrate.verified import verify_settings
+    from copyscan.search.calibrate.whole import run_calibrate
+    from copyscan.search.verify.whole import WholeSpec
+
+    index_url = str(tmp_path / "index")
+    shutil.copytree(local_index[0], index_url)
+    # held out of the whitening in 2 folds of 12 (leave-one-out would refit it 24 times)
+    settings = {"images": 24, "confidence": 0.0, "held_out_share": 0.2, "verify_whole": 3}
+    report = run_calibrate(resolve(CalibrateConfig, {"index": index_url, **settings}))
+    assert report["negatives"] == "held out of the whitening's fit"
+    verified = report["verify_whole"]
+    assert verified["settings"] == verify_settings(WholeSpec(3, 2.0)) and verified["failed"] == 0
+    # each copy's 3 best matches and its 3 best others, each pair verified (a copy fits every image here)
+    assert verified["pairs"] == 24 * 6
+    assert verified["recall@1"] >= 0.9
+    p90 = report["thresholds"]["verify_score"]["p90"]
+    assert p90 is not None and report["table"]["verify_score"][2]["precision"] == 0.9
+    manifest = load_manifest(index_url)
+    assert manifest["calibration"]["verify_whole"]["settings"] == verified["settings"]
+    assert manifest["calibration"]["thresholds"]["verify_score"]["p90"] == p90
+
+    # the verified negatives' first column is the plain calibration's negative
+    xb, rows = np.load(layout.emb_url(index_url, 0)).astype(np.float32)[:8], np.arange(8)
+    ids = layout.pack_ids(0, rows)
+    one = held_out_negatives(index_url, manifest, xb, ids, 0.2, 0)
+    hits = held_out_hits(index_url, manifest, xb, ids, 0.2, 0, 4)
+    assert one is not None and hits is not None and hits[2].shape == (8, 4)
+    np.testing.assert_array_equal(hits[2][:, 0], one[2])
+    assert not (hits[2] == ids[:, None]).any() and (np.diff(hits[0], axis=1) <= 1e-6).all()
+
+    # verifying with other settings: score_norm's threshold, as an unverified scan's (which 24 copies of this
+    # small index sometimes do not reach: None then)
+    other = resolve_threshold(manifest, "p90", verify_settings(WholeSpec(4, 2.0)))
+    assert other == resolve_threshold(manifest, "p90") and (other is None or other["column"] == "score_norm")
+
+    folder, truth = generated
+    out = tmp_path / "scan"
+    summary = scan(index_url, str(folder), str(out), verify_whole=3)
+    assert summary["threshold"]["column"] == "verify_score" and summary["threshold"]["value"] == p90
+    rows = pq.read_table(str(out / "matches")).to_pylist()
+    assert all(r["is_copy"] == (r["verify_score"] is not None and r["verify_score"] >= p90) for r in rows)
+    flagged = {r["query_id"] for r in rows if r["verify_rank"] == 0 and r["is_copy"]}
+    assert summary["flagged"] == len(flagged)
+    copies = {t["file"] for t in truth if t["is_copy"]}
+    assert len(flagged & copies) >= 4 and len(flagged & copies) > len(flagged - copies)
+
+
 def test_nightly_appends_history_and_gates_a_significant_rise(calibrated, local_index, generated, tmp_path):
     """Two checkpoints: one whose generations copy nothing, then one whose generations all copy."""
     import shutil

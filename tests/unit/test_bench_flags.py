@@ -51,6 +51,13 @@ def test_flags_count_right_wrong_and_false_verdicts():
     # a scan without a partial threshold: no is_partial_copy or either entry
     unset = table.set_column(4, "is_partial_copy", pa.nulls(6, pa.bool_()))
     assert set(flag_metrics(unset, truth, key_of_source)) == {"is_copy"}
+    # a verified scan's is_copy is on its answer, verify_rank 0: c1's row of rank 1 (k1) is right there
+    verified = unset.append_column("verify_rank", pa.array([None, 0, 0, 0, 0, 0], pa.int32()))
+    verified = verified.set_column(1, "train_key", pa.array(["k9", "k1", "k7", "k3", "k5", "k6"]))
+    verified = verified.set_column(3, "is_copy", pa.array([False, True, True, False, True, False]))
+    flags = flag_metrics(verified, truth, key_of_source, "verify_rank")["is_copy"]
+    assert (flags["flagged"], flags["right"], flags["wrong_source"], flags["false_flags"]) == (3, 1, 1, 1)
+    assert flag_metrics(verified, truth, key_of_source)["is_copy"]["right"] == 0  # rank 0 is k9 there
 
 
 def test_domain_seed_and_embedder_options():

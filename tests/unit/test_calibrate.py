@@ -66,6 +66,26 @@ def test_threshold_names():
         resolve_threshold(_manifest(), "strict")
 
 
+def test_a_verified_scan_reads_verify_score_thresholds_only_where_calibrated_for_its_settings():
+    settings = {"verify_whole": 10, "verify_whole_weight": 2.0, "query_side": 224, "train_side": 320}
+    m = _manifest()
+    assert resolve_threshold(m, "p90", settings)["column"] == "score_norm"  # calibrated without verification
+    m["calibration"]["verify_whole"] = {"settings": settings, "recall@1": 0.97}
+    m["calibration"]["thresholds"]["verify_score"] = {"p90": 0.42, "p99": None}
+    assert resolve_threshold(m, "p90", settings) == {
+        "name": "p90",
+        "column": "verify_score",
+        "rank": "verify_rank",
+        "value": 0.42,
+        "source": "copyscan calibrate verify_whole=10: 90% precision at 50% copies",
+    }
+    assert resolve_threshold(m, "p99", settings) is None  # the verified calibration reached no 99 %
+    assert resolve_threshold(m, "p90")["column"] == "score_norm"  # a scan that does not verify
+    other = {**settings, "verify_whole_weight": 4.0}
+    assert resolve_threshold(m, "p90", other)["value"] == 0.11
+    assert resolve_threshold(m, 0.3, settings)["column"] == "score_norm"  # a given value is score_norm's
+
+
 def test_calibration_rows_avoid_the_whitening_pairs_unless_the_index_is_too_small():
     rows, reused = select_rows(_manifest(), images=12, max_shards=4, seed=0)
     assert not reused and sum(map(len, rows.values())) == 12
