@@ -67,10 +67,11 @@ def history_row(checkpoint: str, generations: str, scan_out: str, summary: dict[
             "pass threshold=somepalli / duplicate / a score_norm value"
         )
     fs, path = storage.get_fs(layout.matches_dir(scan_out), so)
-    columns = ["rank", "is_copy", "train_key", "prompt"]
+    answer = threshold.get("rank", "rank")  # the generation's answer: verify_rank 0 in a verified scan
+    columns = [answer, "is_copy", "train_key", "prompt"]
     present = set(pq.ParquetDataset(path, filesystem=fs).schema.names)  # runs older than `prompt` lack it
     table = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present])
-    top = table.filter(pc.and_(pc.equal(table["rank"], 0), table["is_copy"]))
+    top = table.filter(pc.and_(pc.equal(table[answer], 0), table["is_copy"]))
     n, k = int(summary["embedded"]), int(summary["flagged"])
     low, high = wilson_interval(k, n)
     return {

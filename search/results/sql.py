@@ -11,6 +11,9 @@ Example: the training images copied most often across runs::
 
     SELECT train_key, any_value(train_url) AS url, count(DISTINCT run) AS runs, count(*) AS generations
     FROM matches WHERE rank = 0 AND is_copy GROUP BY train_key ORDER BY generations DESC LIMIT 20
+
+(In a scan that verified whole copies, ``verify_whole``, a generation's answer is its row of ``verify_rank = 0``
+and ``is_copy`` is set on that row only: ``WHERE verify_rank = 0 AND is_copy``.)
 """
 
 from __future__ import annotations

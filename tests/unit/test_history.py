@@ -60,3 +60,36 @@ def test_regression_against_previous_and_baseline():
         regression_report(now, [prev, now], baseline="v0", alpha=0.01)
     first = regression_report(base, [base], baseline=None, alpha=0.01)
     assert first["vs_previous"] is None and not first["regression"]
+
+
+def test_history_row_reads_a_verified_scans_answer_at_verify_rank_0(tmp_path):
+    """In a scan that verified whole copies (verify_whole) the flagged answer can be another row than
+    rank 0: the history's matched training images are those of the threshold's answer rank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from copyscan.indexing.store import layout
+    from copyscan.search.report.history import history_row
+
+    matches = tmp_path / "scan"
+    (matches / "matches").mkdir(parents=True)
+    assert layout.matches_dir(str(matches)) == str(matches / "matches")
+    table = pa.table(
+        {  # generation g0: rank 1 verified best and flagged; g1: nothing flagged
+            "query_id": ["g0", "g0", "g1", "g1"],
+            "rank": pa.array([0, 1, 0, 1], pa.int32()),
+            "verify_rank": pa.array([1, 0, 0, None], pa.int32()),
+            "is_copy": [False, True, False, False],
+            "train_key": ["a", "b", "c", "d"],
+            "prompt": ["p0", "p0", "p1", "p1"],
+        }
+    )
+    pq.write_table(table, matches / "matches" / "part-00000.parquet")
+    summary = {"embedded": 2, "flagged": 1, "finished_at": "2026-12-06T00:00:00Z", "index": "idx"}
+    verified = {"column": "verify_score", "value": 0.3, "name": "p90", "rank": "verify_rank"}
+    row = history_row("ckpt", "gens", str(matches), {**summary, "threshold": verified})
+    assert row["matched_train_keys"] == ["b"] and row["flagged_prompts"] == ["p0"]
+    plain = {"column": "score_norm", "value": 0.1, "name": "p90"}  # unverified: rank 0 is the answer
+    assert (
+        history_row("ckpt", "gens", str(matches), {**summary, "threshold": plain})["matched_train_keys"] == []
+    )
