@@ -21,6 +21,9 @@ from copyscan.search.scan_chunks import QueryChunk
 # A piece holds at most this many batches: a long chunk then reports progress piece by piece, and costs one
 # more decode task per piece (milliseconds) against seconds of embedding on a CPU.
 MAX_PIECE_BATCHES = 4
+# ... and at least this many queries (in whole batches): below it, a piece's actor call and decode task cost
+# about what its forward passes do on a CPU (tens of ms a query), so cutting finer saves nothing
+MIN_PIECE_QUERIES = 64
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ def plan_pieces(
 
     A chunk of image files is cut into pieces of ``w`` whole batches, ``w`` the batches that give each of
     the ``actors × per_actor`` embedding slots two pieces of the queries left from this chunk on (this
-    chunk and the later ones), between one batch and ``MAX_PIECE_BATCHES`` (nor more than the chunk). A
+    chunk and the later ones), between the batches of ``MIN_PIECE_QUERIES`` (one batch of 64) and
+    ``MAX_PIECE_BATCHES`` (or that minimum, if more), nor more than the chunk. A
     long run's first chunks are thus cut into ``MAX_PIECE_BATCHES``-batch pieces and its last ones finer,
     so that at the end no actor waits for more than a small piece of another's; a chunk of 250 queries on
     2 actors with 2 calls each is cut into 4 pieces of one batch of 64. A tar chunk is one piece."""
@@ -76,7 +80,8 @@ def plan_pieces(
             left -= n
             continue
         batches = -(-left // (2 * slots * batch_size))  # two pieces per slot of the work left
-        size = batch_size * max(1, min(MAX_PIECE_BATCHES, batches))
+        fewest = -(-MIN_PIECE_QUERIES // batch_size)
+        size = batch_size * max(fewest, min(max(fewest, MAX_PIECE_BATCHES), batches))
         plan.append([Piece(chunk, start, min(start + size, n)) for start in range(0, n, size)])
         left -= n
     return plan

@@ -9,11 +9,18 @@ import pytest
 
 from copyscan.indexing.embed.decode import decode_samples
 from copyscan.indexing.embed.stage import embed_batches
-from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.models.embedders import load_embedder
+from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.read.reader import iter_image_files
 from copyscan.search.scan_chunks import QueryChunk
-from copyscan.search.scan_pieces import MAX_PIECE_BATCHES, join_pieces, most_pieces, plan_pieces
+from copyscan.search.scan_pieces import (
+    MAX_PIECE_BATCHES,
+    MIN_PIECE_QUERIES,
+    Piece,
+    join_pieces,
+    most_pieces,
+    plan_pieces,
+)
 
 
 def _images(n: int, chunk_size: int) -> list[QueryChunk]:
@@ -35,6 +42,7 @@ def _images(n: int, chunk_size: int) -> list[QueryChunk]:
         (5000, 1024, 2, 64),
         (7, 3, 3, 4),
         (1, 5, 8, 2),
+        (500, 500, 4, 8),
     ],
 )
 def test_pieces_cover_each_chunk_in_whole_batches(queries, chunk_size, actors, batch):
@@ -45,7 +53,9 @@ def test_pieces_cover_each_chunk_in_whole_batches(queries, chunk_size, actors, b
         assert [p.chunk for p in pieces] == [chunk] * len(pieces)
         assert pieces[0].start == 0 and pieces[-1].stop == len(chunk.urls)
         assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:], strict=False))
-        assert all(p.size % batch == 0 and 0 < p.size <= MAX_PIECE_BATCHES * batch for p in pieces[:-1])
+        most = max(MAX_PIECE_BATCHES * batch, MIN_PIECE_QUERIES)
+        for p in pieces[:-1]:  # whole batches, at least MIN_PIECE_QUERIES (rounded up to a batch)
+            assert p.size % batch == 0 and min(MIN_PIECE_QUERIES, len(chunk.urls)) <= p.size <= most
         joined = [u for p in pieces for u in p.queries.urls]
         assert joined == list(chunk.urls) and all(p.queries.chunk == chunk.chunk for p in pieces)
 
@@ -58,6 +68,8 @@ def test_a_small_scan_gives_every_actor_work_and_a_long_one_cuts_its_tail_finer(
     sizes = [max(p.size for p in pieces) for pieces in long]
     assert sizes[0] == MAX_PIECE_BATCHES * 64 and sizes[-1] == 128  # 8 pieces for 4 slots
     assert sizes == sorted(sizes, reverse=True)
+    (small,) = plan_pieces(_images(100, 1024), 4, 2, 4)  # batches of 4: pieces of 64 queries, not of 4
+    assert [p.size for p in small] == [64, 36]
     tar = QueryChunk(0, "tar", ("/q/000.tar",))
     assert [[(p.start, p.stop)] for p in plan_pieces([tar], 4, 2, 64)[0]] == [[(0, 0)]]
 
@@ -72,8 +84,8 @@ def test_pieces_joined_are_the_whole_chunk_bit_for_bit(real_images):
         return embed_batches(decode_samples(samples, preprocess, 4), embedder)
 
     whole = embed(files)
-    (pieces,) = plan_pieces([QueryChunk(0, "images", tuple(files), tuple(files))], 4, 2, 4)
-    assert [p.size for p in pieces] == [4, 4, 2]
+    chunk = QueryChunk(0, "images", tuple(files), tuple(files))
+    pieces = [Piece(chunk, 0, 4), Piece(chunk, 4, 8), Piece(chunk, 8, 10)]  # as plan_pieces cuts, batch 4
     joined = join_pieces([embed(list(p.queries.urls)) for p in pieces])
     assert np.array_equal(joined.xb, whole.xb)
     assert joined.records == whole.records and joined.rejections == whole.rejections
