@@ -80,7 +80,7 @@ def plan_pieces(
             left -= n
             continue
         batches = -(-left // (2 * slots * batch_size))  # two pieces per slot of the work left
-        fewest = -(-MIN_PIECE_QUERIES // batch_size)
+        fewest = _fewest_batches(batch_size)
         size = batch_size * max(fewest, min(max(fewest, MAX_PIECE_BATCHES), batches))
         plan.append([Piece(chunk, start, min(start + size, n)) for start in range(0, n, size)])
         left -= n
@@ -111,9 +111,16 @@ def join_pieces(pieces: Sequence[EmbeddedSource]) -> EmbeddedSource:
     )
 
 
+def _fewest_batches(batch_size: int) -> int:
+    """The batches of the smallest piece: ``MIN_PIECE_QUERIES``, rounded up to whole batches."""
+    return -(-MIN_PIECE_QUERIES // batch_size)
+
+
 def most_pieces(chunks: Sequence[QueryChunk], batch_size: int) -> int:
-    """The pieces ``plan_pieces`` can cut ``chunks`` into at most (one batch each): a pool's actor cap."""
-    return sum(max(1, -(-chunk_queries(c) // batch_size)) for c in chunks)
+    """The pieces ``plan_pieces`` can cut ``chunks`` into at most (each of the smallest size): a pool's
+    actor cap."""
+    smallest = batch_size * _fewest_batches(batch_size)
+    return sum(max(1, -(-chunk_queries(c) // smallest)) for c in chunks)
 
 
 class Assembly:

@@ -245,15 +245,12 @@ class Fanout:
 
     def _restart_dead(self) -> None:
         with self._restarting:  # chunks in several stage threads may find the same actor dead
-            self._restart_dead_now()
-
-    def _restart_dead_now(self) -> None:
-        for i, actor in enumerate(self.actors):
-            try:
-                ray.get(actor.ready.remote())
-            except RayActorError:
-                self.actors[i] = self._start(self.groups[i])
-        ray.get([a.ready.remote() for a in self.actors])
+            for i, actor in enumerate(self.actors):
+                try:
+                    ray.get(actor.ready.remote())
+                except RayActorError:
+                    self.actors[i] = self._start(self.groups[i])
+            ray.get([a.ready.remote() for a in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:

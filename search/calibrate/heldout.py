@@ -85,6 +85,12 @@ def database_vectors(
     return np.concatenate(xs), np.concatenate(ids)
 
 
+def other_columns(I: np.ndarray, sources: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) int64 columns of ``I`` (n, m > k) holding each row's k best matches other than its source
+    ``sources`` (n,), in their order (a stable sort moves the source, where found, last)."""
+    return np.argsort(I == sources[:, None], axis=1, kind="stable")[:, :k]
+
+
 def held_out_negatives(
     index_url: str,
     manifest: dict[str, Any],
@@ -152,8 +158,7 @@ def held_out_hits(
         params = _fit(manifest, xb[keep], pairs)
         wb, wq = apply_whitening(params, xb), apply_whitening(params, xq[sel])
         D, I = _flat(wb).search(wq, k + 1)
-        # the k best matches other than the source, in their order (a stable sort moves the source last)
-        other = np.argsort(I == source_rows[sel][:, None], axis=1, kind="stable")[:, :k]
+        other = other_columns(I, source_rows[sel], k)
         D_hit, I_hit = np.take_along_axis(D, other, 1), np.take_along_axis(I, other, 1)
         m = min(ranks[1] + 2, len(bg_rows))
         D_bg, pos = _flat(wb[bg_rows]).search(wq, m)

@@ -33,7 +33,8 @@ import torch
 
 from copyscan.indexing.store import layout
 from copyscan.search.ann.normalise import ScoreNormaliser
-from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.ann.topk import ShardResult
+from copyscan.search.calibrate.heldout import other_columns
 from copyscan.search.calibrate.sample import read_back
 from copyscan.search.verify.dense import DenseMatcher
 from copyscan.search.verify.whole import WholeSpec, peak, whole_matcher, whole_scores
@@ -61,8 +62,7 @@ class QueryMaps:
         self.maps: list[torch.Tensor] = []
 
     def __call__(self, copy) -> None:
-        side = self.spec.query_side
-        self.maps.append(self.matcher.feature_map(copy, side, max_side=2 * side))
+        self.maps.append(self.spec.query_map(self.matcher, copy))
 
 
 def verified_scores(
@@ -72,28 +72,24 @@ def verified_scores(
     xq: np.ndarray,
     sources: np.ndarray,
     held_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    result: ShardResult,
+    normaliser: ScoreNormaliser,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Verify the copies (module docstring). ``xq``: (n, d) float32 raw descriptors of the copies whose maps
     ``queries`` holds, in the same order; ``sources``: (n,) int64 packed ids; ``held_out``: each copy's
-    ``held_out_hits`` with k = N (None: negatives in the index's whitening).
+    ``held_out_hits`` with k = N (None: negatives in the index's whitening); ``result``: the copies' top
+    N + 1 in the index, ``normaliser`` its score normalisation with β = 1.
 
     Returns (correct (n,) bool: the answer is the source, answer scores (n,), negative scores (n,), counts),
     scores float64, -inf where nothing was verified."""
     spec = queries.spec
     n_ranks = spec.ranks
-    so = cfg.storage_options
-    searcher = ShardSearcher(
-        cfg.index, manifest, [e["index_shard"] for e in manifest["index_shards"]], cfg.cache_dir, so
-    )
-    nprobe = cfg.nprobe or int(manifest["index"].get("nprobe") or 0)
-    result = searcher.search(xq, n_ranks + 1, max(cfg.candidates, n_ranks + 1), nprobe)
-    normaliser = ScoreNormaliser(cfg.index, manifest, 1.0, so)
     top_I = result.I[:, :n_ranks]
     top_norm = normaliser(xq, result.D[:, :n_ranks], top_I)
     if held_out is not None:
         _, neg_norm, neg_I = held_out
     else:  # the N best other than the source, normalised as if it were not in the background either
-        other = np.argsort(result.I == sources[:, None], axis=1, kind="stable")[:, :n_ranks]
+        other = other_columns(result.I, sources, n_ranks)
         neg_I = np.take_along_axis(result.I, other, 1)
         neg_norm = normaliser(xq, np.take_along_axis(result.D, other, 1), neg_I, exclude=sources)
     top_peaks, neg_peaks, failed = _peaks(cfg, manifest, queries, top_I, neg_I)
@@ -148,7 +144,7 @@ def _peaks(
             failed += 1
             logger.warning("calibrate: candidate %s of shard %d not verified: %s", key, shard, why)
             continue
-        train = queries.matcher.feature_map(img, spec.train_side, max_side=2 * spec.train_side)
+        train = spec.train_map(queries.matcher, img)
         for a, i, j in pairs[int(layout.pack_ids(shard, np.array([row]))[0])]:
             found = peak(queries.maps[i], train, spec.fractions)
             out[a][i, j] = np.nan if found is None else found

@@ -40,6 +40,7 @@ from copyscan.indexing.store import layout, storage
 from copyscan.indexing.store.manifest import index_embedder, load_manifest
 from copyscan.search.ann.normalise import ScoreNormaliser
 from copyscan.search.ann.searcher import ShardSearcher
+from copyscan.search.ann.topk import ShardResult
 from copyscan.search.calibrate.config import CalibrateConfig
 from copyscan.search.calibrate.heldout import held_out_hits
 from copyscan.search.calibrate.partial import calibrate_partial
@@ -121,7 +122,9 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         else None
     )
     xq, sources, skipped = _copies(cfg.index, manifest, rows, embedder, cfg, maps)
-    correct, scores = _copy_scores(cfg, manifest, xq, sources)
+    # one search for the global scores (top 2) and the verification (its N best and one more)
+    result, normaliser = _search_copies(cfg, manifest, xq, max(2, cfg.verify_whole + 1))
+    correct, scores = _copy_scores(xq, sources, result, normaliser)
     held_out = None
     if cfg.held_out_share:  # with verification: the N best other matches, for its background of peaks
         held_out = held_out_hits(
@@ -135,7 +138,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     if maps is not None:
         logger.info("calibrate: verifying each copy's %d best matches (verify_whole)", cfg.verify_whole)
         verified_correct, verified_top, verified_other, verified = verified_scores(
-            cfg, manifest, maps, xq, sources, held_out
+            cfg, manifest, maps, xq, sources, held_out, result, normaliser
         )
         verified["settings"] = verify_settings(maps.spec)
     report: dict[str, Any] = {
@@ -180,28 +183,37 @@ def _load_embedder(cfg: CalibrateConfig, manifest: dict[str, Any]):
     return index_embedder(manifest, cfg.weights, cfg.device)
 
 
-def _copy_scores(
-    cfg: CalibrateConfig, manifest: dict[str, Any], xq: np.ndarray, sources: np.ndarray
-) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Search the copies ``xq`` (n, d) float32 of the training images ``sources`` (n,) int64 packed ids in the
-    whole index: (correct (n,) bool: the top-1 is the source, {score column: (top-1 scores (n,), scores of the
-    best match that is not the source (n,))}), the latter normalised as if the source were in neither the
-    index nor the background sample."""
+def _search_copies(
+    cfg: CalibrateConfig, manifest: dict[str, Any], xq: np.ndarray, k: int
+) -> tuple[ShardResult, ScoreNormaliser]:
+    """The top ``k`` of the copies ``xq`` (n, d) float32 in the whole index, and its score normalisation
+    (β = 1)."""
     so = cfg.storage_options
     searcher = ShardSearcher(
         cfg.index, manifest, [e["index_shard"] for e in manifest["index_shards"]], cfg.cache_dir, so
     )
-    result = searcher.search(xq, 2, cfg.candidates, cfg.nprobe or int(manifest["index"].get("nprobe") or 0))
-    normaliser = ScoreNormaliser(cfg.index, manifest, 1.0, so)
-    norm_top = normaliser(xq, result.D, result.I)
-    correct = result.I[:, 0] == sources
+    nprobe = cfg.nprobe or int(manifest["index"].get("nprobe") or 0)
+    result = searcher.search(xq, k, max(cfg.candidates, k), nprobe)
+    return result, ScoreNormaliser(cfg.index, manifest, 1.0, so)
+
+
+def _copy_scores(
+    xq: np.ndarray, sources: np.ndarray, result: ShardResult, normaliser: ScoreNormaliser
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The copies ``xq`` (n, d) float32 of the training images ``sources`` (n,) int64 packed ids, searched
+    (``result``, at least their top 2): (correct (n,) bool: the top-1 is the source, {score column: (top-1
+    scores (n,), scores of the best match that is not the source (n,))}), the latter normalised as if the
+    source were in neither the index nor the background sample."""
+    D, I = result.D[:, :2], result.I[:, :2]  # each pair's score_norm depends on that pair only
+    norm_top = normaliser(xq, D, I)
+    correct = I[:, 0] == sources
     other = np.where(correct, 1, 0)
     rows_idx = np.arange(len(xq))
-    I_other = result.I[rows_idx, other][:, None]
-    D_other = result.D[rows_idx, other][:, None]
+    I_other = I[rows_idx, other][:, None]
+    D_other = D[rows_idx, other][:, None]
     norm_other = normaliser(xq, D_other, I_other, exclude=sources)[:, 0]
     return correct, {
-        "score": (result.D[:, 0], D_other[:, 0]),
+        "score": (D[:, 0], D_other[:, 0]),
         "score_norm": (norm_top[:, 0], norm_other),
     }
 

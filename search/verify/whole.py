@@ -63,6 +63,14 @@ class WholeSpec:
     limits: DecodeLimits = DecodeLimits()
     fetch_pairs: int = 512  # pairs whose images are fetched and held at once (whole generations)
 
+    def query_map(self, matcher: DenseMatcher, img: Image.Image) -> torch.Tensor:
+        """A generation's block-10 map as verification reads it (the calibration's copies too)."""
+        return matcher.feature_map(img, self.query_side, max_side=2 * self.query_side)
+
+    def train_map(self, matcher: DenseMatcher, img: Image.Image) -> torch.Tensor:
+        """A candidate training image's block-10 map, the larger one the generation's is slid over."""
+        return matcher.feature_map(img, self.train_side, max_side=2 * self.train_side)
+
     def problems(self) -> list[str]:
         out = []
         if self.ranks == 1 or self.ranks < 0:
@@ -183,7 +191,7 @@ class _WholeRun(_DenseRun):
     ) -> None:
         """Match one generation's candidates ``pairs`` (rows); ``templates`` caches the candidates' maps."""
         spec: WholeSpec = self.spec  # type: ignore[assignment]
-        query_map = matcher.feature_map(query, spec.query_side, max_side=2 * spec.query_side)
+        query_map = spec.query_map(matcher, query)
         for r in pairs:
             train_req = self.train_req[r]
             train = decoded[train_req]
@@ -191,9 +199,7 @@ class _WholeRun(_DenseRun):
                 self.failures.add(r, f"train_{train[0]}", train[1], train_req, self.query_req[r])
                 continue
             if train_req not in templates:
-                templates[train_req] = matcher.feature_map(
-                    train, spec.train_side, max_side=2 * spec.train_side
-                )
+                templates[train_req] = spec.train_map(matcher, train)
             found = peak(query_map, templates[train_req], spec.fractions)
             if found is None:
                 self.no_fit += 1

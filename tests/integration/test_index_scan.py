@@ -489,7 +489,7 @@ def test_calibration_negatives_are_held_out_of_the_whitening_fit(local_index):
     unseen image's would; calibration refits the whitening without the copied images for their negatives."""
     from copyscan.search.calibrate.config import CalibrateConfig
     from copyscan.search.calibrate.heldout import database_vectors, held_out_negatives
-    from copyscan.search.calibrate.whole import _copy_scores
+    from copyscan.search.calibrate.whole import _copy_scores, _search_copies
 
     out, manifest = local_index
     xb, ids = database_vectors(out, manifest)
@@ -497,7 +497,8 @@ def test_calibration_negatives_are_held_out_of_the_whitening_fit(local_index):
     rows = rng.permutation(len(xb))  # every image copied once: 30 of them left the means too noisy
     xq = xb[rows] + rng.normal(0, 0.02, xb[rows].shape).astype(np.float32)  # near-exact copies
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-    correct, in_sample = _copy_scores(resolve(CalibrateConfig, {"index": out}), manifest, xq, ids[rows])
+    found = _search_copies(resolve(CalibrateConfig, {"index": out}), manifest, xq, 2)
+    correct, in_sample = _copy_scores(xq, ids[rows], *found)
     assert correct.all()
     held = held_out_negatives(out, manifest, xq, ids[rows], share=0.01, seed=0)
     assert held is not None  # a refit on every vector gave the index's own whitening back

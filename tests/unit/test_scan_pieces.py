@@ -106,7 +106,12 @@ def test_a_piece_whose_images_were_all_rejected_joins_with_the_others(real_image
     assert [r["key"] for r in joined.rejections] == [str(bad)]
 
 
-def test_most_pieces_is_one_per_batch():
+def test_most_pieces_counts_pieces_of_the_smallest_size():
     chunks = _images(250, 100)  # 100 + 100 + 50 queries
     assert most_pieces(chunks, 64) == 2 + 2 + 1
+    assert most_pieces(chunks, 4) == 2 + 2 + 1  # pieces of 64 queries, not of one batch of 4
+    for batch in (4, 64):  # an upper bound of what plan_pieces cuts, for any number of actors
+        assert all(
+            sum(map(len, plan_pieces(chunks, a, 2, batch))) <= most_pieces(chunks, batch) for a in (1, 8)
+        )
     assert most_pieces([QueryChunk(0, "tar", ("/q/000.tar",))], 64) == 1
