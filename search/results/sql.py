@@ -10,10 +10,12 @@ Views available to the SQL:
 Example: the training images copied most often across runs::
 
     SELECT train_key, any_value(train_url) AS url, count(DISTINCT run) AS runs, count(*) AS generations
-    FROM matches WHERE rank = 0 AND is_copy GROUP BY train_key ORDER BY generations DESC LIMIT 20
+    FROM matches WHERE coalesce(verify_rank, rank) = 0 AND is_copy
+    GROUP BY train_key ORDER BY generations DESC LIMIT 20
 
-(In a scan that verified whole copies, ``verify_whole``, a generation's answer is its row of ``verify_rank = 0``
-and ``is_copy`` is set on that row only: ``WHERE verify_rank = 0 AND is_copy``.)
+(A generation's answer is its row of ``rank = 0``, or in a scan that verified whole copies, ``verify_whole``, its
+row of ``verify_rank = 0``, the row the run's ``flagged`` counts: ``coalesce(verify_rank, rank) = 0`` reads both,
+and runs from before the verification columns.)
 """
 
 from __future__ import annotations

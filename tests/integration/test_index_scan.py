@@ -23,6 +23,7 @@ from copyscan.indexing.store.manifest import load_manifest
 from copyscan.jobs.demo.data import file_sha256
 from copyscan.search.ann.searcher import ShardSearcher
 from copyscan.search.results.matches import MATCHES_SCHEMA
+from copyscan.search.results.sql import run_query
 from copyscan.search.scan_config import ScanConfig
 from copyscan.search.scan_ray import run_scan
 
@@ -562,6 +563,11 @@ def test_calibrate_with_whole_verification_thresholds_the_verified_answer(local_
     assert all(r["is_copy"] == (r["verify_score"] is not None and r["verify_score"] >= p90) for r in rows)
     flagged = {r["query_id"] for r in rows if r["verify_rank"] == 0 and r["is_copy"]}
     assert summary["flagged"] == len(flagged)
+    # the README's analytics condition for a generation's answer reads the verified one here
+    answers = run_query(
+        [str(out)], "SELECT query_id FROM matches WHERE coalesce(verify_rank, rank) = 0 AND is_copy"
+    )
+    assert set(answers.column("query_id").to_pylist()) == flagged
     copies = {t["file"] for t in truth if t["is_copy"]}
     assert len(flagged & copies) >= 4 and len(flagged & copies) > len(flagged - copies)
 
