@@ -41,12 +41,12 @@ import pathlib
 import resource
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
+from bench.cpu import CpuSampler
 from bench.index import PART, build, write_collection
 from bench.synthetic import LocalKDE, load_real
 from copyscan.indexing.build.planner import plan_index
@@ -285,51 +285,6 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "scan_overrides": args.scan,
         "runs": runs,
     }
-
-
-class CpuSampler:
-    """CPU seconds used by a process and all its descendants from now on (read from /proc every 0.2 s, so
-    processes that end between two reads lose at most their last 0.2 s)."""
-
-    def __init__(self, root: int) -> None:
-        self.root, self.seen, self.base = root, {}, {}
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.base = self._read()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> dict[int, float]:
-        parents, times = {}, {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(fields[1])
-            times[int(entry)] = (int(fields[11]) + int(fields[12])) / self.tick
-        mine = {self.root}
-        grew = True
-        while grew:
-            grew = False
-            for pid, parent in parents.items():
-                if parent in mine and pid not in mine:
-                    mine.add(pid)
-                    grew = True
-        return {pid: times[pid] for pid in mine if pid in times}
-
-    def _poll(self) -> None:
-        while not self.stopped.wait(0.2):
-            self.seen.update(self._read())
-
-    def stop(self) -> float:
-        self.stopped.set()
-        self.thread.join()
-        self.seen.update(self._read())
-        return sum(t - self.base.get(pid, 0.0) for pid, t in self.seen.items())
 
 
 def _own_cpu_seconds() -> float:
