@@ -19,6 +19,7 @@ from copyscan.indexing.build.merge_shards import keep_merged_layout
 from copyscan.indexing.build.planner import IndexPlan, plan_index
 from copyscan.indexing.embed import clip_import
 from copyscan.indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
+from copyscan.indexing.embed.decode_ray import start_decode_workers
 from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
 from copyscan.indexing.embed.stage import finished_shards
 from copyscan.indexing.errors import CopyscanError
@@ -215,6 +216,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         start_timeout=cfg.actor_start_timeout,
     )
     items = list(enumerate(shards))
+    start_decode_workers(min(todo, size() * cfg.embed_concurrency), cfg.decode_cpus)
     return run_stage(EMBED, items, done, runner, retries=cfg.retries, report=_log_rejections)
 
 

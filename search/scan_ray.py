@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from copyscan.indexing.embed.decode_ray import start_decode_workers
 from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
 from copyscan.indexing.embed.stage import EmbeddedSource
 from copyscan.indexing.errors import CopyscanError
@@ -281,15 +282,13 @@ def _scan(setup: ScanSetup) -> Failures:
     """Scan the chunks to do with scan actors over the index (and its region index); the chunks that failed.
 
     The first embedding actor starts before the scan actors are waited for, so that the two start (load
-    the model; load the index) side by side."""
+    the model; load the index) side by side, and so do the first decode tasks' workers."""
     cfg = setup.cfg
+    pieces = most_pieces(setup.todo, cfg.batch_size)
     size = embed_pool(  # at most one actor per piece (search/scan_pieces.py)
-        most_pieces(setup.todo, cfg.batch_size),
-        cfg.embed_actors,
-        cfg.embed_actor_gpus,
-        cfg.embed_actor_cpus,
-        cfg.max_gpus,
+        pieces, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
     )
+    start_decode_workers(min(pieces, size() * cfg.embed_concurrency), cfg.decode_cpus)
     make_actor = Prestarted(functools.partial(_embed_actor, setup, size.num_gpus))
     index = Fanout(cfg, setup.manifest, setup.settings)
     region_index = None

@@ -186,3 +186,18 @@ def test_a_pool_leaves_room_for_its_decode_tasks(ray_session):
     assert leave_room(PoolSize(2, num_gpus=1.0, actor_cpus=0.5, fixed=True), 0.5, 2.0).cap == 2  # GPU actors
     with pytest.raises(CopyscanError, match="no room for one actor of 0.5 CPU"):
         leave_room(asked, 0.5, reserved_cpus=1.5)
+
+
+def test_decode_workers_start_ahead_and_stay_in_the_pool(ray_session):
+    """The workers started for a job's first decode tasks run the no-op task, then wait idle in Ray's pool
+    (alive, for the decode tasks to reuse) rather than exiting."""
+    import os
+
+    import ray
+
+    from copyscan.indexing.embed.decode_ray import start_decode_workers
+
+    pids = ray.get(start_decode_workers(2, 0.5), timeout=120)
+    assert len(pids) == 2 and all(pid != os.getpid() for pid in pids)
+    for pid in pids:
+        os.kill(pid, 0)  # still alive: raises ProcessLookupError if the worker exited
