@@ -1,9 +1,10 @@
 """The decode half of embedding as a Ray task: a source (tar shard or image files) → decoded batches.
 
 A streaming generator (``decode_task``) that an embedding actor starts for each shard or query chunk and
-reads batch by batch while it runs the model; ``start_decode_workers`` has the first ones' workers ready. It runs on any CPU worker of the cluster, and imports no
+reads batch by batch while it runs the model. It runs on any CPU worker of the cluster, and imports no
 torch (nor anything that does): a fresh worker is ready for it in a fraction of a second rather than the
-seconds that importing torch takes, which is most of the wait for a job's first batch.
+seconds that importing torch takes, which is most of the wait for a job's first batch; and
+``start_decode_workers`` has the first tasks' workers started while the actors load their models.
 """
 
 from __future__ import annotations
