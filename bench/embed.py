@@ -273,6 +273,7 @@ def pipeline_scan(
 
 
 def warm_paths(
+    embedder: str,
     shards: list[str],
     queries: list[Path],
     batches: list[np.ndarray],
@@ -280,11 +281,11 @@ def warm_paths(
     batch: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Both embedding paths on one warm embedding actor, each pass between two passes of that actor's own
-    model over pre-decoded ``batches``: no job start in the figure, and the bare model timed in the same
-    process and within seconds of the path, so the VM's drift cancels out of each pass's ratio.
+    """Both embedding paths on one warm embedding actor of ``embedder``, each pass between two passes of
+    that actor's own model over pre-decoded ``batches``: no job start in the figure, and the bare model timed
+    in the same process and within seconds of the path, so the VM's drift cancels out of each pass's ratio.
 
-    Made as the jobs make them (``make_embed_actor`` with the jobs' default settings: 0.5 CPU, 2 calls in
+    Made as the jobs make theirs (``make_embed_actor`` with the jobs' default settings: 0.5 CPU, 2 calls in
     flight, one batch at a time on the actor's threads, decode tasks of 0.5 CPU): the index path is
     ``embed_shard`` of every shard, 2 in flight (tar read, decode, model, writing the shard's outputs and
     marker); the scan's query path is ``embed_images`` of the generations in the scan's pieces
@@ -307,7 +308,7 @@ def warm_paths(
     actor = (
         ray.remote(Probe)
         .options(num_cpus=0.5, max_concurrency=2)
-        .remote("effnet-lite0", None, None, "cpu", 0, 0.5, None)
+        .remote(embedder, None, None, "cpu", 0, 0.5, None)
     )
     batches_ref = ray.put(batches)
     ray.get(actor.bare.remote(batches_ref))  # warm-up: the model, the allocator
@@ -453,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             result["scan"]["bare_after"] = bare(embedder, query_batches, args.repeats, args.cpus)
             queries = sorted(Path(data["queries"]).glob("*.jpg"))
-            warm = warm_paths(data["shards"], queries, index_batches_ray, work, args.batch, args.warm_repeats)
+            warm = warm_paths(
+                args.embedder, data["shards"], queries, index_batches_ray, work, args.batch, args.warm_repeats
+            )
             result["index"]["warm"], result["scan"]["warm"] = warm["index"], warm["scan"]
     finally:
         ray.shutdown()
