@@ -84,12 +84,10 @@ class ScanWorker:
                 index_url, manifest, index_shards, cache_dir, storage_options, device=device
             )
 
-    def ready(self) -> int:
-        return self.searcher.ntotal
-
-    def device(self) -> str:
-        """Where this actor's coarse assignment runs (``cpu``, ``faiss-gpu``, ``torch:cuda``, ...)."""
-        return self.searcher.device
+    def ready(self) -> tuple[int, str]:
+        """The vectors this actor holds, and where its coarse assignment runs (``cpu``, ``faiss-gpu``,
+        ``torch:cuda``, ...): one call, so that an actor lost after it answered is not asked again."""
+        return self.searcher.ntotal, self.searcher.device
 
     def search(
         self, xq: np.ndarray, k: int, candidates: int, nprobe: int, above: Above | None = None
@@ -152,22 +150,23 @@ class Fanout:
         self.groups = assign_shards(manifest, wanted)
         self._restarting = threading.Lock()
         self.actors = [self._start(g) for g in self.groups]
-        ntotal = self._wait_ready()
+        started = self._wait_ready()
         logger.info(
             "scan: %d %sscan actor(s) hold %s vectors: %s; coarse assignment on %s",
             len(self.actors),
             "region " if regions else "",
-            f"{sum(ntotal):,}",
+            f"{sum(n for n, _ in started):,}",
             self.groups,
-            ", ".join(sorted(set(ray.get([a.device.remote() for a in self.actors])))),
+            ", ".join(sorted({device for _, device in started})),
         )
 
-    def _wait_ready(self) -> list[int]:
-        """Each actor's vector count once all have started (on an autoscaling cluster their pending demand
-        starts the nodes they need; an actor whose node is lost meanwhile is started again); CopyscanError
-        after ``actor_start_timeout`` seconds."""
+    def _wait_ready(self) -> list[tuple[int, str]]:
+        """Each actor's ``ready()`` (vector count, coarse-assignment device) once all have started (on an
+        autoscaling cluster their pending demand starts the nodes they need; an actor whose node is lost
+        meanwhile is started again; one lost after it answered is restarted by the first search that
+        finds it gone); CopyscanError after ``actor_start_timeout`` seconds."""
         deadline = time.monotonic() + self.cfg.actor_start_timeout
-        counts: list[int | None] = [None] * len(self.actors)
+        counts: list[tuple[int, str] | None] = [None] * len(self.actors)
         while None in counts:
             refs = {self.actors[i].ready.remote(): i for i, n in enumerate(counts) if n is None}
             ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=deadline - time.monotonic())
@@ -184,7 +183,7 @@ class Fanout:
                     f"not start in {self.cfg.actor_start_timeout:.0f} s: the cluster has no room for them and its "
                     "autoscaler (if any) started no node; lower scan_actors or raise actor_start_timeout"
                 )
-        return [int(n) for n in counts]
+        return [(int(n), str(device)) for n, device in counts]
 
     def _start(self, group: list[int]):
         return (
