@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             data["shards"], work, args.batch, args.repeats, args.cpus, parse_overrides(args.index)
         )
         result["index"]["bare_after"] = bare(embedder, index_batches, args.repeats, args.cpus)
-        index_batches_ray = index_batches[:4]  # the warm actor's bare model: 256 images
+        warm_batches = index_batches[:4]  # the warm actor's bare model: 256 images
         del index_batches
         if not args.skip_scan:
             query_shard = str(work / "queries.tar")
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             result["scan"]["bare_after"] = bare(embedder, query_batches, args.repeats, args.cpus)
             queries = sorted(Path(data["queries"]).glob("*.jpg"))
             warm = warm_paths(
-                args.embedder, data["shards"], queries, index_batches_ray, work, args.batch, args.warm_repeats
+                args.embedder, data["shards"], queries, warm_batches, work, args.batch, args.warm_repeats
             )
             result["index"]["warm"], result["scan"]["warm"] = warm["index"], warm["scan"]
     finally:

@@ -81,7 +81,7 @@ def plan_pieces(
             continue
         batches = -(-left // (2 * slots * batch_size))  # two pieces per slot of the work left
         fewest = _fewest_batches(batch_size)
-        size = batch_size * max(fewest, min(max(fewest, MAX_PIECE_BATCHES), batches))
+        size = batch_size * max(fewest, min(MAX_PIECE_BATCHES, batches))
         plan.append([Piece(chunk, start, min(start + size, n)) for start in range(0, n, size)])
         left -= n
     return plan

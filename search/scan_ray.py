@@ -166,13 +166,13 @@ class Fanout:
         meanwhile is started again; one lost after it answered is restarted by the first search that
         finds it gone); CopyscanError after ``actor_start_timeout`` seconds."""
         deadline = time.monotonic() + self.cfg.actor_start_timeout
-        counts: list[tuple[int, str] | None] = [None] * len(self.actors)
-        while None in counts:
-            refs = {self.actors[i].ready.remote(): i for i, n in enumerate(counts) if n is None}
+        answers: list[tuple[int, str] | None] = [None] * len(self.actors)
+        while None in answers:
+            refs = {self.actors[i].ready.remote(): i for i, n in enumerate(answers) if n is None}
             ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=deadline - time.monotonic())
             for ref in ready:
                 try:
-                    counts[refs[ref]] = ray.get(ref)
+                    answers[refs[ref]] = ray.get(ref)
                 except RayActorError:
                     logger.warning("scan: a scan actor died while starting; starting it again")
                     self.actors[refs[ref]] = self._start(self.groups[refs[ref]])
@@ -183,7 +183,7 @@ class Fanout:
                     f"not start in {self.cfg.actor_start_timeout:.0f} s: the cluster has no room for them and its "
                     "autoscaler (if any) started no node; lower scan_actors or raise actor_start_timeout"
                 )
-        return [(int(n), str(device)) for n, device in counts]
+        return [(int(n), str(device)) for n, device in answers]
 
     def _start(self, group: list[int]):
         return (
@@ -283,11 +283,11 @@ def _scan(setup: ScanSetup) -> Failures:
     The first embedding actor starts before the scan actors are waited for, so that the two start (load
     the model; load the index) side by side, and so do the first decode tasks' workers."""
     cfg = setup.cfg
-    pieces = most_pieces(setup.todo, cfg.batch_size)
+    max_pieces = most_pieces(setup.todo, cfg.batch_size)
     size = embed_pool(  # at most one actor per piece (search/scan_pieces.py)
-        pieces, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
+        max_pieces, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
     )
-    start_decode_workers(min(pieces, size() * cfg.embed_concurrency), cfg.decode_cpus)
+    start_decode_workers(min(max_pieces, size() * cfg.embed_concurrency), cfg.decode_cpus)
     make_actor = Prestarted(functools.partial(_embed_actor, setup, size.num_gpus))
     index = Fanout(cfg, setup.manifest, setup.settings)
     region_index = None
