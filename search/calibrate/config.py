@@ -21,9 +21,10 @@ class CalibrateConfig:
     max_shards: int = key(16, "source shards read at most")
     prevalence: float = key(0.5, "share of copies among the queries the thresholds are for")
     seed: int = key(1_234, "random seed (images sampled, copies, pastes)")
-    # The thresholds are those whose precision's lower bound (a bootstrap over the copies) reaches the target
-    # with this confidence, not the point estimate's: the margin a sample of a few hundred copies needs
-    # (README, Evaluation: "Calibration per domain"). 0 = the point estimate
+    # The thresholds are those whose precision's lower bound reaches the target with this confidence, not the
+    # point estimate's: the margin a sample of a few hundred copies needs (README, Evaluation: "Calibration
+    # per domain"); a bootstrap over the copies for whole copies, the rates' posterior for partial=N's
+    # pastes (search/calibrate/thresholds.py). 0 = the point estimate
     confidence: float = key(0.9, "confidence that a threshold's precision reaches its target; 0 = estimate")
     # Copies' negatives scored with the whitening fit again without their sources, as an unseen image's are
     # (search/calibrate/heldout.py), where every vector of the index was in the whitening's fit; one refit

@@ -12,9 +12,13 @@ and scanned by the real scan (``copyscan.search.scan_ray.run_scan``) with the pa
 Each generation's *answer* is its row of ``dense_rank`` 0 scored by ``dense_score`` (with dense
 verification), else its row of ``local_rank`` 0 scored by ``local_score_norm``. A pasted copy's answer is a
 true match when it is the pasted image; an outside paste's answer stands for a generation that copies
-nothing. The thresholds for 90 % and 99 % precision at ``prevalence`` come from ``precision_recall``, as for
-whole copies, and go into ``calibration.json`` and the manifest with the scan settings they hold for
-(``PARTIAL_KEYS``): ``copyscan scan`` flags ``is_partial_copy`` on answers only when it runs with the same.
+nothing. The thresholds for 90 % and 99 % precision at ``prevalence`` are the lowest whose precision reaches
+the target with ``confidence`` (``precision_table``, unpaired: copies and outside pastes are samples of their
+own, a few dozen each, so the bound is the rates' posterior, which a threshold passed by a handful of copies
+and no negative cannot reach; 0 = the point estimate), and go into ``calibration.json`` and the manifest
+with the scan settings they hold for (``PARTIAL_KEYS``): ``copyscan scan`` flags ``is_partial_copy`` on
+answers only when it runs with the same. A calibration too small for the promise gives no threshold, and
+the scan says so.
 """
 
 from __future__ import annotations
@@ -137,13 +141,14 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
     scan_cfg, summary = _scan_pasted(cfg, queries, storage.join(work, "scan"), counts)
     settings = partial_settings(scan_cfg, manifest)
     answers = partial_answers(open_matches(storage.join(work, "scan"), so).to_table(), settings)
-    correct, table, named = _score_answers(truth, answers, cfg.prevalence)
+    correct, table, named = _score_answers(truth, answers, cfg.prevalence, cfg.confidence, cfg.seed)
     rank, score = answer_columns(settings)
     return {
         **counts,
         "answer": {"rank": rank, "score": score},
         "settings": settings,
         "recall@1": float(correct.mean()),
+        "confidence": cfg.confidence,
         "thresholds": named,
         "table": table,
         "skipped": skipped,
@@ -182,7 +187,11 @@ def _scan_pasted(cfg: Any, queries: str, out: str, counts: dict[str, int]) -> tu
 
 
 def _score_answers(
-    truth: dict[str, str | None], answers: dict[str, tuple[str, float]], prevalence: float
+    truth: dict[str, str | None],
+    answers: dict[str, tuple[str, float]],
+    prevalence: float,
+    confidence: float,
+    seed: int,
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, float | None]]:
     """(correct (copies,) bool, precision table, named thresholds) of the generations' partial answers:
     a pasted copy's answer is right when it is its source; an outside paste's answer is a false match."""
@@ -191,5 +200,5 @@ def _score_answers(
     top = np.array([answers.get(q, (None, -np.inf))[1] for q in positives], dtype=np.float64)
     correct = np.array([answers.get(q, (None, 0))[0] == truth[q] for q in positives])
     other = np.array([answers.get(q, (None, -np.inf))[1] for q in negatives], dtype=np.float64)
-    table, named = precision_table(top, correct, other, prevalence)
+    table, named = precision_table(top, correct, other, prevalence, confidence, seed, paired=False)
     return correct, table, named

@@ -75,6 +75,42 @@ def precision_lower_bound(
     return np.quantile(curves, 1.0 - confidence, axis=0)
 
 
+def precision_lower_bound_unpaired(
+    thresholds: np.ndarray,
+    s_top: np.ndarray,
+    correct: np.ndarray,
+    s_other: np.ndarray,
+    prevalence: float,
+    confidence: float,
+    draws: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """``precision_lower_bound`` for copies and negatives sampled apart (``s_other`` of any length, one score
+    per negative generation, as partial-copy calibration's outside pastes): the (1 − confidence) quantile of
+    the precision at each of ``thresholds`` over ``draws`` draws from the posterior of the rates (Jeffreys
+    prior): a copy's outcome above or below the threshold, right or wrong, Dirichlet(k + ½); a negative
+    above it, Beta(k + ½, m − k + ½).
+
+    Where the bootstrap resamples what was seen, this stays honest at small counts: a threshold that only 2
+    copies and no negative of 30 each pass has a bootstrap bound of 1 (no resample holds a false flag), but a
+    false-flag rate of a few per cent is as likely from 0 of 30 as none, and the posterior keeps it."""
+    rng = np.random.default_rng(seed)
+    n, m = len(s_top), len(s_other)
+    above = len(s_top) - np.searchsorted(np.sort(s_top), thresholds, side="left")
+    right = len(s_top[correct]) - np.searchsorted(np.sort(s_top[correct]), thresholds, side="left")
+    false = m - np.searchsorted(np.sort(s_other), thresholds, side="left")
+    # Dirichlet(right, wrong, below) as three gammas normalised: (draws, thresholds) each
+    a_right, a_wrong, a_below = right + 0.5, above - right + 0.5, n - above + 0.5
+    g_right = rng.standard_gamma(a_right, size=(draws, len(thresholds)))
+    g_wrong = rng.standard_gamma(a_wrong, size=(draws, len(thresholds)))
+    g_below = rng.standard_gamma(a_below, size=(draws, len(thresholds)))
+    total = g_right + g_wrong + g_below
+    tpr, wrong = g_right / total, g_wrong / total
+    fpr = rng.beta(false + 0.5, m - false + 0.5, size=(draws, len(thresholds)))
+    curves = prevalence * tpr / (prevalence * (tpr + wrong) + (1.0 - prevalence) * fpr)
+    return np.quantile(curves, 1.0 - confidence, axis=0)
+
+
 def threshold_for(thresholds: np.ndarray, precision: np.ndarray, target: float) -> float | None:
     """The lowest threshold whose precision reaches ``target`` (None when none does)."""
     ok = np.nonzero(precision >= target)[0]
@@ -88,21 +124,26 @@ def precision_table(
     prevalence: float,
     confidence: float = 0.0,
     seed: int = 0,
+    paired: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
     """The calibration table of one score (``precision_recall``'s arguments; NaN = no match): for each of
     ``PRECISIONS`` its threshold and recall, and the p90 / p99 thresholds by name.
 
-    ``confidence`` > 0: a threshold is the lowest whose precision's bootstrap lower bound at that confidence
-    (``precision_lower_bound``) reaches the target, not the lowest whose estimate does; each row also gives
-    the estimate's threshold (``estimate_threshold``) and the bound at the chosen one (``precision_lower``),
-    so the margin the sample's size costs is visible. 0: the estimate, as before."""
+    ``confidence`` > 0: a threshold is the lowest whose precision's lower bound at that confidence reaches
+    the target, not the lowest whose estimate does; each row also gives the estimate's threshold
+    (``estimate_threshold``) and the bound at the chosen one (``precision_lower``), so the margin the
+    sample's size costs is visible. 0: the estimate, as before. The bound: ``paired``, each copy's best
+    non-source score in ``other`` (whole copies), the bootstrap over the copies
+    (``precision_lower_bound``); else negatives of their own (partial copies' outside pastes, a few dozen
+    of each), the posterior of ``precision_lower_bound_unpaired``."""
     top = np.nan_to_num(np.asarray(top, dtype=np.float64), nan=-np.inf)
     other = np.nan_to_num(np.asarray(other, dtype=np.float64), nan=-np.inf)
     correct = np.asarray(correct, dtype=bool)
     thresholds, precision, recall = precision_recall(top, correct, other, prevalence)
     lower = None
     if confidence > 0:
-        lower = precision_lower_bound(thresholds, top, correct, other, prevalence, confidence, seed=seed)
+        bound = precision_lower_bound if paired else precision_lower_bound_unpaired
+        lower = bound(thresholds, top, correct, other, prevalence, confidence, seed=seed)
     rows = []
     for target in PRECISIONS:
         estimate = threshold_for(thresholds, precision, target)
@@ -252,6 +293,10 @@ def resolve_partial_threshold(
         return None, f"its partial-copy thresholds hold for other scan settings: {differ}"
     value = partial["thresholds"].get(name)
     if value is None:
-        return None, f"its partial-copy calibration reached no {name[1:]} % precision"
+        how = f" with {partial['confidence']:.0%} confidence" if partial.get("confidence") else ""
+        return None, (
+            f"its partial-copy calibration reached no {name[1:]} % precision{how} on {partial['copies']} + "
+            f"{partial['negatives']} pasted images (calibrate with a larger partial=N)"
+        )
     source = f"copyscan calibrate partial: {name[1:]}% precision, {partial['copies']} pasted copies"
     return {"name": name, "rank": rank, "column": column, "value": float(value), "source": source}, None

@@ -240,7 +240,7 @@ def _write(cfg: CalibrateConfig, manifest: dict[str, Any], report: dict[str, Any
             k: report["verify_whole"][k] for k in ("settings", "recall@1")
         }
     if cfg.partial:  # what a scan needs to flag partial answers, and under which settings they hold
-        keys = ("copies", "negatives", "answer", "settings", "recall@1", "thresholds")
+        keys = ("copies", "negatives", "answer", "settings", "recall@1", "confidence", "thresholds")
         manifest["calibration"]["partial"] = {k: report["partial"][k] for k in keys}
     manifest["calibration"]["path"] = layout.CALIBRATION_NAME
     storage.write_json(storage.join(cfg.index, layout.MANIFEST_NAME), manifest, so)
@@ -285,13 +285,20 @@ def format_table(report: dict[str, Any]) -> str:
         )
     partial = report.get("partial")
     if partial:
-        answer = partial["answer"]
+        answer, confidence = partial["answer"], partial.get("confidence")
+        bounded = f"; thresholds with {confidence:.0%} confidence" if confidence else ""
         lines.append(
             f"partial copies: {partial['copies']} training images and {partial['negatives']} outside images "
             f"pasted into {partial['scenes']} outside scenes; answer = {answer['rank']} 0, recall@1 "
-            f"{partial['recall@1']:.3f}:"
+            f"{partial['recall@1']:.3f}{bounded}:"
         )
         lines.extend(_table_line(answer["score"], row, 16) for row in partial["table"])
+        if confidence and partial["thresholds"].get("p90") is None:
+            lines.append(
+                f"  (no threshold reaches 90 % precision with {confidence:.0%} confidence on "
+                f"{partial['copies']} + {partial['negatives']} pasted images: calibrate with more, partial=N "
+                "and more outside images; confidence=0 takes the point estimate)"
+            )
         settings = " ".join(f"{k}={v}" for k, v in partial["settings"].items())
         lines.append(f"  (these hold for scans with {settings})")
     return "\n".join(lines)

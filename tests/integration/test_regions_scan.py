@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -304,14 +305,18 @@ def test_calibrate_partial_then_scan_flags_partial_answers(
     assert partial["settings"]["dense_verify"] == DENSE and partial["settings"]["region_refine"] == 5
     assert partial["recall@1"] >= 0.5
     assert [r["precision"] for r in partial["table"]] == [0.5, 0.8, 0.9, 0.95, 0.99]
-    assert "dense_score" in format_table(report)
+    # 6 + 6 pastes cannot promise 90 % precision with the default 90 % confidence, and the table says so
+    assert partial["confidence"] == 0.9 and partial["thresholds"]["p90"] is None
+    assert "dense_score" in format_table(report) and "calibrate with more, partial=N" in format_table(report)
+    # the set and its scan are kept: a rerun resumes them; the point estimate (confidence=0) gives thresholds
+    cal_cfg = dataclasses.replace(cal_cfg, confidence=0.0)
+    again = run_calibrate(cal_cfg)
+    partial = again["partial"]
+    assert partial["scan_seconds"] < 30 and partial["confidence"] == 0.0
     stored = load_manifest(index_url)["calibration"]["partial"]
     assert stored["thresholds"] == partial["thresholds"] and stored["settings"] == partial["settings"]
     p90 = partial["thresholds"]["p90"]
     assert p90 is not None
-    # the set and its scan are kept: a rerun resumes them
-    again = run_calibrate(cal_cfg)
-    assert again["partial"]["thresholds"] == partial["thresholds"] and again["partial"]["scan_seconds"] < 30
 
     folder, truth, _ = pasted
     out = tmp_path / "scan"

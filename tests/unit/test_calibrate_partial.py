@@ -60,7 +60,11 @@ def test_calibrated_thresholds_hold_for_the_calibrated_settings_only():
     threshold, why = resolve_partial_threshold(pooled, _scan(region_query_mode="pool"), regions=True)
     assert threshold is None and "region_query_mode='crop' (this scan: 'pool')" in why
     threshold, why = resolve_partial_threshold(_manifest(cfg), _scan(partial_threshold="p99"), regions=True)
-    assert threshold is None and "no 99 % precision" in why
+    assert threshold is None and "no 99 % precision on 40 + 40 pasted images" in why
+    bounded = _manifest(cfg)
+    bounded["calibration"]["partial"]["confidence"] = 0.9
+    threshold, why = resolve_partial_threshold(bounded, _scan(partial_threshold="p99"), regions=True)
+    assert "no 99 % precision with 90% confidence on 40 + 40" in why and "larger partial=N" in why
 
 
 def test_the_partial_threshold_follows_threshold_unless_named():
@@ -120,3 +124,55 @@ def test_the_partial_scan_settings_are_checked_before_calibrating():
         and "region_slide" in text
         and "images must be >= 10" in text
     )
+
+
+def test_a_partial_threshold_needs_the_evidence_its_promise_does():
+    """Copies and outside pastes are samples of their own, a few dozen each: the bound is the rates'
+    posterior, which no threshold of 6 + 6 perfectly separated pastes reaches at 90 % (the bootstrap's would:
+    no resample holds a false flag), while 200 + 200 such pastes reach it with all their recall."""
+    import numpy as np
+
+    from copyscan.search.calibrate.thresholds import precision_lower_bound, precision_table
+
+    for n, expect in ((6, None), (200, 1.0)):
+        top, other = np.linspace(0.6, 0.9, n), np.linspace(0.1, 0.4, n)
+        correct = np.ones(n, dtype=bool)
+        rows, named = precision_table(top, correct, other, 0.5, confidence=0.9, paired=False)
+        p90 = next(r for r in rows if r["precision"] == 0.9)
+        assert p90["estimate_threshold"] <= 0.6  # every copy above every negative: the estimate takes all
+        if expect is None:
+            assert named["p90"] is None and p90["recall"] == 0.0
+            paired = precision_lower_bound(np.array([0.6]), top, correct, other, 0.5, 0.9)
+            assert paired[0] == 1.0  # what the bootstrap would have promised
+        else:
+            assert named["p90"] <= 0.6 and p90["recall"] == expect and p90["precision_lower"] >= 0.9
+
+
+def test_the_unpaired_bound_keeps_its_promise_where_the_estimate_does_not():
+    """60 pasted copies whose answer is right 90 % of the time (score ~ N(2.5, 1); a wrong one ~ N(0, 1)) and
+    60 outside pastes (~ N(0, 1)), 30 samples: the estimate's p90 falls short of 90 % true precision about
+    half the time, the bound's rarely, and it still gives a threshold in most samples."""
+    import numpy as np
+    from scipy.stats import norm
+
+    from copyscan.search.calibrate.thresholds import precision_table
+
+    def true_precision(t):  # 50 % prevalence; a wrong answer above t is a false flag too
+        right, wrong, unseen = 0.9 * norm.sf(t - 2.5), 0.1 * norm.sf(t), norm.sf(t)
+        return right / (right + wrong + unseen)
+
+    kept = {"estimate": 0, "bound": 0, "bound_given": 0}
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        correct = rng.random(60) < 0.9
+        top = np.where(correct, rng.normal(2.5, 1.0, 60), rng.normal(0.0, 1.0, 60))
+        other = rng.normal(0.0, 1.0, 60)
+        rows, _ = precision_table(top, correct, other, 0.5, confidence=0.9, seed=seed, paired=False)
+        p90 = next(r for r in rows if r["precision"] == 0.9)
+        kept["estimate"] += true_precision(p90["estimate_threshold"]) >= 0.9
+        if p90["threshold"] is not None:
+            kept["bound_given"] += 1
+            kept["bound"] += true_precision(p90["threshold"]) >= 0.9
+    # measured: the estimate kept it in 15 samples, the bound in 26 of the 27 it gave a threshold in
+    assert kept["bound_given"] >= 24 and kept["bound"] >= kept["bound_given"] - 3, kept
+    assert kept["estimate"] <= 20 and kept["bound"] >= kept["estimate"] + 8, kept
