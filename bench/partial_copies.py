@@ -23,6 +23,12 @@ forward pass per window) and ``region_query_mode=pool`` (every window pooled fro
 other on the same machine: a run per mode (``query_mode``, tabled apart), each with the ratio of its
 generations per second to the first mode's (``speedup_generations_per_s``). ``--compare-query-modes
 crop,hybrid,pool`` scans with those modes, in that order.
+
+``--reflag`` makes no queries and scans nothing: each seed's scan made before is flagged again with the
+partial-copy calibration the index has now (or that of ``--reflag INDEX``, a copy of the same build calibrated
+otherwise), by the scan's own rule (``resolve_partial_threshold``, then ``flag_partial``), and scored as
+above: what ``is_partial_copy`` would have been had the scan run after that calibration. The rest of the
+scan's columns are its own.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from bench import domains as bench_domains
@@ -98,10 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         help="scan the same queries with each region_query_mode of MODES (default crop,pool), one after the "
         "other; print each",
     )
+    parser.add_argument(
+        "--reflag",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="INDEX",
+        help="scan nothing: flag each seed's earlier scan again with the partial-copy calibration of INDEX "
+        "(default: the scanned index's, as it is now) and score it",
+    )
     parser.add_argument("overrides", nargs="*", help="scan config overrides")
     args = parser.parse_args(argv)
     setup_logging()
-    init_ray()
+    if args.reflag is None:  # --reflag scans nothing
+        init_ray()
     runs = []
     for domain in bench_domains.domains(args.domain):
         for seed in args.seed:
@@ -163,6 +180,9 @@ def run_one(args: argparse.Namespace, domain: str, seed: int) -> list[dict] | No
     tag = "-".join(sorted(args.overrides)).replace("/", "_") or "default"
     queries = work / f"partial-queries-seed{seed}-{args.copies}-{args.negatives}"
     scan_out = work / f"partial-scan-{index_out.name[len('index-') :]}-{tag}-seed{seed}"
+    if args.reflag is not None:
+        calibrated = args.reflag or str(index_out)
+        return [reflag(calibrated, domain, seed, queries, scan_out, key_of_source, manifest)]
     t_queries = time.time()
     if queries.exists():
         shutil.rmtree(queries)
@@ -227,6 +247,68 @@ def run_one(args: argparse.Namespace, domain: str, seed: int) -> list[dict] | No
         speedup = run["seconds"]["generations_per_s"] / modes[0]["seconds"]["generations_per_s"]
         run["speedup_generations_per_s"] = round(speedup, 2)
     return modes
+
+
+def reflag(
+    calibrated: str,
+    domain: str,
+    seed: int,
+    queries: pathlib.Path,
+    scan_out: pathlib.Path,
+    key_of_source: dict[str, str],
+    manifest: dict,
+) -> dict:
+    """``--reflag``: the scan at ``scan_out`` of ``queries`` (its ground truth) scored with ``is_partial_copy``
+    set again from the partial-copy calibration of index ``calibrated`` (same build as ``manifest``'s)."""
+    import pyarrow as pa
+    import yaml
+
+    from copyscan.search.calibrate.thresholds import resolve_partial_threshold
+    from copyscan.search.results.write import flag_partial
+    from copyscan.search.scan_config import ScanConfig
+
+    for path in (queries / "ground_truth.json", scan_out / "run.yaml", scan_out / "summary.json"):
+        if not path.exists():
+            raise SystemExit(f"--reflag: no {path} (run this bench without --reflag first)")
+    truth = json.loads((queries / "ground_truth.json").read_text())
+    cfg = resolve(ScanConfig, yaml.safe_load((scan_out / "run.yaml").read_text()))
+    calibration = load_manifest(calibrated).get("calibration")
+    threshold, why = resolve_partial_threshold({**manifest, "calibration": calibration}, cfg, regions=True)
+    flagged = scan_out.parent / f"{scan_out.name}-reflagged"
+    shutil.rmtree(flagged, ignore_errors=True)
+    (flagged / "matches").mkdir(parents=True)
+    table = pq.read_table(scan_out / "matches")
+    if threshold is None:  # as the scan leaves it: empty
+        table = table.set_column(
+            table.schema.get_field_index("is_partial_copy"),
+            "is_partial_copy",
+            pa.nulls(table.num_rows, pa.bool_()),
+        )
+    else:
+        table = flag_partial(table, threshold)
+    pq.write_table(table, flagged / "matches" / "part-0.parquet")
+    summary = json.loads((scan_out / "summary.json").read_text())
+    shutil.copy(scan_out / "summary.json", flagged / "summary.json")  # is_copy's threshold, as scanned
+    partial = (calibration or {}).get("partial") or {}
+    return {
+        "bench": "partial_copies",
+        "reflag": True,
+        "domain": domain,
+        "embedder": manifest["embedder"]["name"],
+        "seed": seed,
+        "regions": {
+            key: (summary.get("regions") or {}).get(key) for key in ("query_mode", "refine", "slide")
+        },
+        "scan": str(scan_out),
+        "calibration": {
+            "index": calibrated,
+            **{k: partial.get(k) for k in ("copies", "negatives", "recall@1", "confidence", "thresholds")},
+        },
+        "partial_threshold": threshold,
+        "partial_threshold_why": why,
+        "generations": len(truth),
+        **evaluate(flagged, truth, key_of_source),
+    }
 
 
 if __name__ == "__main__":
