@@ -36,6 +36,7 @@ Debian packages, repeated when more are asked for than it has) written as img2da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -285,18 +286,26 @@ def warm_paths(
     that actor's own model over pre-decoded ``batches``: no job start in the figure, and the bare model timed
     in the same process and within seconds of the path, so the VM's drift cancels out of each pass's ratio.
 
-    Made as the jobs make theirs (``make_embed_actor`` with the jobs' default settings: 0.5 CPU, 2 calls in
-    flight, one batch at a time on the actor's threads, decode tasks of 0.5 CPU): the index path is
-    ``embed_shard`` of every shard, 2 in flight (tar read, decode, model, writing the shard's outputs and
-    marker); the scan's query path is ``embed_images`` of the generations in the scan's pieces
-    (``plan_pieces`` for one actor), 2 in flight, JPEGs decoded reduced (``jpeg_draft``). Per pass: the
-    path's images/s over the mean of the bare passes before and after it; the median of ``repeats``."""
+    Made as the jobs make theirs (``make_embed_actor`` with the jobs' default settings, read from their
+    configs: CPUs per actor, calls in flight, the actor's torch threads, CPUs per decode task): the index
+    path is ``embed_shard`` of every shard, that many in flight (tar read, decode, model, writing the shard's
+    outputs and marker); the scan's query path is ``embed_images`` of the generations in the scan's pieces
+    (``plan_pieces`` for one actor), as many in flight, JPEGs decoded reduced (``jpeg_draft``). Per pass:
+    the path's images/s over the mean of the bare passes before and after it; the median of ``repeats``."""
     import ray
 
     from copyscan.indexing.embed.decode import DecodeLimits
     from copyscan.indexing.embed.embed_ray import EmbedWorker
+    from copyscan.indexing.index_config import IndexConfig
     from copyscan.search.scan_chunks import QueryChunk
+    from copyscan.search.scan_config import ScanConfig
     from copyscan.search.scan_pieces import plan_pieces
+
+    settings = ("embed_actor_cpus", "embed_concurrency", "torch_threads", "decode_cpus")
+    defaults = [{f.name: f.default for f in dataclasses.fields(c)} for c in (IndexConfig, ScanConfig)]
+    actor_cpus, concurrency, torch_threads, decode_cpus = (defaults[0][k] for k in settings)
+    if any(defaults[0][k] != defaults[1][k] for k in settings):  # one actor stands for both jobs' actors
+        raise SystemExit(f"the index's and the scan's default actor settings differ: {defaults}")
 
     class Probe(EmbedWorker):
         def bare(self, batches: list[np.ndarray]) -> float:
@@ -307,13 +316,13 @@ def warm_paths(
 
     actor = (
         ray.remote(Probe)
-        .options(num_cpus=0.5, max_concurrency=2)
-        .remote(embedder, None, None, "cpu", 0, 0.5, None)
+        .options(num_cpus=actor_cpus, max_concurrency=concurrency)
+        .remote(embedder, None, None, "cpu", torch_threads, decode_cpus, None)
     )
     batches_ref = ray.put(batches)
     ray.get(actor.bare.remote(batches_ref))  # warm-up: the model, the allocator
     chunk = QueryChunk(0, "images", tuple(str(q) for q in queries), tuple(q.name for q in queries))
-    pieces = plan_pieces([chunk], 1, 2, batch)[0]
+    pieces = plan_pieces([chunk], 1, concurrency, batch)[0]
     limits = DecodeLimits()
 
     def index_path() -> int:
