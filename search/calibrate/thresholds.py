@@ -92,11 +92,12 @@ def precision_lower_bound_unpaired(
     above it, Beta(k + ½, m − k + ½).
 
     Where the bootstrap resamples what was seen, this stays honest at small counts: a threshold that only 2
-    copies and no negative of 30 each pass has a bootstrap bound of 1 (no resample holds a false flag), but a
-    false-flag rate of a few per cent is as likely from 0 of 30 as none, and the posterior keeps it."""
+    copies and no negative of 30 each pass has a bootstrap bound of 1 (no resample holds a false flag), but
+    a false-flag rate of 2 % gives no false flag in 30 more than half the time (0.98³⁰ = 0.55), and the
+    posterior keeps such rates."""
     rng = np.random.default_rng(seed)
     n, m = len(s_top), len(s_other)
-    above = len(s_top) - np.searchsorted(np.sort(s_top), thresholds, side="left")
+    above = n - np.searchsorted(np.sort(s_top), thresholds, side="left")
     right = len(s_top[correct]) - np.searchsorted(np.sort(s_top[correct]), thresholds, side="left")
     false = m - np.searchsorted(np.sort(s_other), thresholds, side="left")
     # Dirichlet(right, wrong, below) as three gammas normalised: (draws, thresholds) each
