@@ -506,8 +506,10 @@ def test_calibration_negatives_are_held_out_of_the_whitening_fit(local_index):
     score, score_norm, hit = held
     assert not (hit == ids[rows]).any() and np.isin(hit, ids).all()
     assert np.isfinite(score_norm).all()
-    # measured on two builds of this index (float sums differ between builds): 1.4-2.0x the in-sample mean
-    assert np.mean(score_norm) > 1.2 * np.mean(in_sample["score_norm"][1])
+    # 1.19-2.0x the in-sample mean over builds of this index: a whitening fitted on 60 vectors in 512
+    # dimensions amplifies the float sums that differ between builds (1.37 on three builds in one session,
+    # 1.19 and 1.185 in two full runs), so the margin is what a refit that changed nothing (1.0) cannot pass
+    assert np.mean(score_norm) > 1.1 * np.mean(in_sample["score_norm"][1])
     assert np.mean(score) > np.mean(in_sample["score"][1])
 
 
