@@ -25,19 +25,19 @@ def precision_recall(
     return thresholds, precision, recall
 
 
+def _count_at_least(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many of ``values`` are ≥ each of ``thresholds`` (int array shaped like ``thresholds``)."""
+    return len(values) - np.searchsorted(np.sort(values), thresholds, side="left")
+
+
 def _precision_at(
     thresholds: np.ndarray, s_top: np.ndarray, correct: np.ndarray, s_other: np.ndarray, prevalence: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(precision, recall) of "top-1 score ≥ t" at each of ``thresholds``."""
     n = len(s_top)
-    top_sorted = np.sort(s_top)
-    correct_sorted = np.sort(s_top[correct])
-    other_sorted = np.sort(s_other)
-
-    def at_least(sorted_values: np.ndarray) -> np.ndarray:
-        return (len(sorted_values) - np.searchsorted(sorted_values, thresholds, side="left")) / n
-
-    tp, flagged, false_unseen = at_least(correct_sorted), at_least(top_sorted), at_least(other_sorted)
+    tp, flagged, false_unseen = (
+        _count_at_least(values, thresholds) / n for values in (s_top[correct], s_top, s_other)
+    )
     denominator = prevalence * flagged + (1.0 - prevalence) * false_unseen
     precision = np.where(denominator > 0, prevalence * tp / np.maximum(denominator, 1e-12), 1.0)
     return precision, tp
@@ -64,8 +64,7 @@ def precision_lower_bound(
     def at_least(values: np.ndarray, w: np.ndarray) -> np.ndarray:
         order = np.argsort(-values, kind="stable")
         cumulative = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w[:, order], axis=1)], axis=1)
-        above = len(values) - np.searchsorted(np.sort(values), thresholds, side="left")
-        return cumulative[:, above] / n
+        return cumulative[:, _count_at_least(values, thresholds)] / n
 
     flagged = at_least(s_top, weights)
     tp = at_least(s_top, weights * correct[None, :])
@@ -97,9 +96,7 @@ def precision_lower_bound_unpaired(
     posterior keeps such rates."""
     rng = np.random.default_rng(seed)
     n, m = len(s_top), len(s_other)
-    above = n - np.searchsorted(np.sort(s_top), thresholds, side="left")
-    right = len(s_top[correct]) - np.searchsorted(np.sort(s_top[correct]), thresholds, side="left")
-    false = m - np.searchsorted(np.sort(s_other), thresholds, side="left")
+    above, right, false = (_count_at_least(v, thresholds) for v in (s_top, s_top[correct], s_other))
     # Dirichlet(right, wrong, below) as three gammas normalised: (draws, thresholds) each
     a_right, a_wrong, a_below = right + 0.5, above - right + 0.5, n - above + 0.5
     g_right = rng.standard_gamma(a_right, size=(draws, len(thresholds)))
