@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import PIL
 import PIL.Image
 import pytest
@@ -183,11 +184,14 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     assert not any(p.name.startswith(("escape", "absolute", "up")) for p in tmp_path.rglob("*"))
 
     folder = tmp_path / "queries"
+    # 9 MB of lossless JPEG 2000 that openjpeg takes 1-1.6 s to decode on this 2-core VM, 4x the limit below:
+    # every file of the corpus chosen decodes in under 0.03 s but balloon.jpf (0.3-0.5 s, may time out too)
     slow = io.BytesIO()
-    PIL.Image.new("L", (8000, 8000)).save(slow, "PNG")  # 60 KB that take ~0.5 s to inflate
+    noise = np.random.default_rng(0).integers(0, 256, (375, 375, 3), dtype=np.uint8)
+    PIL.Image.fromarray(noise).resize((3000, 3000)).save(slow, "JPEG2000")
     files = _one_per_extension(pillow_corpus) | {
         "copyscan-added/zero-byte.png": b"",
-        "copyscan-added/slow.png": slow.getvalue(),
+        "copyscan-added/slow.jp2": slow.getvalue(),
     }
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +205,8 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
         "queries": str(folder),
         "out": str(tmp_path / "scan"),
         "k": 2,
-        "max_decode_seconds": 0.05,  # the product's limit, in the decode tasks on Ray
+        # the product's limit, in the decode tasks on Ray; 8x the slowest corpus file's 0.03 s under load
+        "max_decode_seconds": 0.25,
     }
     with pytest.raises(CopyscanError, match="mixes image files and .tar shards"):
         run_scan(resolve(ScanConfig, scan_cfg))
@@ -230,7 +235,7 @@ def test_index_a_hostile_shard_then_scan_a_folder_of_every_format(ray_session, p
     assert all(len(examples[r]) == min(n, 20) for r, n in summary["rejected_by_reason"].items())
     markers = [json.loads(p.read_text()) for p in (tmp_path / "scan" / "chunks").glob("*.json")]
     rejected = {r["key"]: r["reason"] for m in markers for r in m["rejections"]}
-    assert rejected["copyscan-added/slow.png"] == "decode_timeout"
+    assert rejected["copyscan-added/slow.jp2"] == "decode_timeout"
     assert rejected["nested/hopper.tar"] == "not_an_image" and len(rejected) == summary["rejected"]
     assert any(key.endswith(".eps") for key in examples["unsupported_format"])
     written = json.loads((tmp_path / "scan" / "summary.json").read_text())
