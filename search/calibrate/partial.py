@@ -57,14 +57,36 @@ def _scene(data: bytes) -> Image.Image:
         return scene
 
 
+def scene_count(n_outside: int) -> int:
+    """How many of an ``outside`` folder's images become scenes: a third, at least one; the rest are objects."""
+    return max(1, n_outside // 3)
+
+
+def outside_shortfall(n_outside: int, partial: int) -> str | None:
+    """Why an ``outside`` folder of ``n_outside`` images gives fewer outside pastes than ``partial`` (and the
+    folder size that would not), or None when it gives enough."""
+    objects = n_outside - scene_count(n_outside)
+    if objects >= partial:
+        return None
+    need = partial + 1
+    while need - scene_count(need) < partial:
+        need += 1
+    return (
+        f"outside gives {objects} outside pastes ({n_outside} images, {n_outside - objects} of them scenes), "
+        f"fewer than partial={partial}, so the bound on false flags is wider and the thresholds higher; "
+        f"{need} images would give {partial}"
+    )
+
+
 def make_partial_queries(
     cfg: Any, manifest: dict[str, Any], rows: dict[int, np.ndarray], folder: str
-) -> tuple[dict[str, str | None], list[dict[str, Any]], dict[str, int]]:
+) -> tuple[dict[str, str | None], list[dict[str, Any]], dict[str, Any]]:
     """Write the pasted generations into ``folder``: ``partial_NNNNN.jpg`` for the training images at
     ``rows`` ({embedding shard: rows}) and for images of ``cfg.outside``, each into a scene of
     ``cfg.outside`` (a third of its images, seeded; the others are the objects that copy nothing).
 
-    Returns ({file: source key, or None for an outside object}, skipped images with the reason, counts)."""
+    Returns ({file: source key, or None for an outside object}, skipped images with the reason, counts:
+    copies, negatives, scenes and, where the folder gives fewer outside pastes than ``partial``, why)."""
 
     so = cfg.storage_options
     kind, outside = expand_queries(cfg.outside, so)
@@ -73,7 +95,10 @@ def make_partial_queries(
             f"outside={cfg.outside} must be a folder of at least 2 image files that are not in the training set"
         )
     order = np.random.default_rng(cfg.seed).permutation(len(outside))
-    n_scenes = max(1, len(outside) // 3)
+    n_scenes = scene_count(len(outside))
+    shortfall = outside_shortfall(len(outside), cfg.partial)
+    if shortfall:
+        logger.warning("calibrate: %s", shortfall)
     skipped: list[dict[str, Any]] = []
     scenes = []
     for i in order[:n_scenes]:
@@ -111,7 +136,9 @@ def make_partial_queries(
             continue
         paste(obj, np.random.default_rng([cfg.seed, 1, i]))
         truth[f"partial_{len(truth):05d}.jpg"] = None
-    counts = {"copies": copies, "negatives": len(truth) - copies, "scenes": len(scenes)}
+    counts: dict[str, Any] = {"copies": copies, "negatives": len(truth) - copies, "scenes": len(scenes)}
+    if shortfall:
+        counts["outside_note"] = shortfall
     if not copies or not counts["negatives"]:
         raise CopyscanError(f"too few pasted generations to calibrate partial copies: {counts}")
     return truth, skipped, counts
@@ -157,7 +184,7 @@ def calibrate_partial(cfg: Any, manifest: dict[str, Any], rows: dict[int, np.nda
     }
 
 
-def _scan_pasted(cfg: Any, queries: str, out: str, counts: dict[str, int]) -> tuple[Any, dict[str, Any]]:
+def _scan_pasted(cfg: Any, queries: str, out: str, counts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Scan the pasted generations in ``queries`` into ``out`` on Ray with ``cfg.partial_scan`` (no flags):
     (the scan's resolved config, its summary)."""
     from copyscan.search.scan_config import ScanConfig

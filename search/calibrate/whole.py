@@ -293,6 +293,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{partial['recall@1']:.3f}{bounded}:"
         )
         lines.extend(_table_line(answer["score"], row, 16) for row in partial["table"])
+        if partial.get("outside_note"):
+            lines.append(f"  ({partial['outside_note']})")
         if confidence and partial["thresholds"].get("p90") is None:
             lines.append(
                 f"  (no threshold reaches 90 % precision with {confidence:.0%} confidence on "

@@ -6,7 +6,9 @@ import pytest
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime.config import resolve
 from copyscan.search.calibrate.config import PARTIAL_SCAN, CalibrateConfig
+from copyscan.search.calibrate.partial import outside_shortfall, scene_count
 from copyscan.search.calibrate.thresholds import partial_answers, partial_settings, resolve_partial_threshold
+from copyscan.search.calibrate.whole import format_table
 from copyscan.search.scan_config import ScanConfig
 
 
@@ -108,6 +110,37 @@ def test_calibrate_config_checks_the_partial_options():
         resolve(CalibrateConfig, {**base, "partial": 20, "outside": "/s", "partial_scan": {"out": "/x"}})
     with pytest.raises(CopyscanError, match="partial must be"):
         resolve(CalibrateConfig, {**base, "partial": -1})
+
+
+def test_an_outside_folder_too_small_for_partial_is_named_with_the_size_that_is_not():
+    """A third of ``outside`` becomes scenes: 47 images give 32 outside pastes for partial=60 (the icons
+    bench), which widens the bound; the note says so and how many images would give 60."""
+    assert scene_count(1) == 1 and scene_count(2) == 1 and scene_count(47) == 15 and scene_count(89) == 29
+    assert outside_shortfall(89, 60) is None and outside_shortfall(8, 6) is None
+    note = outside_shortfall(47, 60)
+    assert "gives 32 outside pastes (47 images, 15 of them scenes), fewer than partial=60" in note
+    assert note.endswith("89 images would give 60")
+    assert outside_shortfall(88, 60).endswith("89 images would give 60")
+    assert outside_shortfall(2, 3).endswith("4 images would give 3")  # one of 4 is a scene
+    report = {
+        "images": 190,
+        "prevalence": 0.5,
+        "recall@1": 0.94,
+        "table": {},
+        "partial": {
+            "copies": 60,
+            "negatives": 32,
+            "scenes": 15,
+            "outside_note": note,
+            "answer": {"rank": "dense_rank", "score": "dense_score"},
+            "recall@1": 1.0,
+            "confidence": 0.9,
+            "table": [],
+            "thresholds": {"p90": 0.95, "p99": None},
+            "settings": {"dense_verify": 10},
+        },
+    }
+    assert f"  ({note})" in format_table(report).splitlines()
 
 
 def test_the_partial_scan_settings_are_checked_before_calibrating():
