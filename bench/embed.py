@@ -291,11 +291,16 @@ def warm_paths(
     path is ``embed_shard`` of every shard, that many in flight (tar read, decode, model, writing the shard's
     outputs and marker); the scan's query path is ``embed_images`` of the generations in the scan's pieces
     (``plan_pieces`` for one actor), as many in flight, JPEGs decoded reduced (``jpeg_draft``). Per pass:
-    the path's images/s over the mean of the bare passes before and after it; the median of ``repeats``."""
+    the path's images/s over the mean of the bare passes before and after it; the median of ``repeats``.
+    Before each pass, as many decode workers as calls in flight are made to exist (tasks of a decode task's
+    CPUs, held together for a moment), as a job starts them while its actors load: Ray ends idle workers
+    beyond the CPUs left free after a second, so during the bare passes one of the two was ended and each
+    pass waited 0.5–0.6 s for a fresh one (traced: its first batch 0.57–0.78 s into the pass against 0.13 s
+    with both workers kept), which is a job's start, not its path."""
     import ray
 
     from copyscan.indexing.embed.decode import DecodeLimits
-    from copyscan.indexing.embed.embed_ray import EmbedWorker
+    from copyscan.indexing.embed.embed_ray import EmbedWorker, embed_actor_options
     from copyscan.indexing.index_config import IndexConfig
     from copyscan.search.scan_chunks import QueryChunk
     from copyscan.search.scan_config import ScanConfig
@@ -316,9 +321,10 @@ def warm_paths(
 
     actor = (
         ray.remote(Probe)
-        .options(num_cpus=actor_cpus, max_concurrency=concurrency)
+        .options(**embed_actor_options(actor_cpus, 0, concurrency))
         .remote(embedder, None, None, "cpu", torch_threads, decode_cpus, None)
     )
+    held = ray.remote(_held).options(num_cpus=decode_cpus)
     batches_ref = ray.put(batches)
     ray.get(actor.bare.remote(batches_ref))  # warm-up: the model, the allocator
     chunk = QueryChunk(0, "images", tuple(str(q) for q in queries), tuple(q.name for q in queries))
@@ -345,6 +351,7 @@ def warm_paths(
         passes = []
         for _ in range(repeats):
             before = ray.get(actor.bare.remote(batches_ref))
+            ray.get([held.remote(0.3) for _ in range(concurrency)])  # on that many workers at once
             t0 = time.perf_counter()
             n = path()
             rate = n / (time.perf_counter() - t0)
@@ -364,6 +371,12 @@ def warm_paths(
         }
     ray.kill(actor)
     return out
+
+
+def _held(seconds: float) -> int:
+    """A task that holds its worker for ``seconds``: several at once need as many workers."""
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def main(argv: list[str] | None = None) -> int:

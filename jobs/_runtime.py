@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from copyscan.indexing.errors import CopyscanError
+from copyscan.indexing.runtime.malloc import ONE_ARENA_ENV
 
 logger = logging.getLogger("copyscan")
 
-# Passed to every Ray worker: img2dataset's albumentations import would otherwise try to phone home.
-WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+# Set in the driver too: img2dataset's albumentations import would otherwise try to phone home.
+DRIVER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+# Passed to every Ray worker: DRIVER_ENV, and one malloc arena (an embedding actor's model runs on threads of
+# Ray's call pool: ``malloc.ONE_ARENA_ENV``), which the driver and Ray's own processes are started without.
+WORKER_ENV = {**DRIVER_ENV, **ONE_ARENA_ENV}
 # Forwarded to workers when set on the driver, so object-store credentials/endpoints reach every task.
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -66,7 +70,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # A private local cluster: keep every service on loopback, no dashboard, no auth token to manage.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    for key, value in WORKER_ENV.items():
+    for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     _loopback_only()
     ray.init(

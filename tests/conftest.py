@@ -126,11 +126,11 @@ def ray_session(s3_server: S3Server) -> Iterator[Any]:
     session, so subprocesses attaching with ``RAY_ADDRESS`` see the same settings. Yields Ray's context
     (``.address_info``); shuts Ray down at the end.
     """
-    from copyscan.jobs._runtime import FORWARDED_ENV, WORKER_ENV
+    from copyscan.jobs._runtime import DRIVER_ENV, FORWARDED_ENV, WORKER_ENV
 
     env = _Environ()
     env.unset("RAY_ADDRESS")  # always a private cluster, never one the developer happens to point at
-    env.set({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", **WORKER_ENV})
+    env.set({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", **DRIVER_ENV})
     import ray
 
     worker_env = {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}

@@ -201,3 +201,46 @@ def test_decode_workers_start_ahead_and_stay_in_the_pool(ray_session):
     assert len(pids) == 2 and all(pid != os.getpid() for pid in pids)
     for pid in pids:
         os.kill(pid, 0)  # still alive: raises ProcessLookupError if the worker exited
+
+
+def test_an_embedding_actor_starts_with_one_malloc_arena_and_the_jobs_env(ray_session, monkeypatch):
+    """The model runs on the threads of the actor's call pool: its process starts with ``ONE_ARENA_ENV``
+    (from the job's env_vars here, as ``init_ray`` gives them), with the job's other env_vars (S3 endpoint).
+    On a Ray whose job lacks it, the actor is given it as a runtime_env of its own."""
+    import os
+    from types import SimpleNamespace
+
+    import ray
+
+    from copyscan.indexing.embed import embed_ray
+    from copyscan.indexing.runtime.malloc import ONE_ARENA_ENV
+
+    assert "runtime_env" not in embed_ray.embed_actor_options(0.5, 0, 2)  # the job's env has it
+    actor = embed_ray.make_embed_actor(
+        embedder="effnet-lite0",
+        weights=None,
+        options=None,
+        num_cpus=0.5,
+        num_gpus=0,
+        concurrency=2,
+        torch_threads=0,
+        decode_cpus=0.5,
+        storage_options=None,
+    )
+    try:
+        names = [*ONE_ARENA_ENV, "NO_ALBUMENTATIONS_UPDATE", "AWS_ENDPOINT_URL_S3"]
+        env = ray.get(
+            actor.__ray_call__.remote(lambda self: {k: os.environ.get(k) for k in names}), timeout=120
+        )
+    finally:
+        ray.kill(actor)
+    assert env == {
+        **ONE_ARENA_ENV,
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "AWS_ENDPOINT_URL_S3": os.environ["AWS_ENDPOINT_URL_S3"],
+    }
+    assert "MALLOC_ARENA_MAX" not in os.environ  # the driver (and Ray's own processes) keep glibc's arenas
+
+    elsewhere = SimpleNamespace(runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    monkeypatch.setattr(embed_ray.ray, "get_runtime_context", lambda: elsewhere)
+    assert embed_ray.embed_actor_options(0.5, 0, 2)["runtime_env"] == {"env_vars": ONE_ARENA_ENV}

@@ -43,3 +43,67 @@ def _new_mappings(mode: str) -> int:
 def test_large_blocks_come_from_the_heap_once_kept():
     assert _new_mappings("default") >= 600  # glibc maps each 200 MB block on its own
     assert _new_mappings("keep") < 200  # from the heap instead
+
+
+THREAD_CODE = """
+import ctypes, ctypes.util, json, resource, threading
+from copyscan.indexing.runtime.malloc import keep_freed_memory
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+assert keep_freed_memory()
+MB = 1 << 20
+
+def batches(size):
+    # like a batch's activations: blocks allocated, written, freed; the faults of 3 more batches after one
+    def one():
+        blocks = [libc.malloc(size * MB) for _ in range(3)]
+        for b in blocks:
+            libc.memset(b, 1, size * MB)
+        for b in blocks:
+            libc.free(b)
+    one()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(3):
+        one()
+    return (resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) * resource.getpagesize() / (9 * size * MB)
+
+out = {}
+def run():  # a thread other than the main one, like an actor's call-pool thread
+    out.update({str(size): batches(size) for size in (40, 100)})
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+def _thread_faults(env: dict[str, str]) -> dict[str, float]:
+    """Pages faulted in per page written, for 40 MB and 100 MB blocks freed and allocated again on a thread."""
+    import json
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-c", THREAD_CODE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_a_thread_reuses_freed_blocks_only_with_one_arena():
+    """On a thread of its own, blocks larger than a 64 MiB arena heap are mapped afresh every time and smaller
+    ones mostly too (an emptied heap is unmapped): each page faulted in again. With ``ONE_ARENA_ENV`` in the
+    process's environment the thread allocates from the main heap and reuses them, as the main thread does."""
+    from copyscan.indexing.runtime.malloc import ONE_ARENA_ENV
+
+    own = _thread_faults({})
+    assert own["100"] > 0.9 and own["40"] > 0.2
+    one = _thread_faults(ONE_ARENA_ENV)
+    assert one["100"] < 0.05 and one["40"] < 0.05
