@@ -14,7 +14,7 @@ thresholds; a block larger than such a heap is always mapped afresh. An embeddin
 concurrent calls runs each on a thread of Ray's call pool, so its model faulted in every activation again
 each batch: on this 2-core VM its forward passes ran at a median of 113–131 images/s (102–151) against
 159–166 on its main thread or in a plain process. ``ONE_ARENA_ENV`` in the environment a process starts
-with makes every thread allocate from the main heap: 151 images/s (140–157) on the call pool's threads.
+with makes every thread allocate from the main heap: 147–151 images/s on the call pool's threads.
 (glibc reads it at start; ``mallopt``'s M_ARENA_MAX set in the running actor did not help.)
 ``tests/unit/test_malloc.py`` counts the page faults of both.
 """
