@@ -1,8 +1,10 @@
 """Faults during ``copyscan index`` and ``copyscan scan``: actors and drivers killed, and a second writer.
 
 The jobs run as real drivers (``python -m copyscan.jobs.X``, attached to the session's Ray with
-``RAY_ADDRESS``) on the smallest data that goes through every phase: 3 shards of 4 images, 4 generations
-scanned one per chunk with pixel verification. Each faulted job is run again and again, each run killed
+``RAY_ADDRESS``) on the smallest data that goes through every phase: 3 shards of 4 images, 8 generations
+scanned one per chunk with pixel verification (8, not 4: a scan's chunks are embedded two at a time and
+can be written within milliseconds of each other, so a run killed at its first chunk written may have
+written two, and a run of 4 chunks was seen to end with all 4 written before its kill landed). Each faulted job is run again and again, each run killed
 (SIGKILL, its process group) when it reaches the next phase, seen in its log or its output files, and one
 of its actors killed (SIGKILL of the actor's worker: to Ray, the same as ``ray.kill``) in the middle of its
 work, until a last run finishes. The result must equal a clean run's: every image of every shard indexed
@@ -151,8 +153,8 @@ def _temporaries(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_shards(real_images, tmp_path_factory):
-    """3 webdataset shards of 4 real images each (160 px JPEGs, caption, json), and 4 generations: copies
-    of images of the first two shards."""
+    """3 webdataset shards of 4 real images each (160 px JPEGs, caption, json), and 8 generations: copies
+    of the images of the first two shards."""
     from PIL import Image
 
     from copyscan.jobs.demo.data import make_generated_images
@@ -177,7 +179,7 @@ def small_shards(real_images, tmp_path_factory):
                     info.size = len(blob)
                     tar.addfile(info, io.BytesIO(blob))
     queries = root / "generated"
-    make_generated_images(sources[:8], [], str(queries), n_copies=4, n_unrelated=0, seed=5)
+    make_generated_images(sources[:8], [], str(queries), n_copies=8, n_unrelated=0, seed=5)
     return shards, queries
 
 
@@ -331,7 +333,7 @@ def test_scan_survives_killed_actor_and_drivers(clean, small_shards, tmp_path):
     writing = Driver(tmp_path / "4-writing.log", *args)
     writing.wait_for(_more(out / "chunks", "chunk_*.json"), "chunk written")
     writing.kill()
-    assert len(_files(out / "chunks", "chunk_*.json")) < 4
+    assert len(_files(out / "chunks", "chunk_*.json")) < 8
 
     Driver(tmp_path / "5-last.log", *args).finish()
     summary = json.loads((out / "summary.json").read_text())
