@@ -4,7 +4,8 @@ The jobs run as real drivers (``python -m copyscan.jobs.X``, attached to the ses
 ``RAY_ADDRESS``) on the smallest data that goes through every phase: 3 shards of 4 images, 8 generations
 scanned one per chunk with pixel verification (8, not 4: a scan's chunks are embedded two at a time and
 can be written within milliseconds of each other, so a run killed at its first chunk written may have
-written two, and a run of 4 chunks was seen to end with all 4 written before its kill landed). Each faulted job is run again and again, each run killed
+written two, and a run of 4 chunks was seen to end with all 4 written before its kill landed). Each
+faulted job is run again and again, each run killed
 (SIGKILL, its process group) when it reaches the next phase, seen in its log or its output files, and one
 of its actors killed (SIGKILL of the actor's worker: to Ray, the same as ``ray.kill``) in the middle of its
 work, until a last run finishes. The result must equal a clean run's: every image of every shard indexed
