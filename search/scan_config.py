@@ -8,7 +8,7 @@ from typing import Any
 
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.index_config import MODES
-from copyscan.indexing.models.regions import QUERY_MODES, parse_slide
+from copyscan.indexing.models.regions import HYBRID_CROPS, QUERY_MODES, parse_slide
 from copyscan.indexing.runtime.config import key
 from copyscan.indexing.runtime.devices import DEVICES
 from copyscan.search.calibrate.thresholds import NAMED_THRESHOLDS
@@ -106,7 +106,12 @@ class ScanConfig:
     # 0.73): not the default.
     region_query_mode: str = key(
         "crop",
-        "query windows: crop (a pass each), pool (one pass; effnet-lite0) or hybrid (pooled, the best 8 cropped)",
+        "query windows: crop (a pass each), pool (one pass; effnet-lite0) or hybrid (pooled, the best few cropped)",
+    )
+    # hybrid: each query's windows whose pooled vectors found the best normalised hits, cut out and embedded
+    # again (a forward pass and a region search each); their hits replace the pooled ones
+    region_recrop: int = key(
+        HYBRID_CROPS, "region_query_mode=hybrid: pooled windows per query cut out and embedded again"
     )
     region_hits: int = key(
         20, "region hits per window, exactly re-ranked, before aggregating per training image"
@@ -246,6 +251,7 @@ class ScanConfig:
         "region_query_grid",
         "region_query_size",
         "region_query_mode",
+        "region_recrop",
         "region_hits",
         "region_density_beta",
         "region_refine",
@@ -259,6 +265,7 @@ class ScanConfig:
     # what a run recorded before these settings existed did (claim_output's ``absent``): no crops
     RESUME_ABSENT = {
         "region_query_mode": "crop",
+        "region_recrop": HYBRID_CROPS,
         "region_refine": 0,
         "region_slide": "",
         "dense_verify": 0,
@@ -411,6 +418,8 @@ class ScanConfig:
             problems.append("dense_verify and dense_weight must be >= 0")
         elif self.dense_verify and self.regions == "off":
             problems.append("dense_verify verifies region candidates: it needs regions on (or auto)")
+        if self.region_recrop < 0:
+            problems.append("region_recrop must be >= 0")
         if self.region_hits <= 0 or self.region_query_size < 0:
             problems.append("region_hits must be positive and region_query_size >= 0")
         if self.region_refine < 0:

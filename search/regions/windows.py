@@ -247,7 +247,9 @@ def local_windows(cfg: Any, manifest: dict[str, Any]) -> LocalWindows | None:
         refine=int(getattr(cfg, "region_refine", 0)),
         slide=parse_slide(getattr(cfg, "region_slide", "")),
         # hybrid on an embedder that cannot pool crops every window already
-        recrop=HYBRID_CROPS if mode == "hybrid" and spec.mode == "rmac" else 0,
+        recrop=int(getattr(cfg, "region_recrop", HYBRID_CROPS))
+        if mode == "hybrid" and spec.mode == "rmac"
+        else 0,
     )
 
 

@@ -273,6 +273,21 @@ def test_regions_on_needs_a_region_index(region_index):
     assert local_windows(auto, {**manifest, "regions": None}) is None
 
 
+def test_hybrid_recrops_region_recrop_windows_per_query(region_index):
+    """region_recrop sets how many pooled windows a hybrid scan cuts out again (HYBRID_CROPS by default);
+    cropped windows are all cut already, so crop mode recrops none."""
+    from copyscan.search.regions.windows import local_windows
+
+    index_url, manifest = region_index
+    base = {"index": index_url, "queries": "q", "out": "o", "region_query_mode": "hybrid"}
+    assert local_windows(resolve(ScanConfig, base), manifest).recrop == HYBRID_CROPS
+    assert local_windows(resolve(ScanConfig, {**base, "region_recrop": 3}), manifest).recrop == 3
+    crop = {**base, "region_query_mode": "crop", "region_recrop": 3}
+    assert local_windows(resolve(ScanConfig, crop), manifest).recrop == 0
+    with pytest.raises(CopyscanError, match="region_recrop"):
+        resolve(ScanConfig, {**base, "region_recrop": -1})
+
+
 def test_calibrate_partial_then_scan_flags_partial_answers(
     region_index, pasted, laion_shards, real_images, tmp_path
 ):
