@@ -101,15 +101,16 @@ class ScanConfig:
     # copies (regions)"): pool scanned 6.3-7.0x more generations per second at recall@1 0.56 / 0.56 / 0.58
     # against 0.63 / 0.69 / 0.60 (seeds 1-3) and lower AP, short of the 10x at equal recall asked for a
     # default, so crop stays the default. "hybrid" pools them at 576 px and crops the best 8 again
-    # (LocalWindows.recrop): on held-out seed 4, 6.0x crop's generations/s on the quiet VM at recall@1
-    # 0.63 / AP 0.57 against crop's 0.70 / 0.65 (pool: 0.55 / 0.54; seed 5: 0.73 / 0.69 against 0.75 /
-    # 0.73): not the default.
+    # (LocalWindows.recrop): on held-out seeds 4-7, 4.8-5.3x crop's generations/s (10.3-12.0x the code
+    # issue 24 was filed on) but 103 of 160 copies found against crop's 113 (README "Before and after,
+    # side by side"): not the default.
     region_query_mode: str = key(
         "crop",
         "query windows: crop (a pass each), pool (one pass; effnet-lite0) or hybrid (pooled, the best few cropped)",
     )
     # hybrid: each query's windows whose pooled vectors found the best normalised hits, cut out and embedded
-    # again (a forward pass and a region search each); their hits replace the pooled ones
+    # again (a forward pass and a region search each); their hits replace the pooled ones. Seeds 4-7: 8 / 16
+    # / 24 found 103 / 106 / 109 of 160 copies (crop: 113) at 2.9 / 2.4 / 2.2 generations/s (crop: 0.6)
     region_recrop: int = key(
         HYBRID_CROPS, "region_query_mode=hybrid: pooled windows per query cut out and embedded again"
     )
