@@ -1,12 +1,25 @@
 """glibc's thresholds raised in a fresh process: the call says it took, and large blocks then reuse the heap."""
 
+import json
+import os
 import subprocess
 import sys
 
-CODE = """
+# both scripts allocate through libc itself, so that Python's own allocator does not come between
+LIBC = """
 import ctypes, ctypes.util, json, sys
 from copyscan.indexing.runtime.malloc import keep_freed_memory
 
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+"""
+
+CODE = (
+    LIBC
+    + """
 def maps():
     # MB of this process's unnamed mappings (where mmap-served allocations live; the heap is "[heap]")
     total = 0
@@ -18,9 +31,6 @@ def maps():
                 total += hi - lo
     return total >> 20
 
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 before = maps()
@@ -30,14 +40,20 @@ for b in blocks:
     libc.free(b)
 print(json.dumps({"new_mappings": during - before}))  # MB
 """
+)
+
+
+def _run(code: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """The JSON a script prints, run in a fresh interpreter (glibc reads its settings at start)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
 
 
 def _new_mappings(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", CODE, mode], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    import json
-
-    return json.loads(done.stdout)["new_mappings"]
+    return _run(CODE, mode)["new_mappings"]
 
 
 def test_large_blocks_come_from_the_heap_once_kept():
@@ -45,15 +61,11 @@ def test_large_blocks_come_from_the_heap_once_kept():
     assert _new_mappings("keep") < 200  # from the heap instead
 
 
-THREAD_CODE = """
-import ctypes, ctypes.util, json, resource, threading
-from copyscan.indexing.runtime.malloc import keep_freed_memory
+THREAD_CODE = (
+    LIBC
+    + """
+import resource, threading
 
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 assert keep_freed_memory()
 MB = 1 << 20
 
@@ -79,22 +91,12 @@ thread.start()
 thread.join()
 print(json.dumps(out))
 """
+)
 
 
 def _thread_faults(env: dict[str, str]) -> dict[str, float]:
     """Pages faulted in per page written, for 40 MB and 100 MB blocks freed and allocated again on a thread."""
-    import json
-    import os
-
-    done = subprocess.run(
-        [sys.executable, "-c", THREAD_CODE],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    return _run(THREAD_CODE, env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env)
 
 
 def test_a_thread_reuses_freed_blocks_only_with_one_arena():
