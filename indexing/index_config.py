@@ -56,7 +56,12 @@ class IndexConfig:
     actor_start_timeout: float = key(
         900.0, "seconds a pool waits for its first actor to start (a node booting)"
     )
-    embed_concurrency: int = key(2, "shards in flight per embedding actor (decode of one overlaps the next)")
+    # Each shard in flight has a decode task of its own: 0 = as many as the actor's model needs, from the
+    # measured cost an image of a decode task and of the model (indexing/embed/fanout.py): 2 on a CPU actor,
+    # tens on a GPU one, within the CPUs the cluster has for decoding (README "Throughput")
+    embed_concurrency: int = key(
+        0, "shards in flight (decode tasks) per embedding actor; 0 = from the measured decode and model rates"
+    )
     decode_cpus: float = key(0.5, "CPUs per decode task")
     torch_threads: int = key(
         0,
@@ -173,7 +178,6 @@ class IndexConfig:
             "max_decode_seconds",
             "max_shard_vectors",
             "max_code_bytes",
-            "embed_concurrency",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -198,6 +202,8 @@ class IndexConfig:
             problems.append(f"recall_target must be in (0, 1), not {self.recall_target}")
         if self.retries < 0 or self.embed_actors < 0 or self.flat_threshold < 0 or self.nprobe < 0:
             problems.append("retries, embed_actors, flat_threshold and nprobe must be >= 0")
+        if self.embed_concurrency < 0:
+            problems.append("embed_concurrency must be >= 0 (0 = from the measured rates)")
         if self.regions:
             try:
                 check_train_boxes(parse_grid(self.region_grid))

@@ -21,6 +21,7 @@ from copyscan.indexing.embed import clip_import
 from copyscan.indexing.embed.decode import DecodeLimits, PairSpec, pair_quota
 from copyscan.indexing.embed.decode_ray import start_decode_workers
 from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
+from copyscan.indexing.embed.fanout import MAX_IN_FLIGHT, DecodeFanout
 from copyscan.indexing.embed.stage import finished_shards
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.index_config import IndexConfig
@@ -192,6 +193,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
     todo = len(shards) - len(done)
     size = embed_pool(todo, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus)
     size = cluster_ray.leave_room(size, cfg.decode_cpus, what="embed")
+    fanout = DecodeFanout(cfg.embed_concurrency, functools.partial(cluster_ray.decode_room, size))
     make_actor = functools.partial(
         make_embed_actor,
         embedder=cfg.embedder,
@@ -199,7 +201,7 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         options=cfg.embedder_options,
         num_cpus=cfg.embed_actor_cpus,
         num_gpus=size.num_gpus,
-        concurrency=cfg.embed_concurrency,
+        concurrency=cfg.embed_concurrency or MAX_IN_FLIGHT,
         torch_threads=cfg.torch_threads,
         decode_cpus=cfg.decode_cpus,
         storage_options=cfg.storage_options,
@@ -212,12 +214,14 @@ def _embed_all(cfg: IndexConfig, shards: list[str], fingerprint: str) -> dict[in
         "embed",
         make_actor,
         submit=submit,
-        per_actor=cfg.embed_concurrency,
+        per_actor=fanout,
         start_timeout=cfg.actor_start_timeout,
     )
     items = list(enumerate(shards))
-    start_decode_workers(min(todo, size() * cfg.embed_concurrency), cfg.decode_cpus)
-    return run_stage(EMBED, items, done, runner, retries=cfg.retries, report=_log_rejections)
+    start_decode_workers(min(todo, size() * fanout()), cfg.decode_cpus)
+    return run_stage(
+        EMBED, items, done, runner, retries=cfg.retries, report=fanout.reporting(_log_rejections)
+    )
 
 
 def _check_embedded(
@@ -239,12 +243,7 @@ def _check_embedded(
 
 
 def _submit_embed(
-    cfg: IndexConfig,
-    n_shards: int,
-    limits: DecodeLimits,
-    regions: RegionSpec | None,
-    actor: Any,
-    item: Item,
+    cfg: IndexConfig, n_shards: int, limits: DecodeLimits, regions: RegionSpec | None, actor: Any, item: Item
 ) -> ray.ObjectRef:
     shard, url = item
     return actor.embed_shard.remote(

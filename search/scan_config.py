@@ -198,10 +198,14 @@ class ScanConfig:
     actor_start_timeout: float = key(
         900.0, "seconds a pool waits for its first actor to start (a node booting)"
     )
-    embed_concurrency: int = key(2, "query chunks in flight per embedding actor")
+    # 0 = from the measured cost an image of a decode task and of the model, as the index job
+    # (indexing/embed/fanout.py): 2 on a CPU actor, tens on a GPU one
+    embed_concurrency: int = key(
+        0, "query pieces in flight (decode tasks) per embedding actor; 0 = from the measured rates"
+    )
     stage_threads: int = key(
         0,
-        "chunks searched and written at once (driver threads); 0 = embed_concurrency x embedding actors",
+        "chunks searched and written at once (driver threads); 0 = pieces in flight x embedding actors",
     )
     decode_cpus: float = key(0.5, "CPUs per decode task")
     torch_threads: int = key(
@@ -329,7 +333,6 @@ class ScanConfig:
             "max_image_pixels",
             "min_image_side",
             "max_decode_seconds",
-            "embed_concurrency",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -337,6 +340,8 @@ class ScanConfig:
             problems.append(f"candidates ({self.candidates}) must be >= k ({self.k})")
         if min(self.nprobe, self.scan_actors, self.embed_actors, self.retries, self.stage_threads) < 0:
             problems.append("nprobe, scan_actors, embed_actors, retries and stage_threads must be >= 0")
+        if self.embed_concurrency < 0:
+            problems.append("embed_concurrency must be >= 0 (0 = from the measured rates)")
         if self.scan_actor_gpus < 0:
             problems.append("scan_actor_gpus must be >= 0")
         if self.search_device not in DEVICES:

@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError
 
 from copyscan.indexing.embed.decode_ray import start_decode_workers
 from copyscan.indexing.embed.embed_ray import embed_pool, embedder_spec, make_embed_actor
+from copyscan.indexing.embed.fanout import MAX_IN_FLIGHT, MIN_IN_FLIGHT, DecodeFanout
 from copyscan.indexing.embed.stage import EmbeddedSource
 from copyscan.indexing.errors import CopyscanError
 from copyscan.indexing.runtime import cluster_ray
@@ -287,7 +288,7 @@ def _scan(setup: ScanSetup) -> Failures:
     size = embed_pool(  # at most one actor per piece (search/scan_pieces.py)
         max_pieces, cfg.embed_actors, cfg.embed_actor_gpus, cfg.embed_actor_cpus, cfg.max_gpus
     )
-    start_decode_workers(min(max_pieces, size() * cfg.embed_concurrency), cfg.decode_cpus)
+    start_decode_workers(min(max_pieces, size() * (cfg.embed_concurrency or MIN_IN_FLIGHT)), cfg.decode_cpus)
     make_actor = Prestarted(functools.partial(_embed_actor, setup, size.num_gpus))
     index = Fanout(cfg, setup.manifest, setup.settings)
     region_index = None
@@ -336,12 +337,15 @@ def _run_steps(
     verified writes run in Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes,
     then embedding)."""
     cfg = setup.cfg
-    plan = plan_pieces(setup.todo, size(), cfg.embed_concurrency, cfg.batch_size)
+    fanout = DecodeFanout(
+        cfg.embed_concurrency, functools.partial(cluster_ray.decode_room, size), "scan: embed"
+    )
+    plan = plan_pieces(setup.todo, size(), fanout(), cfg.batch_size)
     assembly = Assembly(plan)
     embed = EmbedStep.of(setup)
     normalise = ScoreNormaliser(cfg.index, setup.manifest, cfg.beta, cfg.storage_options)
     search = SearchStep(index, normalise, cfg.k, setup.radius, cfg.radius_max, cfg.radius_margin)
-    stages = Stages(cfg.stage_threads or (lambda: cfg.embed_concurrency * size()), "scan-stage")
+    stages = Stages(cfg.stage_threads or (lambda: fanout() * size()), "scan-stage")
     written = stages.locked(
         functools.partial(chunk_written, Progress("scan", len(setup.todo), unit="chunks", item="queries"))
     )
@@ -357,6 +361,7 @@ def _run_steps(
     def embedded(piece: Piece, source: EmbeddedSource, actor: Any) -> None:
         """A piece is in; its chunk, once whole, goes to search → regions → write in a stage thread (its
         crops embedded by the actor of its last piece) while the pool goes on feeding the actors."""
+        fanout.add(len(source.records), source.decode_task_seconds, source.actor_model)
         whole = assembly.add(piece, source)
         if whole is not None:
             stages.submit(chunk_scan, piece.chunk, whole, _crop_embedder(actor))
@@ -369,7 +374,7 @@ def _run_steps(
             [piece for pieces in plan for piece in pieces],
             lambda actor, piece: embed(actor, piece.queries),
             start_timeout=cfg.actor_start_timeout,
-            per_actor=cfg.embed_concurrency,
+            per_actor=fanout,
             retries=cfg.retries,
             on_result=embedded,
             describe=Piece.describe,
@@ -398,7 +403,7 @@ def _embed_actor(setup: ScanSetup, num_gpus: float) -> Any:
         options=setup.embedder_options,
         num_cpus=cfg.embed_actor_cpus,
         num_gpus=num_gpus,
-        concurrency=cfg.embed_concurrency,
+        concurrency=cfg.embed_concurrency or MAX_IN_FLIGHT,  # crops come on top (_crop_embedder)
         torch_threads=cfg.torch_threads,
         decode_cpus=cfg.decode_cpus,
         storage_options=cfg.storage_options,

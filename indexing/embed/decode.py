@@ -79,6 +79,10 @@ class DecodedBatch:
     # The same images preprocessed a second time at another size (query windows for partial copies,
     # ``copyscan.indexing.models.regions``): (n, 3, S', S') uint8, aligned with ``pixels``.
     region_pixels: np.ndarray | None = None
+    # The decode task's own seconds making this batch (reading and decoding; not its waits for the model to
+    # take the batches before it): what one decode task costs per image, beside the model's cost per image
+    # (``copyscan.indexing.embed.fanout``). Set by ``decode_ray``; 0 where batches are decoded in-process.
+    decode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

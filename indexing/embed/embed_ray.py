@@ -20,6 +20,7 @@ import ray
 
 from copyscan.indexing.embed.decode import DecodeLimits, PairSpec
 from copyscan.indexing.embed.decode_ray import decode_task
+from copyscan.indexing.embed.fanout import ModelClock
 from copyscan.indexing.embed.stage import EmbeddedSource, embed_batches, write_shard_outputs
 from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.models.regions import RegionSpec
@@ -38,6 +39,10 @@ CPUS_PER_CPU_ACTOR = 4.0
 
 def _print_progress(line: str) -> None:
     print(f"copyscan: {line}", file=sys.stderr, flush=True)
+
+
+def _worker() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"
 
 
 def cpu_model_threads() -> int:
@@ -105,6 +110,7 @@ class EmbedWorker:
         self.embedder = load_embedder(embedder, weights, device, options)
         if device == "cpu" and torch_threads == 0:
             self.embedder = OneBatchAtATime(self.embedder)
+        self.embedder = self.clock = ModelClock(self.embedder)  # its cost an image, for DecodeFanout
         self.device = device
         self.decode_cpus = decode_cpus
         self.storage_options = storage_options
@@ -141,9 +147,17 @@ class EmbedWorker:
             draft,
         )
         progress = None if label is None else WithinProgress(label, total, _print_progress)
-        return embed_batches(
+        result = embed_batches(
             (ray.get(ref) for ref in gen), self.embedder, regions, aligned, keep_pixels, progress
         )
+        self.clock.count(len(result.records))
+        result.actor_model = self.model_totals()
+        return result
+
+    def model_totals(self) -> dict[str, Any]:
+        """``ModelClock.totals`` and this actor's worker name: the model's cost an image so far
+        (``copyscan.indexing.embed.fanout.DecodeFanout``)."""
+        return {"worker": _worker(), **self.clock.totals()}
 
     def embed_shard(
         self,
@@ -171,7 +185,8 @@ class EmbedWorker:
             {
                 "wall_seconds": round(time.perf_counter() - t0, 3),
                 "started": round(started, 3),  # Unix time: with wall_seconds, the shard's place in a timeline
-                "worker": f"{os.uname().nodename}:{os.getpid()}",
+                "worker": _worker(),
+                "actor_model": result.actor_model,
             },
         )
 

@@ -57,6 +57,10 @@ class EmbeddedSource:
     rejections: list[dict[str, Any]]
     decode_seconds: float = 0.0
     embed_seconds: float = 0.0
+    # the decode task's own seconds for these batches (``DecodedBatch.decode_seconds``, summed), and the
+    # embedding actor's model totals when it returned them (``EmbedWorker.model_totals``)
+    decode_task_seconds: float = 0.0
+    actor_model: dict[str, Any] | None = None
     # descriptors of augmented copies (learned whitening): x_pair (m, d) float32, pair_rows (m,) rows of xb
     x_pair: np.ndarray | None = None
     pair_rows: np.ndarray | None = None
@@ -85,8 +89,10 @@ class _Parts:
     pair_errors: list[dict[str, Any]] = field(default_factory=list)
     embed_seconds: float = 0.0
     wait_seconds: float = 0.0
+    task_seconds: float = 0.0
 
     def add_bookkeeping(self, batch: DecodedBatch) -> None:
+        self.task_seconds += batch.decode_seconds
         self.records.extend(batch.records)
         self.rejections.extend(batch.rejections)
         self.pair_errors.extend(batch.pair_errors)
@@ -213,6 +219,7 @@ def _finish(
         parts.rejections,
         decode_seconds=parts.wait_seconds,
         embed_seconds=parts.embed_seconds,
+        decode_task_seconds=parts.task_seconds,
         pair_errors=parts.pair_errors,
     )
     if parts.x_pair:
@@ -307,6 +314,7 @@ def _shard_stats(
         "seconds": {
             "decode_wait": round(result.decode_seconds, 3),
             "embed": round(result.embed_seconds, 3),
+            "decode_task": round(result.decode_task_seconds, 3),
         },
     }
 

@@ -206,6 +206,16 @@ def leave_room(size: PoolSize, keep_cpus: float, reserved_cpus: float = 0.0, wha
     return replace(size, cap=fit)
 
 
+def decode_room(size: PoolSize) -> int:
+    """Decode tasks per embedding actor that the cluster's CPUs run at once now, one core each (a decode task
+    is one thread): the CPUs the ``size()`` actors leave, shared among them, at least 1. Unbounded (1 << 30)
+    where an autoscaler adds nodes for the tasks that wait."""
+    if autoscaling():
+        return 1 << 30
+    actors = max(1, size())
+    return max(1, int((alive()[0] - actors * size.actor_cpus) / actors + 1e-9))
+
+
 @contextmanager
 def scale_request(bundles: Sequence[dict[str, float]], what: str) -> Iterator[None]:
     """While the block runs, ask the autoscaler (when there is one) for ``bundles``, so it starts the nodes a

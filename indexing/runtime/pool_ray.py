@@ -43,7 +43,7 @@ def run_pool(
     items: Sequence[T],
     submit: Callable[[Any, T], ray.ObjectRef],
     *,
-    per_actor: int = 2,
+    per_actor: Size = 2,
     retries: int = 2,
     on_result: Callable[[T, Any], None] | None = None,
     describe: Callable[[T], str] = str,
@@ -58,7 +58,9 @@ def run_pool(
     the pool grows to it while items wait) and gives items only to actors that have started: an actor the
     cluster cannot place yet waits, without work, for a node (its pending demand makes an autoscaler add
     one). With no actor started for ``start_timeout`` seconds, or ``START_FAILURES`` actors failing to
-    start, it raises CopyscanError. An item that raises is retried up to ``retries`` times (possibly on
+    start, it raises CopyscanError. ``per_actor``: calls in flight per actor, a number or a function asked
+    before each round of submissions (``copyscan.indexing.embed.fanout.DecodeFanout`` follows the rates the
+    run measures; the actors' ``max_concurrency`` must allow its largest answer). An item that raises is retried up to ``retries`` times (possibly on
     another actor). An actor that dies is replaced by ``make_actor()``; its in-flight items are retried.
     ``on_result`` runs in the driver as each result arrives (progress, bookkeeping); ``with_actor``: as
     ``on_result(item, result, actor)``, the actor that made the result, for a second call on it (its other
@@ -70,7 +72,8 @@ def run_pool(
     if not items:
         return outcome
     wanted = size if callable(size) else (lambda: size)
-    pool = _ActorPool(make_actor, lambda: max(1, min(wanted(), len(items))), items, submit, per_actor)
+    in_flight = per_actor if callable(per_actor) else (lambda: per_actor)
+    pool = _ActorPool(make_actor, lambda: max(1, min(wanted(), len(items))), items, submit, in_flight)
     try:
         pool.grow()
         while pool.pending or pool.in_flight:
@@ -114,7 +117,7 @@ class _ActorPool(Generic[T]):
         wanted: Callable[[], int],
         items: Sequence[T],
         submit: Callable[[Any, T], ray.ObjectRef],
-        per_actor: int,
+        per_actor: Callable[[], int],
     ) -> None:
         self.make_actor, self.wanted, self.items, self.submit = make_actor, wanted, items, submit
         self.per_actor = per_actor
@@ -145,9 +148,10 @@ class _ActorPool(Generic[T]):
         self.starting[actor.__ray_ready__.remote()] = slot
 
     def fill(self) -> None:
-        """Submit waiting items until every started actor has ``per_actor`` calls in flight or none wait."""
+        """Submit waiting items until every started actor has ``per_actor()`` calls in flight or none wait."""
+        limit = max(1, self.per_actor())
         for slot in range(len(self.actors)):
-            while self.ready[slot] and self.load[slot] < self.per_actor and self.pending:
+            while self.ready[slot] and self.load[slot] < limit and self.pending:
                 index = self.pending.pop()
                 self.attempts[index] += 1
                 ref = self.submit(self.actors[slot], self.items[index])

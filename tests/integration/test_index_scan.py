@@ -83,6 +83,11 @@ def test_manifest_describes_the_index(local_index, laion_shards):
         np.testing.assert_allclose(np.linalg.norm(xb.astype(np.float32), axis=1), 1, atol=2e-3)
         meta = pq.read_table(os.path.join(out, e["metadata"]))
         assert meta.num_rows == e["count"] and meta["url"].null_count == 0
+        # what the decode fan-out reads (indexing/embed/fanout.py): the decode task's own seconds, and the
+        # actor's images and model seconds so far, this shard's included
+        stats = json.loads((Path(out) / e["stats"]).read_text())
+        assert 0 < stats["seconds"]["decode_task"] and 0 < stats["seconds"]["embed"]
+        assert stats["actor_model"]["images"] >= e["count"] and stats["actor_model"]["seconds"] > 0
     assert (Path(out) / "index.yaml").exists()
 
 

@@ -155,6 +155,52 @@ def test_run_pool_stops_when_no_actor_can_start(ray_session):
         )
 
 
+def test_run_pool_calls_in_flight_follow_a_function(ray_session):
+    """``per_actor`` as a function (the embedding pools' ``DecodeFanout``): read before each round of
+    submissions, so an actor's calls in flight grow once the first results say they should."""
+    import ray
+
+    from copyscan.indexing.runtime.pool_ray import run_pool
+
+    class Slow:  # nested: pickled by value
+        def __init__(self):
+            import threading
+
+            self.lock, self.running, self.peaks = threading.Lock(), 0, []
+
+        def work(self, x: int) -> int:
+            import time
+
+            with self.lock:
+                self.running += 1
+                self.peaks.append(self.running)
+            time.sleep(0.2)
+            with self.lock:
+                self.running -= 1
+            return x
+
+        def peak_by_call(self) -> list[int]:
+            return self.peaks
+
+    actors, results, peaks = [], [], []
+
+    def make_actor():
+        actors.append(ray.remote(Slow).options(num_cpus=0.25, max_concurrency=4).remote())
+        return actors[-1]
+
+    outcome = run_pool(
+        make_actor,
+        1,
+        list(range(9)),
+        lambda a, x: a.work.remote(x),
+        per_actor=lambda: 1 if len(results) < 2 else 3,
+        on_result=lambda item, result: results.append(result),
+        before_close=lambda: peaks.extend(ray.get(actors[0].peak_by_call.remote())),
+    )
+    assert sorted(x for x, _ in outcome.results) == list(range(9)) and len(actors) == 1
+    assert peaks[:2] == [1, 1] and max(peaks) == 3, peaks  # one at a time, then three
+
+
 def test_task_stream_follows_a_size_function(ray_session):
     import ray
 
