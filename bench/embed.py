@@ -301,6 +301,7 @@ def warm_paths(
 
     from copyscan.indexing.embed.decode import DecodeLimits
     from copyscan.indexing.embed.embed_ray import EmbedWorker, embed_actor_options
+    from copyscan.indexing.embed.fanout import MIN_IN_FLIGHT
     from copyscan.indexing.index_config import IndexConfig
     from copyscan.search.scan_chunks import QueryChunk
     from copyscan.search.scan_config import ScanConfig
@@ -311,6 +312,9 @@ def warm_paths(
     actor_cpus, concurrency, torch_threads, decode_cpus = (defaults[0][k] for k in settings)
     if any(defaults[0][k] != defaults[1][k] for k in settings):  # one actor stands for both jobs' actors
         raise SystemExit(f"the index's and the scan's default actor settings differ: {defaults}")
+    # 0: from the measured rates (indexing/embed/fanout.py), which keep 2 on a CPU actor (the model is the
+    # slower): the actor runs that many calls at once, as the jobs' pools give it
+    concurrency = concurrency or MIN_IN_FLIGHT
 
     class Probe(EmbedWorker):
         def bare(self, batches: list[np.ndarray]) -> float:

@@ -8,6 +8,7 @@ a rejection record ``{"key", "reason", "detail"}`` that ends up in the shard's s
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -341,3 +342,15 @@ def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: s
         rng = np.random.default_rng([pairs.seed, pairs.shard, key_seed(key), copy])
         out.append(preprocess(copy_augment(img, rng)))
     return out
+
+
+def timed_batches(batches: Iterable[DecodedBatch]) -> Iterator[DecodedBatch]:
+    """``batches``, each with ``decode_seconds`` set to the time its making took: from the generator's
+    resuming to its next batch. A decode task (``decode_ray``, a Ray streaming generator) is paused at each
+    ``yield`` while the actor is ``PREFETCH_BATCHES`` behind, so that wait is not counted: the sum is the
+    task's own work, its cost an image (``copyscan.indexing.embed.fanout``)."""
+    t0 = time.perf_counter()
+    for batch in batches:
+        batch.decode_seconds = time.perf_counter() - t0
+        yield batch
+        t0 = time.perf_counter()

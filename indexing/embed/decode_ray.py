@@ -10,13 +10,12 @@ seconds that importing torch takes, which is most of the wait for a job's first 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import ray
 
-from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples
+from copyscan.indexing.embed.decode import DecodedBatch, DecodeLimits, PairSpec, decode_samples, timed_batches
 from copyscan.indexing.models.preprocess import make_preprocess
 from copyscan.indexing.read.reader import iter_image_files, iter_tar
 from copyscan.indexing.store import storage
@@ -54,17 +53,6 @@ def _decode_source(
         max(int(preprocess_spec["size"]), int(region_spec["size"]) if region_spec else 0) if draft else None,
     )
     yield from timed_batches(batches)
-
-
-def timed_batches(batches: Iterator[DecodedBatch]) -> Iterator[DecodedBatch]:
-    """``batches``, each with ``decode_seconds`` set to the time its making took: from the generator's
-    resuming to its next batch. A streaming generator is paused at each ``yield`` while its consumer is
-    ``PREFETCH_BATCHES`` behind, so that wait is not counted: the sum is the task's own work."""
-    t0 = time.perf_counter()
-    for batch in batches:
-        batch.decode_seconds = time.perf_counter() - t0
-        yield batch
-        t0 = time.perf_counter()
 
 
 decode_task = ray.remote(_decode_source)

@@ -34,6 +34,8 @@ MIN_IN_FLIGHT = 2
 MAX_IN_FLIGHT = 64
 # Decode rates vary between shards (image sizes, formats): this many streams more than the mean rates need
 HEADROOM = 1.25
+# How often the CPUs' room is read again (a few calls to the cluster's control store, as pools resize)
+ROOM_S = 2.0
 
 
 class ModelClock:
@@ -112,6 +114,7 @@ class DecodeFanout:
         self.decode_seconds = 0.0
         self.actors: dict[str, tuple[int, float]] = {}  # worker -> (images, model seconds) so far
         self.logged: tuple[int, int] | None = None
+        self._room, self._room_at = MIN_IN_FLIGHT, -ROOM_S
 
     def observe(self, stats: dict[str, Any]) -> None:
         """A shard's stats marker (``write_shard_outputs``, with the actor's ``ModelClock.totals``)."""
@@ -152,7 +155,9 @@ class DecodeFanout:
             return self.fixed
         rates = self.rates()
         wanted = MIN_IN_FLIGHT if rates is None else streams_needed(*rates)
-        room = max(MIN_IN_FLIGHT, min(MAX_IN_FLIGHT, self.room()))
+        if time.monotonic() - self._room_at >= ROOM_S:
+            self._room, self._room_at = max(MIN_IN_FLIGHT, min(MAX_IN_FLIGHT, self.room())), time.monotonic()
+        room = self._room
         count = min(wanted, room)
         if rates is not None and self._news(wanted, count):
             logger.info(

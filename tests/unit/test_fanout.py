@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from copyscan.indexing.embed.decode import DecodedBatch
-from copyscan.indexing.embed.decode_ray import timed_batches
+from copyscan.indexing.embed import fanout as fanout_module
+from copyscan.indexing.embed.decode import DecodedBatch, timed_batches
 from copyscan.indexing.embed.fanout import (
     HEADROOM,
     MAX_IN_FLIGHT,
@@ -41,7 +41,8 @@ def test_streams_needed_follow_the_two_costs():
     assert streams_needed(0.0, 0.01) == streams_needed(0.01, 0.0) == MIN_IN_FLIGHT  # nothing measured
 
 
-def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog):
+def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog, monkeypatch):
+    monkeypatch.setattr(fanout_module, "ROOM_S", 0.0)  # the room read again at every call
     room = [1 << 30]
     fanout = DecodeFanout(0, lambda: room[0])
     assert fanout() == MIN_IN_FLIGHT and fanout.rates() is None
@@ -67,6 +68,15 @@ def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog):
     fanout.observe(shard_stats(256, 100.0, "node-a:1", 768, 0.15))
     room[0] = 1 << 30
     assert fanout() == MAX_IN_FLIGHT
+
+
+def test_the_cpus_room_is_read_again_only_every_room_s(monkeypatch):
+    reads = []
+    fanout = DecodeFanout(0, lambda: reads.append(1) or 8)
+    fanout.observe(shard_stats(256, 1.7, "a", 256, 0.05))
+    assert [fanout() for _ in range(5)] == [8] * 5 and len(reads) == 1
+    monkeypatch.setattr(fanout, "_room_at", fanout._room_at - fanout_module.ROOM_S)
+    assert fanout() == 8 and len(reads) == 2
 
 
 def test_a_fixed_count_is_kept_and_shards_without_rates_are_skipped():
