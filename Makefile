@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.copyscan-installed
 
-.PHONY: demo test lint keys install clean browser
+.PHONY: demo test lint keys install clean browser device-carry
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ lint: $(STAMP)
 # when the README differs)
 keys: $(STAMP)
 	$(PY) -c 'from copyscan.jobs.cli import write_readme_keys; write_readme_keys("README.md")'
+
+# What bench/device_checks.sh reads on the GPU machine, which has no copyscan install: the packaged weights
+# and bench.embed's shards of real 256-px JPEGs (6 of 256 images, under the device tool's 64 MiB with the
+# repository), in .device/ (ignored; the device tool's `carry`)
+device-carry: $(STAMP)
+	rm -rf .device && mkdir -p .device
+	cp "$$($(PY) -c 'from copyscan.indexing.models.effnet import package_weights_path as p; print(p())')" .device/effnet.pth
+	$(PY) -c 'import pathlib; from bench.embed import corpus_shards; corpus_shards(pathlib.Path(".device"), 1536)'
+	rm -rf .device/queries
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -99,6 +99,17 @@ def write_data(
     return {"shards": urls, "queries": str(queries_dir)}
 
 
+def corpus_shards(
+    work: Path, n: int, per_shard: int = 256, side: int = 256, query_side: int = 512, queries: int = 0
+) -> dict[str, Any]:
+    """``write_data`` of ``n`` real images (the packaged corpus, repeated past its size) into ``work``
+    (also the GPU machine's shards: ``make device-carry``)."""
+    from copyscan.jobs.demo.sample_images import real_image_files
+
+    corpus = real_image_files(min(n, CORPUS))
+    return write_data([corpus[i % len(corpus)] for i in range(n)], work, per_shard, side, query_side, queries)
+
+
 def _decoded(embedder: Any, shards: list[str]) -> list[np.ndarray]:
     from copyscan.indexing.embed.decode import decode_samples
     from copyscan.indexing.read.reader import iter_tar
@@ -418,13 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     from copyscan.indexing.models.embedders import load_embedder
     from copyscan.indexing.runtime.config import parse_overrides
     from copyscan.indexing.runtime.malloc import keep_freed_memory
-    from copyscan.jobs.demo.sample_images import real_image_files
 
     keep_freed_memory()  # as the embedding actors do: the bare model at its best
     work = Path(args.work or tempfile.mkdtemp(prefix="copyscan-bench-embed-"))
-    corpus = real_image_files(min(args.images, CORPUS))
-    images = [corpus[i % len(corpus)] for i in range(args.images)]
-    data = write_data(images, work, args.per_shard, args.side, args.query_side, args.queries)
+    data = corpus_shards(work, args.images, args.per_shard, args.side, args.query_side, args.queries)
     embedder = load_embedder(args.embedder, None, "cpu")
     result: dict[str, Any] = {
         "bench": "embed",

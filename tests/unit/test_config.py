@@ -41,6 +41,12 @@ def test_validation():
         resolve(ScanConfig, {"index": "a", "queries": "b", "out": "c", "k": 10, "candidates": 5})
     with pytest.raises(CopyscanError, match="key=value"):
         parse_overrides(["k"])
+    # embed_concurrency: 0 (the default) follows the measured rates, N fixes it, below 0 is refused
+    assert resolve(IndexConfig, {"shards": "a", "out": "b"}).embed_concurrency == 0
+    assert resolve(ScanConfig, {**SCAN, "embed_concurrency": 3}).embed_concurrency == 3
+    for config, required in ((IndexConfig, {"shards": "a", "out": "b"}), (ScanConfig, SCAN)):
+        with pytest.raises(CopyscanError, match=r"embed_concurrency must be >= 0 \(0 = from the measured"):
+            resolve(config, {**required, "embed_concurrency": -1})
 
 
 SCAN = {"index": "i", "queries": "q", "out": "o"}
