@@ -106,6 +106,7 @@ def join_pieces(pieces: Sequence[EmbeddedSource]) -> EmbeddedSource:
         decode_seconds=sum(p.decode_seconds for p in pieces),
         embed_seconds=sum(p.embed_seconds for p in pieces),
         decode_task_seconds=sum(p.decode_task_seconds for p in pieces),
+        decode_task_cpu_seconds=sum(p.decode_task_cpu_seconds for p in pieces),
         x_regions=cat("x_regions"),
         x_aligned=cat("x_aligned"),
         region_pixels=cat("region_pixels"),

@@ -361,7 +361,12 @@ def _run_steps(
     def embedded(piece: Piece, source: EmbeddedSource, actor: Any) -> None:
         """A piece is in; its chunk, once whole, goes to search → regions → write in a stage thread (its
         crops embedded by the actor of its last piece) while the pool goes on feeding the actors."""
-        fanout.add(len(source.records), source.decode_task_seconds, source.actor_model)
+        fanout.add(
+            len(source.records),
+            source.decode_task_seconds,
+            source.decode_task_cpu_seconds,
+            source.actor_model,
+        )
         whole = assembly.add(piece, source)
         if whole is not None:
             stages.submit(chunk_scan, piece.chunk, whole, _crop_embedder(actor))

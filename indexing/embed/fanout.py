@@ -9,12 +9,14 @@ the two measured costs:
 
     streams = ceil(HEADROOM × decode task seconds per image / model seconds per image)
 
-bounded below by ``MIN_IN_FLIGHT`` and above by the CPUs the decode tasks can have (one core each: a decode
-task is one thread, and more tasks than cores add memory, not speed). The decode cost is each shard's
-``decode_task`` seconds (the task's own work, ``DecodedBatch.decode_seconds``); the model's is the actor's
-``ModelClock``: seconds during which any of its calls was in the model, so that calls sharing one GPU are not
-counted twice. Both are re-read as shards finish, and the pool (``pool_ray.run_pool``'s ``per_actor``)
-follows.
+bounded below by ``MIN_IN_FLIGHT`` and above by the CPUs the decode tasks can have: a decode task is one
+thread, on a core for its measured share of its time (1 where it decodes, less where it waits on storage),
+so the cluster's free cores run cores / share of them at once, and more add memory, not speed.
+
+The decode cost is each shard's ``decode_task`` seconds (the task's own work, ``DecodedBatch.decode_seconds``)
+and its share ``decode_task_cpu`` / ``decode_task``; the model's is the actor's ``ModelClock``: seconds
+during which any of its calls was in the model, so that calls sharing one GPU are not counted twice. Both
+are re-read as shards finish, and the pool (``pool_ray.run_pool``'s ``per_actor``) follows.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ MAX_IN_FLIGHT = 64
 HEADROOM = 1.25
 # How often the CPUs' room is read again (a few calls to the cluster's control store, as pools resize)
 ROOM_S = 2.0
+# A decode task's CPU share is taken as at least this (a task that mostly waits still needs its core then)
+MIN_CPU_SHARE = 0.1
 
 
 class ModelClock:
@@ -104,14 +108,15 @@ def streams_needed(decode_seconds_per_image: float, model_seconds_per_image: flo
 
 class DecodeFanout:
     """Shards in flight per embedding actor: ``fixed`` when the user set it, else from the measured rates
-    (module doc), within ``room()`` (the decode streams the cluster's CPUs allow per actor now).
+    (module doc), within ``room(share)`` (the decode tasks, each busy ``share`` of its time, that the
+    cluster's CPUs run at once per actor now).
 
     ``observe(stats)`` takes each finished shard's stats marker; calling the object gives the count now."""
 
-    def __init__(self, fixed: int, room: Callable[[], int], what: str = "embed") -> None:
+    def __init__(self, fixed: int, room: Callable[[float], int], what: str = "embed") -> None:
         self.fixed, self.room, self.what = fixed, room, what
         self.images = 0
-        self.decode_seconds = 0.0
+        self.decode_seconds = self.decode_cpu_seconds = 0.0
         self.actors: dict[str, tuple[int, float]] = {}  # worker -> (images, model seconds) so far
         self.logged: tuple[int, int] | None = None
         self._room, self._room_at = MIN_IN_FLIGHT, -ROOM_S
@@ -120,16 +125,26 @@ class DecodeFanout:
         """A shard's stats marker (``write_shard_outputs``, with the actor's ``ModelClock.totals``)."""
         seconds = stats.get("seconds") or {}
         self.add(
-            int(stats.get("count") or 0), float(seconds.get("decode_task") or 0.0), stats.get("actor_model")
+            int(stats.get("count") or 0),
+            float(seconds.get("decode_task") or 0.0),
+            float(seconds.get("decode_task_cpu") or 0.0),
+            stats.get("actor_model"),
         )
 
-    def add(self, images: int, decode_task_seconds: float, actor_model: dict[str, Any] | None) -> None:
-        """One finished call: its images and its decode task's seconds, and its actor's ``ModelClock.totals``
-        (with the actor's ``worker`` name); a call without them (every image rejected, a marker written
-        before they were recorded) changes nothing."""
-        if images and decode_task_seconds > 0:
+    def add(
+        self,
+        images: int,
+        decode_seconds: float,
+        decode_cpu_seconds: float,
+        actor_model: dict[str, Any] | None,
+    ) -> None:
+        """One finished call: its images, its decode task's seconds and CPU seconds, and its actor's
+        ``ModelClock.totals`` (with the actor's ``worker`` name); a call without them (every image rejected,
+        a marker written before they were recorded) changes nothing."""
+        if images and decode_seconds > 0:
             self.images += images
-            self.decode_seconds += decode_task_seconds
+            self.decode_seconds += decode_seconds
+            self.decode_cpu_seconds += decode_cpu_seconds
         if actor_model and actor_model.get("images"):
             worker = str(actor_model.get("worker"))
             self.actors[worker] = (int(actor_model["images"]), float(actor_model["seconds"]))
@@ -142,6 +157,12 @@ class DecodeFanout:
             then(item, stats)
 
         return report
+
+    def cpu_share(self) -> float:
+        """The share of a decode task's time on a core (1 before any is measured)."""
+        if not self.decode_seconds:
+            return 1.0
+        return min(1.0, max(MIN_CPU_SHARE, self.decode_cpu_seconds / self.decode_seconds))
 
     def rates(self) -> tuple[float, float] | None:
         """(decode task seconds per image, model seconds per image), or None before both are measured."""
@@ -156,7 +177,8 @@ class DecodeFanout:
         rates = self.rates()
         wanted = MIN_IN_FLIGHT if rates is None else streams_needed(*rates)
         if time.monotonic() - self._room_at >= ROOM_S:
-            self._room, self._room_at = max(MIN_IN_FLIGHT, min(MAX_IN_FLIGHT, self.room())), time.monotonic()
+            room = self.room(self.cpu_share())
+            self._room, self._room_at = max(MIN_IN_FLIGHT, min(MAX_IN_FLIGHT, room)), time.monotonic()
         room = self._room
         count = min(wanted, room)
         if rates is not None and self._news(wanted, count):
@@ -169,7 +191,8 @@ class DecodeFanout:
                 count,
                 ""
                 if count == wanted
-                else f" ({wanted} wanted; the CPUs allow {count}: decoding is the limit, add CPUs)",
+                else f" ({wanted} wanted; the CPUs allow {count} of tasks on a core {self.cpu_share():.0%} of "
+                "their time: decoding is the limit, add CPUs)",
             )
         return count
 

@@ -60,6 +60,7 @@ class EmbeddedSource:
     # the decode task's own seconds for these batches (``DecodedBatch.decode_seconds``, summed), and the
     # embedding actor's model totals when it returned them (``EmbedWorker.model_totals``)
     decode_task_seconds: float = 0.0
+    decode_task_cpu_seconds: float = 0.0
     actor_model: dict[str, Any] | None = None
     # descriptors of augmented copies (learned whitening): x_pair (m, d) float32, pair_rows (m,) rows of xb
     x_pair: np.ndarray | None = None
@@ -90,9 +91,11 @@ class _Parts:
     embed_seconds: float = 0.0
     wait_seconds: float = 0.0
     task_seconds: float = 0.0
+    task_cpu_seconds: float = 0.0
 
     def add_bookkeeping(self, batch: DecodedBatch) -> None:
         self.task_seconds += batch.decode_seconds
+        self.task_cpu_seconds += batch.decode_cpu_seconds
         self.records.extend(batch.records)
         self.rejections.extend(batch.rejections)
         self.pair_errors.extend(batch.pair_errors)
@@ -220,6 +223,7 @@ def _finish(
         decode_seconds=parts.wait_seconds,
         embed_seconds=parts.embed_seconds,
         decode_task_seconds=parts.task_seconds,
+        decode_task_cpu_seconds=parts.task_cpu_seconds,
         pair_errors=parts.pair_errors,
     )
     if parts.x_pair:
@@ -315,6 +319,7 @@ def _shard_stats(
             "decode_wait": round(result.decode_seconds, 3),
             "embed": round(result.embed_seconds, 3),
             "decode_task": round(result.decode_task_seconds, 3),
+            "decode_task_cpu": round(result.decode_task_cpu_seconds, 3),
         },
     }
 

@@ -206,14 +206,15 @@ def leave_room(size: PoolSize, keep_cpus: float, reserved_cpus: float = 0.0, wha
     return replace(size, cap=fit)
 
 
-def decode_room(size: PoolSize) -> int:
-    """Decode tasks per embedding actor that the cluster's CPUs run at once now, one core each (a decode task
-    is one thread): the CPUs the ``size()`` actors leave, shared among them, at least 1. Unbounded (1 << 30)
-    where an autoscaler adds nodes for the tasks that wait."""
+def decode_room(size: PoolSize, share: float = 1.0) -> int:
+    """Decode tasks per embedding actor that the cluster's CPUs run at once now, each one thread busy
+    ``share`` of its time (``DecodeFanout.cpu_share``): the CPUs the ``size()`` actors leave, shared among
+    them, over ``share``; at least 1. Unbounded (1 << 30) where an autoscaler adds nodes for the tasks that
+    wait."""
     if autoscaling():
         return 1 << 30
     actors = max(1, size())
-    return max(1, int((alive()[0] - actors * size.actor_cpus) / actors + 1e-9))
+    return max(1, int((alive()[0] - actors * size.actor_cpus) / actors / share + 1e-9))
 
 
 @contextmanager

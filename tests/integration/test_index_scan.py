@@ -87,6 +87,7 @@ def test_manifest_describes_the_index(local_index, laion_shards):
         # actor's images and model seconds so far, this shard's included
         stats = json.loads((Path(out) / e["stats"]).read_text())
         assert 0 < stats["seconds"]["decode_task"] and 0 < stats["seconds"]["embed"]
+        assert 0 < stats["seconds"]["decode_task_cpu"] <= stats["seconds"]["decode_task"] + 0.01
         assert stats["actor_model"]["images"] >= e["count"] and stats["actor_model"]["seconds"] > 0
     assert (Path(out) / "index.yaml").exists()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -253,6 +254,35 @@ def test_index_and_scan_survive_faults_and_name_what_keeps_failing(
     assert (summary["queries"], summary["matches"]) == (clean_summary["queries"], clean_summary["matches"])
     _assert_same_matches(_matches(run_url, so), clean_matches)
     assert all(faults[k] >= 4 for k in EVERY_KIND), faults  # besides the dead objects' endless 503s
+
+
+def test_decode_tasks_that_wait_on_storage_get_more_shards_in_flight(
+    ray_session, laion_shards_s3, proxy, tmp_path, caplog
+):
+    """Shards whose GETs answer a second late: their decode tasks mostly wait, so the fan-out
+    (indexing/embed/fanout.py) keeps more shards in flight per actor than the 2 it starts with, within the
+    CPUs' room for tasks on a core that small share of their time. Shard 1 answers 3 s late, so it is still
+    running when shard 0's stats raise the count and shards 2 and 3 start beside it. (bench.fanout_storage
+    measures what this gains.)"""
+    slow_one = laion_shards_s3.shard_urls[1].split("://", 1)[1]
+    proxy.set_schedule(
+        [
+            Fault("slow", "GET", path=f"/{slow_one}", times=None, delay=3.0),
+            Fault("slow", "GET", path=".tar", times=None, delay=1.0),
+        ]
+    )
+    out = tmp_path / "idx"
+    with caplog.at_level("INFO", logger="copyscan"):
+        _index(laion_shards_s3.pattern, str(out), whitening="none", storage_options=_options(proxy))
+    assert proxy.injected()["slow"] >= 4
+    lines = [r.getMessage() for r in caplog.records if "in flight per actor" in r.getMessage()]
+    counts = [int(re.search(r"ms: (\d+) shard\(s\) in flight", line).group(1)) for line in lines]
+    assert counts and min(counts) >= 3, lines
+    stats = [json.loads(p.read_text()) for p in sorted((out / "embeddings" / "stats").glob("stats_*.json"))]
+    assert all(s["seconds"]["decode_task_cpu"] < 0.5 * s["seconds"]["decode_task"] for s in stats)
+    spans = sorted((s["started"], s["started"] + s["wall_seconds"]) for s in stats)
+    at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert at_once >= 3, spans
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,11 +23,19 @@ from copyscan.indexing.embed.fanout import (
 )
 
 
-def shard_stats(count: int, decode_task: float, worker: str, images: int, model_seconds: float) -> dict:
-    """The parts of a shard's stats marker (``write_shard_outputs``) that the fan-out reads."""
+def shard_stats(
+    count: int, decode_task: float, worker: str, images: int, model_seconds: float, cpu: float | None = None
+) -> dict:
+    """The parts of a shard's stats marker (``write_shard_outputs``) that the fan-out reads (the decode task
+    on a core all its time unless ``cpu`` says less)."""
     return {
         "count": count,
-        "seconds": {"decode_wait": 0.0, "embed": 1.0, "decode_task": decode_task},
+        "seconds": {
+            "decode_wait": 0.0,
+            "embed": 1.0,
+            "decode_task": decode_task,
+            "decode_task_cpu": decode_task if cpu is None else cpu,
+        },
         "worker": worker,
         "actor_model": {"worker": worker, "images": images, "seconds": model_seconds},
     }
@@ -44,7 +52,7 @@ def test_streams_needed_follow_the_two_costs():
 def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog, monkeypatch):
     monkeypatch.setattr(fanout_module, "ROOM_S", 0.0)  # the room read again at every call
     room = [1 << 30]
-    fanout = DecodeFanout(0, lambda: room[0])
+    fanout = DecodeFanout(0, lambda share: room[0])
     assert fanout() == MIN_IN_FLIGHT and fanout.rates() is None
     # two GPU actors: 256-image shards decoded in 1.7 s each (6.6 ms an image), models at 0.2 ms an image
     fanout.observe(shard_stats(256, 1.7, "node-a:1", 256, 0.05))
@@ -62,7 +70,7 @@ def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog, mon
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert "43 shard(s) in flight per actor" in lines[0] and "6.64 ms an image" in lines[0]
-    assert "12 shard(s) in flight per actor (43 wanted; the CPUs allow 12" in lines[1]
+    assert "12 shard(s) in flight per actor (43 wanted; the CPUs allow 12 of tasks on a core 100%" in lines[1]
     room[0] = 0  # never below two, never above MAX_IN_FLIGHT
     assert fanout() == MIN_IN_FLIGHT
     fanout.observe(shard_stats(256, 100.0, "node-a:1", 768, 0.15))
@@ -72,18 +80,30 @@ def test_fanout_starts_at_two_then_follows_the_rates_within_the_cpus(caplog, mon
 
 def test_the_cpus_room_is_read_again_only_every_room_s(monkeypatch):
     reads = []
-    fanout = DecodeFanout(0, lambda: reads.append(1) or 8)
+    fanout = DecodeFanout(0, lambda share: reads.append(share) or 8)
     fanout.observe(shard_stats(256, 1.7, "a", 256, 0.05))
     assert [fanout() for _ in range(5)] == [8] * 5 and len(reads) == 1
     monkeypatch.setattr(fanout, "_room_at", fanout._room_at - fanout_module.ROOM_S)
-    assert fanout() == 8 and len(reads) == 2
+    assert fanout() == 8 and reads == [1.0, 1.0]
+
+
+def test_tasks_that_wait_on_storage_share_the_cores(monkeypatch):
+    """A decode task on a core a quarter of its time (reading a remote tar): the room is asked for tasks of
+    that share, so four run on each free core; the share is never taken below MIN_CPU_SHARE."""
+    monkeypatch.setattr(fanout_module, "ROOM_S", 0.0)
+    shares = []
+    fanout = DecodeFanout(0, lambda share: shares.append(share) or int(6 / share))
+    fanout.observe(shard_stats(256, 1.7, "a", 256, 0.05, cpu=0.425))
+    assert fanout.cpu_share() == pytest.approx(0.25) and fanout() == 24 and shares == [pytest.approx(0.25)]
+    fanout.observe(shard_stats(256, 100.0, "a", 512, 0.1, cpu=0.0))
+    assert fanout.cpu_share() == fanout_module.MIN_CPU_SHARE
 
 
 def test_a_fixed_count_is_kept_and_shards_without_rates_are_skipped():
-    fanout = DecodeFanout(3, lambda: 100)
+    fanout = DecodeFanout(3, lambda share: 100)
     fanout.observe(shard_stats(256, 1.7, "a", 256, 0.05))
     assert fanout() == 3
-    auto = DecodeFanout(0, lambda: 100)
+    auto = DecodeFanout(0, lambda share: 100)
     auto.observe({"count": 0, "seconds": {"decode_task": 0.0}, "worker": "a"})  # every image rejected
     auto.observe({"count": 5, "seconds": {"decode_wait": 1.0, "embed": 1.0}})  # a marker from before
     assert auto.rates() is None and auto() == MIN_IN_FLIGHT
@@ -128,11 +148,16 @@ def test_model_clock_counts_overlapping_calls_once():
 def test_a_decode_task_counts_its_own_work_not_its_waits():
     def batches():
         for _ in range(3):
-            time.sleep(0.05)  # decoding
+            time.sleep(0.05)  # reading: waiting on storage, off the CPU
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.05:  # decoding: on the CPU
+                pass
             yield DecodedBatch(pixels=np.zeros((2, 3, 4, 4), np.uint8))
 
     made = []
     for batch in timed_batches(batches()):
-        made.append(batch.decode_seconds)
+        made.append((batch.decode_seconds, batch.decode_cpu_seconds))
         time.sleep(0.2)  # the consumer (the model) is slower: the generator waits
-    assert len(made) == 3 and all(0.045 <= s < 0.15 for s in made), made
+    assert len(made) == 3, made
+    for wall, cpu in made:  # its own ~0.1 s, not the 0.2 s waits; half of it on the CPU
+        assert 0.095 <= wall < 0.2 and 0.045 <= cpu < 0.08, made
