@@ -84,7 +84,8 @@ class DecodedBatch:
     # take the batches before it): what one decode task costs per image, beside the model's cost per image
     # (``copyscan.indexing.embed.fanout``). Set by ``decode_ray``; 0 where batches are decoded in-process.
     decode_seconds: float = 0.0
-    # ... and the CPU seconds of them (its thread's): below decode_seconds where reading waits on storage
+    # ... and the seconds of them that its thread ran or waited for a core (``thread_core_seconds``): below
+    # decode_seconds where reading waits on storage
     decode_cpu_seconds: float = 0.0
 
 
@@ -348,13 +349,25 @@ def _augmented(img: Image.Image, preprocess: Preprocess, pairs: PairSpec, key: s
 
 def timed_batches(batches: Iterable[DecodedBatch]) -> Iterator[DecodedBatch]:
     """``batches``, each with ``decode_seconds`` set to the time its making took, from the generator's
-    resuming to its next batch, and ``decode_cpu_seconds`` to the CPU time of that stretch. A decode task
-    (``decode_ray``, a Ray streaming generator) is paused at each ``yield`` while the actor is
-    ``PREFETCH_BATCHES`` behind, so that wait is not counted: the sums are the task's own work, its cost an
-    image, and how much of it needs a core (``copyscan.indexing.embed.fanout``)."""
-    t0, c0 = time.perf_counter(), time.thread_time()
+    resuming to its next batch, and ``decode_cpu_seconds`` to the part of it on a core or waiting for one
+    (``thread_core_seconds``). A decode task (``decode_ray``, a Ray streaming generator) is paused at each
+    ``yield`` while the actor is ``PREFETCH_BATCHES`` behind, so that wait is not counted: the sums are the
+    task's own work, its cost an image, and how much of it needs a core (``copyscan.indexing.embed.fanout``)."""
+    t0, c0 = time.perf_counter(), thread_core_seconds()
     for batch in batches:
         batch.decode_seconds = time.perf_counter() - t0
-        batch.decode_cpu_seconds = time.thread_time() - c0
+        batch.decode_cpu_seconds = thread_core_seconds() - c0
         yield batch
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.perf_counter(), thread_core_seconds()
+
+
+def thread_core_seconds() -> float:
+    """Seconds this thread has run or waited in a run queue for a core (Linux's schedstat), so that a task
+    slowed by busy cores does not look like one waiting on storage; its CPU seconds where that is not
+    available."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return (int(run) + int(wait)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()

@@ -10,8 +10,10 @@ the two measured costs:
     streams = ceil(HEADROOM × decode task seconds per image / model seconds per image)
 
 bounded below by ``MIN_IN_FLIGHT`` and above by the CPUs the decode tasks can have: a decode task is one
-thread, on a core for its measured share of its time (1 where it decodes, less where it waits on storage),
-so the cluster's free cores run cores / share of them at once, and more add memory, not speed.
+thread, on a core (or waiting for one) for its measured share of its time (1 where it decodes, less where
+it waits on storage), so the cluster's free cores run cores / share of them at once, and more add memory,
+not speed. (A task slowed by cores that the model keeps busy counts its wait for a core as needing one, so
+it is not taken for a task waiting on storage.)
 
 The decode cost is each shard's ``decode_task`` seconds (the task's own work, ``DecodedBatch.decode_seconds``)
 and its share ``decode_task_cpu`` / ``decode_task``; the model's is the actor's ``ModelClock``: seconds

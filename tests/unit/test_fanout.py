@@ -5,6 +5,9 @@ own time leaves out its waits for the model."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from copyscan.indexing.embed import fanout as fanout_module
-from copyscan.indexing.embed.decode import DecodedBatch, timed_batches
+from copyscan.indexing.embed.decode import DecodedBatch, thread_core_seconds, timed_batches
 from copyscan.indexing.embed.fanout import (
     HEADROOM,
     MAX_IN_FLIGHT,
@@ -161,3 +164,27 @@ def test_a_decode_task_counts_its_own_work_not_its_waits():
     assert len(made) == 3, made
     for wall, cpu in made:  # its own ~0.1 s, not the 0.2 s waits; half of it on the CPU
         assert 0.095 <= wall < 0.2 and 0.045 <= cpu < 0.08, made
+
+
+def test_a_thread_waiting_for_a_busy_core_counts_as_needing_one():
+    """With more busy processes than cores, a spinning thread gets a fraction of a core; its wait in the
+    run queue still counts, so a decode task slowed by the model is not taken for one waiting on storage."""
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("no schedstat here: a thread's CPU seconds stand for its time on a core")
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(2 * len(os.sched_getaffinity(0)))
+    ]
+    try:
+        time.sleep(0.3)  # let them start spinning
+        t0, c0, core0 = time.perf_counter(), time.thread_time(), thread_core_seconds()
+        while time.perf_counter() - t0 < 0.6:
+            pass
+        wall = time.perf_counter() - t0
+        cpu, core = time.thread_time() - c0, thread_core_seconds() - core0
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert cpu < 0.8 * wall, (cpu, wall)  # the cores were shared
+    assert core > 0.9 * wall, (core, cpu, wall)
