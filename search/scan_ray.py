@@ -337,9 +337,8 @@ def _run_steps(
     verified writes run in Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes,
     then embedding)."""
     cfg = setup.cfg
-    fanout = DecodeFanout(
-        cfg.embed_concurrency, functools.partial(cluster_ray.decode_room, size), "scan: embed"
-    )
+    room = functools.partial(cluster_ray.decode_room, size)
+    fanout = DecodeFanout(cfg.embed_concurrency, room, "scan: embed", unit="query piece")
     plan = plan_pieces(setup.todo, size(), fanout(), cfg.batch_size)
     assembly = Assembly(plan)
     embed = EmbedStep.of(setup)

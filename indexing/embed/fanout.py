@@ -115,8 +115,10 @@ class DecodeFanout:
 
     ``observe(stats)`` takes each finished shard's stats marker; calling the object gives the count now."""
 
-    def __init__(self, fixed: int, room: Callable[[float], int], what: str = "embed") -> None:
-        self.fixed, self.room, self.what = fixed, room, what
+    def __init__(
+        self, fixed: int, room: Callable[[float], int], what: str = "embed", unit: str = "shard"
+    ) -> None:
+        self.fixed, self.room, self.what, self.unit = fixed, room, what, unit
         self.images = 0
         self.decode_seconds = self.decode_cpu_seconds = 0.0
         self.actors: dict[str, tuple[int, float]] = {}  # worker -> (images, model seconds) so far
@@ -185,12 +187,13 @@ class DecodeFanout:
         count = min(wanted, room)
         if rates is not None and self._news(wanted, count):
             logger.info(
-                "%s: a decode task takes %.2f ms an image and the model %.2f ms: %d shard(s) in flight per "
+                "%s: a decode task takes %.2f ms an image and the model %.2f ms: %d %s(s) in flight per "
                 "actor%s",
                 self.what,
                 1e3 * rates[0],
                 1e3 * rates[1],
                 count,
+                self.unit,
                 ""
                 if count == wanted
                 else f" ({wanted} wanted; the CPUs allow {count} of tasks on a core {self.cpu_share():.0%} of "

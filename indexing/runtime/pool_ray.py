@@ -60,8 +60,8 @@ def run_pool(
     one). With no actor started for ``start_timeout`` seconds, or ``START_FAILURES`` actors failing to
     start, it raises CopyscanError. ``per_actor``: calls in flight per actor, a number or a function asked
     before each round of submissions (``copyscan.indexing.embed.fanout.DecodeFanout`` follows the rates the
-    run measures; the actors' ``max_concurrency`` must allow its largest answer). An item that raises is retried up to ``retries`` times (possibly on
-    another actor). An actor that dies is replaced by ``make_actor()``; its in-flight items are retried.
+    run measures; the actors' ``max_concurrency`` must allow its largest answer). An item that raises is
+    retried up to ``retries`` times (possibly on another actor). An actor that dies is replaced by ``make_actor()``; its in-flight items are retried.
     ``on_result`` runs in the driver as each result arrives (progress, bookkeeping); ``with_actor``: as
     ``on_result(item, result, actor)``, the actor that made the result, for a second call on it (its other
     calls in flight keep running). ``keep_results=False``: results are not kept in the outcome (a long run
