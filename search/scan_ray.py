@@ -337,7 +337,8 @@ def _run_steps(
     verified writes run in Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes,
     then embedding)."""
     cfg = setup.cfg
-    room = functools.partial(cluster_ray.decode_room, size)
+    scan_actors = len(index.actors) + (len(region_index.actors) if region_index is not None else 0)
+    room = functools.partial(cluster_ray.decode_room, size, reserved_cpus=scan_actors * cfg.scan_actor_cpus)
     fanout = DecodeFanout(cfg.embed_concurrency, room, "scan: embed", unit="query piece")
     plan = plan_pieces(setup.todo, size(), fanout(), cfg.batch_size)
     assembly = Assembly(plan)

@@ -206,15 +206,16 @@ def leave_room(size: PoolSize, keep_cpus: float, reserved_cpus: float = 0.0, wha
     return replace(size, cap=fit)
 
 
-def decode_room(size: PoolSize, share: float = 1.0) -> int:
+def decode_room(size: PoolSize, share: float = 1.0, reserved_cpus: float = 0.0) -> int:
     """Decode tasks per embedding actor that the cluster's CPUs run at once now, each one thread busy
-    ``share`` of its time (``DecodeFanout.cpu_share``): the CPUs the ``size()`` actors leave, shared among
-    them, over ``share``; at least 1. Unbounded (1 << 30) where an autoscaler adds nodes for the tasks that
-    wait."""
+    ``share`` of its time (``DecodeFanout.cpu_share``): the CPUs the ``size()`` actors and ``reserved_cpus``
+    (the job's other actors) leave, shared among the actors, over ``share``; at least 1. Unbounded (1 << 30)
+    where an autoscaler adds nodes for the tasks that wait."""
     if autoscaling():
         return 1 << 30
     actors = max(1, size())
-    return max(1, int((alive()[0] - actors * size.actor_cpus) / actors / share + 1e-9))
+    free = alive()[0] - actors * size.actor_cpus - reserved_cpus
+    return max(1, int(free / actors / share + 1e-9))
 
 
 @contextmanager

@@ -234,6 +234,19 @@ def test_a_pool_leaves_room_for_its_decode_tasks(ray_session):
         leave_room(asked, 0.5, reserved_cpus=1.5)
 
 
+def test_decode_room_shares_the_free_cores_among_the_actors(ray_session):
+    """The decode tasks per embedding actor that the session's 2 CPUs run at once: what the actors and the
+    job's other actors leave, over the share of a core each task needs (indexing/embed/fanout.py)."""
+    from copyscan.indexing.runtime.cluster_ray import PoolSize, decode_room
+
+    one = PoolSize(1, actor_cpus=0.5, fixed=True)
+    assert decode_room(one) == 1  # 1.5 free cores: one task on a core all its time
+    assert decode_room(one, 0.25) == 6  # tasks that wait on storage three quarters of their time
+    assert decode_room(one, 0.25, reserved_cpus=1.0) == 2  # beside two scan actors of 0.5 CPU
+    assert decode_room(PoolSize(2, actor_cpus=0.5, fixed=True), 0.1) == 5  # 1 free core between 2 actors
+    assert decode_room(one, 1.0, reserved_cpus=2.0) == 1  # never below one
+
+
 def test_decode_workers_start_ahead_and_stay_in_the_pool(ray_session):
     """The workers started for a job's first decode tasks run the no-op task, then wait idle in Ray's pool
     (alive, for the decode tasks to reuse) rather than exiting."""
