@@ -86,8 +86,7 @@ def run_streams(embedder, shards: list[str], streams: int, batch: int, seconds: 
     for w in workers:
         w.start()
     clock = ModelClock(embedder)
-    images = decode_images = 0
-    decode_seconds = 0.0
+    images, decode_seconds = 0, 0.0
     t_start = time.perf_counter()
     t0 = busy0 = None
     try:
@@ -105,7 +104,6 @@ def run_streams(embedder, shards: list[str], streams: int, batch: int, seconds: 
             frees[k].put(slot)
             if t0 is not None:
                 images += n
-                decode_images += n
                 decode_seconds += spent
         wall = time.perf_counter() - t0
         busy = clock.busy_seconds() - busy0
@@ -119,7 +117,7 @@ def run_streams(embedder, shards: list[str], streams: int, batch: int, seconds: 
                 w.terminate()
         del memory
         scratch.cleanup()
-    decode_per_image = decode_seconds / max(1, decode_images)
+    decode_per_image = decode_seconds / max(1, images)
     model_per_image = busy / max(1, images)
     return {
         "streams": streams,
