@@ -297,8 +297,9 @@ def _scan(setup: ScanSetup) -> Failures:
             region_settings = cfg.search_settings(setup.local.manifest)
             region_index = Fanout(cfg, setup.local.manifest, region_settings, regions=True, k=cfg.region_hits)
         scan_actors = len(index.actors) + (len(region_index.actors) if region_index is not None else 0)
-        size = cluster_ray.leave_room(size, cfg.decode_cpus, scan_actors * cfg.scan_actor_cpus, "scan: embed")
-        return _run_steps(setup, index, region_index, size, make_actor)
+        reserved = scan_actors * cfg.scan_actor_cpus  # the embedding pool and its decode tasks leave them
+        size = cluster_ray.leave_room(size, cfg.decode_cpus, reserved, "scan: embed")
+        return _run_steps(setup, index, region_index, size, reserved, make_actor)
     finally:
         make_actor.close()
         index.close()
@@ -329,16 +330,16 @@ def _run_steps(
     index: Fanout,
     region_index: Fanout | None,
     size: cluster_ray.PoolSize,
+    reserved_cpus: float,
     make_actor: Callable[[], Any],
 ) -> Failures:
     """Every chunk to do through embed → search → (regions) → write: an embedding actor pool (run_pool)
     embeds the chunks' pieces (``plan_pieces``: every actor has work, the run's tail is cut finer); each
     chunk whose pieces are all in goes through ``ChunkScan`` in a stage thread while the pool goes on;
     verified writes run in Ray tasks meanwhile. Returns the chunks that failed (steps, verified writes,
-    then embedding)."""
+    then embedding). ``reserved_cpus``: the scan actors', which the decode tasks leave alone."""
     cfg = setup.cfg
-    scan_actors = len(index.actors) + (len(region_index.actors) if region_index is not None else 0)
-    room = functools.partial(cluster_ray.decode_room, size, reserved_cpus=scan_actors * cfg.scan_actor_cpus)
+    room = functools.partial(cluster_ray.decode_room, size, reserved_cpus=reserved_cpus)
     fanout = DecodeFanout(cfg.embed_concurrency, room, "scan: embed", unit="query piece")
     plan = plan_pieces(setup.todo, size(), fanout(), cfg.batch_size)
     assembly = Assembly(plan)

@@ -20,7 +20,7 @@ import ray
 
 from copyscan.indexing.embed.decode import DecodeLimits, PairSpec
 from copyscan.indexing.embed.decode_ray import decode_task
-from copyscan.indexing.embed.fanout import ModelClock
+from copyscan.indexing.embed.fanout import EmbedCalls, ModelClock
 from copyscan.indexing.embed.stage import EmbeddedSource, embed_batches, write_shard_outputs
 from copyscan.indexing.models.embedders import load_embedder
 from copyscan.indexing.models.regions import RegionSpec
@@ -51,7 +51,7 @@ def cpu_model_threads() -> int:
     return max(1, min(int(CPUS_PER_CPU_ACTOR), len(os.sched_getaffinity(0))))
 
 
-class OneBatchAtATime:
+class OneBatchAtATime(EmbedCalls):
     """An embedder whose ``embed*`` calls run one at a time (a lock), the rest of it as it is.
 
     A CPU actor's calls in flight (``embed_concurrency``) then overlap their decoding, reading and writing
@@ -61,20 +61,8 @@ class OneBatchAtATime:
     its waits for the other calls' batches.)
     """
 
-    def __init__(self, embedder: Any) -> None:
-        self._embedder = embedder
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._embedder, name)
-        if not (name.startswith("embed") and callable(attr)):
-            return attr
-
-        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return one_at_a_time
+    def around(self) -> threading.Lock:
+        return self._lock
 
 
 class EmbedWorker:

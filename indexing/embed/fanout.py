@@ -27,7 +27,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 logger = logging.getLogger("copyscan")
@@ -44,7 +45,30 @@ ROOM_S = 2.0
 MIN_CPU_SHARE = 0.1
 
 
-class ModelClock:
+class EmbedCalls:
+    """An embedder whose ``embed*`` calls each run inside ``around()`` (a context manager), the rest of it as
+    it is: the base of ``ModelClock`` and of the actors' ``OneBatchAtATime``."""
+
+    def __init__(self, embedder: Any) -> None:
+        self._embedder = embedder
+        self._lock = threading.Lock()
+
+    def around(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._embedder, name)
+        if not (name.startswith("embed") and callable(attr)):
+            return attr
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self.around():
+                return attr(*args, **kwargs)
+
+        return wrapped
+
+
+class ModelClock(EmbedCalls):
     """An embedder whose ``embed*`` calls are timed together, the rest of it as it is.
 
     ``busy_seconds()`` is the time during which at least one call was running: the model's own time, not
@@ -52,38 +76,25 @@ class ModelClock:
     calls' waits for decoded batches, which happen outside the model."""
 
     def __init__(self, embedder: Any) -> None:
-        self._embedder = embedder
-        self._lock = threading.Lock()
+        super().__init__(embedder)
         self._running = 0
         self._since = 0.0
         self._busy = 0.0
         self._images = 0
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._embedder, name)
-        if not (name.startswith("embed") and callable(attr)):
-            return attr
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self._enter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self._leave()
-
-        return timed
-
-    def _enter(self) -> None:
+    @contextmanager
+    def around(self) -> Iterator[None]:
         with self._lock:
             if self._running == 0:
                 self._since = time.perf_counter()
             self._running += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running == 0:
-                self._busy += time.perf_counter() - self._since
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._busy += time.perf_counter() - self._since
 
     def busy_seconds(self) -> float:
         with self._lock:
