@@ -245,7 +245,11 @@ def run_seed(
 
     def pixels(size: int) -> np.ndarray:
         pre = make_preprocess({**parts.embedder.spec["preprocess"], "size": size})
-        return np.stack([pre(Image.open(f).convert("RGB")) for f in files])
+        out = []
+        for f in files:
+            with Image.open(f) as img:
+                out.append(pre(img.convert("RGB")))
+        return np.stack(out)
 
     px448, px576 = cached("px448", lambda: pixels(448)), cached("px576", lambda: pixels(576))
     bigger = parse_grid(BIGGER)[1:]
