@@ -38,6 +38,7 @@ import pathlib
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -92,7 +93,10 @@ class Parts:
         glob = ShardSearcher(index, self.manifest, shards(self.manifest), "", None)
         normalise = ScoreNormaliser(index, self.manifest, cfg.beta, None)
         rk, gk = cfg.region_hits, cfg.k
-        self.region_search = lambda x: regions.search(x, rk, max(r_set["candidates"], rk), r_set["nprobe"])
+        # the RegionIndex that LocalWindows searches (pair_scores: only the split product needs them)
+        self.region_index = SimpleNamespace(
+            search=lambda x: regions.search(x, rk, max(r_set["candidates"], rk), r_set["nprobe"])
+        )
 
         def global_top_k(x: np.ndarray) -> ShardResult:
             hits = glob.search(x, gk, max(g_set["candidates"], gk), g_set["nprobe"])
@@ -103,11 +107,7 @@ class Parts:
 
     def hits(self, x: np.ndarray) -> ShardResult:
         """(nq, W, d) window vectors → their region hits with D_norm, nq · W rows."""
-
-        class Index:
-            search = staticmethod(self.region_search)
-
-        return self.local._hits(x.reshape(-1, x.shape[-1]), Index())
+        return self.local._hits(x.reshape(-1, x.shape[-1]), self.region_index)
 
     def answer(self, hits: ShardResult, nq: int, pixels: np.ndarray, boxes=None):
         """Window hits → the scan's local result, after the frames (``refine_result``)."""
@@ -124,22 +124,9 @@ class Parts:
                 [self.embedder.embed_crops(px[i : i + 8], boxes) for i in range(0, len(px), 8)]
             )
         out = np.zeros((len(px), len(boxes), self.embedder.dim), np.float32)
-        S = px.shape[-1]
         for i in range(len(px)):
             x = torch.tensor(px[i : i + 1])
-            cut = []
-            for x0, y0, x1, y1 in boxes:  # the coordinates of Embedder._crop, resized to ``size``
-                top, left = min(S - 1, round(y0 * S)), min(S - 1, round(x0 * S))
-                bottom, right = max(top + 1, round(y1 * S)), max(left + 1, round(x1 * S))
-                c = F.interpolate(
-                    x[:, :, top:bottom, left:right].float(),
-                    size=(size, size),
-                    mode="bicubic",
-                    antialias=True,
-                    align_corners=False,
-                )
-                cut.append(c.round_().clamp_(0, 255).to(torch.uint8))
-            batch = torch.cat(cut)
+            batch = torch.cat([self.embedder._crop(x, box, size) for box in boxes])
             out[i] = np.concatenate(
                 [
                     self.embedder._run(self.embedder.module, batch[j : j + 64])

@@ -122,10 +122,10 @@ class Embedder:
             out[i, b] = self._run(self.module, crops)
         return out
 
-    def _crop(self, x: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
+    def _crop(self, x: torch.Tensor, box: Sequence[float], size: int = 0) -> torch.Tensor:
         """Box (fractions x0, y0, x1, y1) of the uint8 batch ``x`` (n, 3, H, W), at least one pixel, resized
-        to the embedder's input size (bicubic, antialiased) → (n, 3, S, S) uint8."""
-        size = self.image_size
+        to ``size`` px (0: the embedder's input size; bicubic, antialiased) → (n, 3, S, S) uint8."""
+        size = size or self.image_size
         side_h, side_w = x.shape[-2:]
         x0, y0, x1, y1 = (float(v) for v in box)
         top, left = min(side_h - 1, round(y0 * side_h)), min(side_w - 1, round(x0 * side_w))
